@@ -1,0 +1,88 @@
+"""The one exception hierarchy of hladr.
+
+Every fault hladr detects is raised as a subclass of :class:`HladrError`. The
+message names the file (when there is one) and what is wrong, so that the CLI
+can print ``str(error)`` as its single line and a batch can record it.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class HladrError(Exception):
+    """Base class of every error hladr raises on purpose.
+
+    Parameters
+    ----------
+    message
+        What is wrong, in words a lab scientist understands.
+    path
+        The file concerned, if any; it is prefixed to the message.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None):
+        self.message = message
+        self.path = None if path is None else os.fspath(path)
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+# --- reading FCS files -------------------------------------------------------
+class FCSError(HladrError):
+    """An FCS file cannot be read as it is."""
+
+
+class FCSHeaderError(FCSError):
+    """The HEADER segment is missing, truncated or not an FCS header."""
+
+
+class FCSTextError(FCSError):
+    """The TEXT segment cannot be parsed (delimiters, encoding, truncation)."""
+
+
+class FCSKeywordError(FCSError):
+    """A required keyword is missing or holds an invalid value."""
+
+
+class FCSOffsetError(FCSError):
+    """Segment offsets are inconsistent or point outside the file."""
+
+
+class FCSDataError(FCSError):
+    """The DATA segment does not match what the TEXT segment describes."""
+
+
+class FCSUnsupportedError(FCSError):
+    """The file uses a feature hladr does not support."""
+
+
+# --- analysis stages -----------------------------------------------------------
+class PanelError(HladrError):
+    """A channel role (HLA-DR, CD14, CD45, scatter) cannot be resolved."""
+
+
+class GatingError(HladrError):
+    """Gating could not find the populations it needs."""
+
+
+class CalibrationError(HladrError):
+    """A bead tube cannot be turned into a trustworthy standard curve."""
+
+
+class LotFileError(CalibrationError):
+    """A bead lot file is missing, malformed or holds invalid values."""
+
+
+class AnalysisError(HladrError):
+    """A patient tube cannot be analysed."""
+
+
+class SimulationError(HladrError):
+    """The simulator was asked for something it cannot produce."""
+
+
+class BatchError(HladrError):
+    """A batch run cannot start (bad export folder, manifest or arguments)."""
