@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DIR = Path(os.environ.get("HLADR_REAL_DATA", ROOT.parent / "shared" / "data" / "real"))
 SAMPLE_DIR = ROOT / "sample_fcs"
+NOT_FCS = {".md", ".csv", ".txt", ".xlsx", ".xls", ".xml", ".wsp"}
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
@@ -19,7 +20,7 @@ def real_files() -> list[Path]:
         return []
     out = []
     for path in sorted(REAL_DIR.rglob("*")):
-        if path.is_file() and path.suffix.lower() not in {".md", ".csv", ".txt", ".xlsx", ".xls", ".xml", ".wsp"}:
+        if path.is_file() and path.suffix.lower() not in NOT_FCS:
             out.append(path)
     return out
 
