@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None)
     p.add_argument("--scheduler", metavar="ADDRESS", help="Dask distributed scheduler")
     p.add_argument("--resume", action="store_true")
+    _add_bead_values(p)
+    p.add_argument("--no-plots", action="store_true", help="skip the QC PNGs and report figures")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("serve", help="HTTP service (needs hladr[service])")

@@ -1,0 +1,1188 @@
+"""``hladr batch``: analyse a whole instrument export, in parallel, resumably.
+
+The work is done in four steps:
+
+1. **Discovery** (:func:`discover`): walk the export folder, read only the
+   HEADER and TEXT segments of each FCS file, hash it (SHA-256) and tell bead
+   tubes from patient tubes (manifest, then name patterns, then markers).
+2. **Pairing** (:func:`pair`): each patient tube gets the bead tube of the same
+   cytometer (``$CYT`` and serial), the same day, acquired closest before it
+   with the same detector settings (``$PnV`` / ``$PnG``). A manifest's
+   ``bead_file`` overrides. A tube without a fitting bead tube gets a reason.
+3. **Execution**: each (bead tube, lot) is calibrated once; the patient tubes
+   are analysed in parallel by a local process pool (memory-aware) or by a
+   Dask distributed cluster (``scheduler=``). Every finished task is appended
+   to ``journal.jsonl`` (fsync'd), keyed by the files' SHA-256, so a run killed
+   at any point continues with ``resume=True`` without redoing finished work.
+4. **Outputs** in ``out``: ``results.csv``, ``results.jsonl``, ``errors.csv``,
+   ``calibrations.csv``, ``qc/*.png`` and ``report.html``, all written
+   atomically (temp file in the same folder + ``os.replace``).
+
+Exit codes of ``hladr batch`` (:data:`EXIT_OK`, :data:`EXIT_PROBLEMS`,
+:data:`EXIT_USAGE`): 0 when every patient tube gave a Result without QC flags,
+3 when some tube failed or some Result carries QC flags, 2 when the arguments
+are unusable (nothing was run). See ``docs/batch.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import BatchError, HladrError
+from .fcs import sha256_file
+
+log = logging.getLogger("hladr.batch")
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_PROBLEMS = 3
+
+JOURNAL = "journal.jsonl"
+FCS_SUFFIXES = {".fcs", ".lmd"}
+#: Files never sniffed for an FCS header.
+OTHER_SUFFIXES = {
+    ".csv", ".txt", ".md", ".json", ".jsonl", ".xml", ".wsp", ".png", ".pdf", ".html", ".xlsx", ".xls",
+    ".py", ".zip", ".gz", ".log", ".ini", ".cfg", ".yaml", ".yml",
+}
+#: Tube names that mean a PE bead tube.
+BEAD_PATTERN = re.compile(r"bead|quanti[\s_-]*brite|(?<![a-z])qb(?![a-z])|calibrat|rainbow|sphero", re.I)
+#: Tube names of set-up and compensation controls, which are neither beads nor patients.
+CONTROL_PATTERN = re.compile(
+    r"cs\s*&\s*t|(?<![a-z])cst(?![a-z])|compensation|unstained|(?<![a-z])fmo(?![a-z])", re.I
+)
+#: Keywords that name the tube (besides the file name).
+NAME_KEYWORDS = ("TUBE NAME", "$SRC", "$SMNO", "SAMPLE ID", "$FIL", "TUBE_NAME", "SAMPLE_ID")
+PATIENT_MARKER_PATTERN = re.compile(r"cd\s*-?\s*14|hla\s*-?\s*dr|cd\s*-?\s*45", re.I)
+MANIFEST_ROLES = {
+    "beads": "beads", "bead": "beads", "calibration": "beads",
+    "patient": "patient", "sample": "patient", "blood": "patient",
+    "ignore": "ignore", "skip": "ignore", "control": "ignore",
+}
+#: Bytes of memory a worker needs beyond ``EVENT_FACTOR`` x the decoded events (float64).
+WORKER_BASE_BYTES = 400 * 2**20
+EVENT_FACTOR = 8
+
+
+# =====================================================================================
+# Discovery
+# =====================================================================================
+@dataclass
+class ManifestRow:
+    """One row of a manifest CSV (every field optional except ``file``)."""
+
+    line: int
+    file: str
+    role: str | None = None
+    patient_id: str | None = None
+    bead_file: str | None = None
+    lot: str | None = None
+    ferritin: str | None = None
+    collected_at: str | None = None
+
+
+@dataclass
+class Tube:
+    """One FCS file of the export, as discovery sees it."""
+
+    path: Path
+    rel: str
+    sha256: str = ""
+    role: str | None = None
+    role_reason: str = ""
+    cytometer: str | None = None
+    serial: str | None = None
+    day: date | None = None
+    acquired: datetime | None = None
+    settings: dict[str, float] = field(default_factory=dict)
+    n_events: int = 0
+    n_channels: int = 0
+    manifest: ManifestRow | None = None
+    error: str | None = None
+    error_type: str | None = None
+
+    @property
+    def instrument_key(self) -> tuple[str, str]:
+        return (_norm(self.cytometer), _norm(self.serial))
+
+    @property
+    def instrument_label(self) -> str:
+        return f"{self.cytometer or '(no $CYT)'} serial {self.serial or '(none)'}"
+
+    @property
+    def event_bytes(self) -> int:
+        return self.n_events * self.n_channels * 8
+
+
+def _norm(text: str | None) -> str:
+    return " ".join((text or "").split()).lower()
+
+
+def _read_text(path: Path) -> tuple[dict[str, str], list[str], list[str]]:
+    """TEXT keywords, ``$PnN`` and ``$PnS`` of an FCS file (DATA not decoded where possible)."""
+    from . import fcs
+
+    reader = getattr(fcs, "read_metadata", None)
+    meta = reader(path) if reader is not None else fcs.read_fcs(path, lenient=True)
+    keywords = {str(k).upper(): str(v) for k, v in dict(meta.keywords).items()}
+    return keywords, list(meta.channels), list(meta.markers)
+
+
+_DATE_FORMATS = ("%d-%b-%Y", "%d-%b-%y", "%Y-%m-%d", "%d-%m-%Y", "%m/%d/%Y", "%d.%m.%Y", "%Y%m%d", "%Y/%m/%d")
+
+
+def parse_date(text: str | None) -> date | None:
+    """An FCS ``$DATE`` (``dd-mmm-yyyy`` and the common variants) as a date, or None."""
+    if not text:
+        return None
+    text = text.strip()
+    for fmt in _DATE_FORMATS:
+        try:
+            return datetime.strptime(text, fmt).date()
+        except ValueError:
+            continue
+    return None
+
+
+def parse_time(text: str | None) -> tuple[int, int, float] | None:
+    """An FCS ``$BTIM`` (``hh:mm:ss[.cc]`` or FCS 2.0's ``hh:mm:ss:tt``) as (h, m, s), or None."""
+    if not text:
+        return None
+    match = re.match(r"\s*(\d{1,2}):(\d{2})(?::(\d{2})(?:[.:](\d+))?)?", text)
+    if not match:
+        return None
+    hours, minutes = int(match.group(1)), int(match.group(2))
+    seconds = float(match.group(3) or 0)
+    if hours > 23 or minutes > 59 or seconds > 60:
+        return None
+    return hours, minutes, seconds
+
+
+def _acquired(keywords: Mapping[str, str]) -> tuple[date | None, datetime | None]:
+    """Acquisition day and start time from ``$BEGINDATETIME`` or ``$DATE`` + ``$BTIM``."""
+    iso = keywords.get("$BEGINDATETIME")
+    if iso:
+        try:
+            stamp = datetime.fromisoformat(iso.strip().replace("Z", "+00:00")).replace(tzinfo=None)
+            return stamp.date(), stamp
+        except ValueError:
+            pass
+    day = parse_date(keywords.get("$DATE"))
+    hms = parse_time(keywords.get("$BTIM"))
+    if day is None or hms is None:
+        return day, None
+    h, m, s = hms
+    return day, datetime(day.year, day.month, day.day, h, m, int(s), int(round((s % 1) * 1e6)) % 1_000_000)
+
+
+def _settings(keywords: Mapping[str, str], channels: list[str]) -> dict[str, float]:
+    """Detector settings: ``{"PE-A V": 450.0, "PE-A G": 1.0, ...}`` from ``$PnV`` / ``$PnG``."""
+    out: dict[str, float] = {}
+    for i, name in enumerate(channels, start=1):
+        for letter in ("V", "G"):
+            raw = keywords.get(f"$P{i}{letter}")
+            try:
+                value = float(raw) if raw is not None else math.nan
+            except ValueError:
+                value = math.nan
+            if math.isfinite(value):
+                out[f"{name} {letter}"] = value
+    return out
+
+
+def classify_role(name: str, keywords: Mapping[str, str], markers: Iterable[str]) -> tuple[str, str]:
+    """Bead tube, patient tube or control, from names and markers.
+
+    Returns
+    -------
+    (role, reason)
+        ``role`` is ``"beads"``, ``"patient"`` or ``"ignore"`` (set-up and
+        compensation controls); ``reason`` says what decided it.
+    """
+    names = [name] + [keywords[k] for k in NAME_KEYWORDS if keywords.get(k)]
+    for text in names:
+        if BEAD_PATTERN.search(text):
+            return "beads", f"name {text!r} says beads"
+    for text in names:
+        if CONTROL_PATTERN.search(text):
+            return "ignore", f"name {text!r} says set-up/compensation control"
+    found = sorted({m for m in markers if m and PATIENT_MARKER_PATTERN.search(m)})
+    if found:
+        return "patient", f"markers {', '.join(found)}"
+    return "patient", "not named as beads or a control"
+
+
+def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
+    """Parse a manifest CSV (columns ``file, role, patient_id, bead_file, lot, ferritin, collected_at``).
+
+    Raises
+    ------
+    BatchError
+        When the file cannot be read, has no ``file`` column or lists a file twice.
+        Problems within a row (an unknown role, a bad ferritin) are reported per tube instead.
+    """
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            sample = fh.read(4096)
+            fh.seek(0)
+            try:
+                dialect = csv.Sniffer().sniff(sample, delimiters=",;\t")
+            except csv.Error:
+                dialect = csv.excel
+            reader = csv.DictReader(fh, dialect=dialect)
+            header = [(h or "").strip().lower() for h in (reader.fieldnames or [])]
+            if "file" not in header:
+                columns = ", ".join(header) or "none"
+                raise BatchError(f"manifest has no 'file' column (columns: {columns})", path)
+            rows: list[ManifestRow] = []
+            seen: dict[str, int] = {}
+            for line, raw in enumerate(reader, start=2):
+                cells = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items() if k}
+                if not any(cells.values()):
+                    continue
+                name = cells.get("file", "")
+                if not name:
+                    raise BatchError(f"line {line}: empty 'file' cell", path)
+                if name in seen:
+                    raise BatchError(f"line {line}: {name!r} already listed on line {seen[name]}", path)
+                seen[name] = line
+                rows.append(ManifestRow(
+                    line=line, file=name,
+                    **{k: cells.get(k) or None for k in
+                       ("role", "patient_id", "bead_file", "lot", "ferritin", "collected_at")},
+                ))
+    except OSError as exc:
+        raise BatchError(f"cannot read manifest: {exc.strerror or exc}", path) from exc
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise BatchError(f"manifest is not a readable CSV: {exc}", path) from exc
+    return rows
+
+
+def _is_fcs_candidate(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    if suffix in FCS_SUFFIXES:
+        return True
+    if suffix in OTHER_SUFFIXES or path.name.startswith("."):
+        return False
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+    except OSError:
+        return False
+    return head[:3] == b"FCS" and head[3:4].isdigit()
+
+
+def discover(
+    export_dir: str | os.PathLike,
+    manifest: list[ManifestRow] | None = None,
+    exclude: Iterable[str | os.PathLike] = (),
+) -> list[Tube]:
+    """Find every FCS file under ``export_dir`` and describe it from its TEXT segment.
+
+    Files named ``*.fcs`` / ``*.lmd`` (any case), and other files starting with
+    an FCS header, are tubes; a file that cannot be read is returned with
+    ``error`` set. Folders in ``exclude`` (e.g. the output folder) are skipped.
+    """
+    root = Path(export_dir).resolve()
+    skip = {Path(p).resolve() for p in exclude}
+    tubes: list[Tube] = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs
+                         if not d.startswith(".") and (Path(folder) / d).resolve() not in skip)
+        for name in sorted(files):
+            path = Path(folder) / name
+            if path.is_file() and _is_fcs_candidate(path):
+                tubes.append(_describe(path, root))
+    tubes.sort(key=lambda t: t.rel)
+    _apply_manifest(tubes, manifest or [], root)
+    return tubes
+
+
+def _describe(path: Path, root: Path) -> Tube:
+    tube = Tube(path=path, rel=path.relative_to(root).as_posix())
+    try:
+        tube.sha256 = sha256_file(path)
+        keywords, channels, markers = _read_text(path)
+    except HladrError as exc:
+        tube.error, tube.error_type = exc.message, type(exc).__name__
+        return tube
+    except OSError as exc:
+        tube.error, tube.error_type = f"cannot read: {exc.strerror or exc}", "OSError"
+        return tube
+    tube.cytometer = keywords.get("$CYT")
+    tube.serial = keywords.get("$CYTSN")
+    tube.day, tube.acquired = _acquired(keywords)
+    tube.settings = _settings(keywords, channels)
+    tube.n_channels = len(channels)
+    try:
+        tube.n_events = int(keywords.get("$TOT", "0"))
+    except ValueError:
+        tube.n_events = 0
+    tube.role, tube.role_reason = classify_role(path.name, keywords, markers)
+    return tube
+
+
+def _apply_manifest(tubes: list[Tube], rows: list[ManifestRow], root: Path) -> None:
+    """Attach manifest rows to tubes; a row naming no tube becomes a missing-file tube."""
+    by_rel = {t.rel: t for t in tubes}
+    by_name: dict[str, list[Tube]] = {}
+    for t in tubes:
+        by_name.setdefault(t.path.name, []).append(t)
+    for row in rows:
+        tube = _find(row.file, by_rel, by_name, root)
+        if isinstance(tube, str):
+            missing = Tube(path=root / row.file, rel=row.file, manifest=row)
+            missing.error, missing.error_type = f"manifest line {row.line}: {tube}", "ManifestError"
+            tubes.append(missing)
+            continue
+        tube.manifest = row
+        if row.role:
+            role = MANIFEST_ROLES.get(row.role.lower())
+            if role is None:
+                tube.error = (f"manifest line {row.line}: unknown role {row.role!r} "
+                              f"(use beads, patient or ignore)")
+                tube.error_type = "ManifestError"
+            else:
+                tube.role, tube.role_reason = role, f"manifest line {row.line}"
+    tubes.sort(key=lambda t: t.rel)
+
+
+def _find(name: str, by_rel: dict[str, Tube], by_name: dict[str, list[Tube]], root: Path) -> Tube | str:
+    """The tube a manifest names (relative path, absolute path or unique file name), or why not."""
+    candidate = Path(name)
+    if candidate.is_absolute():
+        try:
+            name = candidate.resolve().relative_to(root).as_posix()
+        except ValueError:
+            return f"{name!r} is not inside the export folder"
+    name = name.replace("\\", "/")
+    if name in by_rel:
+        return by_rel[name]
+    matches = by_name.get(Path(name).name, []) if "/" not in name else []
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        return f"{name!r} matches several files ({', '.join(t.rel for t in matches)}); give the relative path"
+    return f"{name!r} not found in the export folder"
+
+
+# =====================================================================================
+# Pairing
+# =====================================================================================
+@dataclass(frozen=True)
+class LotSpec:
+    """Which bead values a calibration uses: a lot file / id, explicit values, or the default."""
+
+    lot: str | None = None
+    values: tuple[float, ...] | None = None
+
+    @property
+    def label(self) -> str:
+        if self.values:
+            return ";".join(f"{v:g}" for v in self.values)
+        return self.lot or "default"
+
+
+@dataclass
+class Job:
+    """A patient tube paired with its bead tube (``bead`` None when pairing failed)."""
+
+    tube: Tube
+    bead: Tube | None
+    lot: LotSpec
+    patient_id: str | None = None
+    ferritin: float | None = None
+    collected_at: str | None = None
+    reason: str | None = None
+    stage: str = "pairing"
+
+
+def _parse_lot(text: str | None, base: Path | None) -> LotSpec | None:
+    if not text:
+        return None
+    parts = [p for p in re.split(r"[;|\s]+", text.strip()) if p]
+    try:
+        values = tuple(float(p) for p in parts)
+        if len(values) >= 2:
+            return LotSpec(values=values)
+    except ValueError:
+        pass
+    if base is not None and (base / text).exists():
+        return LotSpec(lot=str((base / text).resolve()))
+    return LotSpec(lot=text)
+
+
+def _settings_differences(patient: Tube, bead: Tube) -> list[str]:
+    diffs = []
+    for key in sorted(set(patient.settings) & set(bead.settings)):
+        a, b = patient.settings[key], bead.settings[key]
+        if not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9):
+            channel, letter = key.rsplit(" ", 1)
+            unit = " V" if letter == "V" else " (gain)"
+            diffs.append(f"{channel} {a:g}{unit} vs {b:g}{unit}")
+    return diffs
+
+
+def pair(
+    tubes: list[Tube],
+    default_lot: LotSpec | None = None,
+    manifest_dir: str | os.PathLike | None = None,
+) -> list[Job]:
+    """Pair every patient tube with its bead tube (see the module docstring for the rules).
+
+    Returns one :class:`Job` per patient tube, in path order; a job whose
+    ``bead`` is None carries the ``reason``.
+    """
+    default_lot = default_lot or LotSpec()
+    base = Path(manifest_dir) if manifest_dir else None
+    by_rel = {t.rel: t for t in tubes}
+    beads = [t for t in tubes if t.role == "beads" and t.error is None]
+    jobs: list[Job] = []
+    for tube in tubes:
+        if tube.role != "patient" or tube.error is not None:
+            continue
+        row = tube.manifest
+        job = Job(tube=tube, bead=None, lot=default_lot)
+        if row is not None:
+            job.patient_id, job.collected_at = row.patient_id, row.collected_at
+            if row.ferritin:
+                try:
+                    job.ferritin = float(row.ferritin.replace(",", "."))
+                except ValueError:
+                    job.reason = f"manifest line {row.line}: ferritin {row.ferritin!r} is not a number"
+                    job.stage = "manifest"
+                    jobs.append(job)
+                    continue
+        if row is not None and row.bead_file:
+            bead = by_rel.get(row.bead_file.replace("\\", "/")) or next(
+                (b for b in tubes if b.path.name == row.bead_file and b.role != "patient"), None)
+            if bead is None:
+                job.reason = f"manifest line {row.line}: bead_file {row.bead_file!r} not found in the export"
+                job.stage = "manifest"
+            elif bead.error is not None:
+                job.reason = f"manifest line {row.line}: bead tube {bead.rel} is unreadable: {bead.error}"
+            else:
+                if bead.role != "beads":
+                    bead.role, bead.role_reason = "beads", f"bead_file of manifest line {row.line}"
+                    beads.append(bead)
+                job.bead = bead
+        else:
+            job.bead, job.reason = _closest_bead(tube, beads)
+        if job.bead is not None:
+            job.lot = _lot_for(job, base, default_lot)
+        jobs.append(job)
+    return jobs
+
+
+def _lot_for(job: Job, base: Path | None, default: LotSpec) -> LotSpec:
+    for row in (job.tube.manifest, job.bead.manifest if job.bead else None):
+        spec = _parse_lot(row.lot, base) if row is not None else None
+        if spec is not None:
+            return spec
+    return default
+
+
+def _closest_bead(patient: Tube, beads: list[Tube]) -> tuple[Tube | None, str | None]:
+    same_instrument = [b for b in beads if b.instrument_key == patient.instrument_key]
+    if not same_instrument:
+        return None, f"no bead tube from {patient.instrument_label} in the export"
+    if patient.day is None:
+        return None, "no acquisition date ($DATE) in the file, so no bead tube of the same day can be chosen"
+    same_day = [b for b in same_instrument if b.day == patient.day]
+    if not same_day:
+        days = sorted({b.day.isoformat() for b in same_instrument if b.day})
+        return None, (f"no bead tube acquired on {patient.day.isoformat()} on {patient.instrument_label} "
+                      f"(bead tubes of that instrument: {', '.join(days) or 'undated'})")
+    if patient.acquired is None or any(b.acquired is None for b in same_day):
+        if len(same_day) > 1:
+            return None, (f"{len(same_day)} bead tubes on {patient.day.isoformat()} and no acquisition "
+                          f"times ($BTIM) to choose between them; pair it in a manifest (bead_file)")
+        earlier = same_day
+    else:
+        earlier = [b for b in same_day if b.acquired <= patient.acquired]
+        if not earlier:
+            times = ", ".join(f"{b.rel} at {b.acquired:%H:%M:%S}" for b in same_day)
+            return None, (f"acquired at {patient.acquired:%H:%M:%S}, before every bead tube of that day "
+                          f"on {patient.instrument_label} ({times})")
+    fitting = [b for b in earlier if not _settings_differences(patient, b)]
+    if not fitting:
+        closest = max(earlier, key=lambda b: (b.acquired or datetime.min, b.rel))
+        diffs = _settings_differences(patient, closest)
+        return None, (f"detector settings differ from the closest earlier bead tube {closest.rel}: "
+                      f"{'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}")
+    return max(fitting, key=lambda b: (b.acquired or datetime.min, b.rel)), None
+
+
+# =====================================================================================
+# Work done in the workers (local processes or Dask)
+# =====================================================================================
+def _init_worker() -> None:
+    """One compute thread per worker process: parallelism comes from the processes."""
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        pass
+
+
+def _failure(exc: BaseException, started: float) -> dict[str, Any]:
+    known = isinstance(exc, HladrError)
+    return {
+        "status": "error" if known else "internal",
+        "error_type": type(exc).__name__,
+        "reason": exc.message if known else f"{type(exc).__name__}: {exc}",
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def calibrate_task(path: str, lot: str | None, values: list[float] | None) -> dict[str, Any]:
+    """Calibrate one bead tube; returns ``{"status": "ok", "calibration": {...}}`` or the failure."""
+    started = time.perf_counter()
+    try:
+        from .calibration import calibrate
+        from .fcs import read_fcs
+
+        beads = read_fcs(path, lenient=True)
+        calibration = calibrate(beads, lot=lot, values=values)
+        return {"status": "ok", "calibration": calibration.to_dict(),
+                "seconds": time.perf_counter() - started}
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded, none stops the batch
+        return _failure(exc, started)
+
+
+def analyze_task(path: str, calibration: dict[str, Any], plot: bool) -> dict[str, Any]:
+    """Analyse one patient tube; returns the Result dict (and QC PNG bytes) or the failure."""
+    started = time.perf_counter()
+    try:
+        from .analysis import analyze
+        from .calibration import Calibration
+        from .fcs import read_fcs
+
+        sample = read_fcs(path, lenient=True)
+        cal = Calibration.from_dict(calibration)
+        result = analyze(sample, cal)
+        out: dict[str, Any] = {"status": "ok", "result": result.to_dict()}
+        if plot:
+            out["png"], out["plot_error"] = _qc_png(sample, result, cal)
+        out["seconds"] = time.perf_counter() - started
+        return out
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded, none stops the batch
+        return _failure(exc, started)
+
+
+def _qc_png(sample: Any, result: Any, calibration: Any) -> tuple[bytes | None, str | None]:
+    """The per-sample QC figure as PNG bytes (None and the reason when it cannot be drawn)."""
+    try:
+        from .plots import plot_analysis
+    except ImportError:
+        return None, "hladr.plots.plot_analysis is not available"
+    try:
+        buffer = io.BytesIO()
+        figure = plot_analysis(sample, result, calibration)
+        figure.savefig(buffer, format="png", dpi=90)
+        return buffer.getvalue(), None
+    except Exception as exc:  # noqa: BLE001 - a figure must never cost the result
+        return None, f"QC figure failed: {type(exc).__name__}: {exc}"
+
+
+# =====================================================================================
+# Journal, atomic writes
+# =====================================================================================
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write a file atomically: temp file in the same folder, fsync, ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+class Journal:
+    """Append-only record of finished tasks, one fsync'd JSON line each.
+
+    A line torn by a kill is ignored on reading. The last record of a key wins.
+    """
+
+    def __init__(self, path: Path, resume: bool):
+        self.path = path
+        self.records: dict[str, dict[str, Any]] = {}
+        if resume and path.exists():
+            with open(path, "rb") as fh:
+                for raw in fh:
+                    try:
+                        record = json.loads(raw)
+                    except ValueError:
+                        continue
+                    if isinstance(record, dict) and "key" in record:
+                        self.records[record["key"]] = record
+        elif not resume:
+            write_atomic(path, b"")
+        self._fh = open(path, "ab")
+        if self._fh.tell() > 0:
+            with open(path, "rb") as fh:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    self._fh.write(b"\n")
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.records.get(key)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.records[record["key"]] = record
+        self._fh.write(json.dumps(record, sort_keys=True).encode("utf-8") + b"\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+# =====================================================================================
+# Executors
+# =====================================================================================
+class _InlineExecutor(cf.Executor):
+    """Runs each task in the calling process when submitted (``--jobs 1``)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
+        future: cf.Future = cf.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - delivered through the future
+            future.set_exception(exc)
+        return future
+
+
+def available_memory() -> int:
+    """Bytes of memory available for new work (``MemAvailable`` on Linux)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def local_workers(jobs: int | None, largest_tube_bytes: int, n_tasks: int) -> int:
+    """How many worker processes: ``jobs`` (default: CPU count), capped by memory and work."""
+    wanted = jobs or os.cpu_count() or 1
+    per_worker = WORKER_BASE_BYTES + EVENT_FACTOR * largest_tube_bytes
+    fit = max(1, int(0.8 * available_memory() // per_worker))
+    if fit < wanted:
+        log.warning("memory allows %d worker(s) of the %d asked (%.1f GB per worker)",
+                    fit, wanted, per_worker / 2**30)
+    return max(1, min(wanted, fit, max(n_tasks, 1)))
+
+
+def _dask_executor(scheduler: Any) -> tuple[cf.Executor, int, Callable[[], None]]:
+    """A concurrent.futures view of a Dask cluster, its thread count and a closer."""
+    try:
+        from distributed import Client
+    except ImportError as exc:
+        raise BatchError("--scheduler needs Dask: pip install 'hladr[batch]'") from exc
+    if isinstance(scheduler, Client):
+        client, close = scheduler, (lambda: None)
+    else:
+        try:
+            client = Client(scheduler, timeout="15s", set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise BatchError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
+        close = client.close
+    threads = sum(client.nthreads().values()) or 1
+    return client.get_executor(pure=False), threads, close
+
+
+# =====================================================================================
+# The run
+# =====================================================================================
+@dataclass
+class BatchSummary:
+    """What a batch run did (``exit_code`` is what ``hladr batch`` returns)."""
+
+    out: Path
+    tubes: int = 0
+    bead_tubes: int = 0
+    patient_tubes: int = 0
+    ok: int = 0
+    flagged: int = 0
+    failed: int = 0
+    computed: int = 0
+    reused: int = 0
+    workers: int = 1
+    executor: str = "inline"
+    seconds: float = 0.0
+    results: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    calibrations: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_PROBLEMS if (self.failed or self.flagged) else EXIT_OK
+
+    def line(self) -> str:
+        return (f"{self.patient_tubes} patient tube(s), {self.bead_tubes} bead tube(s): {self.ok} analysed "
+                f"({self.flagged} flagged), {self.failed} failed; {self.computed} computed, "
+                f"{self.reused} reused in {self.seconds:.1f} s -> {self.out}")
+
+
+def is_flagged(result: Mapping[str, Any]) -> bool:
+    """A Result needs review: its QC failed or carries flags."""
+    qc = result.get("qc") or {}
+    return not qc.get("passed", False) or bool(qc.get("flags"))
+
+
+@dataclass
+class _Task:
+    kind: str  # "calibration" | "sample"
+    key: str
+    args: tuple
+    job: Job | None = None
+    cal_key: str | None = None
+    bead: Tube | None = None
+    lot: LotSpec | None = None
+    crashes: int = 0
+
+
+class _Run:
+    """One batch run: plan, execute, record, collect the outputs."""
+
+    def __init__(self, out: Path, plots: bool, journal: Journal, tubes: list[Tube], jobs: list[Job],
+                 default_lot: LotSpec):
+        from . import __version__
+
+        self.out, self.plots, self.journal = out, plots, journal
+        self.tubes, self.jobs, self.default_lot = tubes, jobs, default_lot
+        self.version = __version__
+        self.cal_records: dict[str, dict[str, Any]] = {}
+        self.sample_records: dict[str, dict[str, Any]] = {}
+        self.patients_of: dict[str, list[_Task]] = {}
+        self.reused = 0
+        self.last_flush = 0.0
+
+    def cal_key(self, bead: Tube, lot: LotSpec) -> str:
+        return _key("calibration", bead.rel, bead.sha256, lot.lot, lot.values, self.version)
+
+    def sample_key(self, job: Job) -> str:
+        return _key("sample", job.tube.rel, job.tube.sha256, self.cal_key(job.bead, job.lot), self.plots)
+
+    # --- planning -------------------------------------------------------------------
+    def plan(self) -> tuple[list[_Task], list[_Task]]:
+        """Calibration and sample tasks still to compute; finished ones come from the journal."""
+        wanted: dict[str, tuple[Tube, LotSpec]] = {}
+        for job in self.jobs:
+            if job.bead is not None:
+                wanted.setdefault(self.cal_key(job.bead, job.lot), (job.bead, job.lot))
+        used = {bead.rel for bead, _ in wanted.values()}
+        for tube in self.tubes:  # bead tubes no patient uses are still calibrated and reported
+            if tube.role == "beads" and tube.error is None and tube.rel not in used:
+                wanted.setdefault(self.cal_key(tube, self.default_lot), (tube, self.default_lot))
+        todo_cal: list[_Task] = []
+        for key, (bead, lot) in sorted(wanted.items(), key=lambda kv: (kv[1][0].rel, kv[1][1].label)):
+            record = self.journal.get(key)
+            if record is not None and record["status"] != "internal":
+                self.cal_records[key] = record
+                self.reused += 1
+                continue
+            values = list(lot.values) if lot.values else None
+            todo_cal.append(_Task("calibration", key, (str(bead.path), lot.lot, values), bead=bead, lot=lot))
+        todo_samples: list[_Task] = []
+        for job in self.jobs:
+            if job.bead is None:
+                continue
+            key, cal_key = self.sample_key(job), self.cal_key(job.bead, job.lot)
+            record = self.journal.get(key)
+            if record is not None and record["status"] != "internal" and self._png_present(record):
+                self.sample_records[key] = record
+                self.reused += 1
+                continue
+            task = _Task("sample", key, (str(job.tube.path),), job=job, cal_key=cal_key)
+            self.patients_of.setdefault(cal_key, []).append(task)
+            if cal_key in self.cal_records and self.cal_records[cal_key]["status"] == "ok":
+                todo_samples.append(task)
+        return todo_cal, todo_samples
+
+    def _png_present(self, record: dict[str, Any]) -> bool:
+        if not self.plots or record["status"] != "ok":
+            return True
+        return bool(record.get("qc_png")) and (self.out / record["qc_png"]).exists() or bool(
+            record.get("plot_error"))
+
+    # --- execution ------------------------------------------------------------------
+    def execute(self, executor: cf.Executor, inflight_max: int, tasks: list[_Task], progress: Any,
+                make_executor: Callable[[], cf.Executor] | None) -> int:
+        """Run the tasks (a finished calibration releases its samples); returns how many ran."""
+        ready: deque[_Task] = deque(tasks)
+        inflight: dict[cf.Future, _Task] = {}
+        computed = 0
+        while ready or inflight:
+            while ready and len(inflight) < inflight_max:
+                task = ready.popleft()
+                inflight[self._submit(executor, task)] = task
+            done, _ = cf.wait(list(inflight), return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                task = inflight.pop(future)
+                try:
+                    outcome = future.result()
+                except cf.process.BrokenProcessPool:
+                    task.crashes += 1
+                    if make_executor is not None and task.crashes < 3:
+                        executor = self._restart(executor, make_executor, inflight, ready)
+                        ready.appendleft(task)
+                        continue
+                    outcome = {"status": "internal", "error_type": "WorkerDied", "reason":
+                               "the worker process died while working on this file (out of memory?)"}
+                except Exception as exc:  # noqa: BLE001 - e.g. a lost Dask worker; recorded, retried on resume
+                    outcome = {"status": "internal", "error_type": type(exc).__name__,
+                               "reason": f"{type(exc).__name__}: {exc}"}
+                ready.extend(self._record(task, outcome))
+                computed += 1
+                progress.update(1)
+                if time.monotonic() - self.last_flush > 2.0:
+                    self.flush()
+        return computed
+
+    def _submit(self, executor: cf.Executor, task: _Task) -> cf.Future:
+        if task.kind == "calibration":
+            return executor.submit(calibrate_task, *task.args)
+        calibration = self.cal_records[task.cal_key]["calibration"]
+        return executor.submit(analyze_task, task.args[0], calibration, self.plots)
+
+    @staticmethod
+    def _restart(executor: cf.Executor, make_executor: Callable[[], cf.Executor],
+                 inflight: dict[cf.Future, _Task], ready: deque[_Task]) -> cf.Executor:
+        """A broken process pool: start a new one and requeue what was in flight."""
+        executor.shutdown(wait=False, cancel_futures=True)
+        for future, other in list(inflight.items()):
+            other.crashes += 1
+            ready.appendleft(other)
+            del inflight[future]
+        return make_executor()
+
+    def _record(self, task: _Task, outcome: dict[str, Any]) -> list[_Task]:
+        """Journal a finished task; returns the tasks it releases."""
+        record: dict[str, Any] = {"key": task.key, "kind": task.kind, "status": outcome["status"],
+                                  "seconds": outcome.get("seconds"), "finished": _now()}
+        for name in ("error_type", "reason", "calibration", "result", "plot_error"):
+            if outcome.get(name) is not None:
+                record[name] = outcome[name]
+        if task.kind == "calibration":
+            record.update(file=task.bead.rel, sha256=task.bead.sha256, lot=task.lot.label)
+            self.journal.add(record)
+            self.cal_records[task.key] = record
+            return list(self.patients_of.get(task.key, [])) if record["status"] == "ok" else []
+        record.update(file=task.job.tube.rel, sha256=task.job.tube.sha256)
+        if outcome.get("png"):
+            name = "qc/" + re.sub(r"[^\w.-]+", "_", task.job.tube.rel.replace("/", "__")) + ".png"
+            write_atomic(self.out / name, outcome["png"])
+            record["qc_png"] = name
+        self.journal.add(record)
+        self.sample_records[task.key] = record
+        return []
+
+    # --- outputs --------------------------------------------------------------------
+    def flush(self) -> None:
+        """Rewrite the tables from what is finished so far (atomically)."""
+        self.last_flush = time.monotonic()
+        write_tables(self.out, *self.collect())
+
+    def collect(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+        """Results, errors and calibrations of this run's plan, from the finished records."""
+        results: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        for tube in self.tubes:
+            if tube.error is not None:
+                stage = "manifest" if tube.error_type == "ManifestError" else "discovery"
+                errors.append(_error_row(tube.rel, tube.role or "unknown", stage, tube.error_type or "Error",
+                                         tube.error))
+        calibrations = sorted(self.cal_records.values(), key=lambda r: (r["file"], r.get("lot", "")))
+        for record in calibrations:
+            if record["status"] != "ok":
+                errors.append(_error_row(record["file"], "beads", "calibration", record.get("error_type", ""),
+                                         record.get("reason", "")))
+        for job in self.jobs:
+            pid = job.patient_id
+            if job.bead is None:
+                kind = "PairingError" if job.stage == "pairing" else "ManifestError"
+                errors.append(_error_row(job.tube.rel, "patient", job.stage, kind, job.reason or "",
+                                         None, pid))
+                continue
+            cal = self.cal_records.get(self.cal_key(job.bead, job.lot))
+            if cal is not None and cal["status"] != "ok":
+                errors.append(_error_row(
+                    job.tube.rel, "patient", "calibration", cal.get("error_type", ""),
+                    f"its bead tube {job.bead.rel} failed calibration: {cal.get('reason', '')}",
+                    job.bead.rel, pid))
+                continue
+            record = self.sample_records.get(self.sample_key(job))
+            if record is None:
+                continue
+            if record["status"] != "ok":
+                errors.append(_error_row(job.tube.rel, "patient", "analysis", record.get("error_type", ""),
+                                         record.get("reason", ""), job.bead.rel, pid))
+                continue
+            results.append(_result_row(record, job))
+        errors.sort(key=lambda e: e["file"])
+        return results, errors, calibrations
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _error_row(file: str, role: str, stage: str, error_type: str, reason: str,
+               bead_file: str | None = None, patient_id: str | None = None) -> dict[str, Any]:
+    return {"file": file, "role": role, "stage": stage, "error_type": error_type, "reason": reason,
+            "bead_file": bead_file or "", "patient_id": patient_id or ""}
+
+
+def _result_row(record: dict[str, Any], job: Job) -> dict[str, Any]:
+    """The Result of a finished record plus the batch's own keys (and stratification with ferritin)."""
+    from .classify import stratify
+
+    row = dict(record["result"])
+    row.update(file=job.tube.rel, bead_file=job.bead.rel, patient_id=job.patient_id,
+               collected_at=job.collected_at, lot=job.lot.label, qc_png=record.get("qc_png"))
+    if record.get("plot_error"):
+        row["qc_png_error"] = record["plot_error"]
+    if job.ferritin is not None:
+        row["ferritin"] = job.ferritin
+        row["stratification"] = stratify(record["result"], job.ferritin).to_dict()
+    return row
+
+
+#: Columns that lead results.csv, in this order; the rest follow in first-seen order.
+LEADING_COLUMNS = ("file", "patient_id", "abc", "immunoparalysis", "band", "borderline", "abc_ci95",
+                   "qc.passed", "qc.flags", "stratification.category", "stratification.reason", "ferritin",
+                   "monocytes", "monocyte_percent", "bead_file", "lot", "collected_at", "qc_png")
+ERROR_COLUMNS = ("file", "role", "stage", "error_type", "reason", "bead_file", "patient_id")
+CALIBRATION_COLUMNS = ("file", "lot", "status", "slope", "intercept", "r2", "qc.passed", "qc.flags",
+                       "peaks_used", "values", "mfi", "channel", "reason")
+
+
+def _csv_text(rows: list[dict[str, Any]], leading: Iterable[str]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        for name in row:
+            if name not in columns:
+                columns.append(name)
+    ordered = [c for c in leading if c in columns or not rows] + [c for c in columns if c not in leading]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=ordered, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def write_tables(out: Path, results: list[dict], errors: list[dict], calibrations: list[dict]) -> None:
+    """results.csv, results.jsonl, errors.csv and calibrations.csv, each atomically."""
+    from .result import flatten
+
+    write_atomic(out / "results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in results))
+    write_atomic(out / "results.csv", _csv_text([flatten(r) for r in results], LEADING_COLUMNS))
+    write_atomic(out / "errors.csv", _csv_text(errors, ERROR_COLUMNS))
+    cal_rows = []
+    for record in calibrations:
+        row = {"file": record["file"], "lot": record.get("lot"), "status": record["status"],
+               "reason": record.get("reason")}
+        row.update(flatten(record.get("calibration") or {}))
+        cal_rows.append(row)
+    write_atomic(out / "calibrations.csv", _csv_text(cal_rows, CALIBRATION_COLUMNS))
+
+
+def run_batch(
+    export_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    manifest: str | os.PathLike | None = None,
+    jobs: int | None = None,
+    scheduler: Any = None,
+    resume: bool = False,
+    progress: bool = True,
+    *,
+    lot: str | None = None,
+    bead_values: Iterable[float] | None = None,
+    plots: bool = True,
+) -> BatchSummary:
+    """Analyse every patient tube of an instrument export.
+
+    Parameters
+    ----------
+    export_dir
+        Folder of FCS files, nested in any way (e.g. by day and instrument).
+    out
+        Output folder (created); see the module docstring for what it holds.
+    manifest
+        CSV with columns ``file`` (required), ``role``, ``patient_id``, ``bead_file``,
+        ``lot``, ``ferritin`` (ng/mL), ``collected_at``; it overrides discovery.
+    jobs
+        Local worker processes (default: CPU count, capped by available memory).
+        1 runs everything in this process.
+    scheduler
+        Address of a Dask distributed scheduler (or a ``distributed.Client``): the
+        same work runs on that cluster; its workers must see the export folder at
+        the same path.
+    resume
+        Continue the run recorded in ``out/journal.jsonl``: finished tubes whose
+        SHA-256 (and whose bead tube's) is unchanged are not redone.
+    progress
+        Show a progress bar with ETA on stderr.
+    lot, bead_values
+        Bead values for bead tubes the manifest gives no ``lot`` for.
+    plots
+        Write a QC PNG per sample and the figures of ``report.html``.
+
+    Raises
+    ------
+    BatchError
+        Unusable arguments (no such folder, no FCS file, a malformed manifest, jobs < 1).
+    """
+    started = time.perf_counter()
+    export_path = Path(export_dir)
+    if not export_path.is_dir():
+        raise BatchError("export folder not found (or not a folder)", export_path)
+    out_path = Path(out)
+    if out_path.exists() and not out_path.is_dir():
+        raise BatchError("--out exists and is not a folder", out_path)
+    if out_path.resolve() == export_path.resolve():
+        raise BatchError("--out must not be the export folder itself", out_path)
+    if jobs is not None and jobs < 1:
+        raise BatchError(f"--jobs must be at least 1, not {jobs}")
+    if lot is not None and bead_values is not None:
+        raise BatchError("give either a lot or bead values, not both")
+    rows = read_manifest(manifest) if manifest is not None else None
+    default_lot = LotSpec(lot=lot, values=tuple(float(v) for v in bead_values) if bead_values else None)
+
+    tubes = discover(export_path, rows, exclude=[out_path])
+    if not tubes:
+        raise BatchError("no FCS file found in the export folder", export_path)
+    jobs_list = pair(tubes, default_lot, Path(manifest).parent if manifest else None)
+    beads = [t for t in tubes if t.role == "beads" and t.error is None]
+
+    out_path.mkdir(parents=True, exist_ok=True)
+    journal = Journal(out_path / JOURNAL, resume=resume)
+    run = _Run(out_path, plots, journal, tubes, jobs_list, default_lot)
+    summary = BatchSummary(out=out_path, tubes=len(tubes), bead_tubes=len(beads),
+                           patient_tubes=sum(t.role == "patient" for t in tubes))
+    try:
+        todo_cal, todo_samples = run.plan()
+        n_tasks = len(todo_cal) + sum(len(v) for v in run.patients_of.values())
+        executor, inflight_max, close, restart = _executor(scheduler, jobs, tubes, n_tasks, summary)
+        try:
+            bar = _progress_bar(n_tasks, progress)
+            try:
+                summary.computed = run.execute(executor, inflight_max, todo_cal + todo_samples, bar, restart)
+            finally:
+                bar.close()
+        finally:
+            close()
+    finally:
+        journal.close()
+    results, errors, calibrations = run.collect()
+    write_tables(out_path, results, errors, calibrations)
+    summary.results, summary.errors, summary.calibrations = results, errors, calibrations
+    summary.ok = len(results)
+    summary.flagged = sum(is_flagged(r) for r in results)
+    summary.failed = len(errors)
+    summary.reused = run.reused
+    summary.seconds = time.perf_counter() - started
+    from .report import write_report
+
+    write_report(out_path / "report.html", summary, figures=plots)
+    return summary
+
+
+def _executor(scheduler: Any, jobs: int | None, tubes: list[Tube], n_tasks: int, summary: BatchSummary):
+    """(executor, tasks kept in flight, closer, factory of a fresh executor or None)."""
+    if scheduler is not None:
+        executor, threads, close = _dask_executor(scheduler)
+        summary.executor, summary.workers = "dask", threads
+        return executor, 2 * threads, close, None
+    largest = max((t.event_bytes for t in tubes if t.error is None), default=0)
+    workers = local_workers(jobs, largest, n_tasks)
+    summary.workers = workers
+    if workers == 1:
+        summary.executor = "inline"
+        return _InlineExecutor(), 1, (lambda: None), None
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+
+    def make() -> cf.Executor:
+        return cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
+
+    holder = [make()]
+    summary.executor = "processes"
+
+    def factory() -> cf.Executor:
+        holder[0] = make()
+        return holder[0]
+
+    return holder[0], workers + 1, (lambda: holder[0].shutdown(wait=True, cancel_futures=True)), factory
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        enabled = False
+    if not enabled:
+        class _Silent:
+            def update(self, n: int = 1) -> None: ...
+            def close(self) -> None: ...
+        return _Silent()
+    return tqdm(total=total, unit="tube", desc="hladr batch", file=sys.stderr, dynamic_ncols=True)
+
+
+# =====================================================================================
+# CLI
+# =====================================================================================
+def main(args: argparse.Namespace) -> int:
+    """``hladr batch``: returns 0 (all fine), 3 (failed or flagged tubes) or 2 (unusable arguments)."""
+    try:
+        summary = run_batch(
+            args.export_dir, args.out, manifest=args.manifest, jobs=args.jobs, scheduler=args.scheduler,
+            resume=args.resume, progress=not getattr(args, "quiet", False),
+            lot=getattr(args, "lot", None), bead_values=getattr(args, "bead_values", None),
+            plots=not getattr(args, "no_plots", False),
+        )
+    except BatchError as exc:
+        print(f"hladr: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(summary.line(), file=sys.stderr)
+    return summary.exit_code

@@ -1,0 +1,217 @@
+"""The batch report: one self-contained HTML page a lab reads in the morning.
+
+It consumes what a batch produced (Result dicts, error rows, calibration
+records) and never measures anything itself. Figures are drawn with
+matplotlib's object API (no pyplot state) and embedded as base64 PNG.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .classify import NORMAL_MIN, SEVERE_MAX, THRESHOLD
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;font-size:13px;margin-bottom:1.5em}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}
+th{background:#f0f0f0}
+tr.immuno td.abc{background:#f8d0d0;font-weight:bold}
+tr.flagged td.flags{background:#fff0b0}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.ok{color:#176117}.bad{color:#a11}
+figure{display:inline-block;margin:0 1em 1em 0}
+"""
+
+
+def _fmt(value: Any, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _png(figure: Any) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def abc_figure(results: Sequence[Mapping[str, Any]]) -> Any:
+    """AB/C of every sample on a log axis, with the 5,000 threshold and the published bands."""
+    from matplotlib.figure import Figure
+
+    values = [r["abc"] for r in results if isinstance(r.get("abc"), (int, float)) and r["abc"] > 0]
+    figure = Figure(figsize=(7, 3.2))
+    ax = figure.add_subplot()
+    if values:
+        import numpy as np
+
+        lo = min(min(values), THRESHOLD) / 1.5
+        hi = max(max(values), NORMAL_MIN) * 1.5
+        ax.axvspan(lo, THRESHOLD, color="#f4c7c7", label="immunoparalysis")
+        ax.axvspan(THRESHOLD, SEVERE_MAX, color="#fbe3c4", label="severe")
+        ax.axvspan(SEVERE_MAX, NORMAL_MIN, color="#fdf5cc", label="reduced")
+        ax.axvspan(NORMAL_MIN, hi, color="#dcefdc", label="normal")
+        bins = np.logspace(math.log10(lo), math.log10(hi), 30)
+        ax.hist(values, bins=bins, color="#333", alpha=0.85)
+        ax.set_xscale("log")
+        ax.set_xlim(lo, hi)
+        ax.legend(fontsize=7, loc="upper right")
+    else:
+        ax.text(0.5, 0.5, "no result", ha="center", va="center", transform=ax.transAxes)
+    ax.axvline(THRESHOLD, color="#a11", lw=2)
+    ax.text(THRESHOLD, ax.get_ylim()[1] * 0.95, " 5,000 AB/C", color="#a11", va="top", fontsize=8)
+    ax.set_xlabel("mHLA-DR (antibodies bound per monocyte)")
+    ax.set_ylabel("samples")
+    figure.tight_layout()
+    return figure
+
+
+def bead_figure(record: Mapping[str, Any]) -> Any:
+    """One bead tube's standard curve: log10 molecules vs log10 MFI, the fit and the points used."""
+    from matplotlib.figure import Figure
+
+    cal = record.get("calibration") or {}
+    figure = Figure(figsize=(3.4, 3))
+    ax = figure.add_subplot()
+    values = cal.get("values") or []
+    mfi = cal.get("mfi") or []
+    used = set(cal.get("peaks_used") or [])
+    points = [(i, m, v) for i, (m, v) in enumerate(zip(mfi, values)) if m and v and m > 0 and v > 0]
+    for i, m, v in points:
+        ax.plot(m, v, "o", color="#176117" if i in used else "#bbb", ms=6)
+    slope, intercept = cal.get("slope"), cal.get("intercept")
+    if points and slope is not None and intercept is not None:
+        import numpy as np
+
+        xs = np.array([p[1] for p in points])
+        grid = np.logspace(math.log10(xs.min()) - 0.3, math.log10(xs.max()) + 0.3, 20)
+        ax.plot(grid, 10 ** (slope * np.log10(grid) + intercept), "-", color="#245", lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("MFI", fontsize=8)
+    ax.set_ylabel("PE molecules per bead", fontsize=8)
+    passed = (cal.get("qc") or {}).get("passed")
+    r2 = cal.get("r2")
+    status = "ok" if passed else "FAILED"
+    title = f"{record.get('file', '')}\nslope {_fmt(slope, 3)}  r² {_fmt(r2, 4)}  QC {status}"
+    ax.set_title(title, fontsize=7)
+    ax.tick_params(labelsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def _results_table(results: Sequence[Mapping[str, Any]], report_dir: Path) -> str:
+    head = ("file", "patient", "instrument", "date", "bead tube", "AB/C", "95 % CI", "band", "< 5,000",
+            "borderline", "stratification", "monocytes", "QC flags", "figure")
+    rows = []
+    for r in results:
+        qc = r.get("qc") or {}
+        flags = list(qc.get("flags") or [])
+        if not qc.get("passed", False):
+            flags.insert(0, "QC failed")
+        css = " ".join(c for c, on in (("immuno", r.get("immunoparalysis")), ("flagged", flags)) if on)
+        inst = r.get("instrument") or {}
+        ci = r.get("abc_ci95") or []
+        strat = r.get("stratification") or {}
+        png = r.get("qc_png")
+        link = f'<a href="{html.escape(png)}">PNG</a>' if png and (report_dir / png).exists() else "–"
+        cells = [
+            html.escape(str(r.get("file", ""))),
+            html.escape(str(r.get("patient_id") or "")),
+            html.escape(f"{inst.get('cytometer') or ''} {inst.get('serial') or ''}".strip()),
+            html.escape(str(inst.get("date") or "")),
+            html.escape(str(r.get("bead_file") or "")),
+            f'<td class="num abc">{_fmt(r.get("abc"))}',
+            html.escape(f"{_fmt(ci[0])} – {_fmt(ci[1])}" if len(ci) == 2 else "–"),
+            html.escape(str(r.get("band", ""))),
+            "yes" if r.get("immunoparalysis") else "no",
+            "yes" if r.get("borderline") else "",
+            html.escape(f"{strat.get('category', '')}: {strat.get('reason', '')}" if strat else ""),
+            f'<td class="num">{_fmt(r.get("monocytes"))}',
+            f'<td class="flags">{html.escape("; ".join(map(str, flags)))}',
+            link,
+        ]
+        tds = "".join(c if c.startswith("<td") else f"<td>{c}" for c in cells)
+        rows.append(f'<tr class="{css}">{tds}</tr>')
+    header = "".join(f"<th>{h}</th>" for h in head)
+    return f"<table><tr>{header}</tr>{''.join(rows)}</table>"
+
+
+def _plain_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    header = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(c)))}</td>" for c in columns) + "</tr>"
+        for row in rows
+    )
+    return f"<table><tr>{header}</tr>{body}</table>"
+
+
+def render(summary: Any, report_dir: Path, figures: bool = True) -> str:
+    """The report as an HTML string (see :func:`write_report`)."""
+    from . import __version__
+
+    results, errors, calibrations = summary.results, summary.errors, summary.calibrations
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>hladr batch report</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        "<h1>mHLA-DR batch report</h1>",
+        f"<p>{html.escape(summary.line())}<br>hladr {html.escape(__version__)} · "
+        f"{datetime.now().astimezone():%Y-%m-%d %H:%M %Z} · immunoparalysis threshold "
+        f"{THRESHOLD:,.0f} AB/C</p>",
+        f"<p class='{'ok' if summary.exit_code == 0 else 'bad'}'>"
+        f"{summary.ok} result(s), {summary.flagged} flagged for review, {summary.failed} failed file(s).</p>",
+    ]
+    if figures:
+        parts.append("<h2>AB/C distribution</h2>")
+        parts.append(f"<img alt='AB/C distribution' src='data:image/png;base64,{_png(abc_figure(results))}'>")
+    parts.append("<h2>Samples</h2>")
+    parts.append(_results_table(results, report_dir) if results else "<p>No sample was analysed.</p>")
+    parts.append("<h2>Failed files</h2>")
+    parts.append(_plain_table(errors, ("file", "role", "stage", "error_type", "reason", "bead_file"))
+                 if errors else "<p>None.</p>")
+    parts.append("<h2>Bead curves per run</h2>")
+    if figures:
+        for record in calibrations:
+            if record.get("status") == "ok":
+                img = _png(bead_figure(record))
+                parts.append(f"<figure><img alt='bead curve' src='data:image/png;base64,{img}'></figure>")
+    rows = []
+    for record in calibrations:
+        cal = record.get("calibration") or {}
+        qc = cal.get("qc") or {}
+        rows.append({"file": record.get("file"), "lot": record.get("lot"), "status": record.get("status"),
+                     "slope": cal.get("slope"), "r2": cal.get("r2"),
+                     "QC flags": "; ".join(map(str, qc.get("flags") or [])) or record.get("reason")})
+    parts.append(_plain_table(rows, ("file", "lot", "status", "slope", "r2", "QC flags"))
+                 if rows else "<p>No bead tube.</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(path: str | os.PathLike, summary: Any, figures: bool = True) -> Path:
+    """Write ``report.html`` atomically.
+
+    Parameters
+    ----------
+    path
+        Where to write; QC PNG links are relative to its folder.
+    summary
+        A :class:`hladr.batch.BatchSummary` (results, errors, calibrations, counts).
+    figures
+        Draw the AB/C distribution and the bead curves.
+    """
+    from .batch import write_atomic
+
+    path = Path(path)
+    return write_atomic(path, render(summary, path.parent, figures))
