@@ -79,6 +79,7 @@ MANIFEST_ROLES = {
 #: Bytes of memory a worker needs beyond ``EVENT_FACTOR`` x the decoded events (float64).
 WORKER_BASE_BYTES = 400 * 2**20
 EVENT_FACTOR = 8
+DASK_CONNECT_TIMEOUT = "15s"
 
 
 # =====================================================================================
@@ -720,7 +721,7 @@ def _dask_executor(scheduler: Any) -> tuple[cf.Executor, int, Callable[[], None]
         client, close = scheduler, (lambda: None)
     else:
         try:
-            client = Client(scheduler, timeout="15s", set_as_default=False)
+            client = Client(scheduler, timeout=DASK_CONNECT_TIMEOUT, set_as_default=False)
         except (OSError, TimeoutError) as exc:
             raise BatchError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
         close = client.close
@@ -1094,25 +1095,26 @@ def run_batch(
     jobs_list = pair(tubes, default_lot, Path(manifest).parent if manifest else None)
     beads = [t for t in tubes if t.role == "beads" and t.error is None]
 
-    out_path.mkdir(parents=True, exist_ok=True)
-    journal = Journal(out_path / JOURNAL, resume=resume)
-    run = _Run(out_path, plots, journal, tubes, jobs_list, default_lot)
     summary = BatchSummary(out=out_path, tubes=len(tubes), bead_tubes=len(beads),
                            patient_tubes=sum(t.role == "patient" for t in tubes))
+    most_tasks = len(beads) + len(jobs_list)
+    executor, inflight_max, close, restart = _executor(scheduler, jobs, tubes, most_tasks, summary)
     try:
-        todo_cal, todo_samples = run.plan()
-        n_tasks = len(todo_cal) + sum(len(v) for v in run.patients_of.values())
-        executor, inflight_max, close, restart = _executor(scheduler, jobs, tubes, n_tasks, summary)
+        out_path.mkdir(parents=True, exist_ok=True)
+        journal = Journal(out_path / JOURNAL, resume=resume)
+        run = _Run(out_path, plots, journal, tubes, jobs_list, default_lot)
         try:
+            todo_cal, todo_samples = run.plan()
+            n_tasks = len(todo_cal) + sum(len(v) for v in run.patients_of.values())
             bar = _progress_bar(n_tasks, progress)
             try:
                 summary.computed = run.execute(executor, inflight_max, todo_cal + todo_samples, bar, restart)
             finally:
                 bar.close()
         finally:
-            close()
+            journal.close()
     finally:
-        journal.close()
+        close()
     results, errors, calibrations = run.collect()
     write_tables(out_path, results, errors, calibrations)
     summary.results, summary.errors, summary.calibrations = results, errors, calibrations

@@ -1,0 +1,167 @@
+"""hladr batch: discovery, pairing, manifest, journal, and whole runs on a simulated export."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hladr import batch
+from hladr.batch import BatchError, Journal, discover, pair, read_manifest, run_batch
+from hladr.fcs import write_fcs
+
+CHANNELS = ["FSC-A", "SSC-A", "PE-A", "PerCP-Cy5-5-A"]
+
+
+def _tube(folder: Path, name: str, *, cyt="FACSCanto II", serial="V1", day="12-MAR-2026", btim="08:00:00",
+          pe_volts=450, markers=("", "", "HLA-DR", "CD14"), extra=None) -> Path:
+    """A tiny FCS file whose TEXT segment says what discovery and pairing look at."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keywords = {"$CYT": cyt, "$CYTSN": serial, "$DATE": day, "$BTIM": btim, "$FIL": name,
+                "$P1V": "300", "$P2V": "400", "$P3V": str(pe_volts), "$P4V": "600"}
+    keywords.update(extra or {})
+    events = np.random.default_rng(0).uniform(1, 1000, size=(50, len(CHANNELS)))
+    return write_fcs(folder / name, events, CHANNELS, list(markers), keywords)
+
+
+@pytest.fixture
+def export(tmp_path: Path) -> Path:
+    root = tmp_path / "export"
+    day1 = root / "2026-03-12" / "canto"
+    _tube(day1, "QB beads 0800.fcs", btim="08:00:00", markers=("", "", "", ""))
+    _tube(day1, "patient_A.fcs", btim="09:00:00")
+    _tube(day1, "Quantibrite_1200.fcs", btim="12:00:00", markers=("", "", "HLA-DR", "CD14"))
+    _tube(day1, "patient_B.fcs", btim="13:00:00")
+    _tube(day1, "patient_early.fcs", btim="07:00:00")
+    _tube(day1, "patient_volts.fcs", btim="14:00:00", pe_volts=480)
+    _tube(day1, "Compensation Controls_PE Stained Control.fcs", btim="07:30:00")
+    _tube(root / "2026-03-12" / "lyric", "patient_lyric.fcs", cyt="FACSLyric", serial="L9", btim="10:00:00")
+    _tube(root / "2026-03-13" / "canto", "patient_day2.fcs", day="13-MAR-2026", btim="10:00:00")
+    (root / "2026-03-12" / "canto" / "broken.fcs").write_bytes(b"FCS3.1    garbage that is not an FCS file")
+    (root / "notes.txt").write_text("not a tube")
+    return root
+
+
+def _by_name(jobs):
+    return {Path(j.tube.rel).name: j for j in jobs}
+
+
+def test_discovery_roles_and_corrupt_file(export: Path):
+    tubes = {Path(t.rel).name: t for t in discover(export)}
+    assert "notes.txt" not in tubes
+    assert tubes["QB beads 0800.fcs"].role == "beads"
+    assert tubes["Quantibrite_1200.fcs"].role == "beads"  # the name wins over the panel's markers
+    assert tubes["patient_A.fcs"].role == "patient"
+    assert tubes["Compensation Controls_PE Stained Control.fcs"].role == "ignore"
+    broken = tubes["broken.fcs"]
+    assert broken.error and broken.role is None
+    a = tubes["patient_A.fcs"]
+    assert a.acquired.isoformat() == "2026-03-12T09:00:00"
+    assert a.settings["PE-A V"] == 450.0
+    assert a.sha256 == batch.sha256_file(a.path)
+
+
+def test_pairing_rules_and_reasons(export: Path):
+    jobs = _by_name(pair(discover(export)))
+    assert set(jobs) == {"patient_A.fcs", "patient_B.fcs", "patient_early.fcs", "patient_volts.fcs",
+                         "patient_lyric.fcs", "patient_day2.fcs"}
+    # the closest earlier bead tube of the same instrument and day
+    assert Path(jobs["patient_A.fcs"].bead.rel).name == "QB beads 0800.fcs"
+    assert Path(jobs["patient_B.fcs"].bead.rel).name == "Quantibrite_1200.fcs"
+    reasons = {name: job.reason for name, job in jobs.items() if job.bead is None}
+    assert set(reasons) == {"patient_early.fcs", "patient_volts.fcs", "patient_lyric.fcs", "patient_day2.fcs"}
+    assert "before every bead tube" in reasons["patient_early.fcs"]
+    assert "PE-A 480 V vs 450 V" in reasons["patient_volts.fcs"]
+    assert "no bead tube from FACSLyric serial L9" in reasons["patient_lyric.fcs"]
+    assert "no bead tube acquired on 2026-03-13" in reasons["patient_day2.fcs"]
+
+
+def test_pairing_falls_back_to_an_older_bead_tube_with_the_same_settings(tmp_path: Path):
+    root = tmp_path / "e"
+    _tube(root, "beads_a.fcs", btim="08:00:00", pe_volts=480)
+    _tube(root, "beads_b.fcs", btim="09:00:00", pe_volts=450)
+    _tube(root, "p.fcs", btim="10:00:00", pe_volts=480)
+    (job,) = pair(discover(root))
+    assert job.bead.rel == "beads_a.fcs"
+
+
+def test_manifest_overrides_role_pairing_and_carries_ferritin(export: Path, tmp_path: Path):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "file,role,patient_id,bead_file,lot,ferritin,collected_at\n"
+        "2026-03-12/canto/patient_early.fcs,patient,P-007,2026-03-12/canto/Quantibrite_1200.fcs,"
+        "638;6930;31008;67601,3200,2026-03-12T06:10\n"
+        "patient_B.fcs,,P-008,,,5000,\n"
+        "patient_lyric.fcs,ignore,,,,,\n"
+        "patient_A.fcs,,P-009,,,lots,\n"
+        "missing.fcs,patient,,,,,\n"
+    )
+    rows = read_manifest(manifest)
+    tubes = discover(export, rows)
+    jobs = _by_name(pair(tubes, manifest_dir=tmp_path))
+    early = jobs["patient_early.fcs"]
+    assert Path(early.bead.rel).name == "Quantibrite_1200.fcs"
+    assert early.lot.values == (638.0, 6930.0, 31008.0, 67601.0)
+    assert (early.patient_id, early.ferritin, early.collected_at) == ("P-007", 3200.0, "2026-03-12T06:10")
+    assert jobs["patient_B.fcs"].ferritin == 5000.0 and jobs["patient_B.fcs"].patient_id == "P-008"
+    assert "patient_lyric.fcs" not in jobs
+    bad = jobs["patient_A.fcs"]
+    assert bad.bead is None and bad.stage == "manifest" and "ferritin 'lots' is not a number" in bad.reason
+    missing = [t for t in tubes if t.rel == "missing.fcs"]
+    assert missing and "line 6" in missing[0].error and "not found" in missing[0].error
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name,role\nx.fcs,patient\n", "no 'file' column"),
+    ("file,role\nx.fcs,patient\nx.fcs,beads\n", "already listed on line 2"),
+])
+def test_malformed_manifest_is_a_batch_error(tmp_path: Path, text: str, message: str):
+    path = tmp_path / "m.csv"
+    path.write_text(text)
+    with pytest.raises(BatchError, match=message):
+        read_manifest(path)
+
+
+def test_unusable_arguments_exit_2(export: Path, tmp_path: Path, capsys, monkeypatch):
+    from hladr.cli import main
+
+    monkeypatch.setattr(batch, "DASK_CONNECT_TIMEOUT", "1s")
+    assert main(["batch", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == batch.EXIT_USAGE
+    assert "export folder not found" in capsys.readouterr().err
+    assert main(["batch", str(export), "--out", str(tmp_path / "o"), "--jobs", "0"]) == batch.EXIT_USAGE
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["batch", str(empty), "--out", str(tmp_path / "o")]) == batch.EXIT_USAGE
+    assert "no FCS file" in capsys.readouterr().err
+    with pytest.raises(BatchError, match="cannot reach the Dask scheduler"):
+        run_batch(export, tmp_path / "o2", scheduler="tcp://127.0.0.1:9", progress=False)
+    assert not (tmp_path / "o2").exists()  # nothing written before the arguments proved usable
+
+
+def test_journal_ignores_a_torn_line_and_appends_on_a_new_one(tmp_path: Path):
+    path = tmp_path / "journal.jsonl"
+    path.write_bytes(b'{"key": "a", "status": "ok"}\n{"key": "b", "sta')
+    journal = Journal(path, resume=True)
+    assert set(journal.records) == {"a"}
+    journal.add({"key": "c", "status": "ok"})
+    journal.close()
+    lines = path.read_bytes().splitlines()
+    assert json.loads(lines[-1]) == {"key": "c", "status": "ok"}
+    assert set(Journal(path, resume=True).records) == {"a", "c"}
+    assert Journal(path, resume=False).records == {} and path.read_bytes() == b""
+
+
+def test_local_workers_is_memory_aware(monkeypatch):
+    monkeypatch.setattr(batch, "available_memory", lambda: 2 * 2**30)
+    # 1M events x 12 channels x 8 bytes x EVENT_FACTOR + base: ~1.1 GB per worker: 1 fits in 80 % of 2 GB
+    assert batch.local_workers(4, 1_000_000 * 12 * 8, 100) == 1
+    assert batch.local_workers(4, 100_000 * 12 * 8, 100) == 3
+    assert batch.local_workers(None, 1000, 1) == 1
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
