@@ -794,6 +794,7 @@ class _Run:
         self.sample_records: dict[str, dict[str, Any]] = {}
         self.patients_of: dict[str, list[_Task]] = {}
         self.reused = 0
+        self.dropped = 0
         self.last_flush = 0.0
 
     def cal_key(self, bead: Tube, lot: LotSpec) -> str:
@@ -871,8 +872,11 @@ class _Run:
                 except Exception as exc:  # noqa: BLE001 - e.g. a lost Dask worker; recorded, retried on resume
                     outcome = {"status": "internal", "error_type": type(exc).__name__,
                                "reason": f"{type(exc).__name__}: {exc}"}
+                dropped = self.dropped
                 ready.extend(self._record(task, outcome))
                 computed += 1
+                if self.dropped > dropped:  # a failed calibration: its patient tubes will not run
+                    progress.total -= self.dropped - dropped
                 progress.update(1)
                 if time.monotonic() - self.last_flush > 2.0:
                     self.flush()
@@ -906,7 +910,11 @@ class _Run:
             record.update(file=task.bead.rel, sha256=task.bead.sha256, lot=task.lot.label)
             self.journal.add(record)
             self.cal_records[task.key] = record
-            return list(self.patients_of.get(task.key, [])) if record["status"] == "ok" else []
+            patients = list(self.patients_of.get(task.key, []))
+            if record["status"] == "ok":
+                return patients
+            self.dropped += len(patients)
+            return []
         record.update(file=task.job.tube.rel, sha256=task.job.tube.sha256)
         if outcome.get("png"):
             name = "qc/" + re.sub(r"[^\w.-]+", "_", task.job.tube.rel.replace("/", "__")) + ".png"
@@ -1165,6 +1173,8 @@ def _progress_bar(total: int, enabled: bool) -> Any:
         enabled = False
     if not enabled:
         class _Silent:
+            total = 0
+
             def update(self, n: int = 1) -> None: ...
             def close(self) -> None: ...
         return _Silent()
