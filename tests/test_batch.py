@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +22,13 @@ CHANNELS = ["FSC-A", "SSC-A", "PE-A", "PerCP-Cy5-5-A"]
 
 
 def _tube(folder: Path, name: str, *, cyt="FACSCanto II", serial="V1", day="12-MAR-2026", btim="08:00:00",
-          pe_volts=450, markers=("", "", "HLA-DR", "CD14"), extra=None) -> Path:
+          pe_volts=450, markers=("", "", "HLA-DR", "CD14"), extra=None, seed=0) -> Path:
     """A tiny FCS file whose TEXT segment says what discovery and pairing look at."""
     folder.mkdir(parents=True, exist_ok=True)
     keywords = {"$CYT": cyt, "$CYTSN": serial, "$DATE": day, "$BTIM": btim, "$FIL": name,
                 "$P1V": "300", "$P2V": "400", "$P3V": str(pe_volts), "$P4V": "600"}
     keywords.update(extra or {})
-    events = np.random.default_rng(0).uniform(1, 1000, size=(50, len(CHANNELS)))
+    events = np.random.default_rng(seed).uniform(1, 1000, size=(50, len(CHANNELS)))
     return write_fcs(folder / name, events, CHANNELS, list(markers), keywords)
 
 
@@ -165,3 +170,133 @@ def test_local_workers_is_memory_aware(monkeypatch):
 def _read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+# --- the execution engine, with stand-in task functions ----------------------------------------
+# These two functions stand in for calibrate_task/analyze_task so that the engine (executors, journal,
+# resume, outputs) is tested on its own: each result must equal a value the test computes itself.
+FAKE_DELAY = float(os.environ.get("HLADR_TEST_FAKE_DELAY", "0"))
+
+
+def fake_calibrate(path, lot, values):
+    from hladr.fcs import read_fcs
+
+    if "fails" in Path(path).name:
+        return {"status": "error", "error_type": "CalibrationError", "reason": "stand-in QC failure"}
+    scale = float(np.median(read_fcs(path).column("PE-A")))
+    return {"status": "ok", "calibration": {"scale": scale, "slope": 1.0, "intercept": 0.0,
+                                            "qc": {"passed": True, "flags": []}}}
+
+
+def fake_analyze(path, calibration, plot):
+    from hladr.fcs import read_fcs
+
+    time.sleep(FAKE_DELAY)
+    sample = read_fcs(path)
+    abc = float(np.median(sample.column("PE-A"))) / calibration["scale"] * 5000.0
+    return {"status": "ok", "result": {"sample": path, "sha256": sample.sha256, "abc": abc,
+                                       "qc": {"passed": True, "flags": []}}}
+
+
+FAKES = (fake_calibrate, fake_analyze)
+
+
+def _expected_abc(patient: Path, beads: Path) -> float:
+    from hladr.fcs import read_fcs
+
+    ratio = np.median(read_fcs(patient).column("PE-A")) / np.median(read_fcs(beads).column("PE-A"))
+    return float(ratio * 5000)
+
+
+@pytest.fixture
+def engine_export(tmp_path: Path) -> Path:
+    root = tmp_path / "engine"
+    _tube(root / "d1", "beads.fcs", btim="08:00:00", seed=100)
+    for i in range(12):
+        _tube(root / "d1", f"p{i:02d}.fcs", btim=f"09:{i:02d}:00", seed=i + 1)
+    _tube(root / "d2", "beads fails.fcs", day="13-MAR-2026", btim="08:00:00", seed=200)
+    _tube(root / "d2", "q01.fcs", day="13-MAR-2026", btim="09:00:00", seed=300)
+    return root
+
+
+def _check_engine_outputs(root: Path, out: Path, summary) -> None:
+    rows = {r["file"]: r for r in summary.results}
+    assert set(rows) == {f"d1/p{i:02d}.fcs" for i in range(12)}
+    for name, row in rows.items():
+        assert row["abc"] == pytest.approx(_expected_abc(root / name, root / "d1/beads.fcs"), rel=1e-12)
+        assert row["bead_file"] == "d1/beads.fcs"
+    errors = {e["file"]: e for e in _read_csv(out / "errors.csv")}
+    assert set(errors) == {"d2/beads fails.fcs", "d2/q01.fcs"}
+    assert errors["d2/q01.fcs"]["stage"] == "calibration"
+    assert "d2/beads fails.fcs failed calibration: stand-in QC failure" in errors["d2/q01.fcs"]["reason"]
+    assert summary.exit_code == batch.EXIT_PROBLEMS
+    jsonl = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in jsonl] == sorted(rows) == [r["file"] for r in _read_csv(out / "results.csv")]
+    assert "mHLA-DR batch report" in (out / "report.html").read_text()
+
+
+def test_jobs_1_jobs_2_and_dask_give_identical_outputs(engine_export: Path, tmp_path: Path):
+    from distributed import LocalCluster
+
+    outs = {}
+    for name, kwargs in (("inline", {"jobs": 1}), ("processes", {"jobs": 2})):
+        outs[name] = tmp_path / name
+        summary = run_batch(engine_export, outs[name], progress=False, plots=False, tasks=FAKES, **kwargs)
+        assert summary.executor == name
+        _check_engine_outputs(engine_export, outs[name], summary)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        outs["dask"] = tmp_path / "dask"
+        summary = run_batch(engine_export, outs["dask"], scheduler=cluster.scheduler_address, progress=False,
+                            plots=False, tasks=FAKES)
+        assert summary.executor == "dask"
+        _check_engine_outputs(engine_export, outs["dask"], summary)
+    for name in ("results.jsonl", "results.csv", "errors.csv", "calibrations.csv"):
+        texts = {k: (out / name).read_bytes() for k, out in outs.items()}
+        assert texts["inline"] == texts["processes"] == texts["dask"], name
+
+
+def _journal(out: Path) -> list[dict]:
+    records = []
+    for line in (out / batch.JOURNAL).read_bytes().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass
+    return records
+
+
+def test_kill_9_then_resume_loses_and_redoes_nothing(engine_export: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[3]); import test_batch; "
+        "from hladr.batch import run_batch; "
+        "run_batch(sys.argv[1], sys.argv[2], jobs=1, progress=False, plots=False, tasks=test_batch.FAKES)"
+    )
+    env = dict(os.environ, HLADR_TEST_FAKE_DELAY="0.4")
+    argv = [sys.executable, "-c", script, str(engine_export), str(out), str(Path(__file__).parent)]
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if (out / batch.JOURNAL).exists() and sum(r["kind"] == "sample" for r in _journal(out)) >= 5:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    before = _journal(out)
+    done = {r["file"] for r in before if r["kind"] == "sample"}
+    assert 5 <= len(done) < 12, "the kill must land halfway"
+    partial = _read_csv(out / "results.csv")  # readable and never ahead of the journal
+    assert {r["file"] for r in partial} <= done
+
+    changed = sorted(done)[0]  # a finished tube whose content changes before the resume
+    _tube(engine_export / "d1", Path(changed).name, btim="09:00:00", seed=999)
+    summary = run_batch(engine_export, out, jobs=2, resume=True, progress=False, plots=False, tasks=FAKES)
+
+    _check_engine_outputs(engine_export, out, summary)
+    after = _journal(out)
+    new = after[len(before):]
+    redone = {r["file"] for r in new if r["kind"] == "sample"}
+    assert redone == {f"d1/p{i:02d}.fcs" for i in range(12)} - done | {changed}
+    assert summary.reused == len([r for r in before if r["status"] != "internal"]) - 1
+    assert summary.computed == len(new)

@@ -784,10 +784,11 @@ class _Run:
     """One batch run: plan, execute, record, collect the outputs."""
 
     def __init__(self, out: Path, plots: bool, journal: Journal, tubes: list[Tube], jobs: list[Job],
-                 default_lot: LotSpec):
+                 default_lot: LotSpec, tasks: tuple[Callable[..., dict], Callable[..., dict]]):
         from . import __version__
 
         self.out, self.plots, self.journal = out, plots, journal
+        self.calibrate_fn, self.analyze_fn = tasks
         self.tubes, self.jobs, self.default_lot = tubes, jobs, default_lot
         self.version = __version__
         self.cal_records: dict[str, dict[str, Any]] = {}
@@ -884,9 +885,9 @@ class _Run:
 
     def _submit(self, executor: cf.Executor, task: _Task) -> cf.Future:
         if task.kind == "calibration":
-            return executor.submit(calibrate_task, *task.args)
+            return executor.submit(self.calibrate_fn, *task.args)
         calibration = self.cal_records[task.cal_key]["calibration"]
-        return executor.submit(analyze_task, task.args[0], calibration, self.plots)
+        return executor.submit(self.analyze_fn, task.args[0], calibration, self.plots)
 
     @staticmethod
     def _restart(executor: cf.Executor, make_executor: Callable[[], cf.Executor],
@@ -1047,6 +1048,7 @@ def run_batch(
     lot: str | None = None,
     bead_values: Iterable[float] | None = None,
     plots: bool = True,
+    tasks: tuple[Callable[..., dict], Callable[..., dict]] | None = None,
 ) -> BatchSummary:
     """Analyse every patient tube of an instrument export.
 
@@ -1075,6 +1077,10 @@ def run_batch(
         Bead values for bead tubes the manifest gives no ``lot`` for.
     plots
         Write a QC PNG per sample and the figures of ``report.html``.
+    tasks
+        The two functions the workers run, with the signatures and return values of
+        :func:`calibrate_task` and :func:`analyze_task` (the default); they must be
+        importable by name in the workers. Tests of the engine replace them.
 
     Raises
     ------
@@ -1110,7 +1116,8 @@ def run_batch(
     try:
         out_path.mkdir(parents=True, exist_ok=True)
         journal = Journal(out_path / JOURNAL, resume=resume)
-        run = _Run(out_path, plots, journal, tubes, jobs_list, default_lot)
+        tasks = tasks or (calibrate_task, analyze_task)
+        run = _Run(out_path, plots, journal, tubes, jobs_list, default_lot, tasks)
         try:
             todo_cal, todo_samples = run.plan()
             n_tasks = len(todo_cal) + sum(len(v) for v in run.patients_of.values())
