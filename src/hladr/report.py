@@ -73,6 +73,9 @@ def abc_figure(results: Sequence[Mapping[str, Any]]) -> Any:
     ax.text(THRESHOLD, ax.get_ylim()[1] * 0.95, " 5,000 AB/C", color="#a11", va="top", fontsize=8)
     ax.set_xlabel("mHLA-DR (antibodies bound per monocyte)")
     ax.set_ylabel("samples")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()
     return figure
 
