@@ -300,3 +300,19 @@ def test_kill_9_then_resume_loses_and_redoes_nothing(engine_export: Path, tmp_pa
     assert redone == {f"d1/p{i:02d}.fcs" for i in range(12)} - done | {changed}
     assert summary.reused == len([r for r in before if r["status"] != "internal"]) - 1
     assert summary.computed == len(new)
+
+
+def test_discovery_and_pairing_over_the_real_corpus(real_dir: Path):
+    from conftest import real_files
+
+    tubes = discover(real_dir)
+    by_rel = {t.rel: t for t in tubes}
+    expected = {p.relative_to(real_dir).as_posix() for p in real_files()
+                if p.suffix.lower() in {".fcs", ".lmd"}}
+    assert expected <= set(by_rel)
+    for tube in tubes:  # every file is described, or carries the reader's reason
+        assert (tube.error is None) == (tube.role is not None), tube.rel
+    assert by_rel["fcsparser/FlowCytometers/corrupted/corrupted.fcs"].error
+    assert by_rel["flowBeads/extdata/beads1.fcs"].role == "beads"
+    for job in pair(tubes):
+        assert (job.bead is None) == bool(job.reason), job.tube.rel
