@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import FCSError, FCSKeywordError
 
 __all__ = ["Sample", "Spillover", "read_fcs", "write_fcs", "sha256_file"]
@@ -260,7 +260,7 @@ def write_fcs(
             col = events[:, i].astype(f"{byteorder}f{width // 8}")
         columns.append(col)
     if len(set(widths)) == 1:
-        data = np.column_stack(columns).tobytes() if p else b""
+        data = np.column_stack(columns).astype(columns[0].dtype).tobytes() if p else b""
     else:
         record = np.dtype([(f"c{i}", c.dtype) for i, c in enumerate(columns)])
         packed = np.empty(n, dtype=record)
@@ -268,18 +268,7 @@ def write_fcs(
             packed[f"c{i}"] = c
         data = packed.tobytes()
 
-    blob = _assemble(kw, data, version)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, _assemble(kw, data, version))
 
 
 def _assemble(kw: dict[str, str], data: bytes, version: str) -> bytes:

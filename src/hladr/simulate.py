@@ -1,0 +1,761 @@
+"""Physically modelled bead and blood tubes with known ground truth.
+
+The model, per event: true molecules of each fluorochrome (specific binding plus
+autofluorescence) -> photoelectrons (Poisson, a detection efficiency per detector)
+-> ``gain x photoelectrons`` -> spillover between detectors (the ``$SPILLOVER``
+written to the file) -> electronic noise -> clipping at ``$PnR``. On average the
+PE channel is therefore linear in PE molecules: ``E[PE] = gain * efficiency *
+molecules``, and a correct log-log bead curve has slope 1.
+
+Ground truth of a blood tube is the median, over the true monocytes, of HLA-DR PE
+molecules plus the monocytes' PE autofluorescence equivalent: what a perfect gate
+and a perfect calibration would report. Per-event population labels are written
+beside each FCS file as ``<stem>.labels.npy`` (codes in :data:`POPULATIONS`).
+
+This module never imports gating or calibration: truth must not come from the
+code it judges. See ``docs/simulator.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_write
+from .errors import SimulationError
+from .fcs import Spillover, write_fcs
+
+#: BD Quantibrite PE lot 96597: PE molecules per bead, levels 1-4.
+QUANTIBRITE_96597 = (638.0, 6930.0, 31008.0, 67601.0)
+
+#: Population codes of the per-event labels.
+POPULATIONS = {
+    0: "debris",
+    1: "neutrophil",
+    2: "immature_granulocyte",
+    3: "eosinophil",
+    4: "t_cell",
+    5: "b_cell",
+    6: "nk_cell",
+    7: "dendritic_cell",
+    8: "monocyte_classical",
+    9: "monocyte_intermediate",
+    10: "monocyte_nonclassical",
+    11: "monocyte_platelet_complex",
+    12: "doublet_monocyte_neutrophil",
+    13: "doublet_other",
+    14: "dead_cell",
+    20: "bead_blank",
+    21: "bead_level",
+    22: "bead_doublet",
+}
+#: Codes counted as monocytes by the ground truth.
+MONOCYTE_CODES = (8, 9, 10)
+
+FLUOR_AF = {"FITC": 1.0, "PE": 0.5, "PerCP-Cy5.5": 0.2, "V500": 0.6, "APC": 0.05, "KO": 0.6}
+# Fraction of a fluorochrome's signal seen by another fluorochrome's detector.
+SPILL = {
+    ("FITC", "PE"): 0.14,
+    ("PE", "FITC"): 0.012,
+    ("PE", "PerCP-Cy5.5"): 0.11,
+    ("PerCP-Cy5.5", "PE"): 0.008,
+    ("V500", "FITC"): 0.05,
+    ("V500", "PE"): 0.004,
+    ("KO", "FITC"): 0.07,
+    ("KO", "PE"): 0.01,
+    ("APC", "PerCP-Cy5.5"): 0.03,
+    ("PE", "APC"): 0.002,
+}
+
+
+@dataclass(frozen=True)
+class Detector:
+    """One fluorescence detector: its channel, dye, and photon statistics."""
+
+    channel: str
+    fluor: str
+    efficiency: float  # photoelectrons per molecule
+    gain: float  # channel units per photoelectron
+    noise: float  # electronic noise SD, channel units
+    voltage: float
+
+
+@dataclass(frozen=True)
+class Instrument:
+    """A cytometer preset: naming, file format and detector physics."""
+
+    name: str
+    cytometer: str
+    serial: str
+    fsc_a: str
+    fsc_h: str
+    ssc_a: str
+    time: str
+    detectors: tuple[Detector, ...]
+    markers: dict[str, str]  # marker -> fluor, the lab's panel on this instrument
+    range: float
+    version: str = "3.1"
+    datatype: str = "F"
+    bits: int = 32
+    byteorder: str = "<"
+    scatter_scale: float = 1.0
+    scatter_voltages: tuple[float, float] = (400.0, 450.0)
+    with_markers: bool = True
+
+    def detector(self, fluor: str) -> Detector:
+        for d in self.detectors:
+            if d.fluor == fluor:
+                return d
+        raise SimulationError(f"instrument {self.name!r} has no {fluor} detector")
+
+    def scaled(self, fluor: str, factor: float) -> Instrument:
+        """The same instrument with one detector's gain (and voltage) scaled."""
+        dets = tuple(
+            replace(d, gain=d.gain * factor, voltage=round(d.voltage * factor ** (1 / 7), 1))
+            if d.fluor == fluor
+            else d
+            for d in self.detectors
+        )
+        return replace(self, detectors=dets)
+
+    @property
+    def channels(self) -> list[str]:
+        return [self.fsc_a, self.fsc_h, self.ssc_a, *(d.channel for d in self.detectors), self.time]
+
+
+def _canto(name: str, cyt: str, version: str, cd14: str = "PerCP-Cy5.5") -> Instrument:
+    return Instrument(
+        name=name,
+        cytometer=cyt,
+        serial={"canto": "V96300042", "lyric": "R65911001"}[name],
+        fsc_a="FSC-A",
+        fsc_h="FSC-H",
+        ssc_a="SSC-A",
+        time="Time",
+        detectors=(
+            Detector("FITC-A", "FITC", 0.06, 18.0, 15.0, 478),
+            Detector("PE-A", "PE", 0.08, 14.0, 18.0, 470),
+            Detector("PerCP-Cy5-5-A", "PerCP-Cy5.5", 0.05, 20.0, 20.0, 583),
+            Detector("V500-C-A", "V500", 0.05, 16.0, 12.0, 490),
+            Detector("APC-A", "APC", 0.07, 15.0, 15.0, 600),
+        ),
+        markers={"HLA-DR": "PE", "CD14": cd14, "CD45": "V500"},
+        range=262144.0,
+        version=version,
+    )
+
+
+INSTRUMENTS: dict[str, Instrument] = {
+    "canto": _canto("canto", "FACSCanto II", "3.0"),
+    "lyric": _canto("lyric", "FACSLyric", "3.1", cd14="APC"),
+    "cytoflex": Instrument(
+        name="cytoflex",
+        cytometer="CytoFLEX",
+        serial="AX31115",
+        fsc_a="FSC-A",
+        fsc_h="FSC-H",
+        ssc_a="SSC-A",
+        time="Time",
+        detectors=(
+            Detector("FITC-A", "FITC", 0.07, 70.0, 60.0, 35),
+            Detector("PE-A", "PE", 0.09, 55.0, 80.0, 65),
+            Detector("PC5.5-A", "PerCP-Cy5.5", 0.06, 80.0, 70.0, 90),
+            Detector("KO525-A", "KO", 0.05, 60.0, 50.0, 70),
+        ),
+        markers={"HLA-DR": "PE", "CD14": "PerCP-Cy5.5", "CD45": "KO"},
+        range=4194304.0,
+        version="3.0",
+        scatter_scale=8.0,
+        scatter_voltages=(100.0, 200.0),
+        with_markers=False,
+    ),
+    "navios": Instrument(
+        name="navios",
+        cytometer="Navios",
+        serial="AW40120",
+        fsc_a="FS INT",
+        fsc_h="FS PEAK",
+        ssc_a="SS INT",
+        time="TIME",
+        detectors=(
+            Detector("FL1 INT", "FITC", 0.06, 6.0, 8.0, 520),
+            Detector("FL2 INT", "PE", 0.08, 5.0, 9.0, 480),
+            Detector("FL4 INT", "PerCP-Cy5.5", 0.05, 6.5, 9.0, 610),
+            Detector("FL9 INT", "KO", 0.05, 5.5, 8.0, 500),
+        ),
+        markers={"HLA-DR": "PE", "CD14": "PerCP-Cy5.5", "CD45": "KO"},
+        range=1048576.0,
+        version="3.0",
+        datatype="I",
+        bits=32,
+        byteorder=">",
+        scatter_scale=2.0,
+        scatter_voltages=(300.0, 350.0),
+    ),
+}
+
+
+def get_instrument(instrument: str | Instrument) -> Instrument:
+    if isinstance(instrument, Instrument):
+        return instrument
+    try:
+        return INSTRUMENTS[instrument]
+    except KeyError:
+        raise SimulationError(
+            f"unknown instrument {instrument!r}; presets: {', '.join(INSTRUMENTS)}"
+        ) from None
+
+
+# --- the detector model --------------------------------------------------------------
+@dataclass
+class _Events:
+    """True per-event quantities before acquisition."""
+
+    fsc: np.ndarray
+    fsc_ratio: np.ndarray  # FSC-H / FSC-A
+    ssc: np.ndarray
+    molecules: dict[str, np.ndarray]  # fluor -> molecules (specific + autofluorescence)
+    labels: np.ndarray
+    sag: np.ndarray = field(default=None)  # type: ignore[assignment]
+    time: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+
+def spillover_matrix(instrument: Instrument) -> Spillover:
+    """The instrument's spillover between its fluorescence detectors."""
+    fluors = [d.fluor for d in instrument.detectors]
+    m = np.eye(len(fluors))
+    for i, src in enumerate(fluors):
+        for j, dst in enumerate(fluors):
+            if i != j:
+                # coefficients are in signal units of each detector's primary dye
+                m[i, j] = SPILL.get((src, dst), 0.0)
+    return Spillover(tuple(d.channel for d in instrument.detectors), m)
+
+
+def _acquire(ev: _Events, instrument: Instrument, rng: np.random.Generator) -> np.ndarray:
+    """Turn true quantities into channel values (n x p), in ``instrument.channels`` order."""
+    n = ev.labels.size
+    sag = ev.sag if ev.sag is not None else np.ones(n)
+    signal = np.empty((n, len(instrument.detectors)))
+    for k, det in enumerate(instrument.detectors):
+        molecules = ev.molecules.get(det.fluor, np.zeros(n)) * sag
+        signal[:, k] = det.gain * rng.poisson(det.efficiency * np.maximum(molecules, 0.0))
+    fluor = signal @ spillover_matrix(instrument).matrix
+    fluor += rng.normal(0.0, [d.noise for d in instrument.detectors], size=fluor.shape)
+    s = instrument.scatter_scale
+    fsc_a = ev.fsc * s * sag
+    fsc_h = fsc_a * ev.fsc_ratio
+    ssc_a = ev.ssc * s * sag
+    scatter = np.column_stack([fsc_a, fsc_h, ssc_a]) + rng.normal(0.0, 60.0 * s, size=(n, 3))
+    out = np.column_stack([scatter, fluor, ev.time])
+    top = instrument.range - 1
+    out[:, :-1] = np.minimum(out[:, :-1], top)
+    if instrument.datatype == "I":
+        out = np.clip(np.rint(out), 0, top)
+    return out
+
+
+def _keywords(instrument: Instrument, seed: int, kind: str, tube: str, n: int, duration: float) -> dict:
+    day = 1 + seed % 28
+    minute = (seed * 7 + (0 if kind == "beads" else 5 + hash_int(tube) % 50)) % 600
+    btim = f"{8 + minute // 60:02d}:{minute % 60:02d}:00"
+    end = minute * 60 + int(duration)
+    etim = f"{8 + end // 3600:02d}:{(end // 60) % 60:02d}:{end % 60:02d}"
+    kw = {
+        "$CYT": instrument.cytometer,
+        "$CYTSN": instrument.serial,
+        "$DATE": f"{day:02d}-MAR-2026",
+        "$BTIM": btim,
+        "$ETIM": etim,
+        "$TIMESTEP": "0.01",
+        "$SRC": "hladr.simulate",
+        "$FIL": f"{tube}.fcs",
+        "TUBE NAME": tube,
+        "HLADR_SIM_KIND": kind,
+        "HLADR_SIM_SEED": str(seed),
+    }
+    for i in range(1, len(instrument.channels) + 1):
+        kw[f"$P{i}R"] = str(int(instrument.range))
+        kw[f"$P{i}G"] = "1"
+    volts = [*instrument.scatter_voltages[:1], instrument.scatter_voltages[0], instrument.scatter_voltages[1]]
+    volts += [d.voltage for d in instrument.detectors]
+    for i, v in enumerate(volts, start=1):
+        kw[f"$P{i}V"] = f"{v:g}"
+    kw[f"$P{len(instrument.channels)}R"] = str(int(max(instrument.range, 10 * duration / 0.01)))
+    return kw
+
+
+def hash_int(text: str) -> int:
+    """A stable small hash (Python's ``hash`` is salted per process)."""
+    return int.from_bytes(text.encode()[:8].ljust(8, b"\0"), "little") % 1_000_003
+
+
+def _write(
+    path: Path,
+    ev: _Events,
+    instrument: Instrument,
+    seed: int,
+    kind: str,
+    rng: np.random.Generator,
+    markers: dict[str, str] | None,
+    with_markers: bool | None,
+) -> Path:
+    data = _acquire(ev, instrument, rng)
+    use_markers = instrument.with_markers if with_markers is None else with_markers
+    names = []
+    fluor_marker = {f: m for m, f in (markers or {}).items()}
+    for ch in instrument.channels:
+        det = next((d for d in instrument.detectors if d.channel == ch), None)
+        names.append(fluor_marker.get(det.fluor, "") if (det and use_markers) else "")
+    duration = float(ev.time.max()) * 0.01 if ev.time.size else 0.0
+    kw = _keywords(instrument, seed, kind, path.stem, data.shape[0], duration)
+    write_fcs(
+        path,
+        data,
+        instrument.channels,
+        names,
+        kw,
+        version=instrument.version,
+        datatype=instrument.datatype,
+        bits=instrument.bits if instrument.datatype == "I" else None,
+        byteorder=instrument.byteorder,
+        spillover=spillover_matrix(instrument),
+    )
+    np.save(path.with_suffix(".labels.npy"), ev.labels.astype(np.int8))
+    return path
+
+
+def _lognormal(rng: np.random.Generator, median: float, sigma: float, n: int) -> np.ndarray:
+    return median * np.exp(rng.normal(0.0, sigma, n))
+
+
+def _times(n: int, rng: np.random.Generator, rate: float, clog: tuple[float, float] | None) -> np.ndarray:
+    """Acquisition times (in $TIMESTEP units of 0.01 s), with a flow-rate drop during a clog."""
+    gaps = rng.exponential(1.0 / rate, n)
+    if clog is not None:
+        lo, hi = int(clog[0] * n), int(clog[1] * n)
+        gaps[lo:hi] /= 0.15  # the flow rate falls to 15 %
+    return np.cumsum(gaps) * 100.0
+
+
+# --- beads ---------------------------------------------------------------------------
+def simulate_beads(
+    path: str | os.PathLike,
+    instrument: str | Instrument = "canto",
+    lot_values: tuple[float, ...] | list[float] = QUANTIBRITE_96597,
+    *,
+    seed: int = 0,
+    n_events: int = 15_000,
+    level_cvs: list[float] | None = None,
+    missing_level: int | None = None,
+    blank_molecules: float = 40.0,
+    doublet_fraction: float = 0.04,
+    debris_fraction: float = 0.02,
+    with_markers: bool | None = None,
+) -> dict:
+    """Write a PE bead tube: a blank bead plus one population per lot level.
+
+    Parameters
+    ----------
+    lot_values
+        PE molecules per bead of each level (the lot's assigned values).
+    level_cvs
+        CV of PE molecules within each level (default: drawn in 3-8 %).
+    missing_level
+        Index of a level left out of the tube.
+    blank_molecules
+        PE-equivalent autofluorescence of the blank bead.
+
+    Returns
+    -------
+    dict
+        Truth: assigned values, true median molecules per level, the expected
+        MFI per level (``gain * efficiency * molecules``), counts, settings.
+    """
+    inst = get_instrument(instrument)
+    rng = np.random.default_rng(seed)
+    values = np.asarray(lot_values, dtype=float)
+    cvs = np.asarray(level_cvs if level_cvs is not None else rng.uniform(0.03, 0.08, values.size))
+    n_debris = int(n_events * debris_fraction)
+    n_doublet = int(n_events * doublet_fraction)
+    n_single = n_events - n_debris - n_doublet
+    weights = rng.uniform(0.7, 1.3, values.size + 1)
+    if missing_level is not None:
+        weights[missing_level + 1] = 0.0
+    level = rng.choice(values.size + 1, size=n_single, p=weights / weights.sum()) - 1  # -1 = blank
+
+    def bead_pe(lv: np.ndarray) -> np.ndarray:
+        pe = _lognormal(rng, blank_molecules, 0.3, lv.size)
+        lit = lv >= 0
+        pe[lit] += values[lv[lit]] * np.exp(rng.normal(0, np.log1p(cvs[lv[lit]] ** 2) ** 0.5))
+        return pe
+
+    pe_single = bead_pe(level)
+    pair = rng.choice(values.size + 1, size=(n_doublet, 2), p=weights / weights.sum()) - 1
+    pe_doublet = bead_pe(pair[:, 0]) + bead_pe(pair[:, 1])
+    fsc = np.concatenate(
+        [
+            _lognormal(rng, 60_000, 0.04, n_single),
+            _lognormal(rng, 118_000, 0.05, n_doublet),
+            _lognormal(rng, 8_000, 0.6, n_debris),
+        ]
+    )
+    ssc = np.concatenate(
+        [
+            _lognormal(rng, 25_000, 0.06, n_single),
+            _lognormal(rng, 50_000, 0.07, n_doublet),
+            _lognormal(rng, 5_000, 0.8, n_debris),
+        ]
+    )
+    ratio = np.concatenate(
+        [rng.normal(0.9, 0.02, n_single), rng.normal(0.55, 0.04, n_doublet), rng.normal(0.9, 0.05, n_debris)]
+    )
+    pe = np.concatenate([pe_single, pe_doublet, _lognormal(rng, 20.0, 0.8, n_debris)])
+    labels = np.concatenate([np.where(level < 0, 20, 21), np.full(n_doublet, 22), np.zeros(n_debris, int)])
+    order = rng.permutation(n_events)
+    n = n_events
+    molecules = {"PE": pe[order]}
+    for det in inst.detectors:
+        if det.fluor != "PE":
+            molecules[det.fluor] = _lognormal(rng, 30.0 * FLUOR_AF[det.fluor], 0.3, n)
+    ev = _Events(fsc[order], ratio[order], ssc[order], molecules, labels[order])
+    ev.time = _times(n, rng, 1500.0, None)
+    level_of = np.concatenate([level, np.full(n_doublet, -2), np.full(n_debris, -3)])[order]
+    out = _write(Path(path), ev, inst, seed, "beads", rng, {"PE beads": "PE"}, with_markers)
+    det = inst.detector("PE")
+    true_medians = [
+        float(np.median(ev.molecules["PE"][level_of == k])) if np.any(level_of == k) else None
+        for k in range(values.size)
+    ]
+    return {
+        "file": out.name,
+        "kind": "beads",
+        "instrument": inst.name,
+        "seed": seed,
+        "n_events": n,
+        "lot_values": values.tolist(),
+        "level_cvs": cvs.tolist(),
+        "missing_level": missing_level,
+        "blank_molecules": blank_molecules,
+        "true_level_medians": true_medians,
+        "channel_per_molecule": det.gain * det.efficiency,
+        "expected_mfi": (det.gain * det.efficiency * values).tolist(),
+        "counts": [int(np.sum(level_of == k)) for k in range(-1, values.size)],
+        "pe_channel": det.channel,
+    }
+
+
+# --- blood ---------------------------------------------------------------------------
+# name: (code, fsc median, fsc sigma, ssc median, ssc sigma, CD45, CD14, HLA-DR, autofluorescence)
+_BLOOD = {
+    "neutrophil": (1, 95_000, 0.10, 110_000, 0.20, 10_000, 700, 0, 300),
+    "immature_granulocyte": (2, 105_000, 0.12, 80_000, 0.25, 7_000, 1_500, 0, 280),
+    "eosinophil": (3, 95_000, 0.10, 160_000, 0.12, 14_000, 300, 0, 2_000),
+    "t_cell": (4, 50_000, 0.10, 12_000, 0.25, 40_000, 100, 0, 60),
+    "b_cell": (5, 52_000, 0.10, 13_000, 0.25, 35_000, 100, 30_000, 60),
+    "nk_cell": (6, 55_000, 0.10, 16_000, 0.25, 30_000, 100, 0, 70),
+    "dendritic_cell": (7, 70_000, 0.12, 25_000, 0.25, 20_000, 150, 60_000, 120),
+    "monocyte_classical": (8, 85_000, 0.10, 40_000, 0.22, 25_000, 30_000, 1, 150),
+    "monocyte_intermediate": (9, 88_000, 0.10, 42_000, 0.22, 28_000, 9_000, 1, 150),
+    "monocyte_nonclassical": (10, 80_000, 0.10, 35_000, 0.22, 26_000, 2_500, 1, 150),
+    "dead_cell": (14, 30_000, 0.30, 40_000, 0.50, 2_000, 300, 0, 400),
+}
+
+
+def simulate_blood(
+    path: str | os.PathLike,
+    instrument: str | Instrument = "canto",
+    abc_median: float = 10_000.0,
+    *,
+    seed: int = 0,
+    n_events: int = 50_000,
+    monocyte_fraction: float = 0.07,
+    septic: bool = False,
+    clog: bool = False,
+    panel: str = "3colour",
+    abc_sigma: float = 0.4,
+    with_markers: bool | None = None,
+) -> dict:
+    """Write a lysed-whole-blood patient tube stained with HLA-DR-PE, CD14 and (3-colour) CD45.
+
+    Parameters
+    ----------
+    abc_median
+        Median specific HLA-DR PE molecules (AB/C) over the monocytes.
+    monocyte_fraction
+        Monocytes as a fraction of leukocytes (0.005-0.12 is realistic).
+    septic
+        Septic realism: immature granulocytes, activated neutrophils (dim CD14,
+        lower SSC overlapping monocytes), a wider CD14 continuum in monocytes.
+    clog
+        A clog: flow-rate drop, signal sag and a burst of debris in a time window.
+    panel
+        ``"3colour"`` (HLA-DR, CD14, CD45) or ``"2colour"`` (no CD45 stain).
+
+    Returns
+    -------
+    dict
+        Truth: ``abc_true`` (median over true monocytes of HLA-DR + PE autofluorescence
+        molecules), ``abc_specific``, monocyte count, every parameter.
+    """
+    if panel not in ("3colour", "2colour"):
+        raise SimulationError(f"panel must be '3colour' or '2colour', not {panel!r}")
+    if not 0 < monocyte_fraction < 0.5:
+        raise SimulationError(f"monocyte_fraction {monocyte_fraction} out of range")
+    inst = get_instrument(instrument)
+    rng = np.random.default_rng(seed)
+    fractions = {
+        "neutrophil": 0.60,
+        "immature_granulocyte": 0.0,
+        "eosinophil": 0.03,
+        "t_cell": 0.20,
+        "b_cell": 0.04,
+        "nk_cell": 0.03,
+        "dendritic_cell": 0.006,
+        "dead_cell": 0.01,
+    }
+    if septic:
+        fractions.update(
+            neutrophil=0.62,
+            immature_granulocyte=rng.uniform(0.04, 0.12),
+            t_cell=0.10,
+            b_cell=0.02,
+            nk_cell=0.015,
+            dead_cell=0.03,
+        )
+    mono_split = (0.70, 0.15, 0.15) if septic else (0.86, 0.06, 0.08)
+    others = sum(fractions.values())
+    fractions = {k: v * (1 - monocyte_fraction) / others for k, v in fractions.items()}
+    for name, share in zip(
+        ("monocyte_classical", "monocyte_intermediate", "monocyte_nonclassical"), mono_split
+    ):
+        fractions[name] = monocyte_fraction * share
+
+    n_debris = int(n_events * (0.04 if clog else 0.03))
+    n_doublets = int(n_events * 0.02)
+    n_cells = n_events - n_debris - n_doublets
+    names = list(fractions)
+    p = np.array([fractions[k] for k in names])
+    which = rng.choice(len(names), size=n_cells, p=p / p.sum())
+
+    fsc, ssc, cd45, cd14, hladr, af, codes = (np.empty(n_cells) for _ in range(7))
+    for idx, name in enumerate(names):
+        sel = which == idx
+        k = int(sel.sum())
+        code, fm, fs, sm, ss, c45, c14, dr, a = _BLOOD[name]
+        if septic and name == "neutrophil":
+            activated = rng.random(k) < 0.35
+            sm_k = np.where(activated, 75_000, sm)
+            c14_k = np.where(activated, 1_800, c14)
+        else:
+            sm_k, c14_k = sm, c14
+        fsc[sel] = _lognormal(rng, fm, fs, k)
+        ssc[sel] = sm_k * np.exp(rng.normal(0, ss, k))
+        cd45[sel] = _lognormal(rng, c45, 0.25, k)
+        cd14[sel] = c14_k * np.exp(rng.normal(0, 0.35, k))
+        if code in MONOCYTE_CODES:
+            hladr[sel] = _lognormal(rng, abc_median, abc_sigma, k)
+        else:
+            hladr[sel] = _lognormal(rng, dr, 0.3, k) if dr else 0.0
+        af[sel] = _lognormal(rng, a, 0.3, k)
+        codes[sel] = code
+    # monocyte-platelet complexes: monocytes with slightly more scatter, still singlets
+    mono = np.isin(codes, MONOCYTE_CODES)
+    mpc = mono & (rng.random(n_cells) < 0.05)
+    codes[mpc] = 11
+    fsc[mpc] *= 1.08
+    ssc[mpc] *= 1.12
+    ratio = rng.normal(0.88, 0.03, n_cells)
+
+    # doublets: half monocyte + neutrophil, half other pairs; FSC-H ~ the larger partner
+    a = rng.integers(0, n_cells, n_doublets)
+    b = rng.integers(0, n_cells, n_doublets)
+    mono_idx = np.flatnonzero(mono)
+    neut_idx = np.flatnonzero(codes == 1)
+    half = n_doublets // 2
+    if mono_idx.size and neut_idx.size:
+        a[:half] = rng.choice(mono_idx, half)
+        b[:half] = rng.choice(neut_idx, half)
+    d_fsc = fsc[a] + fsc[b]
+    d_ratio = np.maximum(fsc[a], fsc[b]) / d_fsc * rng.normal(0.95, 0.04, n_doublets)
+    d_codes = np.where(np.arange(n_doublets) < half, 12, 13)
+
+    # debris (and the burst during a clog)
+    deb_fsc = _lognormal(rng, 12_000, 0.6, n_debris)
+    deb_ssc = _lognormal(rng, 8_000, 0.8, n_debris)
+
+    def cat(cells: np.ndarray, doublet: np.ndarray, debris: np.ndarray) -> np.ndarray:
+        return np.concatenate([cells, doublet, debris])
+
+    fsc_all = cat(fsc, d_fsc, deb_fsc)
+    ssc_all = cat(ssc, ssc[a] + ssc[b], deb_ssc)
+    ratio_all = cat(ratio, d_ratio, rng.normal(0.85, 0.06, n_debris))
+    codes_all = cat(codes, d_codes, np.zeros(n_debris)).astype(int)
+    hladr_all = cat(hladr, hladr[a] + hladr[b], np.zeros(n_debris))
+    af_all = cat(af, af[a] + af[b], _lognormal(rng, 80, 0.8, n_debris))
+    cd14_all = cat(cd14, cd14[a] + cd14[b], _lognormal(rng, 80, 0.8, n_debris))
+    cd45_all = cat(cd45, cd45[a] + cd45[b], _lognormal(rng, 150, 0.8, n_debris))
+
+    # order of acquisition; during a clog, debris bursts in and the signal sags
+    n = n_events
+    order = rng.permutation(n)
+    clog_window = None
+    if clog:
+        clog_window = (0.55, 0.63)
+        lo, hi = int(0.55 * n), int(0.63 * n)
+        is_debris = codes_all[order] == 0
+        debris_pos = np.flatnonzero(is_debris)
+        burst = debris_pos[: n_debris // 2]  # half the debris goes into the clog window
+        window = np.arange(lo, hi)
+        swap = rng.choice(window, size=min(burst.size, window.size), replace=False)
+        order[burst[: swap.size]], order[swap] = order[swap], order[burst[: swap.size]]
+    sag = np.ones(n)
+    if clog_window is not None:
+        lo, hi = int(clog_window[0] * n), int(clog_window[1] * n)
+        sag[lo:hi] = 0.6 + 0.4 * np.abs(np.linspace(-1, 1, hi - lo))
+
+    molecules = {"PE": hladr_all + af_all * FLUOR_AF["PE"]}
+    cd14_fluor, cd45_fluor = inst.markers["CD14"], inst.markers["CD45"]
+    for det in inst.detectors:
+        if det.fluor == "PE":
+            continue
+        background = af_all * FLUOR_AF[det.fluor]
+        if det.fluor == cd14_fluor:
+            molecules[det.fluor] = cd14_all + background
+        elif det.fluor == cd45_fluor and panel == "3colour":
+            molecules[det.fluor] = cd45_all + background
+        else:
+            molecules[det.fluor] = background
+    ev = _Events(
+        fsc_all[order],
+        ratio_all[order],
+        ssc_all[order],
+        {k: v[order] for k, v in molecules.items()},
+        codes_all[order],
+        sag,
+    )
+    ev.time = _times(n, rng, 3000.0, clog_window)
+    markers = {"HLA-DR": "PE", "CD14": cd14_fluor}
+    if panel == "3colour":
+        markers["CD45"] = cd45_fluor
+    out = _write(Path(path), ev, inst, seed, "patient", rng, markers, with_markers)
+
+    is_mono = np.isin(ev.labels, MONOCYTE_CODES)
+    pe_true = ev.molecules["PE"][is_mono]
+    return {
+        "file": out.name,
+        "labels": out.with_suffix(".labels.npy").name,
+        "kind": "patient",
+        "instrument": inst.name,
+        "seed": seed,
+        "n_events": n,
+        "abc_median_specific_requested": abc_median,
+        "abc_true": float(np.median(pe_true)),
+        "abc_specific": float(
+            np.median(ev.molecules["PE"][is_mono] - af_all[order][is_mono] * FLUOR_AF["PE"])
+        ),
+        "monocytes": int(is_mono.sum()),
+        "monocyte_fraction": monocyte_fraction,
+        "septic": septic,
+        "clog": clog,
+        "clog_window": clog_window,
+        "panel": panel,
+        "abc_sigma": abc_sigma,
+        "channels": {m: inst.detector(f).channel for m, f in markers.items()},
+        "with_markers": instrument_markers(inst, with_markers),
+        "population_counts": {POPULATIONS[int(c)]: int(np.sum(ev.labels == c)) for c in np.unique(ev.labels)},
+    }
+
+
+def instrument_markers(inst: Instrument, with_markers: bool | None) -> bool:
+    return inst.with_markers if with_markers is None else with_markers
+
+
+# --- a run ---------------------------------------------------------------------------
+#: The canonical cases of sample_fcs/: normal, reduced, immunoparalysed, borderline.
+DEFAULT_CASES = (
+    {"abc_median": 20_000.0, "monocyte_fraction": 0.12},
+    {"abc_median": 10_000.0, "monocyte_fraction": 0.12, "septic": True},
+    {"abc_median": 2_500.0, "monocyte_fraction": 0.12, "septic": True},
+    {"abc_median": 5_200.0, "monocyte_fraction": 0.12, "septic": True, "clog": True},
+)
+
+
+def simulate_run(
+    out_dir: str | os.PathLike,
+    n: int = 4,
+    seed: int = 0,
+    instrument: str | Instrument = "canto",
+    cases: list[dict] | None = None,
+    *,
+    n_events: int = 30_000,
+    bead_events: int = 10_000,
+) -> list[dict]:
+    """Write one run: ``beads.fcs`` and ``patient_01.fcs`` ... sharing instrument settings.
+
+    ``truth.csv`` and ``truth.json`` (every parameter) are written beside them.
+    Cases beyond the four canonical ones draw AB/C log-uniform in 1,000-40,000.
+    """
+    inst = get_instrument(instrument)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    if cases is None:
+        cases = [dict(c) for c in DEFAULT_CASES[:n]]
+        for _ in range(n - len(cases)):
+            cases.append(
+                {
+                    "abc_median": float(np.exp(rng.uniform(np.log(1000), np.log(40000)))),
+                    "monocyte_fraction": float(rng.uniform(0.02, 0.12)),
+                    "septic": bool(rng.random() < 0.5),
+                }
+            )
+    truths = [simulate_beads(out / "beads.fcs", inst, seed=seed, n_events=bead_events)]
+    for i, case in enumerate(cases, start=1):
+        params = {"n_events": n_events, **case}
+        truth = simulate_blood(out / f"patient_{i:02d}.fcs", inst, seed=seed * 1000 + i, **params)
+        truths.append(truth)
+    _write_truth(out, truths, {"seed": seed, "instrument": inst.name, "instrument_settings": asdict(inst)})
+    return truths
+
+
+def _write_truth(out: Path, truths: list[dict], run: dict) -> None:
+    atomic_write(out / "truth.json", json.dumps({"run": run, "tubes": truths}, indent=2, default=str) + "\n")
+    columns = [
+        "file",
+        "kind",
+        "instrument",
+        "seed",
+        "n_events",
+        "abc_true",
+        "abc_specific",
+        "monocytes",
+        "monocyte_fraction",
+        "septic",
+        "clog",
+        "panel",
+    ]
+    lines = [",".join(columns)]
+    for t in truths:
+        lines.append(",".join("" if t.get(c) is None else str(t.get(c)) for c in columns))
+    atomic_write(out / "truth.csv", "\n".join(lines) + "\n")
+
+
+def main(args: argparse.Namespace) -> int:
+    """``hladr simulate OUT_DIR [--n N] [--seed S] [--instrument NAME]``."""
+    truths = simulate_run(args.out_dir, n=args.n, seed=args.seed, instrument=args.instrument)
+    print(f"wrote {len(truths)} tubes to {args.out_dir} ({args.instrument}, seed {args.seed})")
+    for t in truths:
+        extra = (
+            f"true AB/C {t['abc_true']:>9,.0f}  monocytes {t['monocytes']}"
+            if t["kind"] == "patient"
+            else "lot " + "/".join(f"{v:g}" for v in t["lot_values"])
+        )
+        print(f"  {t['file']:<16} {t['kind']:<8} {extra}")
+    print("  truth.csv, truth.json, *.labels.npy")
+    return 0

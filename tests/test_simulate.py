@@ -1,0 +1,133 @@
+"""The simulator: determinism, requested parameters, file round trips, and a perfect-knowledge check."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import flowio
+import numpy as np
+import pytest
+
+import hladr
+from hladr.errors import SimulationError
+from hladr.simulate import (
+    INSTRUMENTS,
+    MONOCYTE_CODES,
+    QUANTIBRITE_96597,
+    simulate_beads,
+    simulate_blood,
+    simulate_run,
+)
+from tests.conftest import SAMPLE_DIR
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    a = simulate_blood(tmp_path / "a.fcs", "canto", 4000, seed=3, n_events=5000)
+    b = simulate_blood(tmp_path / "b.fcs", "canto", 4000, seed=3, n_events=5000)
+    assert a["abc_true"] == b["abc_true"]
+    ea, eb = hladr.read_fcs(tmp_path / "a.fcs").events, hladr.read_fcs(tmp_path / "b.fcs").events
+    np.testing.assert_array_equal(ea, eb)
+    c = simulate_blood(tmp_path / "c.fcs", "canto", 4000, seed=4, n_events=5000)
+    assert c["abc_true"] != a["abc_true"]
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.06, 0.12])
+def test_monocyte_fraction_and_median_match_request(tmp_path, fraction):
+    n = 40_000
+    truth = simulate_blood(tmp_path / "p.fcs", "canto", 8000, seed=1, n_events=n, monocyte_fraction=fraction)
+    labels = np.load(tmp_path / "p.labels.npy")
+    # singlet cells are 95 % of events; 5 % of monocytes are platelet complexes
+    expected = n * 0.95 * fraction * 0.95
+    assert abs(truth["monocytes"] - expected) < 4 * np.sqrt(expected) + 5
+    assert truth["monocytes"] == int(np.isin(labels, MONOCYTE_CODES).sum())
+    # the specific median is lognormal around the request: standard error ~ 1.25 sigma / sqrt(n)
+    tolerance = 4 * 1.25 * 0.4 / np.sqrt(truth["monocytes"])
+    assert abs(np.log(truth["abc_specific"] / 8000)) < tolerance
+
+
+@pytest.mark.parametrize("name", sorted(INSTRUMENTS))
+def test_files_round_trip_through_hladr_and_flowio(tmp_path, name):
+    simulate_blood(tmp_path / "p.fcs", name, 6000, seed=2, n_events=3000, septic=True, clog=True)
+    sample = hladr.read_fcs(tmp_path / "p.fcs")
+    flow = flowio.FlowData(str(tmp_path / "p.fcs"))
+    theirs = flow.as_array(preprocess=False)
+    # every channel but Time (which readers may scale by $TIMESTEP)
+    np.testing.assert_allclose(sample.events[:, :-1], theirs[:, :-1], rtol=1e-6)
+    assert sample.channels == INSTRUMENTS[name].channels
+    assert sample.keywords["$CYT"] == INSTRUMENTS[name].cytometer
+    assert sample.spillover is not None or "$SPILLOVER" in sample.keywords
+
+
+def test_bead_and_patient_tubes_of_a_run_share_settings(tmp_path):
+    simulate_run(tmp_path, n=2, seed=5, n_events=4000, bead_events=3000)
+    beads = hladr.read_fcs(tmp_path / "beads.fcs")
+    patient = hladr.read_fcs(tmp_path / "patient_01.fcs")
+    assert beads.voltages == patient.voltages
+    assert beads.keywords["$SPILLOVER"] == patient.keywords["$SPILLOVER"]
+    truth = json.loads((tmp_path / "truth.json").read_text())
+    assert [t["kind"] for t in truth["tubes"]] == ["beads", "patient", "patient"]
+
+
+def _perfect_knowledge_abc(tmp_path, instrument, abc, seed):
+    """True labels + true bead medians -> log-log curve -> monocyte median, all outside hladr."""
+    beads_truth = simulate_beads(tmp_path / "b.fcs", instrument, seed=seed, n_events=20_000)
+    truth = simulate_blood(tmp_path / "p.fcs", instrument, abc, seed=seed + 1, n_events=60_000)
+    inst = INSTRUMENTS[instrument]
+    pe = inst.detector("PE").channel
+    spill = np.linalg.inv(hladr.simulate.spillover_matrix(inst).matrix)
+    fl = [d.channel for d in inst.detectors]
+
+    def compensated_pe(path):
+        s = hladr.read_fcs(path)
+        cols = [s.index(c) for c in fl]
+        return (s.events[:, cols] @ spill)[:, fl.index(pe)]
+
+    bead_pe, bead_labels = compensated_pe(tmp_path / "b.fcs"), np.load(tmp_path / "b.labels.npy")
+    # a bead's level is known from its true molecules: recover them by nearest expected MFI
+    expected = np.asarray(beads_truth["expected_mfi"])
+    singles = bead_pe[bead_labels == 21]
+    nearest = np.argmin(np.abs(np.log(np.maximum(singles, 1))[:, None] - np.log(expected)[None, :]), axis=1)
+    mfi = np.array([np.median(singles[nearest == k]) for k in range(expected.size)])
+    slope, intercept = np.polyfit(np.log10(mfi), np.log10(beads_truth["true_level_medians"]), 1)
+    cells = compensated_pe(tmp_path / "p.fcs")[np.isin(np.load(tmp_path / "p.labels.npy"), MONOCYTE_CODES)]
+    return 10 ** (slope * np.log10(np.median(cells)) + intercept), truth["abc_true"], slope
+
+
+@pytest.mark.parametrize("instrument, abc", [("canto", 2500), ("cytoflex", 12000), ("navios", 5200)])
+def test_perfect_knowledge_reproduces_truth_within_1_percent(tmp_path, instrument, abc):
+    measured, true, slope = _perfect_knowledge_abc(tmp_path, instrument, abc, seed=11)
+    assert abs(slope - 1) < 0.03
+    assert abs(measured / true - 1) < 0.01, (measured, true)
+
+
+def test_saturating_top_level_and_missing_level(tmp_path):
+    hot = INSTRUMENTS["canto"].scaled("PE", 4.0)
+    truth = simulate_beads(tmp_path / "b.fcs", hot, missing_level=1, seed=1, n_events=5000)
+    pe = hladr.read_fcs(tmp_path / "b.fcs").column("PE-A")
+    assert truth["counts"][2] == 0
+    assert truth["expected_mfi"][3] > 262_143
+    assert np.sum(pe >= 262_143) > 500
+    assert truth["lot_values"] == list(QUANTIBRITE_96597)
+
+
+def test_bad_parameters_raise_simulation_error(tmp_path):
+    with pytest.raises(SimulationError, match="unknown instrument"):
+        simulate_blood(tmp_path / "x.fcs", "facsfoo", 5000)
+    with pytest.raises(SimulationError, match="panel"):
+        simulate_blood(tmp_path / "x.fcs", "canto", 5000, panel="4colour")
+
+
+def test_sample_fcs_regenerates_bit_for_bit(tmp_path):
+    committed = SAMPLE_DIR / "beads.fcs"
+    if not committed.exists():
+        pytest.skip("sample_fcs/ not present")
+    from hladr.cli import main
+
+    assert main(["simulate", str(tmp_path), "--n", "4", "--seed", "7", "--instrument", "canto"]) == 0
+    for name in ["beads.fcs", "patient_01.fcs", "patient_02.fcs", "patient_03.fcs", "patient_04.fcs", "truth.csv"]:
+        assert _digest(tmp_path / name) == _digest(SAMPLE_DIR / name), name
