@@ -141,8 +141,10 @@ def test_unusable_arguments_exit_2(export: Path, tmp_path: Path, capsys, monkeyp
     empty.mkdir()
     assert main(["batch", str(empty), "--out", str(tmp_path / "o")]) == batch.EXIT_USAGE
     assert "no FCS file" in capsys.readouterr().err
+    with pytest.raises(BatchError, match="no bead values for 2 bead tube"):
+        run_batch(export, tmp_path / "o2", progress=False)
     with pytest.raises(BatchError, match="cannot reach the Dask scheduler"):
-        run_batch(export, tmp_path / "o2", scheduler="tcp://127.0.0.1:9", progress=False)
+        run_batch(export, tmp_path / "o2", scheduler="tcp://127.0.0.1:9", progress=False, lot="any")
     assert not (tmp_path / "o2").exists()  # nothing written before the arguments proved usable
 
 
@@ -199,6 +201,7 @@ def fake_analyze(path, calibration, plot):
 
 
 FAKES = (fake_calibrate, fake_analyze)
+FAKE_LOT = {"bead_values": [600.0, 7000.0, 30000.0, 70000.0]}
 
 
 def _expected_abc(patient: Path, beads: Path) -> float:
@@ -241,13 +244,14 @@ def test_jobs_1_jobs_2_and_dask_give_identical_outputs(engine_export: Path, tmp_
     outs = {}
     for name, kwargs in (("inline", {"jobs": 1}), ("processes", {"jobs": 2})):
         outs[name] = tmp_path / name
-        summary = run_batch(engine_export, outs[name], progress=False, plots=False, tasks=FAKES, **kwargs)
+        summary = run_batch(engine_export, outs[name], progress=False, plots=False, tasks=FAKES, **FAKE_LOT,
+                            **kwargs)
         assert summary.executor == name
         _check_engine_outputs(engine_export, outs[name], summary)
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
         outs["dask"] = tmp_path / "dask"
         summary = run_batch(engine_export, outs["dask"], scheduler=cluster.scheduler_address, progress=False,
-                            plots=False, tasks=FAKES)
+                            plots=False, tasks=FAKES, **FAKE_LOT)
         assert summary.executor == "dask"
         _check_engine_outputs(engine_export, outs["dask"], summary)
     for name in ("results.jsonl", "results.csv", "errors.csv", "calibrations.csv"):
@@ -270,7 +274,8 @@ def test_kill_9_then_resume_loses_and_redoes_nothing(engine_export: Path, tmp_pa
     script = (
         "import sys; sys.path.insert(0, sys.argv[3]); import test_batch; "
         "from hladr.batch import run_batch; "
-        "run_batch(sys.argv[1], sys.argv[2], jobs=1, progress=False, plots=False, tasks=test_batch.FAKES)"
+        "run_batch(sys.argv[1], sys.argv[2], jobs=1, progress=False, plots=False, tasks=test_batch.FAKES, "
+        "**test_batch.FAKE_LOT)"
     )
     env = dict(os.environ, HLADR_TEST_FAKE_DELAY="0.4")
     argv = [sys.executable, "-c", script, str(engine_export), str(out), str(Path(__file__).parent)]
@@ -291,7 +296,8 @@ def test_kill_9_then_resume_loses_and_redoes_nothing(engine_export: Path, tmp_pa
 
     changed = sorted(done)[0]  # a finished tube whose content changes before the resume
     _tube(engine_export / "d1", Path(changed).name, btim="09:00:00", seed=999)
-    summary = run_batch(engine_export, out, jobs=2, resume=True, progress=False, plots=False, tasks=FAKES)
+    summary = run_batch(engine_export, out, jobs=2, resume=True, progress=False, plots=False, tasks=FAKES,
+                        **FAKE_LOT)
 
     _check_engine_outputs(engine_export, out, summary)
     after = _journal(out)
@@ -303,7 +309,7 @@ def test_kill_9_then_resume_loses_and_redoes_nothing(engine_export: Path, tmp_pa
 
 
 def test_discovery_and_pairing_over_the_real_corpus(real_dir: Path):
-    from conftest import real_files
+    from tests.conftest import real_files
 
     tubes = discover(real_dir)
     by_rel = {t.rel: t for t in tubes}

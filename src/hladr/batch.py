@@ -37,7 +37,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -46,6 +45,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write
 from .errors import BatchError, HladrError
 from .fcs import sha256_file
 
@@ -609,21 +609,10 @@ def _qc_png(sample: Any, result: Any, calibration: Any) -> tuple[bytes | None, s
 # Journal, atomic writes
 # =====================================================================================
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write a file atomically: temp file in the same folder, fsync, ``os.replace``."""
+    """:func:`hladr.atomic.atomic_write`, creating the folder first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, data)
 
 
 class Journal:
@@ -780,6 +769,26 @@ class _Task:
     crashes: int = 0
 
 
+def calibrations_wanted(
+    tubes: list[Tube], jobs: list[Job], default_lot: LotSpec
+) -> list[tuple[Tube, LotSpec]]:
+    """Each (bead tube, lot) to calibrate once: those patient tubes need, then unused bead tubes."""
+    wanted: dict[tuple[str, LotSpec], Tube] = {}
+    for job in jobs:
+        if job.bead is not None:
+            wanted.setdefault((job.bead.rel, job.lot), job.bead)
+    used = {rel for rel, _ in wanted}
+    for tube in tubes:  # bead tubes no patient uses are still calibrated and reported
+        if tube.role == "beads" and tube.error is None and tube.rel not in used:
+            wanted.setdefault((tube.rel, _lot_for_bead(tube, default_lot)), tube)
+    return [(bead, lot) for (_, lot), bead in wanted.items()]
+
+
+def _lot_for_bead(bead: Tube, default: LotSpec) -> LotSpec:
+    spec = _parse_lot(bead.manifest.lot, None) if bead.manifest is not None else None
+    return spec or default
+
+
 class _Run:
     """One batch run: plan, execute, record, collect the outputs."""
 
@@ -807,14 +816,8 @@ class _Run:
     # --- planning -------------------------------------------------------------------
     def plan(self) -> tuple[list[_Task], list[_Task]]:
         """Calibration and sample tasks still to compute; finished ones come from the journal."""
-        wanted: dict[str, tuple[Tube, LotSpec]] = {}
-        for job in self.jobs:
-            if job.bead is not None:
-                wanted.setdefault(self.cal_key(job.bead, job.lot), (job.bead, job.lot))
-        used = {bead.rel for bead, _ in wanted.values()}
-        for tube in self.tubes:  # bead tubes no patient uses are still calibrated and reported
-            if tube.role == "beads" and tube.error is None and tube.rel not in used:
-                wanted.setdefault(self.cal_key(tube, self.default_lot), (tube, self.default_lot))
+        wanted = {self.cal_key(bead, lot): (bead, lot)
+                  for bead, lot in calibrations_wanted(self.tubes, self.jobs, self.default_lot)}
         todo_cal: list[_Task] = []
         for key, (bead, lot) in sorted(wanted.items(), key=lambda kv: (kv[1][0].rel, kv[1][1].label)):
             record = self.journal.get(key)
@@ -1108,6 +1111,11 @@ def run_batch(
         raise BatchError("no FCS file found in the export folder", export_path)
     jobs_list = pair(tubes, default_lot, Path(manifest).parent if manifest else None)
     beads = [t for t in tubes if t.role == "beads" and t.error is None]
+    wanted = calibrations_wanted(tubes, jobs_list, default_lot)
+    unvalued = sorted({bead.rel for bead, spec in wanted if spec == LotSpec()})
+    if unvalued:
+        raise BatchError(f"no bead values for {len(unvalued)} bead tube(s), e.g. {unvalued[0]}: give "
+                         f"--lot FILE, --bead-values V1,V2,... or a lot column in the manifest")
 
     summary = BatchSummary(out=out_path, tubes=len(tubes), bead_tubes=len(beads),
                            patient_tubes=sum(t.role == "patient" for t in tubes))
