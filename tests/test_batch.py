@@ -322,3 +322,155 @@ def test_discovery_and_pairing_over_the_real_corpus(real_dir: Path):
     assert by_rel["flowBeads/extdata/beads1.fcs"].role == "beads"
     for job in pair(tubes):
         assert (job.bead is None) == bool(job.reason), job.tube.rel
+
+
+# --- whole runs of the real pipeline on a simulated export ------------------------------------
+QB = [638.0, 6930.0, 31008.0, 67601.0]
+SIM_ABC = (2_500.0, 4_000.0, 8_000.0, 15_000.0, 25_000.0)
+#: (folder, $DATE, instrument); the beads of 2026-03-13 on the Lyric are cells, so they fail calibration QC.
+SIM_RUNS = (("2026-03-12", "12-MAR-2026", "canto"), ("2026-03-12", "12-MAR-2026", "lyric"),
+            ("2026-03-13", "13-MAR-2026", "canto"), ("2026-03-13", "13-MAR-2026", "lyric"))
+BAD_BEADS = "2026-03-13/lyric/QB beads.fcs"
+
+
+def _stamp(path: Path, day: str, btim: str) -> None:
+    """Set ``$DATE`` and ``$BTIM`` of a freshly simulated file (same-length values: offsets unchanged)."""
+    data = bytearray(path.read_bytes())
+    for key, value in ((b"$DATE", day), (b"$BTIM", btim)):
+        start = data.index(b"/" + key + b"/") + len(key) + 2
+        end = data.index(b"/", start)
+        assert end - start == len(value)
+        data[start:end] = value.encode()
+    path.write_bytes(bytes(data))
+
+
+def build_sim_export(root: Path, n_events: int = 12_000) -> dict[str, dict]:
+    """About 30 simulated tubes over 2 instruments and 2 days; returns the truth of each patient tube."""
+    from hladr.simulate import simulate_beads, simulate_blood
+
+    truth: dict[str, dict] = {}
+    for k, (folder, day, instrument) in enumerate(SIM_RUNS):
+        run = root / folder / instrument
+        run.mkdir(parents=True)
+        beads = run / "QB beads.fcs"
+        if f"{folder}/{instrument}/QB beads.fcs" == BAD_BEADS:
+            simulate_blood(beads, instrument, seed=900 + k, n_events=8_000)
+        else:
+            simulate_beads(beads, instrument, QB, seed=100 + k, n_events=8_000)
+        _stamp(beads, day, "08:00:00")
+        for i, abc in enumerate(SIM_ABC[: 4 if beads.relative_to(root).as_posix() == BAD_BEADS else 5]):
+            path = run / f"patient_{i + 1:02d}.fcs"
+            truth[path.relative_to(root).as_posix()] = simulate_blood(
+                path, instrument, abc, seed=1000 * k + i, n_events=n_events, monocyte_fraction=0.12)
+            _stamp(path, day, f"09:{10 * i:02d}:00")
+    orphan = root / "2026-03-13" / "canto" / "patient_early.fcs"  # acquired before that day's beads
+    simulate_blood(orphan, "canto", 6_000.0, seed=77, n_events=n_events)
+    _stamp(orphan, "13-MAR-2026", "07:15:00")
+    whole = (root / "2026-03-12" / "canto" / "patient_01.fcs").read_bytes()
+    (root / "2026-03-12" / "canto" / "patient_truncated.fcs").write_bytes(whole[: len(whole) // 2])
+    (root / "2026-03-12" / "lyric" / "corrupt.fcs").write_bytes(b"FCS3.1" + bytes(range(256)) * 4)
+    return truth
+
+
+@pytest.fixture(scope="module")
+def sim_export(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
+    pytest.importorskip("hladr.analysis")
+    root = tmp_path_factory.mktemp("sim") / "export"
+    return root, build_sim_export(root)
+
+
+@pytest.fixture(scope="module")
+def sim_reference(sim_export, tmp_path_factory):
+    """An uninterrupted run with --jobs 2 through the CLI (with QC figures and the report)."""
+    from hladr.cli import main
+
+    root, _ = sim_export
+    out = tmp_path_factory.mktemp("sim-out") / "jobs2"
+    values = ",".join(map(str, QB))
+    code = main(["batch", str(root), "--out", str(out), "--jobs", "2", "--bead-values", values, "--quiet"])
+    return out, code
+
+
+def _results(out: Path) -> dict[str, dict]:
+    return {r["file"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+
+
+def test_simulated_export_pairs_errors_and_values(sim_export, sim_reference):
+    from hladr.calibration import calibrate
+    from hladr.fcs import read_fcs
+
+    analyze = pytest.importorskip("hladr.analysis").analyze
+    root, truth = sim_export
+    out, code = sim_reference
+    assert code == batch.EXIT_PROBLEMS
+    results = _results(out)
+    good = {f for f in truth if not f.startswith("2026-03-13/lyric/")}
+    assert set(results) == good
+    for name, row in results.items():  # paired with the bead tube of its own run
+        assert row["bead_file"] == str(Path(name).parent / "QB beads.fcs")
+        assert row["schema"] == "hladr.result/1" and row["sha256"] == batch.sha256_file(root / name)
+    errors = {e["file"]: e for e in _read_csv(out / "errors.csv")}
+    bad_patients = {f for f in truth if f.startswith("2026-03-13/lyric/")}
+    assert set(errors) == {"2026-03-12/lyric/corrupt.fcs", "2026-03-12/canto/patient_truncated.fcs",
+                           "2026-03-13/canto/patient_early.fcs", BAD_BEADS} | bad_patients
+    assert errors["2026-03-12/lyric/corrupt.fcs"]["stage"] == "discovery"
+    assert errors["2026-03-12/canto/patient_truncated.fcs"]["error_type"].startswith("FCS")
+    assert errors["2026-03-13/canto/patient_early.fcs"]["stage"] == "pairing"
+    assert "before every bead tube" in errors["2026-03-13/canto/patient_early.fcs"]["reason"]
+    bad = errors[BAD_BEADS]
+    assert (bad["stage"], bad["error_type"]) == ("calibration", "CalibrationError")
+    for name in bad_patients:
+        assert errors[name]["stage"] == "calibration" and BAD_BEADS in errors[name]["reason"]
+    # the batch's numbers are exactly those of the Python API on the same pair
+    for name in sorted(results)[::4]:
+        cal = calibrate(read_fcs(root / Path(name).parent / "QB beads.fcs"), values=QB)
+        assert results[name]["abc"] == analyze(read_fcs(root / name), cal).abc
+    report = (out / "report.html").read_text()
+    assert "5,000 AB/C" in report and BAD_BEADS in report
+    assert len(_read_csv(out / "calibrations.csv")) == 4
+
+
+def test_simulated_export_identical_with_jobs_1_and_dask(sim_export, sim_reference, tmp_path: Path):
+    from distributed import LocalCluster
+
+    root, _ = sim_export
+    reference = _results(sim_reference[0])
+    one = run_batch(root, tmp_path / "jobs1", jobs=1, bead_values=QB, progress=False, plots=False)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        dask = run_batch(root, tmp_path / "dask", scheduler=cluster.scheduler_address, bead_values=QB,
+                         progress=False, plots=False)
+    for summary in (one, dask):
+        rows = {r["file"]: r for r in summary.results}
+        assert set(rows) == set(reference)
+        for name, row in rows.items():
+            assert {k: v for k, v in row.items() if k != "qc_png"} == \
+                   {k: v for k, v in reference[name].items() if k not in ("qc_png", "qc_png_error")}
+    assert (tmp_path / "jobs1" / "errors.csv").read_bytes() == (tmp_path / "dask" / "errors.csv").read_bytes()
+
+
+def test_simulated_export_kill_9_and_resume(sim_export, sim_reference, tmp_path: Path):
+    root, _ = sim_export
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "hladr.cli", "batch", str(root), "--out", str(out), "--jobs", "2",
+            "--bead-values", ",".join(map(str, QB)), "--no-plots", "--quiet"]
+    proc = subprocess.Popen(argv, start_new_session=True, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / batch.JOURNAL).exists() and sum(r["kind"] == "sample" for r in _journal(out)) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _journal(out)
+    done = {r["file"] for r in before if r["kind"] == "sample"}
+    assert proc.returncode == -signal.SIGKILL and 3 <= len(done) < 15, "the kill must land halfway"
+
+    summary = run_batch(root, out, jobs=2, resume=True, bead_values=QB, progress=False, plots=False)
+    redone = {r["file"] for r in _journal(out)[len(before):] if r["kind"] == "sample"}
+    assert not redone & done
+    reference = _results(sim_reference[0])
+    resumed = _results(out)
+    assert set(resumed) == set(reference)
+    for name in reference:
+        assert resumed[name]["abc"] == reference[name]["abc"]
+    assert summary.exit_code == batch.EXIT_PROBLEMS

@@ -1032,9 +1032,9 @@ def write_tables(out: Path, results: list[dict], errors: list[dict], calibration
     write_atomic(out / "errors.csv", _csv_text(errors, ERROR_COLUMNS))
     cal_rows = []
     for record in calibrations:
-        row = {"file": record["file"], "lot": record.get("lot"), "status": record["status"],
-               "reason": record.get("reason")}
-        row.update(flatten(record.get("calibration") or {}))
+        row = flatten(record.get("calibration") or {})
+        row.update(file=record["file"], lot=record.get("lot"), status=record["status"],
+                   reason=record.get("reason"))
         cal_rows.append(row)
     write_atomic(out / "calibrations.csv", _csv_text(cal_rows, CALIBRATION_COLUMNS))
 
