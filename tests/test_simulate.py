@@ -129,5 +129,12 @@ def test_sample_fcs_regenerates_bit_for_bit(tmp_path):
     from hladr.cli import main
 
     assert main(["simulate", str(tmp_path), "--n", "4", "--seed", "7", "--instrument", "canto"]) == 0
-    for name in ["beads.fcs", "patient_01.fcs", "patient_02.fcs", "patient_03.fcs", "patient_04.fcs", "truth.csv"]:
+    for name in [
+        "beads.fcs",
+        "patient_01.fcs",
+        "patient_02.fcs",
+        "patient_03.fcs",
+        "patient_04.fcs",
+        "truth.csv",
+    ]:
         assert _digest(tmp_path / name) == _digest(SAMPLE_DIR / name), name

@@ -38,6 +38,7 @@ SLOPE_RANGE = (0.85, 1.15)
 MAX_PEAK_CV = 0.35
 MIN_BEAD_EVENTS = 1000
 MIN_PEAKS = 3
+UNRESOLVED_CV_FACTOR = 2.5
 #: Flags that make a calibration fail; the others only warn.
 FAILING_FLAGS = {"too_few_peaks", "low_r2", "slope_out_of_range", "too_few_bead_events"}
 
@@ -171,8 +172,9 @@ class Calibration:
 
     def molecules(self, mfi: float | np.ndarray) -> float | np.ndarray:
         """PE molecules for MFI value(s); NaN where MFI <= 0."""
-        arr = np.ascontiguousarray(np.asarray(mfi, dtype=np.float64))
-        out = kernels.loglog_apply(arr.ravel(), self.slope, self.intercept, self.offset).reshape(arr.shape)
+        arr = np.asarray(mfi, dtype=np.float64)
+        flat = np.ascontiguousarray(arr.ravel())
+        out = kernels.loglog_apply(flat, self.slope, self.intercept, self.offset).reshape(arr.shape)
         return float(out) if out.ndim == 0 else out
 
     def check_compatible(self, sample: Sample) -> list[str]:
@@ -275,48 +277,57 @@ def _scatter(sample: Sample) -> tuple[int | None, int | None]:
                     return i
         return None
 
-    fsc = find(r"fsc[-_ ]?a", r"fs[-_ ]?int", r"fsc[-_ ]?h", r"fs[-_ ]?(lin|peak)?", r"fsc.*", r"fs .*")
-    ssc = find(
-        r"ssc[-_ ]?a", r"ss[-_ ]?int", r"ssc[-_ ]?h", r"ss[-_ ]?(lin|log)?", r"ssc.*", r"ss .*", r"sc-a"
-    )
+    fsc = find(r"fsc[-_ ]a", r"fs[-_ ]?int", r"fsc", r"fsc[-_ ]?h", r"fs[-_ ]?(lin|peak)?", r"fsc.*")
+    ssc = find(r"ssc[-_ ]a", r"ss[-_ ]?int", r"ssc", r"ssc[-_ ]?h", r"ss[-_ ]?(lin|log)?", r"ssc.*", r"ss .*")
     return fsc, ssc
 
 
-def bead_gate(sample: Sample, pe: int) -> tuple[np.ndarray, list[str]]:
-    """Mask of singlet beads: finite, inside the scatter margins, in the densest FSC/SSC cluster."""
+def bead_gate(sample: Sample, pe: int, gate_fraction: float = 0.85) -> tuple[np.ndarray, list[str]]:
+    """Mask of singlet beads: finite, inside the scatter margins, in the densest FSC/SSC region.
+
+    The region is the densest part of the smoothed log FSC/SSC histogram holding
+    ``gate_fraction`` of the events: doublets and debris, sparse, fall outside.
+    """
     notes = []
     ev = sample.events
     keep = np.all(np.isfinite(ev), axis=1)
     fsc, ssc = _scatter(sample)
-    ranges = sample.ranges
     for idx in (fsc, ssc):
         if idx is not None:
-            top = ranges.get(sample.channels[idx])
             col = ev[:, idx]
-            keep &= col > 0
-            if top:
-                keep &= col < 0.999 * top
+            keep &= (col > 0) & (col < 0.999 * saturation_level(sample, idx))
     if fsc is None or ssc is None:
         notes.append("no FSC/SSC pair: scatter gate skipped")
         return keep, notes
-    x, y = np.log10(np.maximum(ev[:, fsc], 1.0)), np.log10(np.maximum(ev[:, ssc], 1.0))
-    if keep.sum() < 10:
+    if keep.sum() < 50:
         return keep, notes
-    hist, xe, ye = np.histogram2d(x[keep], y[keep], bins=96)
-    hist = (
-        kernels.gaussian_smooth(kernels.gaussian_smooth(hist.ravel(), 1.0).reshape(hist.shape).T.ravel(), 1.0)
-        .reshape(hist.shape)
-        .T
-    )
-    i, j = np.unravel_index(np.argmax(hist), hist.shape)
-    cx, cy = (xe[i] + xe[i + 1]) / 2, (ye[j] + ye[j + 1]) / 2
-    near = keep & (np.abs(x - cx) < 0.12) & (np.abs(y - cy) < 0.12)
-    mx, my = np.median(x[near]), np.median(y[near])
-    sx = max(1.4826 * np.median(np.abs(x[near] - mx)), 0.005)
-    sy = max(1.4826 * np.median(np.abs(y[near] - my)), 0.005)
-    singlets = keep & (((x - mx) / sx) ** 2 + ((y - my) / sy) ** 2 < 3.5**2)
+    x, y = np.log10(np.maximum(ev[:, fsc], 1.0)), np.log10(np.maximum(ev[:, ssc], 1.0))
+    bounds = [np.percentile(x[keep], [0.5, 99.5]), np.percentile(y[keep], [0.5, 99.5])]
+    bins = 64
+    hist, xe, ye = np.histogram2d(x[keep], y[keep], bins=bins, range=bounds)
+    smooth = kernels.gaussian_smooth(hist.ravel(), 1.5).reshape(hist.shape)
+    smooth = kernels.gaussian_smooth(np.ascontiguousarray(smooth.T).ravel(), 1.5).reshape(hist.shape).T
+    ix = np.clip(np.searchsorted(xe, x, side="right") - 1, 0, bins - 1)
+    iy = np.clip(np.searchsorted(ye, y, side="right") - 1, 0, bins - 1)
+    inside = (x >= xe[0]) & (x <= xe[-1]) & (y >= ye[0]) & (y <= ye[-1])
+    density = np.where(inside, smooth[ix, iy], 0.0)
+    threshold = np.quantile(density[keep], 1.0 - gate_fraction)
+    singlets = keep & (density >= threshold) & (density > 0)
     notes.append(f"scatter gate kept {int(singlets.sum())} of {int(keep.sum())} events")
     return singlets, notes
+
+
+def saturation_level(sample: Sample, idx: int) -> float:
+    """The largest value a channel can hold: ``$PnR``, or ``f2 * 10**f1`` for a log-amplified channel."""
+    pne = sample.keywords.get(f"$P{idx + 1}E", "0,0")
+    try:
+        f1, f2 = (float(v) for v in pne.split(",")[:2])
+    except ValueError:
+        f1, f2 = 0.0, 0.0
+    if f1 > 0:
+        return (f2 if f2 > 0 else 1.0) * 10**f1
+    top = sample.ranges.get(sample.channels[idx])
+    return float(top) if top else np.inf
 
 
 # --- peaks -------------------------------------------------------------------------------
@@ -329,7 +340,12 @@ class Peak:
 
 
 def find_peaks(
-    pe: np.ndarray, saturation: float | None, statistic: str = "median", bins: int = 512
+    pe: np.ndarray,
+    saturation: float | None,
+    statistic: str = "median",
+    bins: int = 512,
+    sigma_decades: float = 0.02,
+    valley_ratio: float = 0.7,
 ) -> tuple[list[Peak], dict[str, Any]]:
     """Peaks of the PE histogram in log space; events split at the valleys between peaks."""
     pos = pe[pe > 0]
@@ -338,7 +354,7 @@ def find_peaks(
     lo, hi = np.log10(np.percentile(pos, 0.05)) - 0.05, np.log10(pos.max()) + 0.05
     counts = kernels.log_histogram(np.ascontiguousarray(pos, dtype=np.float64), lo, hi, bins)
     width = (hi - lo) / bins
-    smooth = kernels.gaussian_smooth(counts, max(0.02 / width, 1.0))  # ~0.02 decade kernel
+    smooth = kernels.gaussian_smooth(counts, max(sigma_decades / width, 1.0))
     top = smooth.max()
     maxima = [
         k
@@ -351,7 +367,7 @@ def find_peaks(
         if merged:
             a = merged[-1]
             valley = smooth[a : k + 1].min()
-            if valley > 0.7 * min(smooth[a], smooth[k]):
+            if valley > valley_ratio * min(smooth[a], smooth[k]):
                 merged[-1] = a if smooth[a] >= smooth[k] else k
                 continue
         merged.append(k)
@@ -454,14 +470,20 @@ def calibrate(
     idx = beads.index(ch)
     gate, notes = bead_gate(beads, idx)
     pe = beads.events[gate, idx].astype(np.float64)
-    saturation = beads.ranges.get(ch)
-    peaks, histogram = find_peaks(pe, saturation, statistic)
+    peaks, histogram = find_peaks(pe, saturation_level(beads, idx), statistic)
     flags: list[str] = []
     n_beads = int(gate.sum())
     if n_beads < MIN_BEAD_EVENTS:
         flags.append(f"too_few_bead_events:{n_beads}")
 
     usable = [p for p in peaks if not p.saturated]
+    if len(usable) >= MIN_PEAKS:
+        # a peak far wider than the others is several unresolved populations: not a level
+        typical_cv = float(np.median([p.cv for p in usable]))
+        wide = [p for p in usable if p.cv > max(UNRESOLVED_CV_FACTOR * typical_cv, 0.2)]
+        for p in wide:
+            notes.append(f"peak at MFI {p.mfi:,.0f} (CV {p.cv:.0%}) looks unresolved: not matched")
+        usable = [p for p in usable if p not in wide]
     pidx, levels = match_peaks([p.mfi for p in usable], vals)
     n_lit = sum(v > 0 for v in vals)
     mfi: list[float | None] = [None] * len(vals)
@@ -587,7 +609,7 @@ def _fit_autofluorescence(mfi: np.ndarray, values: np.ndarray) -> tuple[float, f
 
 # --- CLI ------------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> int:
-    """``hladr calibrate BEADS.fcs (--lot FILE | --bead-values V1,V2,...) [--channel CH] [--json] [--plot PNG]``."""
+    """``hladr calibrate BEADS.fcs (--lot FILE | --bead-values V1,...) [--channel CH] [--json] [--plot PNG]``."""
     from .fcs import read_fcs
 
     if args.list_lots:

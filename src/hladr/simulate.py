@@ -390,9 +390,10 @@ def simulate_beads(
     level = rng.choice(values.size + 1, size=n_single, p=weights / weights.sum()) - 1  # -1 = blank
 
     def bead_pe(lv: np.ndarray) -> np.ndarray:
+        # a lit bead's assigned value is its whole PE-equivalent signal (autofluorescence included)
         pe = _lognormal(rng, blank_molecules, 0.3, lv.size)
         lit = lv >= 0
-        pe[lit] += values[lv[lit]] * np.exp(rng.normal(0, np.log1p(cvs[lv[lit]] ** 2) ** 0.5))
+        pe[lit] = values[lv[lit]] * np.exp(rng.normal(0, np.log1p(cvs[lv[lit]] ** 2) ** 0.5))
         return pe
 
     pe_single = bead_pe(level)
