@@ -609,7 +609,7 @@ def _fit_autofluorescence(mfi: np.ndarray, values: np.ndarray) -> tuple[float, f
 
 # --- CLI ------------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> int:
-    """``hladr calibrate BEADS.fcs (--lot FILE | --bead-values V1,...) [--channel CH] [--json] [--plot PNG]``."""
+    """The `hladr calibrate` command (see `hladr calibrate --help`)."""
     from .fcs import read_fcs
 
     if args.list_lots:
