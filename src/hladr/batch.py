@@ -811,7 +811,7 @@ class _Run:
         return _key("calibration", bead.rel, bead.sha256, lot.lot, lot.values, self.version)
 
     def sample_key(self, job: Job) -> str:
-        return _key("sample", job.tube.rel, job.tube.sha256, self.cal_key(job.bead, job.lot), self.plots)
+        return _key("sample", job.tube.rel, job.tube.sha256, self.cal_key(job.bead, job.lot))
 
     # --- planning -------------------------------------------------------------------
     def plan(self) -> tuple[list[_Task], list[_Task]]:
