@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", default="hladr.sqlite", help="SQLite database path")
     p.add_argument("--tokens", metavar="FILE", help="file of bearer tokens, one per line")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--queue", type=int, default=8, help="analyses waiting beyond the workers before 503")
+    p.add_argument("--upload-limit", type=int, default=256 * 1024 * 1024, help="bytes per uploaded file")
     p.set_defaults(func=cmd_serve)
     return parser
 
