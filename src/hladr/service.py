@@ -1,11 +1,12 @@
 """``hladr serve``: the HTTP service for callers that are not Python (``pip install 'hladr[service]'``).
 
-Endpoints (all under ``/v1``; every one but ``/v1/health`` needs ``Authorization: Bearer <token>``):
+Endpoints (under ``/v1``; all but ``/v1/health`` need ``Authorization: Bearer <token>``):
 
 - ``GET  /v1/health``                     liveness and version
 - ``POST /v1/calibrations``              multipart ``beads`` + ``lot`` or ``bead_values`` -> stored calibration
 - ``GET  /v1/calibrations[/{id}]``       list / one
-- ``POST /v1/analyses``                  multipart ``sample`` + (``beads`` + ``lot``/``bead_values``) or ``calibration_id``
+- ``POST /v1/analyses``                  multipart ``sample`` + ``beads`` (+ ``lot``/``bead_values``),
+                                         or ``sample`` + ``calibration_id``
 - ``GET  /v1/analyses/{id}``             status and, when done, the Result (``hladr.result/1``)
 - ``POST /v1/stratifications``           JSON ``{analysis_id | abc, ferritin, ferritin_unit}`` -> decision
 
@@ -36,10 +37,12 @@ _SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS files (sha256 TEXT PRIMARY KEY, path TEXT NOT NULL, size INTEGER, created REAL);
 CREATE TABLE IF NOT EXISTS calibrations (id TEXT PRIMARY KEY, bead_sha256 TEXT, values_key TEXT,
     body TEXT NOT NULL, created REAL);
-CREATE TABLE IF NOT EXISTS analyses (id TEXT PRIMARY KEY, sample_sha256 TEXT NOT NULL, calibration_id TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS analyses (id TEXT PRIMARY KEY, sample_sha256 TEXT NOT NULL,
+    calibration_id TEXT NOT NULL,
     status TEXT NOT NULL, result TEXT, error TEXT, created REAL, finished REAL,
     UNIQUE (sample_sha256, calibration_id));
-CREATE TABLE IF NOT EXISTS decisions (id TEXT PRIMARY KEY, analysis_id TEXT, body TEXT NOT NULL, created REAL);
+CREATE TABLE IF NOT EXISTS decisions (id TEXT PRIMARY KEY, analysis_id TEXT, body TEXT NOT NULL,
+    created REAL);
 """
 
 
