@@ -3,7 +3,7 @@
 Endpoints (under ``/v1``; all but ``/v1/health`` need ``Authorization: Bearer <token>``):
 
 - ``GET  /v1/health``                     liveness and version
-- ``POST /v1/calibrations``              multipart ``beads`` + ``lot`` or ``bead_values`` -> stored calibration
+- ``POST /v1/calibrations``  multipart ``beads`` + ``lot`` or ``bead_values`` -> stored calibration
 - ``GET  /v1/calibrations[/{id}]``       list / one
 - ``POST /v1/analyses``                  multipart ``sample`` + ``beads`` (+ ``lot``/``bead_values``),
                                          or ``sample`` + ``calibration_id``
