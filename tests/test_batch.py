@@ -379,15 +379,28 @@ def sim_export(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
     return root, build_sim_export(root)
 
 
+#: Ferritin (ng/mL) of two patients, given in a manifest: MALS above 4,420, else the HLA-DR rule.
+SIM_FERRITIN = {"2026-03-12/canto/patient_01.fcs": 6_000.0, "2026-03-12/lyric/patient_02.fcs": 900.0}
+
+
 @pytest.fixture(scope="module")
-def sim_reference(sim_export, tmp_path_factory):
+def sim_manifest(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("manifest") / "manifest.csv"
+    lines = ["file,patient_id,ferritin"] + [f"{f},P{i},{v}" for i, (f, v) in enumerate(SIM_FERRITIN.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def sim_reference(sim_export, sim_manifest, tmp_path_factory):
     """An uninterrupted run with --jobs 2 through the CLI (with QC figures and the report)."""
     from hladr.cli import main
 
     root, _ = sim_export
     out = tmp_path_factory.mktemp("sim-out") / "jobs2"
     values = ",".join(map(str, QB))
-    code = main(["batch", str(root), "--out", str(out), "--jobs", "2", "--bead-values", values, "--quiet"])
+    code = main(["batch", str(root), "--out", str(out), "--jobs", "2", "--bead-values", values, "--quiet",
+                 "--manifest", str(sim_manifest)])
     return out, code
 
 
@@ -425,20 +438,33 @@ def test_simulated_export_pairs_errors_and_values(sim_export, sim_reference):
     for name in sorted(results)[::4]:
         cal = calibrate(read_fcs(root / Path(name).parent / "QB beads.fcs"), values=QB)
         assert results[name]["abc"] == analyze(read_fcs(root / name), cal).abc
+    from hladr.classify import stratify
+    from hladr.schema import validate
+
+    for name, row in results.items():
+        validate(row, "hladr.result/1")
+        if name in SIM_FERRITIN:
+            validate(row["stratification"], "hladr.decision/1")
+            assert row["stratification"] == stratify(row, SIM_FERRITIN[name]).to_dict()
+        else:
+            assert "stratification" not in row
+    assert results["2026-03-12/canto/patient_01.fcs"]["stratification"]["category"] == "MALS"
     report = (out / "report.html").read_text()
     assert "5,000 AB/C" in report and BAD_BEADS in report
     assert len(_read_csv(out / "calibrations.csv")) == 4
 
 
-def test_simulated_export_identical_with_jobs_1_and_dask(sim_export, sim_reference, tmp_path: Path):
+def test_simulated_export_identical_with_jobs_1_and_dask(sim_export, sim_reference, sim_manifest,
+                                                         tmp_path: Path):
     from distributed import LocalCluster
 
     root, _ = sim_export
     reference = _results(sim_reference[0])
-    one = run_batch(root, tmp_path / "jobs1", jobs=1, bead_values=QB, progress=False, plots=False)
+    one = run_batch(root, tmp_path / "jobs1", sim_manifest, jobs=1, bead_values=QB, progress=False,
+                    plots=False)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        dask = run_batch(root, tmp_path / "dask", scheduler=cluster.scheduler_address, bead_values=QB,
-                         progress=False, plots=False)
+        dask = run_batch(root, tmp_path / "dask", sim_manifest, scheduler=cluster.scheduler_address,
+                         bead_values=QB, progress=False, plots=False)
     for summary in (one, dask):
         rows = {r["file"]: r for r in summary.results}
         assert set(rows) == set(reference)
