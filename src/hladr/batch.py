@@ -600,6 +600,9 @@ def _qc_png(sample: Any, result: Any, calibration: Any) -> tuple[bytes | None, s
         buffer = io.BytesIO()
         figure = plot_analysis(sample, result, calibration)
         figure.savefig(buffer, format="png", dpi=90)
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
         return buffer.getvalue(), None
     except Exception as exc:  # noqa: BLE001 - a figure must never cost the result
         return None, f"QC figure failed: {type(exc).__name__}: {exc}"
@@ -1104,6 +1107,8 @@ def run_batch(
     if lot is not None and bead_values is not None:
         raise BatchError("give either a lot or bead values, not both")
     rows = read_manifest(manifest) if manifest is not None else None
+    if lot is not None and Path(lot).exists():  # workers may run elsewhere: an absolute path
+        lot = str(Path(lot).resolve())
     default_lot = LotSpec(lot=lot, values=tuple(float(v) for v in bead_values) if bead_values else None)
 
     tubes = discover(export_path, rows, exclude=[out_path])
