@@ -1,0 +1,230 @@
+"""From a patient tube and a bead calibration to a :class:`~hladr.result.Result`.
+
+``analyze`` resolves the panel, gates the monocytes (``gating``), takes the monocytes'
+compensated linear HLA-DR PE statistic (the calibration's statistic: median by default),
+sends it through the bead curve (PE molecules = AB/C for a 1:1 conjugate), bootstraps a 95 %
+interval and sets the QC flags. Which flags fail QC is listed in :data:`FAILING_FLAGS` and in
+``docs/gating.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from typing import Any
+
+import numpy as np
+
+from .calibration import Calibration
+from .errors import AnalysisError
+from .fcs import Sample
+from .gating import GatingResult, gate_monocytes
+from .panel import Panel, resolve_panel
+from .result import Result
+
+MIN_MONOCYTES = 3_000  # below: flag "few_monocytes" (warning)
+MIN_MONOCYTES_FAIL = 500  # below: flag "too_few_monocytes" (fails QC)
+SATURATION_FAIL = 0.05  # fraction of monocytes at the HLA-DR channel's maximum that fails QC
+N_BOOTSTRAP = 400
+
+#: Flag codes (the part before ':') that make ``qc.passed`` false; all others only warn.
+FAILING_FLAGS = {
+    "too_few_monocytes",
+    "hladr_saturated",
+    "voltage_mismatch",
+    "gain_mismatch",
+    "channel_missing",
+    "calibration_failed",
+    "outside_bead_range_far",
+}
+
+
+def _statistic(values: np.ndarray, statistic: str) -> float:
+    if statistic == "median":
+        return float(np.median(values))
+    positive = values[values > 0]
+    return float(10 ** np.mean(np.log10(positive))) if positive.size else float("nan")
+
+
+def _bootstrap(values: np.ndarray, statistic: str, seed: int) -> np.ndarray:
+    """Statistic of ``N_BOOTSTRAP`` resamples (chunked to bound memory)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(N_BOOTSTRAP)
+    chunk = max(1, 2_000_000 // max(values.size, 1))
+    for start in range(0, N_BOOTSTRAP, chunk):
+        stop = min(N_BOOTSTRAP, start + chunk)
+        draws = values[rng.integers(0, values.size, size=(stop - start, values.size))]
+        if statistic == "median":
+            out[start:stop] = np.median(draws, axis=1)
+        else:
+            out[start:stop] = [_statistic(d, statistic) for d in draws]
+    return out
+
+
+def analyze(
+    sample: Sample,
+    calibration: Calibration,
+    *,
+    hladr: str | None = None,
+    cd14: str | None = None,
+    cd45: str | None = None,
+    statistic: str | None = None,
+    gates: str | os.PathLike | None = None,
+    seed: int = 0,
+    panel: Panel | None = None,
+    gating: GatingResult | None = None,
+) -> Result:
+    """mHLA-DR of one patient tube.
+
+    Parameters
+    ----------
+    sample
+        The patient tube (lysed whole blood stained with HLA-DR-PE, CD14 and usually CD45).
+    calibration
+        The bead curve of the same run (:func:`hladr.calibrate`).
+    hladr, cd14, cd45
+        Channel names, when markers and instrument naming do not tell.
+    statistic
+        ``"median"`` or ``"geomean"``; default: the calibration's, as it must be the same.
+    gates
+        A GatingML 2.0 file or FlowJo workspace whose monocyte gate replaces the automatic one.
+    seed
+        Seed of the bootstrap and the clustering fallback (results are reproducible).
+    """
+    statistic = statistic or calibration.statistic
+    if statistic != calibration.statistic:
+        raise AnalysisError(
+            f"statistic {statistic!r} differs from the bead calibration's {calibration.statistic!r}: "
+            "beads and cells must use the same statistic",
+            sample.path,
+        )
+    panel = panel or resolve_panel(sample, hladr=hladr, cd14=cd14, cd45=cd45)
+    gating = gating or gate_monocytes(sample, panel, gates=gates, seed=seed)
+    flags: list[str] = list(panel.warnings and ["panel_from_naming"]) + list(gating.flags)
+    flags += calibration.check_compatible(sample)
+    if panel["HLA-DR"] != calibration.channel:
+        flags.append(f"channel_mismatch:HLA-DR on {panel['HLA-DR']}, beads on {calibration.channel}")
+    if not calibration.passed:
+        flags.append("calibration_failed")
+
+    n_mono = int(gating.monocytes.sum())
+    if n_mono < 20:
+        raise AnalysisError(f"only {n_mono} monocytes found: no HLA-DR value can be given", sample.path)
+    idx = sample.index(panel["HLA-DR"])
+    pe = gating.compensated[gating.monocytes, idx]
+    mfi = _statistic(pe, statistic)
+    if not np.isfinite(mfi) or mfi <= 0:
+        raise AnalysisError(f"monocyte HLA-DR statistic is {mfi:g}: not measurable", sample.path)
+    abc = float(calibration.molecules(mfi))
+    boot = calibration.molecules(_bootstrap(pe, statistic, seed))
+    ci = [float(np.nanpercentile(boot, 2.5)), float(np.nanpercentile(boot, 97.5))]
+
+    if n_mono < MIN_MONOCYTES_FAIL:
+        flags.append(f"too_few_monocytes:{n_mono}")
+    elif n_mono < MIN_MONOCYTES:
+        flags.append(f"few_monocytes:{n_mono}")
+    top = sample.ranges.get(panel["HLA-DR"])
+    if top:
+        saturated = float(np.mean(sample.events[gating.monocytes, idx] >= 0.999 * top))
+        if saturated > SATURATION_FAIL:
+            flags.append(f"hladr_saturated:{saturated:.1%}")
+        elif saturated > 0.005:
+            flags.append(f"hladr_some_saturated:{saturated:.1%}")
+    lo, hi = calibration.mfi_range
+    if mfi < lo or mfi > hi:
+        far = mfi < lo / 2 or mfi > hi * 2
+        flags.append(f"outside_bead_range{'_far' if far else ''}:MFI {mfi:,.0f} vs beads {lo:,.0f}-{hi:,.0f}")
+    passed = not any(f.split(":")[0] in FAILING_FLAGS for f in flags)
+
+    leuk = int(gating.leukocytes.sum())
+    from . import __version__
+
+    return Result(
+        sample=os.fspath(sample.path),
+        sha256=sample.sha256,
+        abc=abc,
+        abc_ci95=ci,
+        statistic=statistic,
+        monocytes=n_mono,
+        monocyte_percent=100.0 * n_mono / leuk if leuk else float("nan"),
+        gate_method=gating.method,
+        calibration=calibration.summary(),
+        channels={k: v for k, v in panel.channels.items()},
+        qc={
+            "passed": passed,
+            "flags": flags,
+            "warnings": panel.warnings,
+            "failing_flags": sorted(FAILING_FLAGS),
+        },
+        instrument=sample.instrument,
+        hladr_version=__version__,
+        mfi=mfi,
+        gates=gating.gates,
+        provenance={
+            "repairs": list(sample.repairs),
+            "fcs_version": sample.version,
+            "dataset": sample.dataset,
+            "seed": seed,
+            "versions": _versions(),
+            "panel_sources": panel.sources,
+            "thresholds": gating.thresholds,
+        },
+    )
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("hladr", "numpy", "numba", "scikit-learn", "flowkit", "flowutils"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def describe(result: Result) -> str:
+    """The human-readable report ``hladr analyze`` prints."""
+    verdict = "IMMUNOPARALYSIS (< 5,000 AB/C)" if result.immunoparalysis else f"{result.band}"
+    lines = [
+        f"sample:     {result.sample}",
+        f"mHLA-DR:    {result.abc:,.0f} AB/C  (95 % CI {result.abc_ci95[0]:,.0f}-{result.abc_ci95[1]:,.0f})"
+        f"  -> {verdict}{'  [borderline]' if result.borderline else ''}",
+        f"monocytes:  {result.monocytes:,} ({result.monocyte_percent:.1f} % of leukocytes), gating: {result.gate_method}",
+        f"channels:   " + ", ".join(f"{k}={v}" for k, v in result.channels.items() if v),
+        f"beads:      {result.calibration.get('lot') or 'values given'}, slope {result.calibration['slope']:.3f}, "
+        f"r2 {result.calibration['r2']:.4f}",
+        f"QC:         {'passed' if result.passed else 'FAILED'}"
+        + (f"  flags: {', '.join(result.qc['flags'])}" if result.qc["flags"] else ""),
+    ]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    """The ``hladr analyze`` command."""
+    from .calibration import calibrate
+    from .errors import CalibrationError
+    from .fcs import read_fcs
+
+    if args.lot is None and args.bead_values is None:
+        raise CalibrationError(
+            "give --lot FILE or --bead-values V1,V2,V3,V4 (the values printed on your kit)"
+        )
+    beads = read_fcs(args.beads, lenient=True)
+    cal = calibrate(beads, lot=args.lot, values=args.bead_values, statistic=args.statistic)
+    sample = read_fcs(args.sample, lenient=True)
+    panel = resolve_panel(sample, hladr=args.hladr, cd14=args.cd14, cd45=args.cd45)
+    gating = gate_monocytes(sample, panel, gates=args.gates)
+    result = analyze(sample, cal, statistic=args.statistic, panel=panel, gating=gating, gates=args.gates)
+    if args.plot:
+        from .plots import plot_analysis
+
+        plot_analysis(sample, result, cal, path=args.plot, gating=gating, panel=panel)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(describe(result))
+    return 0 if result.passed else 3

@@ -1,0 +1,341 @@
+"""Gating a patient tube down to CD14+ monocytes (keeping HLA-DR-low monocytes).
+
+Sequence (each gate records its events in and out): margins -> time (clogs) -> singlets
+(FSC-A vs FSC-H) -> debris (low FSC-A) -> CD45+ leukocytes (3-colour panels) -> CD14+ monocytes
+with low-to-intermediate SSC. HLA-DR is never used to find monocytes.
+
+The default gates are automatic and density based (valleys of smoothed histograms, robust
+spreads). When they fail their own QC (no CD14 valley, too few monocytes, an implausible
+fraction) a Gaussian-mixture fallback over CD14/SSC/CD45 (scikit-learn) takes over. User gates
+from a GatingML 2.0 file or a FlowJo workspace replace the automatic monocyte gate. See
+``docs/gating.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import kernels
+from .errors import GatingError
+from .fcs import Sample
+from .panel import Panel
+
+MIN_MONOCYTES_DENSITY = 100
+MONOCYTE_PERCENT_RANGE = (0.1, 50.0)
+
+
+@dataclass
+class GatingResult:
+    """Masks over all events of the tube, the compensated data used, and each gate's counts."""
+
+    monocytes: np.ndarray
+    leukocytes: np.ndarray
+    singlets: np.ndarray
+    clean: np.ndarray
+    compensated: np.ndarray  # n x p, compensated where the file has a spillover matrix
+    method: str
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+def spillover_matrix(sample: Sample) -> tuple[list[str], np.ndarray] | None:
+    """(channels, matrix) from the Sample, or parsed from ``$SPILLOVER``/``SPILL``/``$SPILL``."""
+    if sample.spillover is not None:
+        return list(sample.spillover.channels), np.asarray(sample.spillover.matrix, dtype=float)
+    from flowutils.compensate import get_spill
+
+    for key in ("$SPILLOVER", "SPILL", "$SPILL"):
+        text = sample.keywords.get(key)
+        if text:
+            try:
+                matrix, names = get_spill(text)
+            except (ValueError, IndexError):
+                continue
+            return list(names), np.asarray(matrix, dtype=float)
+    return None
+
+
+def compensate(sample: Sample) -> tuple[np.ndarray, list[str]]:
+    """Events with the file's spillover removed (flowutils), and notes."""
+    events = np.asarray(sample.events, dtype=np.float64)
+    spill = spillover_matrix(sample)
+    if spill is None:
+        return events, ["no spillover matrix in the file: data not compensated"]
+    names, matrix = spill
+    if not all(n in sample.channels for n in names):
+        return events, [f"spillover channels {names} not all in the file: data not compensated"]
+    from flowutils.compensate import compensate as fu_compensate
+
+    indices = [sample.channels.index(n) for n in names]
+    return fu_compensate(events, matrix, indices), []
+
+
+def _log(x: np.ndarray) -> np.ndarray:
+    return np.log10(np.maximum(x, 1.0))
+
+
+def _valley(
+    values: np.ndarray, lo: float, hi: float, bins: int = 200, sigma: float = 3.0
+) -> tuple[float, float]:
+    """Deepest point of the smoothed histogram of ``values`` between ``lo`` and ``hi``.
+
+    Returns (position, depth) where depth = valley density / the lower of the two
+    highest densities on either side (0 = empty valley, 1 = no valley).
+    """
+    v = values[(values >= lo) & (values <= hi)]
+    if v.size < 50 or hi <= lo:
+        return float("nan"), 1.0
+    counts, edges = np.histogram(v, bins=bins, range=(lo, hi))
+    smooth = kernels.gaussian_smooth(counts.astype(np.float64), sigma)
+    centers = (edges[:-1] + edges[1:]) / 2
+    best, best_depth = float("nan"), 1.0
+    for k in range(2, bins - 2):
+        left, right = smooth[:k].max(), smooth[k + 1 :].max()
+        if left <= 0 or right <= 0:
+            continue
+        depth = smooth[k] / min(left, right)
+        if depth < best_depth:
+            best, best_depth = float(centers[k]), float(depth)
+    return best, best_depth
+
+
+def _robust(x: np.ndarray) -> tuple[float, float]:
+    med = float(np.median(x))
+    return med, float(1.4826 * np.median(np.abs(x - med))) or 1e-3
+
+
+def _record(
+    gates: list[dict[str, Any]], name: str, before: np.ndarray, after: np.ndarray, **info: Any
+) -> None:
+    gates.append({"gate": name, "in": int(before.sum()), "out": int(after.sum()), **info})
+
+
+# --- the gates ----------------------------------------------------------------------------------
+def margin_gate(sample: Sample, panel: Panel) -> np.ndarray:
+    """Finite events whose scatter is inside (0, range)."""
+    ev = sample.events
+    keep = np.all(np.isfinite(ev), axis=1)
+    for role in ("FSC-A", "SSC-A"):
+        idx = sample.index(panel[role])
+        top = sample.ranges.get(panel[role]) or np.inf
+        keep &= (ev[:, idx] > 0) & (ev[:, idx] < 0.999 * top)
+    return keep
+
+
+def time_gate(sample: Sample, panel: Panel, keep: np.ndarray, bins: int = 100) -> tuple[np.ndarray, dict]:
+    """Drop time windows with a flow-rate drop or an unstable signal (a clog)."""
+    if panel.time is None or keep.sum() < 2000:
+        return keep, {"note": "no time channel" if panel.time is None else "too few events"}
+    t = sample.events[:, sample.index(panel.time)]
+    n_bins = int(min(bins, max(10, keep.sum() // 400)))
+    edges = np.linspace(t[keep].min(), t[keep].max() + 1e-9, n_bins + 1)
+    which = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, n_bins - 1)
+    rate = np.bincount(which[keep], minlength=n_bins).astype(float)
+    fsc = sample.events[:, sample.index(panel["FSC-A"])]
+    level = np.array([np.median(fsc[keep & (which == b)]) if rate[b] > 5 else np.nan for b in range(n_bins)])
+    med_rate, med_level = np.median(rate), np.nanmedian(level)
+    bad = (rate < 0.5 * med_rate) | (np.abs(level / med_level - 1) > 0.15)
+    bad[np.isnan(level)] = True
+    # an isolated bad bin between good ones is noise, not a clog; widen real clogs by a bin each side
+    if bad.sum() and bad.sum() < n_bins // 2:
+        runs = np.convolve(bad.astype(int), [1, 1, 1], mode="same") >= 2
+        bad = np.convolve(runs.astype(int), [1, 1, 1], mode="same") > 0
+    else:
+        bad[:] = False  # no stable baseline: do not gate on time
+    return keep & ~bad[which], {"bins_removed": int(bad.sum()), "bins": n_bins}
+
+
+def singlet_gate(sample: Sample, panel: Panel, keep: np.ndarray) -> np.ndarray:
+    """Singlets: FSC-H/FSC-A near the population's ratio (doublets have a low ratio)."""
+    if not panel["FSC-H"]:
+        return keep
+    a = sample.events[:, sample.index(panel["FSC-A"])]
+    h = sample.events[:, sample.index(panel["FSC-H"])]
+    ratio = np.where(a > 0, h / np.where(a > 0, a, 1), 0)
+    med, sd = _robust(ratio[keep])
+    return keep & (ratio > med - 4 * sd) & (ratio < med + 6 * sd)
+
+
+def debris_gate(sample: Sample, panel: Panel, keep: np.ndarray) -> tuple[np.ndarray, float]:
+    """Cells: FSC-A above the valley below the lymphocytes (or 35 % of the median FSC-A)."""
+    fsc = _log(sample.events[:, sample.index(panel["FSC-A"])])
+    med = float(np.median(fsc[keep]))
+    pos, depth = _valley(fsc[keep], med - 1.5, med - 0.15)
+    cut = pos if depth < 0.6 else med + np.log10(0.35)
+    cut = max(cut, med + np.log10(0.2))
+    return keep & (fsc > cut), float(10**cut)
+
+
+def leukocyte_gate(
+    comp: np.ndarray, sample: Sample, panel: Panel, keep: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """CD45+ events: above the valley between CD45-negative debris/RBC and leukocytes."""
+    if not panel["CD45"]:
+        return keep, float("nan")
+    cd45 = _log(comp[:, sample.index(panel["CD45"])])
+    lo, hi = np.percentile(cd45[keep], [0.5, 99.5])
+    med = float(np.median(cd45[keep]))
+    pos, depth = _valley(cd45[keep], lo, med)
+    cut = pos if depth < 0.5 else med - 1.0
+    return keep & (cd45 > cut), float(10**cut)
+
+
+def monocyte_gate_density(
+    comp: np.ndarray, sample: Sample, panel: Panel, leuk: np.ndarray
+) -> tuple[np.ndarray, dict]:
+    """CD14+ (above the CD14 valley) with low-to-intermediate SSC and bright CD45."""
+    cd14 = _log(comp[:, sample.index(panel["CD14"])])
+    ssc = _log(sample.events[:, sample.index(panel["SSC-A"])])
+    bulk = float(np.median(cd14[leuk]))
+    top = float(np.percentile(cd14[leuk], 99.9))
+    pos, depth = _valley(cd14[leuk], bulk, top)
+    info: dict[str, Any] = {
+        "cd14_valley": float(10**pos) if np.isfinite(pos) else None,
+        "valley_depth": depth,
+    }
+    if not np.isfinite(pos) or depth > 0.5:
+        info["failed"] = "no CD14 valley"
+        return np.zeros_like(leuk), info
+    cd14_pos = leuk & (cd14 > pos)
+    if cd14_pos.sum() < 20:
+        info["failed"] = "almost no CD14+ events"
+        return cd14_pos, info
+    # low-to-intermediate SSC: drop CD14+ events in the granulocytes' SSC range
+    m_ssc, s_ssc = _robust(ssc[cd14_pos])
+    mono = cd14_pos & (ssc < m_ssc + 3 * s_ssc) & (ssc > m_ssc - 4 * s_ssc)
+    if panel["CD45"]:
+        cd45 = _log(comp[:, sample.index(panel["CD45"])])
+        m45, s45 = _robust(cd45[mono])
+        mono &= cd45 > m45 - 4 * s45
+    info["ssc_max"] = float(10 ** (m_ssc + 3 * s_ssc))
+    return mono, info
+
+
+def monocyte_gate_gmm(
+    comp: np.ndarray, sample: Sample, panel: Panel, leuk: np.ndarray, seed: int = 0
+) -> np.ndarray:
+    """Gaussian-mixture fallback over log CD14, log SSC (and log CD45): the CD14-bright components."""
+    from sklearn.mixture import GaussianMixture
+
+    cols = [_log(comp[:, sample.index(panel["CD14"])]), _log(sample.events[:, sample.index(panel["SSC-A"])])]
+    if panel["CD45"]:
+        cols.append(_log(comp[:, sample.index(panel["CD45"])]))
+    x = np.column_stack(cols)
+    idx = np.flatnonzero(leuk)
+    if idx.size < 200:
+        raise GatingError(f"only {idx.size} leukocytes: cannot find monocytes", sample.path)
+    rng = np.random.default_rng(seed)
+    fit_idx = rng.choice(idx, size=min(idx.size, 30_000), replace=False)
+    gmm = GaussianMixture(n_components=6, covariance_type="full", random_state=seed, n_init=2).fit(x[fit_idx])
+    labels = gmm.predict(x[idx])
+    bulk = float(np.median(x[idx, 0]))
+    mono_components = [k for k in range(gmm.n_components) if gmm.means_[k, 0] > bulk + 0.8]
+    if not mono_components:
+        raise GatingError(
+            "no CD14-bright population found (density gate and clustering fallback)", sample.path
+        )
+    mono = np.zeros(leuk.shape, dtype=bool)
+    mono[idx] = np.isin(labels, mono_components)
+    return mono
+
+
+def gate_monocytes(
+    sample: Sample, panel: Panel, *, gates: str | os.PathLike | None = None, seed: int = 0
+) -> GatingResult:
+    """Run the whole gating sequence on a patient tube."""
+    comp, notes = compensate(sample)
+    flags: list[str] = []
+    gate_log: list[dict[str, Any]] = []
+    all_events = np.ones(sample.n_events, dtype=bool)
+    margin = margin_gate(sample, panel)
+    _record(gate_log, "margins", all_events, margin)
+    timed, time_info = time_gate(sample, panel, margin)
+    _record(gate_log, "time", margin, timed, **time_info)
+    if margin.sum() and (margin.sum() - timed.sum()) / margin.sum() > 0.1:
+        flags.append(f"time_gate_removed:{(margin.sum() - timed.sum()) / margin.sum():.0%}")
+    singlets = singlet_gate(sample, panel, timed)
+    _record(gate_log, "singlets", timed, singlets)
+    cells, debris_cut = debris_gate(sample, panel, singlets)
+    _record(gate_log, "debris", singlets, cells, fsc_min=debris_cut)
+    leuk, cd45_cut = leukocyte_gate(comp, sample, panel, cells)
+    _record(
+        gate_log,
+        "CD45+ leukocytes" if panel["CD45"] else "leukocytes (no CD45)",
+        cells,
+        leuk,
+        cd45_min=cd45_cut,
+    )
+    thresholds = {"fsc_min": debris_cut, "cd45_min": cd45_cut}
+
+    if gates is not None:
+        mono = user_gate(sample, gates) & singlets
+        method = f"user:{Path(gates).name}"
+        _record(gate_log, "monocytes (user gate)", singlets, mono)
+    else:
+        mono, info = monocyte_gate_density(comp, sample, panel, leuk)
+        percent = 100.0 * mono.sum() / max(leuk.sum(), 1)
+        problem = info.get("failed")
+        if not problem and mono.sum() < MIN_MONOCYTES_DENSITY:
+            problem = f"only {int(mono.sum())} monocytes"
+        if not problem and not MONOCYTE_PERCENT_RANGE[0] <= percent <= MONOCYTE_PERCENT_RANGE[1]:
+            problem = f"implausible monocyte fraction {percent:.2f} %"
+        method = "density"
+        if problem:
+            mono = monocyte_gate_gmm(comp, sample, panel, leuk, seed)
+            method = "gmm-fallback"
+            flags.append("fallback_gating")
+            info["fallback_reason"] = problem
+        _record(
+            gate_log,
+            "CD14+ monocytes",
+            leuk,
+            mono,
+            method=method,
+            **{k: v for k, v in info.items() if k != "failed"},
+        )
+        if info.get("cd14_valley"):
+            thresholds["cd14_min"] = info["cd14_valley"]
+        if info.get("ssc_max"):
+            thresholds["ssc_max"] = info["ssc_max"]
+    gr = GatingResult(mono, leuk, singlets, timed, comp, method, gate_log, flags, thresholds)
+    gr.gates.insert(0, {"gate": "compensation", "notes": notes})
+    return gr
+
+
+def user_gate(sample: Sample, gates: str | os.PathLike, gate_name: str | None = None) -> np.ndarray:
+    """Membership of the monocyte gate in a GatingML 2.0 file or FlowJo workspace (via flowkit).
+
+    The gate named like ``monocyte`` (case-insensitive) is used, else ``gate_name``.
+    """
+    import flowkit as fk
+
+    path = Path(gates)
+    fk_sample = fk.Sample(
+        np.asarray(sample.events, dtype=np.float64),
+        sample_id=sample.path.name,
+        channel_labels=list(sample.channels),
+    )
+    try:
+        if path.suffix.lower() == ".wsp" or "flowjo" in path.read_text(errors="ignore")[:4000].lower():
+            ws = fk.Workspace(str(path), fcs_samples=[fk_sample], ignore_missing_files=True)
+            sample_id = ws.get_sample_ids()[0]
+            ws.analyze_samples(sample_id=sample_id)
+            results = ws.get_gating_results(sample_id)
+            names = [g[0] for g in ws.get_gate_ids(sample_id)]
+        else:
+            strategy = fk.parse_gating_xml(str(path))
+            results = strategy.gate_sample(fk_sample)
+            names = [g[0] for g in strategy.get_gate_ids()]
+    except Exception as exc:  # noqa: BLE001 - flowkit raises many kinds; report one clear error
+        raise GatingError(f"cannot apply gates from {path.name}: {exc}", sample.path) from exc
+    wanted = gate_name or next((n for n in names if "mono" in n.lower()), None)
+    if wanted is None:
+        raise GatingError(f"no monocyte gate in {path.name}; gates: {', '.join(names)}", sample.path)
+    return np.asarray(results.get_gate_membership(wanted), dtype=bool)

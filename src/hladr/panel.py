@@ -1,0 +1,148 @@
+"""Which channel plays which role: scatter, CD45, CD14 and HLA-DR.
+
+Resolution order for each role: an explicit argument; a ``$PnS`` marker (case, space and
+dash variants: ``HLA-DR``, ``HLADR``, ``HLA DR``); instrument naming with the Quantibrite kit
+defaults (PE = HLA-DR, PerCP-Cy5.5 / PC5.5 = CD14), which adds a warning to the panel.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import PanelError
+from .fcs import Sample
+
+ROLES = ("FSC-A", "FSC-H", "SSC-A", "CD45", "CD14", "HLA-DR")
+
+_MARKERS = {
+    "HLA-DR": re.compile(r"hla[\s_-]*dr|mhc[\s_-]*(ii|2|class[\s_-]*ii)\b", re.IGNORECASE),
+    "CD14": re.compile(r"\bcd[\s_-]*14(?![0-9])", re.IGNORECASE),
+    "CD45": re.compile(r"\bcd[\s_-]*45(?![0-9]|\s*r[ao])", re.IGNORECASE),
+}
+# instrument naming, most specific first (full-match, case-insensitive)
+_NAMES = {
+    "FSC-A": [r"fsc[-_ ]a", r"fs[-_ ]?int", r"fsc", r"fs[-_ ]?lin", r"fsc[-_ ]h", r"fs[-_ ]?peak"],
+    "FSC-H": [r"fsc[-_ ]h", r"fs[-_ ]?peak"],
+    "SSC-A": [
+        r"ssc[-_ ]a",
+        r"ss[-_ ]?int",
+        r"ssc",
+        r"ss[-_ ]?lin",
+        r"ssc[-_ ]h",
+        r"ss[-_ ]?peak",
+        r"ss[-_ ]?log",
+    ],
+    "HLA-DR": [
+        r"pe[-_ ]a",
+        r"pe",
+        r"fl2[-_ ]?a",
+        r"fl2[-_ ]?int",
+        r"fl2[-_ ]?h",
+        r"fl2[-_ ]?log",
+        r"pe[-_ ]h",
+    ],
+    "CD14": [
+        r"percp[-_ ]cy5[-_.]?5[-_ ]a",
+        r"pc5[-_.]?5[-_ ]a",
+        r"fl4[-_ ]?int",
+        r"percp[-_ ]cy5[-_.]?5.*",
+        r"pc5[-_.]?5.*",
+        r"fl3[-_ ]?h",
+    ],
+    "CD45": [
+        r"v500[-_ ]c[-_ ]a",
+        r"v500[-_ ]a",
+        r"bv510[-_ ]a",
+        r"ko525[-_ ]a",
+        r"ko[-_ ]a",
+        r"fl9[-_ ]?int",
+        r"krome[-_ ]?orange.*",
+    ],
+}
+_TIME = re.compile(r"time", re.IGNORECASE)
+
+
+@dataclass
+class Panel:
+    """Channel (``$PnN``) per role; ``None`` where a panel lacks the role (CD45 in a 2-colour kit)."""
+
+    channels: dict[str, str | None]
+    sources: dict[str, str] = field(default_factory=dict)  # role -> "argument" | "marker" | "naming"
+    warnings: list[str] = field(default_factory=list)
+    time: str | None = None
+
+    def __getitem__(self, role: str) -> str | None:
+        return self.channels.get(role)
+
+
+def _listing(sample: Sample) -> str:
+    return ", ".join(f"{c} [{m}]" if m else c for c, m in zip(sample.channels, sample.markers))
+
+
+def _by_name(sample: Sample, role: str, taken: set[str]) -> str | None:
+    for pattern in _NAMES[role]:
+        for ch in sample.channels:
+            if ch not in taken and re.fullmatch(pattern, ch.strip(), re.IGNORECASE):
+                return ch
+    return None
+
+
+def _by_marker(sample: Sample, role: str) -> str | None:
+    hits = [c for c, m in zip(sample.channels, sample.markers) if m and _MARKERS[role].search(m)]
+    if len(hits) > 1:  # e.g. CD14-A and CD14-H: prefer the area
+        area = [c for c in hits if re.search(r"(-a|area|int)$", c, re.IGNORECASE)]
+        hits = area or hits
+    return hits[0] if hits else None
+
+
+def resolve_panel(
+    sample: Sample,
+    hladr: str | None = None,
+    cd14: str | None = None,
+    cd45: str | None = None,
+) -> Panel:
+    """Resolve every role of ``sample``; raise :class:`PanelError` listing channels when one is missing.
+
+    CD45 may be absent (the original two-colour kit); HLA-DR, CD14, FSC-A and SSC-A may not.
+    """
+    explicit = {"HLA-DR": hladr, "CD14": cd14, "CD45": cd45}
+    channels: dict[str, str | None] = {}
+    sources: dict[str, str] = {}
+    warnings: list[str] = []
+    for role, name in explicit.items():
+        if name is None:
+            continue
+        if name not in sample.channels:
+            raise PanelError(
+                f"{role} channel {name!r} not in the file; channels: {_listing(sample)}", sample.path
+            )
+        channels[role], sources[role] = name, "argument"
+    for role in ("HLA-DR", "CD14", "CD45"):
+        if role not in channels and (ch := _by_marker(sample, role)):
+            channels[role], sources[role] = ch, "marker"
+    for role in ROLES:
+        if channels.get(role):
+            continue
+        ch = _by_name(sample, role, {c for c in channels.values() if c})
+        if role == "FSC-H" and ch == channels.get("FSC-A"):
+            ch = None
+        if role == "CD45" and any(m for m in sample.markers):
+            ch = None  # a labelled file without a CD45 marker has no CD45 stain (two-colour kit)
+        channels[role] = ch
+        if ch:
+            sources[role] = "naming"
+            if role in ("HLA-DR", "CD14", "CD45"):
+                warnings.append(f"{role} taken as {ch} from instrument naming (no $PnS marker)")
+    missing = [r for r in ("HLA-DR", "CD14", "FSC-A", "SSC-A") if not channels.get(r)]
+    if missing:
+        raise PanelError(
+            f"cannot tell which channel is {', '.join(missing)} (give --hladr/--cd14/--cd45); "
+            f"channels: {_listing(sample)}",
+            sample.path,
+        )
+    used = [c for c in channels.values() if c]
+    if len(set(used)) != len(used):
+        raise PanelError(f"one channel given two roles: {channels}", sample.path)
+    time = next((c for c in sample.channels if _TIME.fullmatch(c.strip())), None)
+    return Panel(channels, sources, warnings, time)
