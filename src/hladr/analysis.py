@@ -193,10 +193,11 @@ def describe(result: Result) -> str:
         f"sample:     {result.sample}",
         f"mHLA-DR:    {result.abc:,.0f} AB/C  (95 % CI {result.abc_ci95[0]:,.0f}-{result.abc_ci95[1]:,.0f})"
         f"  -> {verdict}{'  [borderline]' if result.borderline else ''}",
-        f"monocytes:  {result.monocytes:,} ({result.monocyte_percent:.1f} % of leukocytes), gating: {result.gate_method}",
-        f"channels:   " + ", ".join(f"{k}={v}" for k, v in result.channels.items() if v),
-        f"beads:      {result.calibration.get('lot') or 'values given'}, slope {result.calibration['slope']:.3f}, "
-        f"r2 {result.calibration['r2']:.4f}",
+        f"monocytes:  {result.monocytes:,} ({result.monocyte_percent:.1f} % of leukocytes), "
+        f"gating: {result.gate_method}",
+        "channels:   " + ", ".join(f"{k}={v}" for k, v in result.channels.items() if v),
+        f"beads:      {result.calibration.get('lot') or 'values given'}, "
+        f"slope {result.calibration['slope']:.3f}, r2 {result.calibration['r2']:.4f}",
         f"QC:         {'passed' if result.passed else 'FAILED'}"
         + (f"  flags: {', '.join(result.qc['flags'])}" if result.qc["flags"] else ""),
     ]
