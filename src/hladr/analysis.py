@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-from typing import Any
 
 import numpy as np
 

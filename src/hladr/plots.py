@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,5 +88,111 @@ def plot_calibration(
         ylabel="PE molecules per bead",
     )
     if fig is not None and path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def _density(ax: Any, x: np.ndarray, y: np.ndarray, title: str, xlabel: str, ylabel: str) -> None:
+    """A log-log density plot (2D histogram) of positive events."""
+    ok = (x > 0) & (y > 0)
+    if ok.sum() < 10:
+        ax.set(title=title + " (no events)")
+        return
+    ax.hist2d(np.log10(x[ok]), np.log10(y[ok]), bins=120, cmap="viridis", cmin=1)
+    ax.set(title=title, xlabel=f"log10 {xlabel}", ylabel=f"log10 {ylabel}")
+
+
+def plot_analysis(
+    sample: Any,
+    result: Any,
+    calibration: Any,
+    path: str | os.PathLike | None = None,
+    gating: Any = None,
+    panel: Any = None,
+) -> Any:
+    """QC figure of one patient tube: the gating sequence, the monocytes' HLA-DR and the bead curve.
+
+    Panels: singlets (FSC-A vs FSC-H), leukocytes (CD45 vs SSC), monocytes (CD14 vs SSC),
+    the monocytes' HLA-DR in AB/C with the 5,000 line, the bead histogram and the standard curve
+    with the sample's position on it.
+    """
+    from .gating import gate_monocytes
+    from .panel import resolve_panel
+
+    plt = _pyplot()
+    channels = result.channels if hasattr(result, "channels") else result["channels"]
+    panel = panel or resolve_panel(
+        sample, hladr=channels.get("HLA-DR"), cd14=channels.get("CD14"), cd45=channels.get("CD45")
+    )
+    gating = gating or gate_monocytes(sample, panel)
+    ev, comp = sample.events, gating.compensated
+
+    def col(role: str, data: np.ndarray = ev) -> np.ndarray:
+        return data[:, sample.index(panel[role])]
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 9))
+    ssc = col("SSC-A")
+    if panel["FSC-H"]:
+        _density(
+            axes[0, 0], col("FSC-A")[gating.clean], col("FSC-H")[gating.clean], "Singlets", "FSC-A", "FSC-H"
+        )
+        fa, fh = col("FSC-A")[gating.singlets], col("FSC-H")[gating.singlets]
+        axes[0, 0].plot(np.log10(fa[fa > 0][:3000]), np.log10(fh[fa > 0][:3000]), ",", color="r", alpha=0.3)
+    else:
+        axes[0, 0].set(title="Singlets: no FSC-H")
+    if panel["CD45"]:
+        _density(
+            axes[0, 1],
+            col("CD45", comp)[gating.singlets],
+            ssc[gating.singlets],
+            "CD45+ leukocytes",
+            "CD45",
+            "SSC-A",
+        )
+        cut = gating.thresholds.get("cd45_min")
+        if cut and np.isfinite(cut):
+            axes[0, 1].axvline(np.log10(cut), color="r", lw=1)
+    else:
+        _density(
+            axes[0, 1],
+            col("FSC-A")[gating.singlets],
+            ssc[gating.singlets],
+            "Leukocytes (no CD45)",
+            "FSC-A",
+            "SSC-A",
+        )
+    _density(
+        axes[0, 2],
+        col("CD14", comp)[gating.leukocytes],
+        ssc[gating.leukocytes],
+        "CD14+ monocytes",
+        "CD14",
+        "SSC-A",
+    )
+    mono_x, mono_y = col("CD14", comp)[gating.monocytes], ssc[gating.monocytes]
+    ok = (mono_x > 0) & (mono_y > 0)
+    axes[0, 2].plot(np.log10(mono_x[ok]), np.log10(mono_y[ok]), ",", color="r", alpha=0.5)
+    if "cd14_min" in gating.thresholds:
+        axes[0, 2].axvline(np.log10(gating.thresholds["cd14_min"]), color="r", lw=1)
+
+    data = result.to_dict() if hasattr(result, "to_dict") else result
+    abc_cells = calibration.molecules(col("HLA-DR", comp)[gating.monocytes])
+    abc_cells = abc_cells[np.isfinite(abc_cells) & (abc_cells > 0)]
+    ax = axes[1, 0]
+    if abc_cells.size:
+        ax.hist(np.log10(abc_cells), bins=80, color="C0")
+    ax.axvline(np.log10(5000), color="k", ls="--", label="5,000 AB/C")
+    ax.axvline(np.log10(data["abc"]), color="C3", label=f"median {data['abc']:,.0f}")
+    ax.set(title=f"Monocyte HLA-DR ({data['monocytes']:,} cells)", xlabel="log10 AB/C", ylabel="cells")
+    ax.legend(fontsize=8)
+    plot_calibration(calibration, axes=[axes[1, 1], axes[1, 2]], sample_mfi=data.get("mfi"))
+    status = "QC passed" if data["qc"]["passed"] else "QC FAILED"
+    fig.suptitle(
+        f"{Path(data['sample']).name}: {data['abc']:,.0f} AB/C ({data['band']}), {status}"
+        + (f" - {', '.join(data['qc']['flags'])}" if data["qc"]["flags"] else ""),
+        fontsize=11,
+    )
+    fig.tight_layout()
+    if path is not None:
         save_figure(fig, path)
     return fig
