@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import kernels
-from .errors import GatingError
+from .errors import GatingError, PanelError
 from .fcs import Sample
 from .panel import Panel
 
@@ -194,8 +194,8 @@ def monocyte_gate_density(
     cd14 = _log(comp[:, sample.index(panel["CD14"])])
     ssc = _log(sample.events[:, sample.index(panel["SSC-A"])])
     bulk = float(np.median(cd14[leuk]))
-    top = float(np.percentile(cd14[leuk], 99.9))
-    pos, depth = _valley(cd14[leuk], bulk, top)
+    top = float(np.percentile(cd14[leuk], 99.99))
+    pos, depth = _valley(cd14[leuk], bulk + 0.2, top)
     info: dict[str, Any] = {
         "cd14_valley": float(10**pos) if np.isfinite(pos) else None,
         "valley_depth": depth,
@@ -215,7 +215,14 @@ def monocyte_gate_density(
         m45, s45 = _robust(cd45[mono])
         mono &= cd45 > m45 - 4 * s45
     info["ssc_max"] = float(10 ** (m_ssc + 3 * s_ssc))
+    if mono.sum() and np.median(ssc[mono]) > granulocyte_ssc_limit(ssc, leuk):
+        info["failed"] = "the CD14+ events have granulocyte-like SSC"
     return mono, info
+
+
+def granulocyte_ssc_limit(log_ssc: np.ndarray, leuk: np.ndarray) -> float:
+    """log10 SSC above which a population is granulocyte-like, not a monocyte (80 % of the 90th percentile)."""
+    return float(np.percentile(log_ssc[leuk], 90) + np.log10(0.8))
 
 
 def monocyte_gate_gmm(
@@ -236,7 +243,10 @@ def monocyte_gate_gmm(
     gmm = GaussianMixture(n_components=6, covariance_type="full", random_state=seed, n_init=2).fit(x[fit_idx])
     labels = gmm.predict(x[idx])
     bulk = float(np.median(x[idx, 0]))
-    mono_components = [k for k in range(gmm.n_components) if gmm.means_[k, 0] > bulk + 0.8]
+    ssc_limit = granulocyte_ssc_limit(x[:, 1], leuk)
+    mono_components = [
+        k for k in range(gmm.n_components) if gmm.means_[k, 0] > bulk + 0.8 and gmm.means_[k, 1] < ssc_limit
+    ]
     if not mono_components:
         raise GatingError(
             "no CD14-bright population found (density gate and clustering fallback)", sample.path
@@ -288,7 +298,16 @@ def gate_monocytes(
             problem = f"implausible monocyte fraction {percent:.2f} %"
         method = "density"
         if problem:
-            mono = monocyte_gate_gmm(comp, sample, panel, leuk, seed)
+            try:
+                mono = monocyte_gate_gmm(comp, sample, panel, leuk, seed)
+            except GatingError as exc:
+                if panel.sources.get("CD14") == "naming":
+                    raise PanelError(
+                        f"{exc.message}; CD14 was taken as {panel['CD14']} from instrument naming only "
+                        f"(no $PnS markers): give the CD14 channel with --cd14",
+                        sample.path,
+                    ) from None
+                raise
             method = "gmm-fallback"
             flags.append("fallback_gating")
             info["fallback_reason"] = problem
