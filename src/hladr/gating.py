@@ -221,7 +221,7 @@ def monocyte_gate_density(
 
 
 def granulocyte_ssc_limit(log_ssc: np.ndarray, leuk: np.ndarray) -> float:
-    """log10 SSC above which a population is granulocyte-like, not a monocyte (80 % of the 90th percentile)."""
+    """log10 SSC above which a population is granulocyte-like (80 % of the 90th percentile)."""
     return float(np.percentile(log_ssc[leuk], 90) + np.log10(0.8))
 
 
