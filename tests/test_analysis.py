@@ -1,0 +1,250 @@
+"""The main job: panel resolution, gating and AB/C against simulator ground truth; CLI and real files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import hladr
+from hladr.analysis import analyze
+from hladr.calibration import calibrate
+from hladr.cli import main as cli_main
+from hladr.errors import HladrError, PanelError
+from hladr.gating import gate_monocytes
+from hladr.panel import resolve_panel
+from hladr.simulate import INSTRUMENTS, MONOCYTE_CODES, POPULATIONS, simulate_beads, simulate_blood
+from tests.conftest import REAL_DIR, SAMPLE_DIR, real_files, require_real
+
+COHORT_SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def calibrations(tmp_path_factory):
+    """One bead calibration per instrument preset (a run's bead tube serves all its patients)."""
+    folder = tmp_path_factory.mktemp("beads")
+    out = {}
+    for i, name in enumerate(sorted(INSTRUMENTS)):
+        simulate_beads(folder / f"{name}.fcs", name, seed=500 + i, n_events=10_000)
+        out[name] = calibrate(hladr.read_fcs(folder / f"{name}.fcs"), lot="96597")
+    return out
+
+
+# --- panel -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("marker", ["HLA-DR", "HLADR", "hla dr", "HLA-DR PE", "MHC class II"])
+def test_hladr_marker_variants(tmp_path, marker):
+    simulate_blood(tmp_path / "p.fcs", "canto", 5000, seed=1, n_events=2000)
+    sample = hladr.read_fcs(tmp_path / "p.fcs")
+    sample.markers[sample.index("PE-A")] = marker
+    panel = resolve_panel(sample)
+    assert panel["HLA-DR"] == "PE-A" and panel.sources["HLA-DR"] == "marker"
+
+
+@pytest.mark.parametrize("name", sorted(INSTRUMENTS))
+def test_panel_from_markers_and_from_naming(tmp_path, name):
+    inst = INSTRUMENTS[name]
+    for with_markers in (True, False):
+        if name == "lyric" and not with_markers:
+            continue  # CD14 on APC cannot be told from naming: see test_unresolvable_cd14_is_a_clear_error
+        simulate_blood(tmp_path / "p.fcs", name, 5000, seed=2, n_events=2000, with_markers=with_markers)
+        panel = resolve_panel(hladr.read_fcs(tmp_path / "p.fcs"))
+        assert panel["HLA-DR"] == inst.detector("PE").channel
+        assert panel["CD14"] == inst.detector(inst.markers["CD14"]).channel
+        assert panel["CD45"] == inst.detector(inst.markers["CD45"]).channel
+        assert bool(panel.warnings) is not with_markers
+
+
+def test_two_colour_panel_has_no_cd45(tmp_path):
+    simulate_blood(tmp_path / "p.fcs", "canto", 5000, seed=3, n_events=2000, panel="2colour")
+    assert resolve_panel(hladr.read_fcs(tmp_path / "p.fcs"))["CD45"] is None
+
+
+def test_missing_role_lists_channels(tmp_path):
+    simulate_blood(tmp_path / "p.fcs", "canto", 5000, seed=3, n_events=2000)
+    with pytest.raises(PanelError, match="PerCP-Cy5-5-A"):
+        resolve_panel(hladr.read_fcs(tmp_path / "p.fcs"), hladr="APC-Cy7-A")
+
+
+def test_unresolvable_cd14_is_a_clear_error(tmp_path, calibrations):
+    simulate_blood(tmp_path / "p.fcs", "lyric", 5000, seed=4, n_events=20_000, with_markers=False)
+    with pytest.raises(PanelError, match="--cd14"):
+        analyze(hladr.read_fcs(tmp_path / "p.fcs"), calibrations["lyric"])
+    result = analyze(hladr.read_fcs(tmp_path / "p.fcs"), calibrations["lyric"], cd14="APC-A")
+    assert result.channels["CD14"] == "APC-A"
+
+
+# --- gating against the true labels --------------------------------------------------------------
+def test_gate_keeps_hladr_low_monocytes_and_excludes_b_cells_dcs_granulocytes(tmp_path):
+    simulate_blood(tmp_path / "p.fcs", "canto", 1200, seed=5, n_events=40_000, septic=True)
+    sample = hladr.read_fcs(tmp_path / "p.fcs")
+    labels = np.load(tmp_path / "p.labels.npy")
+    gating = gate_monocytes(sample, resolve_panel(sample))
+    gated = labels[gating.monocytes]
+    purity = np.isin(gated, (*MONOCYTE_CODES, 11)).mean()
+    classical = (labels == 8) & gating.singlets
+    assert purity > 0.97
+    assert gating.monocytes[classical].mean() > 0.9  # HLA-DR-low classical monocytes stay in
+    for code in (1, 2, 5, 7, 12):  # neutrophils, immature granulocytes, B cells, DCs, doublets
+        assert (gated == code).sum() <= 0.005 * gated.size, POPULATIONS[code]
+
+
+def test_clog_events_are_removed(tmp_path):
+    truth = simulate_blood(tmp_path / "p.fcs", "canto", 5000, seed=6, n_events=30_000, clog=True)
+    sample = hladr.read_fcs(tmp_path / "p.fcs")
+    gating = gate_monocytes(sample, resolve_panel(sample))
+    lo, hi = truth["clog_window"]
+    n = sample.n_events
+    window = np.zeros(n, dtype=bool)
+    window[int(lo * n) : int(hi * n)] = True
+    assert gating.clean[window].mean() < 0.2
+    assert gating.clean[~window].mean() > 0.85
+
+
+# --- the cohort -------------------------------------------------------------------------------------
+def _cohort_cases():
+    rng = np.random.default_rng(2026)
+    names = sorted(INSTRUMENTS)
+    cases = []
+    for i in range(COHORT_SIZE):
+        near = i < 14
+        abc = (
+            5000 * rng.uniform(0.81, 1.19)
+            if near
+            else float(np.exp(rng.uniform(np.log(1000), np.log(40000))))
+        )
+        name = names[i % len(names)]
+        fraction = float(rng.choice([0.005, 0.02, 0.06, 0.12]))
+        cases.append(
+            dict(
+                instrument=name,
+                abc=abc,
+                seed=3000 + i,
+                monocyte_fraction=fraction,
+                n_events=60_000 if fraction < 0.01 else 25_000,
+                septic=bool(rng.random() < 0.6),
+                clog=bool(rng.random() < 0.25),
+                panel="2colour" if rng.random() < 0.2 else "3colour",
+                with_markers=True if name == "lyric" else bool(rng.random() < 0.6),
+            )
+        )
+    return cases
+
+
+def test_simulated_cohort_accuracy_and_classification(tmp_path, calibrations):
+    rows = []
+    for i, case in enumerate(_cohort_cases()):
+        path = tmp_path / f"p{i:02d}.fcs"
+        params = {k: v for k, v in case.items() if k not in ("instrument", "abc")}
+        truth = simulate_blood(path, case["instrument"], case["abc"], **params)
+        result = analyze(hladr.read_fcs(path), calibrations[case["instrument"]])
+        rows.append((case, truth["abc_true"], result))
+    errors = np.array([r.abc / t - 1 for _, t, r in rows])
+    abs_err = np.abs(errors)
+    print(f"\ncohort of {len(rows)} simulated tubes (4 instrument presets, channel names not given)")
+    print(
+        f"error: median {np.median(errors):+.2%}, median |error| {np.median(abs_err):.2%}, "
+        f"95th pct |error| {np.percentile(abs_err, 95):.2%}, max |error| {abs_err.max():.2%}"
+    )
+    print(
+        f"within 2 %: {np.mean(abs_err < 0.02):.0%}  within 5 %: {np.mean(abs_err < 0.05):.0%}  "
+        f"within 10 %: {np.mean(abs_err < 0.10):.0%}"
+    )
+    near = [r for r in rows if abs(r[1] / 5000 - 1) <= 0.2]
+    print(
+        f"cases within +-20 % of 5,000: {len(near)}; gate methods: "
+        f"{sorted({r.gate_method for _, _, r in rows})}"
+    )
+    for case, true, result in rows:
+        print(
+            f"  {case['instrument']:<9} true {true:>8,.0f} hladr {result.abc:>8,.0f} ({result.abc / true - 1:+6.2%}) "
+            f"monocytes {result.monocytes:>5} {case['panel']} septic={case['septic']} clog={case['clog']}"
+        )
+    assert len(rows) >= 60 and len(near) >= 10
+    assert np.mean(abs_err < 0.10) >= 0.95
+    assert np.mean(abs_err < 0.05) >= 0.90
+    for _, true, result in rows:
+        if abs(true / 5000 - 1) > 0.15:
+            assert result.immunoparalysis == (true < 5000), (true, result.abc)
+
+
+# --- results, CLI, figures -----------------------------------------------------------------------------
+def test_result_contract_and_schema(calibrations):
+    from hladr import schema
+
+    beads = calibrate(hladr.read_fcs(SAMPLE_DIR / "beads.fcs"), lot="96597")
+    result = analyze(hladr.read_fcs(SAMPLE_DIR / "patient_03.fcs"), beads)
+    data = result.to_dict()
+    schema.validate(data)
+    truth = {
+        row.split(",")[0]: row.split(",")[5]
+        for row in (SAMPLE_DIR / "truth.csv").read_text().splitlines()[1:]
+    }
+    assert result.abc == pytest.approx(float(truth["patient_03.fcs"]), rel=0.05)
+    assert data["immunoparalysis"] is True and data["band"] == "immunoparalysis"
+    assert data["abc_ci95"][0] < data["abc"] < data["abc_ci95"][1]
+    assert analyze(hladr.read_fcs(SAMPLE_DIR / "patient_03.fcs"), beads).abc == result.abc  # reproducible
+
+
+def test_voltage_mismatch_fails_qc(tmp_path, calibrations):
+    simulate_blood(
+        tmp_path / "hot.fcs", INSTRUMENTS["canto"].scaled("PE", 1.6), 5000, seed=7, n_events=20_000
+    )
+    result = analyze(hladr.read_fcs(tmp_path / "hot.fcs"), calibrations["canto"])
+    assert not result.passed
+    assert any(f.startswith("voltage_mismatch:PE-A") for f in result.qc["flags"])
+
+
+def test_cli_json_prints_one_object_and_plot(tmp_path, capsys):
+    png = tmp_path / "qc.png"
+    code = cli_main(
+        [
+            "analyze",
+            str(SAMPLE_DIR / "patient_01.fcs"),
+            "--beads",
+            str(SAMPLE_DIR / "beads.fcs"),
+            "--lot",
+            "96597",
+            "--json",
+            "--plot",
+            str(png),
+        ]
+    )
+    out = capsys.readouterr().out
+    data = json.loads(out)
+    assert code == 0 and data["schema"] == "hladr.result/1" and out.count("\n") == 1
+    assert png.stat().st_size > 20_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_error_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "broken.fcs"
+    bad.write_bytes(b"FCS3.0    not really")
+    code = cli_main(["analyze", str(bad), "--beads", str(SAMPLE_DIR / "beads.fcs"), "--lot", "96597"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err and "broken.fcs" in err
+
+
+def test_stratify_a_result():
+    beads = calibrate(hladr.read_fcs(SAMPLE_DIR / "beads.fcs"), lot="96597")
+    result = analyze(hladr.read_fcs(SAMPLE_DIR / "patient_03.fcs"), beads)
+    assert hladr.stratify(result, ferritin=1200).category == "immunoparalysis"
+    assert hladr.stratify(result, ferritin=9000).category == "MALS"
+
+
+def test_real_files_as_patient_tubes_never_crash():
+    require_real()
+    beads = calibrate(hladr.read_fcs(SAMPLE_DIR / "beads.fcs"), lot="96597")
+    outcomes = {}
+    for path in real_files():
+        try:
+            result = analyze(hladr.read_fcs(path, lenient=True), beads)
+            outcomes[path.relative_to(REAL_DIR)] = (
+                f"{result.abc:,.0f} AB/C, {result.monocytes} monocytes, flags {result.qc['flags']}"
+            )
+            assert result.qc["flags"], "a real file analysed with a foreign bead tube must carry flags"
+        except HladrError as exc:
+            outcomes[path.relative_to(REAL_DIR)] = f"error: {str(exc)[:120]}"
+    print()
+    for name, outcome in outcomes.items():
+        print(f"  {name}: {outcome}")
+    assert len(outcomes) > 100
