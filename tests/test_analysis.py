@@ -157,7 +157,8 @@ def test_simulated_cohort_accuracy_and_classification(tmp_path, calibrations):
     )
     for case, true, result in rows:
         print(
-            f"  {case['instrument']:<9} true {true:>8,.0f} hladr {result.abc:>8,.0f} ({result.abc / true - 1:+6.2%}) "
+            f"  {case['instrument']:<9} true {true:>8,.0f} hladr {result.abc:>8,.0f} "
+            f"({result.abc / true - 1:+6.2%}) "
             f"monocytes {result.monocytes:>5} {case['panel']} septic={case['septic']} clog={case['clog']}"
         )
     assert len(rows) >= 60 and len(near) >= 10
