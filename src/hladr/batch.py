@@ -577,20 +577,26 @@ def analyze_task(path: str, calibration: dict[str, Any], plot: bool) -> dict[str
         from .analysis import analyze
         from .calibration import Calibration
         from .fcs import read_fcs
+        from .gating import gate_monocytes
+        from .panel import resolve_panel
 
         sample = read_fcs(path, lenient=True)
         cal = Calibration.from_dict(calibration)
-        result = analyze(sample, cal)
+        panel = resolve_panel(sample)
+        gating = gate_monocytes(sample, panel)  # once, for the analysis and its figure
+        result = analyze(sample, cal, panel=panel, gating=gating)
         out: dict[str, Any] = {"status": "ok", "result": result.to_dict()}
         if plot:
-            out["png"], out["plot_error"] = _qc_png(sample, result, cal)
+            out["png"], out["plot_error"] = _qc_png(sample, result, cal, gating, panel)
         out["seconds"] = time.perf_counter() - started
         return out
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, none stops the batch
         return _failure(exc, started)
 
 
-def _qc_png(sample: Any, result: Any, calibration: Any) -> tuple[bytes | None, str | None]:
+def _qc_png(
+    sample: Any, result: Any, calibration: Any, gating: Any, panel: Any
+) -> tuple[bytes | None, str | None]:
     """The per-sample QC figure as PNG bytes (None and the reason when it cannot be drawn)."""
     try:
         from .plots import plot_analysis
@@ -598,7 +604,7 @@ def _qc_png(sample: Any, result: Any, calibration: Any) -> tuple[bytes | None, s
         return None, "hladr.plots.plot_analysis is not available"
     try:
         buffer = io.BytesIO()
-        figure = plot_analysis(sample, result, calibration)
+        figure = plot_analysis(sample, result, calibration, gating=gating, panel=panel)
         figure.savefig(buffer, format="png", dpi=90)
         import matplotlib.pyplot as plt
 
