@@ -79,15 +79,17 @@ QB = (638.0, 6930.0, 31008.0, 67601.0)
 def build_export(folder: Path, tubes: int, events: int) -> tuple[Path, dict]:
     """Runs of one bead tube and up to TUBES_PER_RUN patient tubes (FACSCanto II preset).
 
-    The simulator dates a tube by ``1 + seed % 28`` and times it after its run's beads, so patient
-    seeds ``run_seed + 28 k`` share the bead tube's day. Returns the export folder and what the
-    flowkit pipeline needs: polygon gates drawn around the true populations of the first tube (an
-    expert's gates), the PE channel, the logicle top and the lot.
+    The simulator dates a tube by ``1 + seed % 28`` and puts it ``(7 seed + 5 + h) % 600`` minutes
+    after 08:00 (``h`` < 50 from the tube name), so patient seeds ``run + 28 m`` share the bead tube's
+    day, and those with ``196 m % 600 <= 480`` come after it (``run`` < 10). Returns the export
+    folder and what the flowkit pipeline needs: polygon gates drawn around the true populations of
+    the first tube (an expert's gates), the PE channel, the logicle top and the lot.
     """
     from hladr.simulate import INSTRUMENTS, simulate_beads, simulate_blood
 
     rng = np.random.default_rng(0)
     first = None
+    later = [m for m in range(1, 200) if 196 * m % 600 <= 480][:TUBES_PER_RUN]
     for run in range((tubes + TUBES_PER_RUN - 1) // TUBES_PER_RUN):
         run_dir = folder / f"run{run + 1:02d}"
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -95,7 +97,8 @@ def build_export(folder: Path, tubes: int, events: int) -> tuple[Path, dict]:
         for k in range(1, min(TUBES_PER_RUN, tubes - run * TUBES_PER_RUN) + 1):
             path = run_dir / f"patient_{k:03d}.fcs"
             abc = float(np.exp(rng.uniform(np.log(1_500), np.log(30_000))))
-            simulate_blood(path, "canto", abc, seed=run + 28 * k, n_events=events, monocyte_fraction=0.08)
+            simulate_blood(path, "canto", abc, seed=run + 28 * later[k - 1], n_events=events,
+                           monocyte_fraction=0.08)
             first = first or path
     instrument = INSTRUMENTS["canto"]
     return folder, {"gates": expert_gates(first, instrument), "top": instrument.range, "pe": "PE-A",
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_batch(export, work / "out-noplots", jobs=args.jobs, progress=False, plots=False,
                             **flowkit_inputs["lot"])
         timings["hladr batch (no figures)"] = time.perf_counter() - t0
-        assert summary.ok == args.tubes, summary.line()
+        assert summary.ok == args.tubes, (summary.line(), summary.errors[:3])
         t0 = time.perf_counter()
         run_batch(export, work / "out-plots", jobs=args.jobs, progress=False, plots=True,
                   **flowkit_inputs["lot"])
