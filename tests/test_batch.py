@@ -259,6 +259,15 @@ def test_jobs_1_jobs_2_and_dask_give_identical_outputs(engine_export: Path, tmp_
         assert texts["inline"] == texts["processes"] == texts["dask"], name
 
 
+def test_a_clean_run_exits_0_and_a_flag_exits_3(engine_export: Path, tmp_path: Path):
+    clean = run_batch(engine_export / "d1", tmp_path / "clean", jobs=1, progress=False, plots=False,
+                      tasks=FAKES, **FAKE_LOT)
+    assert (clean.ok, clean.failed, clean.flagged, clean.exit_code) == (12, 0, 0, batch.EXIT_OK)
+    assert batch.is_flagged({"qc": {"passed": True, "flags": ["few_monocytes:1201"]}})
+    assert batch.is_flagged({"qc": {"passed": False, "flags": []}})
+    assert not batch.is_flagged({"qc": {"passed": True, "flags": []}})
+
+
 def _journal(out: Path) -> list[dict]:
     records = []
     for line in (out / batch.JOURNAL).read_bytes().splitlines():

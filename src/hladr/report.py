@@ -147,7 +147,7 @@ def _results_table(results: Sequence[Mapping[str, Any]], report_dir: Path) -> st
         ]
         tds = "".join(c if c.startswith("<td") else f"<td>{c}" for c in cells)
         rows.append(f'<tr class="{css}">{tds}</tr>')
-    header = "".join(f"<th>{h}</th>" for h in head)
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     return f"<table><tr>{header}</tr>{''.join(rows)}</table>"
 
 
