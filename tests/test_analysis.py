@@ -249,3 +249,28 @@ def test_real_files_as_patient_tubes_never_crash():
     for name, outcome in outcomes.items():
         print(f"  {name}: {outcome}")
     assert len(outcomes) > 100
+
+
+@pytest.mark.parametrize("statistic", ["median", "geomean"])
+def test_exact_bootstrap_interval_matches_resampling(statistic):
+    from hladr.analysis import statistic_ci95
+
+    rng = np.random.default_rng(0)
+    values = rng.lognormal(8, 0.4, 2001)
+    draws = values[rng.integers(0, values.size, (3000, values.size))]
+    stats = np.median(draws, axis=1) if statistic == "median" else 10 ** np.log10(draws).mean(axis=1)
+    lo, hi = statistic_ci95(values, statistic)
+    assert lo == pytest.approx(np.percentile(stats, 2.5), rel=0.004)
+    assert hi == pytest.approx(np.percentile(stats, 97.5), rel=0.004)
+
+
+def test_gmm_fallback_finds_the_monocytes(tmp_path):
+    from hladr.gating import compensate, gate_monocytes, monocyte_gate_gmm
+
+    simulate_blood(tmp_path / "p.fcs", "canto", 3000, seed=9, n_events=30_000, septic=True)
+    sample = hladr.read_fcs(tmp_path / "p.fcs")
+    gating = gate_monocytes(sample, resolve_panel(sample))
+    mono = monocyte_gate_gmm(compensate(sample)[0], sample, resolve_panel(sample), gating.leukocytes, seed=0)
+    labels = np.load(tmp_path / "p.labels.npy")
+    assert np.isin(labels[mono], (*MONOCYTE_CODES, 11)).mean() > 0.9
+    assert (mono & gating.monocytes).sum() > 0.8 * gating.monocytes.sum()

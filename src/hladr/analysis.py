@@ -26,7 +26,6 @@ from .result import Result
 MIN_MONOCYTES = 3_000  # below: flag "few_monocytes" (warning)
 MIN_MONOCYTES_FAIL = 500  # below: flag "too_few_monocytes" (fails QC)
 SATURATION_FAIL = 0.05  # fraction of monocytes at the HLA-DR channel's maximum that fails QC
-N_BOOTSTRAP = 400
 
 #: Flag codes (the part before ':') that make ``qc.passed`` false; all others only warn.
 FAILING_FLAGS = {
@@ -47,19 +46,27 @@ def _statistic(values: np.ndarray, statistic: str) -> float:
     return float(10 ** np.mean(np.log10(positive))) if positive.size else float("nan")
 
 
-def _bootstrap(values: np.ndarray, statistic: str, seed: int) -> np.ndarray:
-    """Statistic of ``N_BOOTSTRAP`` resamples (chunked to bound memory)."""
-    rng = np.random.default_rng(seed)
-    out = np.empty(N_BOOTSTRAP)
-    chunk = max(1, 2_000_000 // max(values.size, 1))
-    for start in range(0, N_BOOTSTRAP, chunk):
-        stop = min(N_BOOTSTRAP, start + chunk)
-        draws = values[rng.integers(0, values.size, size=(stop - start, values.size))]
-        if statistic == "median":
-            out[start:stop] = np.median(draws, axis=1)
-        else:
-            out[start:stop] = [_statistic(d, statistic) for d in draws]
-    return out
+def statistic_ci95(values: np.ndarray, statistic: str) -> tuple[float, float]:
+    """95 % bootstrap interval of the statistic, computed exactly rather than by resampling.
+
+    For the median, the bootstrap distribution is known in closed form: the resampled median is
+    at most the j-th smallest value when at least half of the n draws fall at or below it, i.e.
+    ``P = P(Binomial(n, j/n) >= n//2 + 1)``; the interval is read off that distribution (the limit
+    of infinitely many resamples, deterministic, O(n log n)). For the geometric mean the bootstrap
+    distribution of the mean of logs is normal to a very good approximation at these n.
+    """
+    from scipy.stats import binom
+
+    if statistic == "median":
+        x = np.sort(values)
+        n = x.size
+        cdf = binom.sf(n // 2, n, np.arange(1, n + 1) / n)
+        lo = int(np.searchsorted(cdf, 0.025))
+        hi = int(np.searchsorted(cdf, 0.975))
+        return float(x[min(lo, n - 1)]), float(x[min(hi, n - 1)])
+    logs = np.log10(values[values > 0])
+    half = 1.96 * logs.std(ddof=1) / np.sqrt(logs.size)
+    return float(10 ** (logs.mean() - half)), float(10 ** (logs.mean() + half))
 
 
 def analyze(
@@ -117,8 +124,7 @@ def analyze(
     if not np.isfinite(mfi) or mfi <= 0:
         raise AnalysisError(f"monocyte HLA-DR statistic is {mfi:g}: not measurable", sample.path)
     abc = float(calibration.molecules(mfi))
-    boot = calibration.molecules(_bootstrap(pe, statistic, seed))
-    ci = [float(np.nanpercentile(boot, 2.5)), float(np.nanpercentile(boot, 97.5))]
+    ci = [float(calibration.molecules(v)) for v in statistic_ci95(pe, statistic)]
 
     if n_mono < MIN_MONOCYTES_FAIL:
         flags.append(f"too_few_monocytes:{n_mono}")
