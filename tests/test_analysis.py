@@ -274,3 +274,14 @@ def test_gmm_fallback_finds_the_monocytes(tmp_path):
     labels = np.load(tmp_path / "p.labels.npy")
     assert np.isin(labels[mono], (*MONOCYTE_CODES, 11)).mean() > 0.9
     assert (mono & gating.monocytes).sum() > 0.8 * gating.monocytes.sum()
+
+
+def test_compensation_agrees_with_flowutils():
+    from flowutils.compensate import compensate as fu_compensate
+
+    from hladr.gating import compensate, spillover_matrix
+
+    sample = hladr.read_fcs(SAMPLE_DIR / "patient_02.fcs")
+    names, matrix = spillover_matrix(sample)
+    theirs = fu_compensate(np.asarray(sample.events, dtype=float), matrix, [sample.index(n) for n in names])
+    np.testing.assert_allclose(compensate(sample)[0], theirs, rtol=1e-9, atol=1e-6)

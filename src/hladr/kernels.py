@@ -51,3 +51,20 @@ def gaussian_smooth(y: np.ndarray, sigma_bins: float) -> np.ndarray:
                 acc += y[k] * kernel[j + half]
         out[i] = acc
     return out
+
+
+@njit(cache=True)
+def compensate_columns(events: np.ndarray, columns: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+    """A copy of ``events`` whose ``columns`` are replaced by ``events[:, columns] @ inverse``."""
+    out = events.copy()
+    k = columns.size
+    row = np.empty(k)
+    for i in range(events.shape[0]):
+        for a in range(k):
+            row[a] = events[i, columns[a]]
+        for b in range(k):
+            acc = 0.0
+            for a in range(k):
+                acc += row[a] * inverse[a, b]
+            out[i, columns[b]] = acc
+    return out
