@@ -6,16 +6,35 @@ This module knows nothing of the analysis.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .atomic import atomic_write
-from .errors import FCSError, FCSKeywordError
+from .errors import (
+    FCSDataError,
+    FCSError,
+    FCSHeaderError,
+    FCSKeywordError,
+    FCSOffsetError,
+    FCSTextError,
+    FCSUnsupportedError,
+)
 
-__all__ = ["Sample", "Spillover", "read_fcs", "write_fcs", "sha256_file"]
+__all__ = [
+    "REPAIRS",
+    "Sample",
+    "Spillover",
+    "describe",
+    "read_fcs",
+    "read_metadata",
+    "sha256_file",
+    "write_fcs",
+]
 
 
 @dataclass(frozen=True)
@@ -61,6 +80,8 @@ class Sample:
         SHA-256 of the whole file.
     n_datasets
         Number of data sets in the file.
+    raw
+        Stored channel values before ``$PnE`` log decoding (None when no channel is log-amplified).
     """
 
     path: Path
@@ -74,6 +95,7 @@ class Sample:
     repairs: list[str] = field(default_factory=list)
     sha256: str = ""
     n_datasets: int = 1
+    raw: np.ndarray | None = None
 
     # --- columns --------------------------------------------------------------
     def index(self, channel: str) -> int:
@@ -83,9 +105,7 @@ class Sample:
         lowered = [c.lower() for c in self.channels]
         if channel.lower() in lowered:
             return lowered.index(channel.lower())
-        raise FCSKeywordError(
-            f"no channel {channel!r}; channels are {', '.join(self.channels)}", self.path
-        )
+        raise FCSKeywordError(f"no channel {channel!r}; channels are {', '.join(self.channels)}", self.path)
 
     def column(self, channel: str) -> np.ndarray:
         """The events of one channel."""
@@ -149,32 +169,521 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def read_fcs(path: str | os.PathLike, dataset: int | None = None, lenient: bool = False) -> Sample:
-    """Read one data set of an FCS file.
+#: Repairs ``read_fcs(lenient=True)`` may apply; each one applied is recorded in ``Sample.repairs``.
+REPAIRS = {
+    "header_text_offset_mismatch": "HEADER and TEXT disagree on the DATA offsets; the pair fitting $TOT was used",
+    "enddata_off_by_one": "$ENDDATA points one byte past (or before) the end of the DATA segment",
+    "enddata_equals_begindata": "$ENDDATA equals $BEGINDATA; the DATA length was taken from $TOT",
+    "doubled_delimiter_empty_value": "empty keyword values written as a doubled delimiter (FCS 2 style)",
+    "trailing_delimiter": "the TEXT segment ends with an extra delimiter",
+    "text_padding": "spaces or NUL bytes after the TEXT segment's last delimiter were ignored",
+    "keyword_whitespace": "keyword names or values padded with spaces were trimmed",
+    "duplicate_keyword": "a keyword appears twice; the first value was kept",
+    "missing_PnR": "$PnR missing; the range implied by $PnB was used",
+    "missing_TOT": "$TOT missing; the event count was derived from the DATA length",
+    "duplicate_channel_names": "repeated $PnN names were made unique with a _2, _3 suffix",
+    "PnE_f2_zero": "$PnE with f1 > 0 and f2 = 0 was read as f2 = 1",
+    "nextdata_offset_adjusted": "$NEXTDATA did not point at a HEADER; the next 'FCS' HEADER nearby was used",
+    "spillover_dropped": "the spillover matrix names channels not in the file and was not used",
+    "non_byte_width_as_16bit": "$PnB is not a multiple of 8; values were read as 16-bit words masked to $PnR",
+    "data_beyond_file_end": "the DATA end offset points past the end of the file; $TOT fits the file",
+}
 
-    Provisional implementation on top of flowio; the strict reader replaces it.
+_MAX_DATASETS = 64
+
+
+class _Reader:
+    """Parses one FCS file; ``lenient`` allows the named repairs in :data:`REPAIRS`."""
+
+    def __init__(self, path: Path, blob: bytes | mmap.mmap, lenient: bool):
+        self.path, self.blob, self.lenient = path, blob, lenient
+        self.repairs: list[str] = []
+
+    # faults ------------------------------------------------------------------------------
+    def repair(self, name: str, error: type[FCSError], message: str) -> None:
+        """Apply repair ``name`` in lenient mode; raise ``error(message)`` in strict mode."""
+        if not self.lenient:
+            raise error(f"{message} (read with lenient=True to apply the repair {name!r})", self.path)
+        if name not in self.repairs:
+            self.repairs.append(name)
+
+    # HEADER --------------------------------------------------------------------------------
+    def header(self, offset: int) -> tuple[str, list[int]]:
+        head = bytes(self.blob[offset : offset + 58])
+        if len(head) < 58:
+            raise FCSHeaderError(
+                f"file too short for an FCS HEADER at byte {offset} ({len(head)} bytes)", self.path
+            )
+        if not re.fullmatch(rb"FCS[1-9]\.[0-9]", head[:6]):
+            raise FCSHeaderError(f"not an FCS file: HEADER starts with {head[:6]!r}", self.path)
+        fields = []
+        for k in range(6):
+            raw = head[10 + 8 * k : 18 + 8 * k].strip()
+            if raw and not raw.isdigit():
+                raise FCSHeaderError(f"HEADER offset field {k + 1} is not a number: {raw!r}", self.path)
+            fields.append(int(raw) if raw else 0)
+        return head[3:6].decode(), fields
+
+    # TEXT ----------------------------------------------------------------------------------
+    def text(self, offset: int, start: int, end: int) -> dict[str, str]:
+        size = len(self.blob)
+        if start <= 0 or end <= start or offset + end >= size + 1:
+            raise FCSOffsetError(
+                f"TEXT segment offsets {start}-{end} do not fit the file ({size} bytes)", self.path
+            )
+        raw = bytes(self.blob[offset + start : offset + end + 1])
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+        delim = text[0]
+        body = text[1:]
+        padded = body.rstrip(" \0\r\n")
+        if padded != body and padded.endswith(delim):
+            self.repair("text_padding", FCSTextError, "bytes after the TEXT segment's last delimiter")
+            body = padded
+        if body.endswith(delim):
+            body = body[:-1]
+
+        def escaped(b: str) -> list[str]:
+            return [t.replace("\0", delim) for t in b.replace(delim * 2, "\0").split(delim)]
+
+        attempts = [("", escaped(body))]
+        if body.endswith(delim):
+            attempts.append(("trailing_delimiter", escaped(body.rstrip(delim))))
+        attempts += [
+            ("doubled_delimiter_empty_value", body.split(delim)),
+            ("doubled_delimiter_empty_value", body.rstrip(delim).split(delim)),
+        ]
+        for repair, tokens in attempts:
+            if self._plausible(tokens):
+                if repair:
+                    self.repair(repair, FCSTextError, f"TEXT segment needs the repair {repair!r}")
+                break
+        else:
+            raise FCSTextError("TEXT segment keys and values do not pair up (broken delimiters)", self.path)
+        keywords: dict[str, str] = {}
+        for key, value in zip(tokens[0::2], tokens[1::2]):
+            name = key.strip().upper()
+            if name != key.upper() or (value != value.strip() and value.strip()):
+                self.repair("keyword_whitespace", FCSKeywordError, f"keyword {key!r} padded with spaces")
+                value = value.strip()
+            if name in keywords and keywords[name] != value:
+                self.repair(
+                    "duplicate_keyword",
+                    FCSKeywordError,
+                    f"keyword {name} appears twice with different values",
+                )
+                continue
+            keywords[name] = value
+        return keywords
+
+    @staticmethod
+    def _plausible(tokens: list[str]) -> bool:
+        if len(tokens) % 2 or not tokens:
+            return False
+        keys = [t.strip().upper() for t in tokens[0::2]]
+        if any(not k or len(k) > 80 for k in keys):
+            return False
+        return "$PAR" in keys and ("$DATATYPE" in keys or "$BYTEORD" in keys)
+
+    # helpers -------------------------------------------------------------------------------------
+    def require(self, kw: dict[str, str], name: str) -> str:
+        if name not in kw or not kw[name].strip():
+            raise FCSKeywordError(f"required keyword {name} is missing", self.path)
+        return kw[name].strip()
+
+    def integer(self, kw: dict[str, str], name: str, default: int | None = None) -> int:
+        if name not in kw and default is not None:
+            return default
+        value = self.require(kw, name)
+        try:
+            return int(float(value))
+        except ValueError:
+            raise FCSKeywordError(f"{name} is not a number: {value!r}", self.path) from None
+
+    # data segment ----------------------------------------------------------------------------------
+    def data_bounds(
+        self, offset: int, header: list[int], kw: dict[str, str], length: int | None
+    ) -> tuple[int, int]:
+        """Absolute (start, stop) of the DATA segment, choosing between HEADER and TEXT offsets."""
+        size = len(self.blob)
+        text_pair = (self.integer(kw, "$BEGINDATA", 0), self.integer(kw, "$ENDDATA", 0))
+        head_pair = (header[2], header[3])
+        pairs = [p for p in (text_pair, head_pair) if p != (0, 0)]  # TEXT is authoritative
+        if not pairs:
+            raise FCSOffsetError("no DATA offsets in HEADER or TEXT", self.path)
+        if length is None:  # no $TOT: trust the offsets
+            start, end = pairs[0]
+            return offset + start, offset + end + 1
+        mismatch = head_pair != (0, 0) and text_pair != (0, 0) and head_pair != text_pair
+        fitting = [p for p in pairs if p[1] - p[0] + 1 == length and offset + p[0] + length <= size]
+        if fitting:
+            if mismatch:
+                self.repair(
+                    "header_text_offset_mismatch",
+                    FCSOffsetError,
+                    f"DATA offsets differ: HEADER {head_pair}, TEXT {text_pair}",
+                )
+            return offset + fitting[0][0], offset + fitting[0][0] + length
+        if mismatch:
+            self.repair(
+                "header_text_offset_mismatch",
+                FCSOffsetError,
+                f"DATA offsets differ: HEADER {head_pair}, TEXT {text_pair}; neither fits $TOT",
+            )
+        start, end = pairs[0]
+        stated = end - start + 1
+        if abs(stated - length) == 1:
+            self.repair(
+                "enddata_off_by_one",
+                FCSOffsetError,
+                f"DATA segment is {stated} bytes but $TOT x $PAR needs {length}",
+            )
+        elif end == start and length > 1:
+            self.repair("enddata_equals_begindata", FCSOffsetError, "$ENDDATA equals $BEGINDATA")
+        elif stated != length:
+            if offset + start + length <= size < offset + end + 1:
+                self.repair(
+                    "data_beyond_file_end",
+                    FCSOffsetError,
+                    f"$ENDDATA {end} is past the end of the file ({size} bytes)",
+                )
+            else:
+                raise FCSDataError(
+                    f"DATA segment is {stated} bytes but $TOT x $PAR needs {length}", self.path
+                )
+        if offset + start + length > size:
+            raise FCSDataError(
+                f"DATA segment truncated: needs bytes {offset + start}-{offset + start + length - 1}, "
+                f"file has {size}",
+                self.path,
+            )
+        return offset + start, offset + start + length
+
+
+def _channel_layout(r: _Reader, kw: dict[str, str], n_par: int) -> tuple[list[str], list[int]]:
+    """Per-channel data type (I/F/D/A) and bit width."""
+    datatype = r.require(kw, "$DATATYPE").upper()
+    types, bits = [], []
+    for i in range(1, n_par + 1):
+        t = kw.get(f"$P{i}DATATYPE", datatype).strip().upper()  # FCS 3.2 per-parameter type
+        if t not in ("I", "F", "D", "A"):
+            raise FCSUnsupportedError(f"$DATATYPE {t!r} is not supported", r.path)
+        b = kw.get(f"$P{i}B", "").strip()
+        if t == "A" and b == "*":
+            bits.append(0)
+        else:
+            try:
+                bits.append(int(b))
+            except ValueError:
+                raise FCSKeywordError(f"$P{i}B is missing or not a number: {b!r}", r.path) from None
+        types.append(t)
+    return types, bits
+
+
+def _decode(r: _Reader, kw: dict[str, str], n_par: int, n_tot: int | None, bounds_fn) -> np.ndarray:
+    """The DATA segment as an n x p float array of stored (raw) values."""
+    types, bits = _channel_layout(r, kw, n_par)
+    order = kw.get("$BYTEORD", "1,2,3,4").replace(" ", "")
+    big = order.startswith("4") or order in ("2,1",)
+    bo = ">" if big else "<"
+    if set(types) == {"A"}:
+        start, stop = bounds_fn(None)
+        text = bytes(r.blob[start:stop]).decode("latin-1")
+        if all(b == 0 for b in bits):
+            values = np.array(text.replace(",", " ").split(), dtype=np.float64)
+        else:
+            width = sum(bits)
+            flat = text.replace("\r", "").replace("\n", "")
+            rows = len(flat) // width
+            values = np.array(
+                [
+                    float(flat[k * width + sum(bits[:j]) : k * width + sum(bits[: j + 1])])
+                    for k in range(rows)
+                    for j in range(n_par)
+                ],
+                dtype=np.float64,
+            )
+        if values.size % n_par:
+            raise FCSDataError(
+                f"ASCII DATA holds {values.size} values, not a multiple of $PAR={n_par}", r.path
+            )
+        return values.reshape(-1, n_par)
+    if "A" in types:
+        raise FCSUnsupportedError("mixing ASCII with binary channels is not supported", r.path)
+    if any(b % 8 for b in bits):
+        if all(t == "I" for t in types) and all(b <= 16 for b in bits):
+            r.repair(
+                "non_byte_width_as_16bit",
+                FCSUnsupportedError,
+                f"$PnB widths {sorted(set(bits))} are not whole bytes",
+            )
+            bits = [16] * n_par
+        else:
+            raise FCSUnsupportedError(f"bit widths {sorted(set(bits))} are not whole bytes", r.path)
+    for t, b in zip(types, bits):
+        if (t == "F" and b != 32) or (t == "D" and b != 64) or (t == "I" and not 8 <= b <= 64):
+            raise FCSKeywordError(f"$DATATYPE {t} with $PnB {b} is not valid", r.path)
+    widths = [b // 8 for b in bits]
+    event_bytes = sum(widths)
+    if n_tot is None:
+        start, stop = bounds_fn(None)
+        n_tot = (stop - start) // event_bytes
+        r.repair("missing_TOT", FCSKeywordError, "$TOT is missing")
+    length = n_tot * event_bytes
+    if length > len(r.blob):
+        raise FCSDataError(f"$TOT={n_tot} x {event_bytes} bytes per event exceeds the file size", r.path)
+    start, stop = bounds_fn(length)
+    if len(set(zip(types, widths))) == 1 and widths[0] in (1, 2, 4, 8):
+        kind = {"I": "u", "F": "f", "D": "f"}[types[0]]
+        raw = np.frombuffer(r.blob, dtype=f"{bo}{kind}{widths[0]}", count=n_tot * n_par, offset=start)
+        out = raw.reshape(n_tot, n_par).astype(np.float32 if kind == "f" and widths[0] == 4 else np.float64)
+    else:
+        rows = np.frombuffer(r.blob, dtype=np.uint8, count=length, offset=start).reshape(n_tot, event_bytes)
+        out = np.empty((n_tot, n_par), dtype=np.float64)
+        pos = 0
+        for j, (t, w) in enumerate(zip(types, widths)):
+            chunk = np.ascontiguousarray(rows[:, pos : pos + w])
+            if t in ("F", "D") or w in (1, 2, 4, 8):
+                kind = "u" if t == "I" else "f"
+                out[:, j] = chunk.view(f"{bo}{kind}{w}").ravel()
+            else:  # 24-, 40-, 48-, 56-bit integers
+                byte_order = range(w) if big else range(w - 1, -1, -1)
+                acc = np.zeros(n_tot, dtype=np.uint64)
+                for k in byte_order:
+                    acc = (acc << np.uint64(8)) | chunk[:, k].astype(np.uint64)
+                out[:, j] = acc
+            pos += w
+    return _mask(r, kw, out, types, bits)
+
+
+def _mask(r: _Reader, kw: dict[str, str], data: np.ndarray, types: list[str], bits: list[int]) -> np.ndarray:
+    """Integer channels: keep only the bits that ``$PnR`` allows (flags in high bits are dropped)."""
+    for j, (t, b) in enumerate(zip(types, bits)):
+        if t != "I":
+            continue
+        top = _float_or_none(kw.get(f"$P{j + 1}R"))
+        if not top or top <= 0:
+            continue
+        needed = int(np.ceil(np.log2(top))) if top > 1 else 1
+        if needed < b:
+            col = data[:, j].astype(np.uint64) & np.uint64((1 << needed) - 1)
+            data[:, j] = col
+    return data
+
+
+def _spillover(r: _Reader, kw: dict[str, str], channels: list[str], markers: list[str]) -> Spillover | None:
+    for key in ("$SPILLOVER", "SPILL", "$SPILL"):
+        text = kw.get(key)
+        if not text:
+            continue
+        parts = [p.strip() for p in text.split(",")]
+        try:
+            n = int(parts[0])
+            names = parts[1 : n + 1]
+            values = np.array([float(v) for v in parts[n + 1 : n + 1 + n * n]]).reshape(n, n)
+        except (ValueError, IndexError):
+            r.repair("spillover_dropped", FCSKeywordError, f"{key} is malformed")
+            return None
+        resolved = []
+        for name in names:
+            if name in channels:
+                resolved.append(name)
+            elif name in markers and markers.count(name) == 1:
+                resolved.append(channels[markers.index(name)])
+            elif name.isdigit() and 1 <= int(name) <= len(channels):
+                resolved.append(channels[int(name) - 1])
+            else:
+                r.repair(
+                    "spillover_dropped", FCSKeywordError, f"{key} names channel {name!r} not in the file"
+                )
+                return None
+        return Spillover(tuple(resolved), values, key)
+    dfc = {k: v for k, v in kw.items() if re.fullmatch(r"\$DFC\d+TO\d+", k)}
+    if dfc:
+        idx = sorted({int(i) for k in dfc for i in re.findall(r"\d+", k)})
+        if idx and max(idx) <= len(channels):
+            m = np.eye(len(idx))
+            for k, v in dfc.items():
+                i, j = (int(x) for x in re.findall(r"\d+", k))
+                value = _float_or_none(v) or 0.0
+                m[idx.index(i), idx.index(j)] = value / 100.0 if abs(value) > 1 else value
+            return Spillover(tuple(channels[i - 1] for i in idx), m, "$DFCiTOj")
+    return None
+
+
+def _datasets(r: _Reader) -> list[int]:
+    """Byte offsets of every data set (HEADER) in the file, following $NEXTDATA."""
+    offsets, offset = [], 0
+    while len(offsets) < _MAX_DATASETS:
+        _, head = r.header(offset)
+        offsets.append(offset)
+        kw = r.text(offset, head[0], head[1])
+        nxt = kw.get("$NEXTDATA", "0").strip() or "0"
+        try:
+            step = int(nxt)
+        except ValueError:
+            break
+        if step <= 0:
+            break
+        candidate = offset + step
+        if bytes(r.blob[candidate : candidate + 3]) != b"FCS":
+            found = r.blob.find(b"FCS", max(candidate - 64, offset + 58), candidate + 64)
+            if found < 0 or not r.lenient:
+                if not r.lenient:
+                    raise FCSOffsetError(
+                        f"$NEXTDATA={step} does not point at a HEADER (read with lenient=True)", r.path
+                    )
+                break
+            r.repair("nextdata_offset_adjusted", FCSOffsetError, "$NEXTDATA is off")
+            candidate = found
+        if candidate <= offset or candidate >= len(r.blob):
+            break
+        offset = candidate
+    return offsets
+
+
+def read_fcs(
+    path: str | os.PathLike, dataset: int | None = None, lenient: bool = False, *, metadata_only: bool = False
+) -> Sample:
+    """Read one data set of an FCS 2.0/3.0/3.1/3.2 file.
+
+    Parameters
+    ----------
+    path
+        The file; it is memory-mapped read-only and never modified.
+    dataset
+        Index of the data set (``$NEXTDATA`` chain). Default: the data set with the highest
+        FCS version (for Beckman LMD files, the full-resolution FCS 3.0 one), else the first.
+    lenient
+        Apply the safe named repairs of :data:`REPAIRS` (recorded in ``Sample.repairs``)
+        instead of raising on known instrument defects.
+    metadata_only
+        Parse HEADER and TEXT only; ``events`` is an empty ``(0, p)`` array.
+
+    Returns
+    -------
+    Sample
+        ``events`` are linear values: integer channels masked to ``$PnR``; log-amplified
+        channels (``$PnE f1,f2`` with f1 > 0) decoded to ``f2 * 10**(f1 * x / $PnR)`` (the stored
+        values stay in ``Sample.raw``); float data as stored (float32 stays float32). ``$PnG``
+        is reported, not divided out (bead and patient tubes share it; see docs/fcs.md).
+
+    Raises
+    ------
+    FCSError
+        A subclass naming the file, the segment or keyword and what is wrong.
     """
-    import flowio
-
     path = Path(path)
     try:
-        flow = flowio.FlowData(os.fspath(path))
-        events = flow.as_array(preprocess=True)
-    except Exception as exc:  # noqa: BLE001 - provisional
-        raise FCSError(f"cannot read: {exc}", path) from exc
-    text = {k.upper() if k.startswith("$") else ("$" + k).upper(): v for k, v in flow.text.items()}
-    n = int(flow.channel_count)
-    channels = [text.get(f"$P{i}N", f"P{i}") for i in range(1, n + 1)]
-    markers = [text.get(f"$P{i}S", "") for i in range(1, n + 1)]
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size < 58:
+                raise FCSHeaderError(f"file is {size} bytes: too short for an FCS HEADER", path)
+            blob = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as exc:
+        raise FCSError(f"cannot open: {exc.strerror}", path) from None
+    try:
+        return _read(path, blob, dataset, lenient, metadata_only)
+    except FCSError:
+        raise
+    except (ValueError, IndexError, OverflowError, KeyError, TypeError, ZeroDivisionError) as exc:
+        raise FCSError(f"malformed FCS file ({type(exc).__name__}: {exc})", path) from None
+    finally:
+        try:
+            blob.close()
+        except BufferError:  # an array still views the map (e.g. held by a traceback): GC closes it
+            pass
+
+
+def read_metadata(path: str | os.PathLike, dataset: int | None = None, lenient: bool = False) -> Sample:
+    """HEADER and TEXT only (fast): a Sample with keywords, channels and markers but no events."""
+    return read_fcs(path, dataset, lenient, metadata_only=True)
+
+
+def _read(path: Path, blob: mmap.mmap, dataset: int | None, lenient: bool, metadata_only: bool) -> Sample:
+    r = _Reader(path, blob, lenient)
+    offsets = _datasets(r)
+    versions = [r.header(o)[0] for o in offsets]
+    if dataset is None:
+        dataset = max(range(len(offsets)), key=lambda k: (float(versions[k]), -k))
+    if not 0 <= dataset < len(offsets):
+        raise FCSError(f"data set {dataset} requested; the file has {len(offsets)}", path)
+    offset = offsets[dataset]
+    version, head = r.header(offset)
+    kw = r.text(offset, head[0], head[1])
+    n_par = r.integer(kw, "$PAR")
+    if not 0 < n_par <= 10_000:
+        raise FCSKeywordError(f"$PAR={n_par} is not a plausible channel count", path)
+    n_tot = r.integer(kw, "$TOT") if "$TOT" in kw else None
+    if n_tot is not None and n_tot < 0:
+        raise FCSKeywordError(f"$TOT={n_tot} is negative", path)
+    mode = kw.get("$MODE", "L").strip().upper()
+    if mode not in ("L", ""):
+        raise FCSUnsupportedError(f"$MODE={mode} (histogram data) is not supported; list mode only", path)
+
+    channels = [kw.get(f"$P{i}N", "").strip() or f"P{i}" for i in range(1, n_par + 1)]
+    markers = [kw.get(f"$P{i}S", "").strip() for i in range(1, n_par + 1)]
+    if len(set(channels)) < len(channels):
+        r.repair("duplicate_channel_names", FCSKeywordError, "channel names ($PnN) repeat")
+        seen: dict[str, int] = {}
+        for j, name in enumerate(channels):
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] > 1:
+                channels[j] = f"{name}_{seen[name]}"
+    for i in range(1, n_par + 1):
+        if not kw.get(f"$P{i}R", "").strip():
+            r.repair("missing_PnR", FCSKeywordError, f"$P{i}R is missing")
+            b = _float_or_none(kw.get(f"$P{i}B")) or 0
+            kw[f"$P{i}R"] = str(int(2**b)) if kw.get("$DATATYPE", "").upper() == "I" and b else "262144"
+    if metadata_only:
+        events = np.empty((0, n_par), dtype=np.float64)
+        raw = None
+    else:
+
+        def bounds(length: int | None) -> tuple[int, int]:
+            return r.data_bounds(offset, head, kw, length)
+
+        events = _decode(r, kw, n_par, n_tot, bounds)
+        events, raw = _log_decode(r, kw, events)
     return Sample(
         path=path,
-        events=np.asarray(events, dtype=np.float64),
+        events=events,
         channels=channels,
         markers=markers,
-        keywords=text,
-        version=str(flow.version),
-        sha256=sha256_file(path),
+        keywords=kw,
+        version=version,
+        dataset=dataset,
+        spillover=_spillover(r, kw, channels, markers),
+        repairs=r.repairs,
+        sha256=hashlib.sha256(blob).hexdigest(),
+        n_datasets=len(offsets),
+        raw=raw,
     )
+
+
+def _log_decode(r: _Reader, kw: dict[str, str], events: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Log-amplified integer channels to linear values; returns (events, stored values or None)."""
+    log_cols = []
+    for j in range(events.shape[1]):
+        pne = kw.get(f"$P{j + 1}E", "0,0").replace(" ", "")
+        parts = pne.split(",")
+        f1 = _float_or_none(parts[0]) or 0.0
+        f2 = _float_or_none(parts[1]) if len(parts) > 1 else 0.0
+        if f1 > 0 and kw.get(f"$P{j + 1}DATATYPE", kw.get("$DATATYPE", "I")).upper() == "I":
+            if not f2:
+                r.repair("PnE_f2_zero", FCSKeywordError, f"$P{j + 1}E={pne}: f2 = 0 with f1 > 0")
+                f2 = 1.0
+            log_cols.append((j, f1, f2))
+    if not log_cols:
+        return events, None
+    raw = events.copy()
+    out = events.astype(np.float64, copy=True)
+    for j, f1, f2 in log_cols:
+        top = _float_or_none(kw.get(f"$P{j + 1}R")) or 1.0
+        out[:, j] = f2 * 10 ** (f1 * raw[:, j] / top)
+    return out, raw
 
 
 # --- writing ----------------------------------------------------------------------
@@ -294,9 +803,12 @@ def _assemble(kw: dict[str, str], data: bytes, version: str) -> bytes:
         begin, end = new_begin, new_end
     text_end = text_start + len(text) - 1
     fits = end <= 99_999_999
-    header = f"FCS{version}    ".encode() + "".join(
-        f"{v:>8}" for v in (text_start, text_end, begin if fits else 0, end if fits else 0, 0, 0)
-    ).encode()
+    header = (
+        f"FCS{version}    ".encode()
+        + "".join(
+            f"{v:>8}" for v in (text_start, text_end, begin if fits else 0, end if fits else 0, 0, 0)
+        ).encode()
+    )
     return header + text + data
 
 
