@@ -171,13 +171,13 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 #: Repairs ``read_fcs(lenient=True)`` may apply; each one applied is recorded in ``Sample.repairs``.
 REPAIRS = {
-    "header_text_offset_mismatch": "HEADER and TEXT disagree on the DATA offsets; the pair fitting $TOT was used",
+    "header_text_offset_mismatch": "HEADER and TEXT DATA offsets differ; used the pair fitting $TOT was used",
     "enddata_off_by_one": "$ENDDATA points one byte past (or before) the end of the DATA segment",
     "enddata_equals_begindata": "$ENDDATA equals $BEGINDATA; the DATA length was taken from $TOT",
     "doubled_delimiter_empty_value": "empty keyword values written as a doubled delimiter (FCS 2 style)",
     "trailing_delimiter": "the TEXT segment ends with an extra delimiter",
     "text_padding": "spaces or NUL bytes after the TEXT segment's last delimiter were ignored",
-    "keyword_whitespace": "keyword names or values padded with spaces were trimmed",
+    "keyword_whitespace": "keyword names padded with spaces were trimmed",
     "duplicate_keyword": "a keyword appears twice; the first value was kept",
     "missing_PnR": "$PnR missing; the range implied by $PnB was used",
     "missing_TOT": "$TOT missing; the event count was derived from the DATA length",
@@ -265,9 +265,9 @@ class _Reader:
         keywords: dict[str, str] = {}
         for key, value in zip(tokens[0::2], tokens[1::2]):
             name = key.strip().upper()
-            if name != key.upper() or (value != value.strip() and value.strip()):
-                self.repair("keyword_whitespace", FCSKeywordError, f"keyword {key!r} padded with spaces")
-                value = value.strip()
+            if name != key.upper():
+                self.repair("keyword_whitespace", FCSKeywordError, f"keyword name {key!r} padded with spaces")
+            value = value.strip()  # values are compared and parsed without their padding
             if name in keywords and keywords[name] != value:
                 self.repair(
                     "duplicate_keyword",
