@@ -138,10 +138,9 @@ def _norm(text: str | None) -> str:
 
 def _read_text(path: Path) -> tuple[dict[str, str], list[str], list[str]]:
     """TEXT keywords, ``$PnN`` and ``$PnS`` of an FCS file (DATA not decoded where possible)."""
-    from . import fcs
+    from .fcs import read_metadata
 
-    reader = getattr(fcs, "read_metadata", None)
-    meta = reader(path) if reader is not None else fcs.read_fcs(path, lenient=True)
+    meta = read_metadata(path, lenient=True)
     keywords = {str(k).upper(): str(v) for k, v in dict(meta.keywords).items()}
     return keywords, list(meta.channels), list(meta.markers)
 
