@@ -355,18 +355,25 @@ def user_gate(sample: Sample, gates: str | os.PathLike, gate_name: str | None = 
     )
     try:
         if path.suffix.lower() == ".wsp" or "flowjo" in path.read_text(errors="ignore")[:4000].lower():
-            ws = fk.Workspace(str(path), fcs_samples=[fk_sample], ignore_missing_files=True)
-            sample_id = ws.get_sample_ids()[0]
+            ws = fk.Workspace(str(path), fcs_samples=[fk_sample])
+            ids = ws.get_sample_ids()
+            sample_id = fk_sample.id if fk_sample.id in ids else ids[0]
             ws.analyze_samples(sample_id=sample_id)
             results = ws.get_gating_results(sample_id)
-            names = [g[0] for g in ws.get_gate_ids(sample_id)]
+            gate_ids = ws.get_gate_ids(sample_id)
         else:
             strategy = fk.parse_gating_xml(str(path))
             results = strategy.gate_sample(fk_sample)
-            names = [g[0] for g in strategy.get_gate_ids()]
+            gate_ids = strategy.get_gate_ids()
     except Exception as exc:  # noqa: BLE001 - flowkit raises many kinds; report one clear error
         raise GatingError(f"cannot apply gates from {path.name}: {exc}", sample.path) from exc
-    wanted = gate_name or next((n for n in names if "mono" in n.lower()), None)
-    if wanted is None:
-        raise GatingError(f"no monocyte gate in {path.name}; gates: {', '.join(names)}", sample.path)
-    return np.asarray(results.get_gate_membership(wanted), dtype=bool)
+    wanted = [
+        (name, gate_path)
+        for name, gate_path in gate_ids
+        if (name == gate_name if gate_name else "mono" in name.lower())
+    ]
+    if not wanted:
+        names = ", ".join(name for name, _ in gate_ids)
+        raise GatingError(f"no monocyte gate in {path.name}; gates: {names}", sample.path)
+    name, gate_path = wanted[0]  # the first, outermost, when several gates match
+    return np.asarray(results.get_gate_membership(name, gate_path=gate_path), dtype=bool)
