@@ -207,8 +207,9 @@ FAKE_LOT = {"bead_values": [600.0, 7000.0, 30000.0, 70000.0]}
 def _expected_abc(patient: Path, beads: Path) -> float:
     from hladr.fcs import read_fcs
 
-    ratio = np.median(read_fcs(patient).column("PE-A")) / np.median(read_fcs(beads).column("PE-A"))
-    return float(ratio * 5000)
+    # float64 arithmetic in the same order as fake_analyze (float32 events stay float32)
+    patient_pe = float(np.median(read_fcs(patient).column("PE-A")))
+    return patient_pe / float(np.median(read_fcs(beads).column("PE-A"))) * 5000.0
 
 
 @pytest.fixture
