@@ -1,0 +1,136 @@
+"""Gates against independent expectations: simulator labels, a hand-built GatingML polygon, real files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from matplotlib.path import Path as PolygonPath
+
+import hladr
+from hladr.analysis import analyze
+from hladr.calibration import calibrate
+from hladr.errors import GatingError, HladrError
+from hladr.gating import gate_monocytes, user_gate
+from hladr.panel import resolve_panel
+from hladr.simulate import MONOCYTE_CODES, POPULATIONS, simulate_beads, simulate_blood
+from tests.conftest import REAL_DIR, require_real
+
+GML = """<?xml version="1.0" encoding="UTF-8"?>
+<gating:Gating-ML xmlns:gating="http://www.isac-net.org/std/Gating-ML/v2.0/gating"
+    xmlns:data-type="http://www.isac-net.org/std/Gating-ML/v2.0/datatypes">
+  <gating:PolygonGate gating:id="Monocytes">
+    <gating:dimension gating:compensation-ref="uncompensated">
+      <data-type:fcs-dimension data-type:name="{x}"/>
+    </gating:dimension>
+    <gating:dimension gating:compensation-ref="uncompensated">
+      <data-type:fcs-dimension data-type:name="{y}"/>
+    </gating:dimension>
+{vertices}
+  </gating:PolygonGate>
+</gating:Gating-ML>
+"""
+
+
+def _gatingml(path, x, y, polygon):
+    vertices = "\n".join(
+        f'    <gating:vertex><gating:coordinate data-type:value="{float(a)!r}"/>'
+        f'<gating:coordinate data-type:value="{float(b)!r}"/></gating:vertex>'
+        for a, b in polygon
+    )
+    path.write_text(GML.format(x=x, y=y, vertices=vertices))
+    return path
+
+
+@pytest.fixture(scope="module")
+def canto_beads(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("beads")
+    simulate_beads(folder / "beads.fcs", "canto", seed=71, n_events=10_000)
+    return calibrate(hladr.read_fcs(folder / "beads.fcs"), lot="96597")
+
+
+def test_gatingml_polygon_gate_is_applied_exactly_and_measures_truth(tmp_path, canto_beads):
+    truth = simulate_blood(tmp_path / "p.fcs", "canto", 8000, seed=21, n_events=30_000)
+    sample = hladr.read_fcs(tmp_path / "p.fcs")
+    labels = np.load(tmp_path / "p.labels.npy")
+    cd14, ssc = sample.index("PerCP-Cy5-5-A"), sample.index("SSC-A")
+    mono = np.isin(labels, MONOCYTE_CODES)
+    x_lo, x_hi = np.percentile(sample.events[mono, cd14], [3, 99.9])
+    y_lo, y_hi = np.percentile(sample.events[mono, ssc], [0.5, 99])
+    polygon = [(x_lo, y_lo), (x_hi, y_lo * 0.8), (x_hi, y_hi), (x_lo, y_hi * 0.9)]
+    gml = _gatingml(tmp_path / "gates.xml", "PerCP-Cy5-5-A", "SSC-A", polygon)
+
+    expected = PolygonPath(polygon).contains_points(sample.events[:, [cd14, ssc]])
+    np.testing.assert_array_equal(user_gate(sample, gml), expected)
+
+    result = analyze(sample, canto_beads, gates=gml)
+    assert result.gate_method == "user:gates.xml"
+    gating = gate_monocytes(sample, resolve_panel(sample), gates=gml)
+    assert result.monocytes == int((expected & gating.singlets).sum())
+    assert result.abc == pytest.approx(truth["abc_true"], rel=0.1)
+
+
+def test_gates_file_without_a_monocyte_gate_is_a_clear_error(tmp_path):
+    simulate_blood(tmp_path / "p.fcs", "canto", 8000, seed=22, n_events=3000)
+    sample = hladr.read_fcs(tmp_path / "p.fcs")
+    gml = _gatingml(tmp_path / "g.xml", "FSC-A", "SSC-A", [(0, 0), (1e5, 0), (1e5, 1e5)])
+    gml.write_text(gml.read_text().replace("Monocytes", "Lymphocytes"))
+    with pytest.raises(GatingError, match="no monocyte gate in g.xml; gates: Lymphocytes"):
+        user_gate(sample, gml)
+
+
+def test_flowkit_reference_gatingml_has_no_monocyte_gate():
+    require_real()
+    sample = hladr.read_fcs(REAL_DIR / "FlowIO" / "data1.fcs", lenient=True)  # the file these gates are for
+    gml = REAL_DIR / "FlowKit" / "gatingml" / "gml_all_gates.xml"
+    with pytest.raises(GatingError, match="gml_all_gates.xml"):
+        user_gate(sample, gml)
+    assert user_gate(sample, gml, gate_name="Rectangle1").dtype == bool
+
+
+def test_flowjo_9_workspace_is_a_clear_error():
+    require_real()
+    folder = REAL_DIR / "flowWorkspaceData"
+    sample = hladr.read_fcs(folder / "a2004_O1T2pb05i_A2_A02.fcs", lenient=True)
+    with pytest.raises(GatingError, match="A2004Analysis.xml") as info:
+        user_gate(sample, folder / "A2004Analysis.xml")
+    assert "a2004_O1T2pb05i_A2_A02.fcs" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "instrument, panel, septic",
+    [("navios", "2colour", True), ("cytoflex", "3colour", True), ("lyric", "3colour", False)],
+)
+def test_gate_purity_and_recall_against_labels(tmp_path, instrument, panel, septic):
+    simulate_blood(tmp_path / "p.fcs", instrument, 2500, seed=23, n_events=30_000, panel=panel, septic=septic)
+    sample = hladr.read_fcs(tmp_path / "p.fcs")
+    labels = np.load(tmp_path / "p.labels.npy")
+    gating = gate_monocytes(sample, resolve_panel(sample))
+    gated = labels[gating.monocytes]
+    assert np.isin(gated, (*MONOCYTE_CODES, 11)).mean() > 0.95
+    classical = (labels == 8) & gating.singlets & gating.clean
+    assert gating.monocytes[classical].mean() > 0.85
+    for code in (1, 2, 3, 5, 7):
+        assert (gated == code).sum() <= 0.01 * gated.size, POPULATIONS[code]
+    counts = {g["gate"]: (g.get("in"), g.get("out")) for g in gating.gates}
+    assert counts["CD14+ monocytes"][1] == gating.monocytes.sum()
+
+
+def test_scarce_monocytes_flagged_but_measured(tmp_path, canto_beads):
+    truth = simulate_blood(
+        tmp_path / "p.fcs", "canto", 3000, seed=24, n_events=40_000, monocyte_fraction=0.01
+    )
+    result = analyze(hladr.read_fcs(tmp_path / "p.fcs"), canto_beads)
+    assert result.monocytes < 3000
+    assert any(f.startswith(("few_monocytes", "too_few_monocytes")) for f in result.qc["flags"])
+    assert result.abc == pytest.approx(truth["abc_true"], rel=0.1)
+
+
+def test_real_a2004_cd14_tube_gives_a_result_or_a_clear_error(canto_beads):
+    require_real()
+    path = REAL_DIR / "flowWorkspaceData" / "a2004_O1T2pb05i_A2_A02.fcs"
+    try:
+        result = analyze(hladr.read_fcs(path, lenient=True), canto_beads)
+    except HladrError as exc:
+        assert path.name in str(exc)
+    else:
+        assert result.qc["flags"] and result.monocytes > 0
