@@ -313,6 +313,8 @@ class _Reader:
         pairs = [p for p in (text_pair, head_pair) if p != (0, 0)]  # TEXT is authoritative
         if not pairs:
             raise FCSOffsetError("no DATA offsets in HEADER or TEXT", self.path)
+        # a DATA start inside the TEXT segment is impossible: drop that pair when the other one is not
+        pairs = [p for p in pairs if p[0] > header[1]] or pairs
         if length is None:  # no $TOT: trust the offsets
             start, end = pairs[0]
             return offset + start, offset + end + 1

@@ -1,0 +1,111 @@
+"""read_fcs on every real file of the corpus, checked against flowio (or FlowCal where flowio fails)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from hladr.errors import FCSDataError, FCSHeaderError, HladrError
+from hladr.fcs import read_fcs, read_metadata
+
+from .conftest import real_files, require_real
+
+#: Files that are genuinely broken, with the error they must raise (see docs/fcs.md).
+BROKEN = {
+    "corrupted.fcs": FCSHeaderError,  # 10 bytes: not an FCS file at all
+    "sample_header.fcs": FCSDataError,  # HEADER+TEXT only; the DATA segment was cut off
+}
+
+FILES = real_files()
+
+
+def _flowio_raw(path, lenient_options: bool):
+    import flowio
+
+    options = [{}]
+    if lenient_options:
+        options += [
+            {"ignore_offset_discrepancy": True},
+            {"ignore_offset_error": True},
+            {"ignore_offset_discrepancy": True, "use_header_offsets": True},
+        ]
+    for kwargs in options:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fd = flowio.FlowData(str(path), **kwargs)
+                return fd.as_array(preprocess=False)
+        except Exception:  # noqa: BLE001 - any failure of the peer just means "try the next option"
+            continue
+    return None
+
+
+def _flowcal_raw(path):
+    try:
+        import FlowCal
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return np.asarray(FlowCal.io.FCSFile(str(path)).data, dtype=np.float64)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+def test_real_file_opens_and_matches_peer(path):
+    require_real()
+    if path.name in BROKEN:
+        with pytest.raises(BROKEN[path.name]) as info:
+            read_fcs(path, lenient=True)
+        assert str(path) in str(info.value)
+        return
+    sample = read_fcs(path, dataset=0, lenient=True)
+    n, p = sample.events.shape
+    assert p == len(sample.channels) == len(sample.markers)
+    assert len(sample.sha256) == 64
+    meta = read_metadata(path, dataset=0, lenient=True)
+    assert meta.channels == sample.channels and meta.events.shape == (0, p)
+    stored = sample.raw if sample.raw is not None else sample.events
+    peer = _flowio_raw(path, lenient_options=bool(sample.repairs))
+    if peer is None or peer.shape != stored.shape:
+        peer = _flowcal_raw(path)
+    if peer is None:
+        pytest.skip("neither flowio nor FlowCal reads this file")
+    peer = np.asarray(peer, dtype=np.float64)
+    assert peer.shape == stored.shape
+    # flowio masks integers to $PnR as well; compare channel by channel
+    for j, name in enumerate(sample.channels):
+        np.testing.assert_allclose(stored[:, j], peer[:, j], rtol=1e-6, err_msg=f"{path.name}: {name}")
+
+
+def test_strict_mode_names_the_repair_needed():
+    require_real()
+    needing = []
+    for path in FILES:
+        if path.name in BROKEN:
+            continue
+        sample = read_fcs(path, dataset=0, lenient=True)
+        if sample.repairs:
+            needing.append((path, sample.repairs))
+    assert needing, "the real corpus holds files with instrument defects"
+    for path, repairs in needing[:10]:
+        with pytest.raises(HladrError) as info:
+            read_fcs(path, dataset=0)
+        assert "lenient=True" in str(info.value)
+        assert any(name in str(info.value) for name in repairs)
+
+
+def test_lmd_default_is_full_resolution_dataset():
+    require_real()
+    lmd = [p for p in FILES if p.suffix.lower() == ".lmd"]
+    if not lmd:
+        pytest.skip("no LMD file in the corpus")
+    for path in lmd:
+        sample = read_fcs(path, lenient=True)
+        if sample.n_datasets > 1:
+            assert sample.version.startswith("3")
+            first = read_fcs(path, dataset=0, lenient=True)
+            assert first.version.startswith("2")
+            assert sample.n_events == first.n_events
