@@ -285,3 +285,14 @@ def test_compensation_agrees_with_flowutils():
     names, matrix = spillover_matrix(sample)
     theirs = fu_compensate(np.asarray(sample.events, dtype=float), matrix, [sample.index(n) for n in names])
     np.testing.assert_allclose(compensate(sample)[0], theirs, rtol=1e-9, atol=1e-6)
+
+
+def test_hladr_on_another_detector_than_the_beads_fails_qc(tmp_path, calibrations):
+    simulate_blood(tmp_path / "p.fcs", "canto", 5000, seed=8, n_events=20_000)
+    sample = hladr.read_fcs(tmp_path / "p.fcs")
+    panel = resolve_panel(sample)
+    other = next(c for c in sample.channels if c not in panel.channels.values() and c != panel.time)
+    result = analyze(sample, calibrations["canto"], hladr=other)
+    assert result.channels["HLA-DR"] == other
+    assert any(f.startswith("channel_mismatch") for f in result.qc["flags"])
+    assert not result.passed
