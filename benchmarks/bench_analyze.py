@@ -91,7 +91,8 @@ def main() -> None:
         print(f"{'pipeline':<42}{'time (s)':>10}{'ratio':>8}{'peak MB':>10}{'x array':>9}")
         for name, (seconds, peak, _) in results:
             print(
-                f"{name:<42}{seconds:>10.3f}{seconds / ours[0]:>8.1f}{peak / 1e6:>10.0f}{peak / decoded:>9.1f}"
+                f"{name:<42}{seconds:>10.3f}{seconds / ours[0]:>8.1f}"
+                f"{peak / 1e6:>10.0f}{peak / decoded:>9.1f}"
             )
         print(f"hladr AB/C {ours[2]:,.0f}; flowkit monocyte median PE (MFI, no bead curve) {theirs[2]:,.0f}")
 

@@ -284,7 +284,7 @@ def test_compensation_agrees_with_flowutils():
     sample = hladr.read_fcs(SAMPLE_DIR / "patient_02.fcs")
     names, matrix = spillover_matrix(sample)
     theirs = fu_compensate(np.asarray(sample.events, dtype=float), matrix, [sample.index(n) for n in names])
-    np.testing.assert_allclose(compensate(sample)[0], theirs, rtol=1e-9, atol=1e-6)
+    np.testing.assert_allclose(compensate(sample)[0], theirs, rtol=1e-6, atol=0.02)  # float32
 
 
 def test_hladr_on_another_detector_than_the_beads_fails_qc(tmp_path, calibrations):

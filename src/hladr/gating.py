@@ -37,7 +37,7 @@ class GatingResult:
     leukocytes: np.ndarray
     singlets: np.ndarray
     clean: np.ndarray
-    compensated: np.ndarray  # n x p, compensated where the file has a spillover matrix
+    compensated: np.ndarray  # n x p float32, compensated where the file has a spillover matrix
     method: str
     gates: list[dict[str, Any]] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
@@ -70,15 +70,17 @@ def compensate(sample: Sample) -> tuple[np.ndarray, list[str]]:
     the matrix inverted once: flowutils' linear solve over every event was a fifth of the
     analysis time at 1M events in benchmarks/bench_analyze.py.
     """
-    events = np.asarray(sample.events, dtype=np.float64)
+    events = np.ascontiguousarray(sample.events)
     spill = spillover_matrix(sample)
     if spill is None:
-        return events, ["no spillover matrix in the file: data not compensated"]
+        note = "no spillover matrix in the file: data not compensated"
+        return events.astype(np.float32, copy=False), [note]
     names, matrix = spill
     if not all(n in sample.channels for n in names):
-        return events, [f"spillover channels {names} not all in the file: data not compensated"]
+        note = f"spillover channels {names} not all in the file: data not compensated"
+        return events.astype(np.float32, copy=False), [note]
     columns = np.array([sample.channels.index(n) for n in names], dtype=np.int64)
-    return kernels.compensate_columns(np.ascontiguousarray(events), columns, np.linalg.inv(matrix)), []
+    return kernels.compensate_columns(events, columns, np.linalg.inv(matrix)), []
 
 
 def _log(x: np.ndarray) -> np.ndarray:

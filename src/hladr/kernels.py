@@ -55,11 +55,17 @@ def gaussian_smooth(y: np.ndarray, sigma_bins: float) -> np.ndarray:
 
 @njit(cache=True)
 def compensate_columns(events: np.ndarray, columns: np.ndarray, inverse: np.ndarray) -> np.ndarray:
-    """A copy of ``events`` whose ``columns`` are replaced by ``events[:, columns] @ inverse``."""
-    out = events.copy()
+    """A float32 copy of ``events`` whose ``columns`` are ``events[:, columns] @ inverse``.
+
+    Sums are taken in float64; float32 keeps the copy the size of a decoded FCS array.
+    """
+    n, p = events.shape
+    out = np.empty((n, p), dtype=np.float32)
     k = columns.size
     row = np.empty(k)
-    for i in range(events.shape[0]):
+    for i in range(n):
+        for j in range(p):
+            out[i, j] = events[i, j]
         for a in range(k):
             row[a] = events[i, columns[a]]
         for b in range(k):
