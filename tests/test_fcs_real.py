@@ -107,3 +107,47 @@ def test_lmd_default_is_full_resolution_dataset():
             first = read_fcs(path, dataset=0, lenient=True)
             assert first.version.startswith("2")
             assert sample.n_events == first.n_events
+
+
+def test_files_no_peer_reads_match_hand_derived_values():
+    """The five files neither flowio nor FlowCal reads, against hand-derived values (see INDEX.md)."""
+    real = require_real()
+    # Beckman FC500 LMD: FCS 2.0 data set of 10-bit values in 16-bit words, little-endian, & 0x3FF
+    lmd = real / "cytoflow/instruments/Beckman Coulter - Cytomics FC500.LMD"
+    first = read_fcs(lmd, dataset=0, lenient=True)
+    assert "non_byte_width_as_16bit" in first.repairs
+    np.testing.assert_array_equal(first.raw[0], [411, 273, 184, 134])
+    blob = lmd.read_bytes()
+    words = np.frombuffer(blob, "<u2", count=4 * first.n_events, offset=int(blob[26:34]))  # HEADER offset
+    np.testing.assert_array_equal(first.raw, (words & 0x3FF).reshape(-1, 4))
+    # ... whose default data set is the FCS 3.0 one, equal to flowio's second data set
+    import flowio
+
+    full = read_fcs(lmd, lenient=True)
+    assert (full.dataset, full.version, full.n_datasets) == (1, "3.0", 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peer = flowio.read_multiple_data_sets(str(lmd), ignore_offset_error=True)[1]
+    peer = peer.as_array(preprocess=False)
+    np.testing.assert_allclose(full.raw if full.raw is not None else full.events, peer, rtol=1e-6)
+    # blank HEADER data offsets (a > 99,999,999-byte file): same bytes as the Fortessa file it was made from
+    fortessa = real / "fcsparser/FlowCytometers/Fortessa/FCS_3.0_Fortessa_PBS_Specimen_001_A1_A01.fcs"
+    large = read_fcs(real / "fcsparser/FlowCytometers/fake_large_fcs/fake_large_fcs.fcs")
+    np.testing.assert_array_equal(large.events, read_fcs(fortessa).events)
+    # keyword names padded with spaces ("   $DATATYPE"): little-endian uint16 read straight from $BEGINDATA
+    padded = [
+        "instruments/Partec - CyFlow v2.9.fcs",
+        "genome_size/PU87@2+B200.fcs",
+        "genome_size/PU88@3+B200(2).fcs",
+    ]
+    for name in padded:
+        path = real / "cytoflow" / name
+        with pytest.raises(HladrError, match="keyword_whitespace"):
+            read_fcs(path)
+        sample = read_fcs(path, lenient=True)
+        stored = sample.raw if sample.raw is not None else sample.events
+        n, p = stored.shape
+        assert n == int(sample.keywords["$TOT"]) and p == int(sample.keywords["$PAR"])
+        begin = int(sample.keywords["$BEGINDATA"])
+        words = np.frombuffer(path.read_bytes(), "<u2", count=n * p, offset=begin)
+        np.testing.assert_array_equal(stored, words.reshape(n, p))
