@@ -534,14 +534,12 @@ def _closest_bead(patient: Tube, beads: list[Tube]) -> tuple[Tube | None, str | 
 # =====================================================================================
 # Work done in the workers (local processes or Dask)
 # =====================================================================================
-def _init_worker() -> None:
-    """One compute thread per worker process: parallelism comes from the processes."""
-    try:
-        from threadpoolctl import threadpool_limits
+def _single_threaded() -> Any:
+    """One BLAS/OpenMP thread while a task runs: parallelism comes from the workers, and every
+    executor (inline, processes, Dask threads or processes) then computes in the same order."""
+    from threadpoolctl import threadpool_limits
 
-        threadpool_limits(1)
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        pass
+    return threadpool_limits(1)
 
 
 def _failure(exc: BaseException, started: float) -> dict[str, Any]:
@@ -561,8 +559,8 @@ def calibrate_task(path: str, lot: str | None, values: list[float] | None) -> di
         from .calibration import calibrate
         from .fcs import read_fcs
 
-        beads = read_fcs(path, lenient=True)
-        calibration = calibrate(beads, lot=lot, values=values)
+        with _single_threaded():
+            calibration = calibrate(read_fcs(path, lenient=True), lot=lot, values=values)
         return {"status": "ok", "calibration": calibration.to_dict(),
                 "seconds": time.perf_counter() - started}
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, none stops the batch
@@ -581,9 +579,10 @@ def analyze_task(path: str, calibration: dict[str, Any], plot: bool) -> dict[str
 
         sample = read_fcs(path, lenient=True)
         cal = Calibration.from_dict(calibration)
-        panel = resolve_panel(sample)
-        gating = gate_monocytes(sample, panel)  # once, for the analysis and its figure
-        result = analyze(sample, cal, panel=panel, gating=gating)
+        with _single_threaded():
+            panel = resolve_panel(sample)
+            gating = gate_monocytes(sample, panel)  # once, for the analysis and its figure
+            result = analyze(sample, cal, panel=panel, gating=gating)
         out: dict[str, Any] = {"status": "ok", "result": result.to_dict()}
         if plot:
             out["png"], out["plot_error"] = _qc_png(sample, result, cal, gating, panel)
@@ -1179,7 +1178,7 @@ def _executor(scheduler: Any, jobs: int | None, tubes: list[Tube], n_tasks: int,
     context = multiprocessing.get_context("spawn")
 
     def make() -> cf.Executor:
-        return cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
+        return cf.ProcessPoolExecutor(workers, mp_context=context)
 
     holder = [make()]
     summary.executor = "processes"
