@@ -175,6 +175,8 @@ REPAIRS = {
     "enddata_off_by_one": "$ENDDATA points one byte past (or before) the end of the DATA segment",
     "enddata_equals_begindata": "$ENDDATA equals $BEGINDATA; the DATA length was taken from $TOT",
     "doubled_delimiter_empty_value": "empty keyword values written as a doubled delimiter (FCS 2 style)",
+    "text_end_off_by_one": "the HEADER's TEXT end offset is one byte short of the closing delimiter",
+    "text_unterminated": "the TEXT segment does not end with its delimiter; its last value was kept as is",
     "trailing_delimiter": "the TEXT segment ends with an extra delimiter",
     "text_padding": "spaces or NUL bytes after the TEXT segment's last delimiter were ignored",
     "keyword_whitespace": "keyword names padded with spaces were trimmed",
@@ -244,6 +246,14 @@ class _Reader:
             body = padded
         if body.endswith(delim):
             body = body[:-1]
+        elif bytes(self.blob[offset + end + 1 : offset + end + 2]) == delim.encode("latin-1"):
+            self.repair("text_end_off_by_one", FCSOffsetError, "TEXT ends one byte before its delimiter")
+        else:
+            self.repair(
+                "text_unterminated",
+                FCSTextError,
+                "the TEXT segment does not end with its delimiter (its last value may be cut)",
+            )
 
         def escaped(b: str) -> list[str]:
             return [t.replace("\0", delim) for t in b.replace(delim * 2, "\0").split(delim)]
@@ -327,7 +337,11 @@ class _Reader:
                     FCSOffsetError,
                     f"DATA offsets differ: HEADER {head_pair}, TEXT {text_pair}",
                 )
-            return offset + fitting[0][0], offset + fitting[0][0] + length
+            # both fit: the DATA segment that starts right after TEXT wins (Beckman Cyan files
+            # have a TEXT pair shifted by 46 bytes; the HEADER pair is contiguous and right)
+            contiguous = [p for p in fitting if p[0] == header[1] + 1]
+            start = (contiguous or fitting)[0][0]
+            return offset + start, offset + start + length
         if mismatch:
             self.repair(
                 "header_text_offset_mismatch",
