@@ -847,5 +847,11 @@ def describe(sample: Sample) -> str:
         lines.append(f"spillover: {sample.spillover.source} over {', '.join(sample.spillover.channels)}")
     else:
         lines.append("spillover: none")
-    lines.append("repairs:   " + (", ".join(sample.repairs) if sample.repairs else "none"))
+    if sample.n_datasets > 1:
+        lines.append(f"data sets: {sample.n_datasets} (read another with dataset=N / --dataset N, from 0)")
+    if sample.repairs:
+        lines.append("repairs applied (the file does not follow the FCS standard):")
+        lines += [f"  {name}: {REPAIRS.get(name, '')}" for name in sample.repairs]
+    else:
+        lines.append("repairs:   none (the file follows the FCS standard)")
     return "\n".join(lines)
