@@ -35,7 +35,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     sample = read_fcs(args.file, dataset=args.dataset, lenient=not args.strict)
     print(describe(sample))
     if sample.repairs:
-        print(f"{args.file}: read with repairs {', '.join(sample.repairs)} (--strict refuses them)", file=sys.stderr)
+        repairs = ", ".join(sample.repairs)
+        print(f"{args.file}: read with repairs {repairs} (--strict refuses them)", file=sys.stderr)
     return EXIT_OK
 
 
