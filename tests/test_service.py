@@ -202,3 +202,27 @@ def test_analysis_happy_path_restart_and_concurrency(tmp_path):
         assert kept["result"] == done["result"]
     finally:
         again.stop()
+
+
+def test_property_based_api_from_its_own_openapi_schema(server):
+    """schemathesis generates requests for every operation from /openapi.json: never a 5xx."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 7
+    for operation in operations:
+
+        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def no_server_error(case):
+            response = case.call(base_url=server.url, headers=AUTH)
+            assert response.status_code < 500, (
+                case.method,
+                case.path,
+                response.status_code,
+                response.text[:200],
+            )
+
+        no_server_error()
