@@ -77,7 +77,8 @@ class Sample:
     repairs
         Named repairs applied to read a non-compliant file (empty if compliant).
     sha256
-        SHA-256 of the whole file.
+        SHA-256 of the whole file. ``read_fcs`` leaves it empty and it is computed from the file
+        on first access (hashing costs 3-4x the decoding of a large file; most reads never need it).
     n_datasets
         Number of data sets in the file.
     raw
@@ -151,6 +152,19 @@ class Sample:
             f"Sample({os.fspath(self.path)!r}, FCS{self.version}, data set {self.dataset}, "
             f"{self.n_events} events x {len(self.channels)} channels)"
         )
+
+
+def _sha256_get(self: Sample) -> str:
+    if not self._sha256:
+        self._sha256 = sha256_file(self.path)
+    return self._sha256
+
+
+def _sha256_set(self: Sample, value: str) -> None:
+    self._sha256 = value
+
+
+Sample.sha256 = property(_sha256_get, _sha256_set)  # lazy; the dataclass field keeps its "" default
 
 
 def _float_or_none(value: str | None) -> float | None:
@@ -673,7 +687,6 @@ def _read(path: Path, blob: mmap.mmap, dataset: int | None, lenient: bool, metad
         dataset=dataset,
         spillover=_spillover(r, kw, channels, markers),
         repairs=r.repairs,
-        sha256=hashlib.sha256(blob).hexdigest(),
         n_datasets=len(offsets),
         raw=raw,
     )
