@@ -231,8 +231,24 @@ def monocyte_gate_density(
         mono &= cd45 > m45 - 4 * s45
     info["ssc_max"] = float(10 ** (m_ssc + 3 * s_ssc))
     if mono.sum() and np.median(ssc[mono]) > granulocyte_ssc_limit(ssc, leuk):
-        info["failed"] = "the CD14+ events have granulocyte-like SSC"
+        if no_granulocytes(ssc, leuk, mono):
+            info["no_granulocytes"] = True  # e.g. PBMC: the monocytes are the top-SSC population
+        else:
+            info["failed"] = "the CD14+ events have granulocyte-like SSC"
     return mono, info
+
+
+def no_granulocytes(log_ssc: np.ndarray, leuk: np.ndarray, gated: np.ndarray) -> bool:
+    """True when no granulocyte population shares the gated events' SSC.
+
+    Granulocytes are 40-70 % of the leukocytes of whole blood: when fewer than 10 % of the other
+    leukocytes reach half the gated events' median SSC and the gated events are under 20 % of the
+    leukocytes (so they are not the granulocytes themselves), the tube has no granulocytes.
+    """
+    n_leuk = max(int(leuk.sum()), 1)
+    floor = float(np.median(log_ssc[gated])) - np.log10(2)
+    others_high = int((leuk & ~gated & (log_ssc >= floor)).sum())
+    return others_high < 0.1 * n_leuk and gated.sum() < 0.2 * n_leuk
 
 
 def granulocyte_ssc_limit(log_ssc: np.ndarray, leuk: np.ndarray) -> float:
@@ -334,6 +350,8 @@ def gate_monocytes(
             method=method,
             **{k: v for k, v in info.items() if k != "failed"},
         )
+        if info.get("no_granulocytes") and method == "density":
+            flags.append("no_granulocytes")
         if info.get("cd14_valley"):
             thresholds["cd14_min"] = info["cd14_valley"]
         if info.get("ssc_max"):
