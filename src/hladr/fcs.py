@@ -155,7 +155,7 @@ class Sample:
 
 
 def _sha256_get(self: Sample) -> str:
-    if not self._sha256:
+    if not self._sha256 and Path(self.path).is_file():  # an in-memory Sample has no file to hash
         self._sha256 = sha256_file(self.path)
     return self._sha256
 
