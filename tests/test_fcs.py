@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -64,6 +66,7 @@ def test_write_read_round_trip(tmp_path, rng, byteorder, datatype, bits):
     np.testing.assert_array_equal(sample.events, expected)
     assert sample.events.dtype == (np.float32 if datatype == "F" else np.float64)
     assert sample.repairs == []
+    assert sample.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_fcs32_mixed_datatypes_and_24bit_integers(tmp_path, rng):
