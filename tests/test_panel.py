@@ -80,3 +80,15 @@ def test_one_channel_cannot_take_two_roles(tmp_path):
     simulate_blood(tmp_path / "p.fcs", "canto", 5000, seed=13, n_events=2000)
     with pytest.raises(PanelError, match="two roles"):
         resolve_panel(hladr.read_fcs(tmp_path / "p.fcs"), cd14="PE-A")
+
+
+def test_naming_never_claims_a_channel_labelled_with_another_antigen(tmp_path):
+    simulate_blood(tmp_path / "p.fcs", "canto", 5000, seed=14, n_events=2000)
+    sample = hladr.read_fcs(tmp_path / "p.fcs")
+    sample.markers[sample.index("PE-A")] = "CD3"
+    with pytest.raises(PanelError, match="HLA-DR") as info:
+        resolve_panel(sample)
+    assert "PE-A [CD3]" in str(info.value)
+    assert resolve_panel(sample, hladr="PE-A")["HLA-DR"] == "PE-A"  # the user may still insist
+    sample.markers[sample.index("PE-A")] = "PE-A"  # some instruments repeat the channel name
+    assert resolve_panel(sample)["HLA-DR"] == "PE-A"

@@ -2,7 +2,8 @@
 
 Resolution order for each role: an explicit argument; a ``$PnS`` marker (case, space and
 dash variants: ``HLA-DR``, ``HLADR``, ``HLA DR``); instrument naming with the Quantibrite kit
-defaults (PE = HLA-DR, PerCP-Cy5.5 / PC5.5 = CD14), which adds a warning to the panel.
+defaults (PE = HLA-DR, PerCP-Cy5.5 / PC5.5 = CD14), which adds a warning to the panel; naming
+never claims a channel whose ``$PnS`` names another antigen (PE-A [CD3] is not HLA-DR).
 """
 
 from __future__ import annotations
@@ -80,11 +81,22 @@ def _listing(sample: Sample) -> str:
     return ", ".join(f"{c} [{m}]" if m else c for c, m in zip(sample.channels, sample.markers))
 
 
+def _labelled_otherwise(channel: str, marker: str, role: str) -> bool:
+    """True when ``$PnS`` names another antigen (e.g. PE-A [CD3]): naming must not claim that channel."""
+    m = (marker or "").strip()
+    if not m or m.lower() == channel.strip().lower():
+        return False
+    return not any(re.fullmatch(p, m, re.IGNORECASE) for p in _NAMES[role])
+
+
 def _by_name(sample: Sample, role: str, taken: set[str]) -> str | None:
     for pattern in _NAMES[role]:
-        for ch in sample.channels:
-            if ch not in taken and re.fullmatch(pattern, ch.strip(), re.IGNORECASE):
-                return ch
+        for ch, marker in zip(sample.channels, sample.markers):
+            if ch in taken or not re.fullmatch(pattern, ch.strip(), re.IGNORECASE):
+                continue
+            if role in ("HLA-DR", "CD14") and _labelled_otherwise(ch, marker, role):
+                continue
+            return ch
     return None
 
 
