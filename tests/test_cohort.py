@@ -1,0 +1,82 @@
+"""The simulated cohort: >= 60 tubes across presets, scarce monocytes, sepsis, clogs, two-colour panels,
+unlabelled files; channel names never given. Prints the error distribution (run with ``-s``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import hladr
+from hladr.analysis import analyze
+from hladr.simulate import INSTRUMENTS, simulate_blood
+from tests import test_analysis
+
+calibrations = test_analysis.calibrations  # the per-preset bead calibrations fixture, shared
+
+COHORT_SIZE = 64
+
+
+def _cohort_cases():
+    rng = np.random.default_rng(2026)
+    names = sorted(INSTRUMENTS)
+    cases = []
+    for i in range(COHORT_SIZE):
+        near = i < 14
+        abc = (
+            5000 * rng.uniform(0.81, 1.19)
+            if near
+            else float(np.exp(rng.uniform(np.log(1000), np.log(40000))))
+        )
+        name = names[i % len(names)]
+        fraction = float(rng.choice([0.005, 0.02, 0.06, 0.12]))
+        cases.append(
+            dict(
+                instrument=name,
+                abc=abc,
+                seed=3000 + i,
+                monocyte_fraction=fraction,
+                n_events=60_000 if fraction < 0.01 else 25_000,
+                septic=bool(rng.random() < 0.6),
+                clog=bool(rng.random() < 0.25),
+                panel="2colour" if rng.random() < 0.2 else "3colour",
+                with_markers=True if name == "lyric" else bool(rng.random() < 0.6),
+            )
+        )
+    return cases
+
+
+def test_simulated_cohort_accuracy_and_classification(tmp_path, calibrations):
+    rows = []
+    for i, case in enumerate(_cohort_cases()):
+        path = tmp_path / f"p{i:02d}.fcs"
+        params = {k: v for k, v in case.items() if k not in ("instrument", "abc")}
+        truth = simulate_blood(path, case["instrument"], case["abc"], **params)
+        result = analyze(hladr.read_fcs(path), calibrations[case["instrument"]])
+        rows.append((case, truth["abc_true"], result))
+    errors = np.array([r.abc / t - 1 for _, t, r in rows])
+    abs_err = np.abs(errors)
+    print(f"\ncohort of {len(rows)} simulated tubes (4 instrument presets, channel names not given)")
+    print(
+        f"error: median {np.median(errors):+.2%}, median |error| {np.median(abs_err):.2%}, "
+        f"95th pct |error| {np.percentile(abs_err, 95):.2%}, max |error| {abs_err.max():.2%}"
+    )
+    print(
+        f"within 2 %: {np.mean(abs_err < 0.02):.0%}  within 5 %: {np.mean(abs_err < 0.05):.0%}  "
+        f"within 10 %: {np.mean(abs_err < 0.10):.0%}"
+    )
+    near = [r for r in rows if abs(r[1] / 5000 - 1) <= 0.2]
+    print(
+        f"cases within +-20 % of 5,000: {len(near)}; gate methods: "
+        f"{sorted({r.gate_method for _, _, r in rows})}"
+    )
+    for case, true, result in rows:
+        print(
+            f"  {case['instrument']:<9} true {true:>8,.0f} hladr {result.abc:>8,.0f} "
+            f"({result.abc / true - 1:+6.2%}) "
+            f"monocytes {result.monocytes:>5} {case['panel']} septic={case['septic']} clog={case['clog']}"
+        )
+    assert len(rows) >= 60 and len(near) >= 10
+    assert np.mean(abs_err < 0.10) >= 0.95
+    assert np.mean(abs_err < 0.05) >= 0.90
+    for _, true, result in rows:
+        if abs(true / 5000 - 1) > 0.15:
+            assert result.immunoparalysis == (true < 5000), (true, result.abc)
