@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import date, datetime
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 from hladr import batch
 from hladr.batch import BatchError, Journal, discover, pair, read_manifest, run_batch
 from hladr.fcs import write_fcs
+from tests.conftest import SAMPLE_DIR
 
 CHANNELS = ["FSC-A", "SSC-A", "PE-A", "PerCP-Cy5-5-A"]
 
@@ -91,6 +93,14 @@ def test_pairing_falls_back_to_an_older_bead_tube_with_the_same_settings(tmp_pat
     _tube(root, "p.fcs", btim="10:00:00", pe_volts=480)
     (job,) = pair(discover(root))
     assert job.bead.rel == "beads_a.fcs"
+
+
+def test_sample_fcs_pairs_every_patient_tube_with_its_bead_tube():
+    if not (SAMPLE_DIR / "beads.fcs").exists():
+        pytest.skip("sample_fcs/ not present")
+    jobs = pair(discover(SAMPLE_DIR))
+    assert sorted(Path(j.tube.rel).name for j in jobs) == [f"patient_{i:02d}.fcs" for i in range(1, 5)]
+    assert {j.bead.rel if j.bead else j.reason for j in jobs} == {"beads.fcs"}
 
 
 def test_manifest_overrides_role_pairing_and_carries_ferritin(export: Path, tmp_path: Path):
@@ -337,21 +347,14 @@ def test_discovery_and_pairing_over_the_real_corpus(real_dir: Path):
 # --- whole runs of the real pipeline on a simulated export ------------------------------------
 QB = [638.0, 6930.0, 31008.0, 67601.0]
 SIM_ABC = (2_500.0, 4_000.0, 8_000.0, 15_000.0, 25_000.0)
-#: (folder, $DATE, instrument); the beads of 2026-03-13 on the Lyric are cells, so they fail calibration QC.
-SIM_RUNS = (("2026-03-12", "12-MAR-2026", "canto"), ("2026-03-12", "12-MAR-2026", "lyric"),
-            ("2026-03-13", "13-MAR-2026", "canto"), ("2026-03-13", "13-MAR-2026", "lyric"))
+#: (folder, run date, instrument); the beads of 2026-03-13 on the Lyric are cells: they fail calibration QC.
+SIM_RUNS = (("2026-03-12", date(2026, 3, 12), "canto"), ("2026-03-12", date(2026, 3, 12), "lyric"),
+            ("2026-03-13", date(2026, 3, 13), "canto"), ("2026-03-13", date(2026, 3, 13), "lyric"))
 BAD_BEADS = "2026-03-13/lyric/QB beads.fcs"
 
 
-def _stamp(path: Path, day: str, btim: str) -> None:
-    """Set ``$DATE`` and ``$BTIM`` of a freshly simulated file (same-length values: offsets unchanged)."""
-    data = bytearray(path.read_bytes())
-    for key, value in ((b"$DATE", day), (b"$BTIM", btim)):
-        start = data.index(b"/" + key + b"/") + len(key) + 2
-        end = data.index(b"/", start)
-        assert end - start == len(value)
-        data[start:end] = value.encode()
-    path.write_bytes(bytes(data))
+def _at(day: date, hour: int, minute: int = 0) -> datetime:
+    return datetime(day.year, day.month, day.day, hour, minute)
 
 
 def build_sim_export(root: Path, n_events: int = 12_000) -> dict[str, dict]:
@@ -364,18 +367,17 @@ def build_sim_export(root: Path, n_events: int = 12_000) -> dict[str, dict]:
         run.mkdir(parents=True)
         beads = run / "QB beads.fcs"
         if f"{folder}/{instrument}/QB beads.fcs" == BAD_BEADS:
-            simulate_blood(beads, instrument, seed=900 + k, n_events=8_000)
+            simulate_blood(beads, instrument, seed=900 + k, n_events=8_000, acquired_at=_at(day, 8))
         else:
-            simulate_beads(beads, instrument, QB, seed=100 + k, n_events=8_000)
-        _stamp(beads, day, "08:00:00")
+            simulate_beads(beads, instrument, QB, seed=100 + k, n_events=8_000, acquired_at=_at(day, 8))
         for i, abc in enumerate(SIM_ABC[: 4 if beads.relative_to(root).as_posix() == BAD_BEADS else 5]):
             path = run / f"patient_{i + 1:02d}.fcs"
             truth[path.relative_to(root).as_posix()] = simulate_blood(
-                path, instrument, abc, seed=1000 * k + i, n_events=n_events, monocyte_fraction=0.12)
-            _stamp(path, day, f"09:{10 * i:02d}:00")
+                path, instrument, abc, seed=1000 * k + i, n_events=n_events, monocyte_fraction=0.12,
+                acquired_at=_at(day, 9, 10 * i))
     orphan = root / "2026-03-13" / "canto" / "patient_early.fcs"  # acquired before that day's beads
-    simulate_blood(orphan, "canto", 6_000.0, seed=77, n_events=n_events)
-    _stamp(orphan, "13-MAR-2026", "07:15:00")
+    early = _at(date(2026, 3, 13), 7, 15)
+    simulate_blood(orphan, "canto", 6_000.0, seed=77, n_events=n_events, acquired_at=early)
     whole = (root / "2026-03-12" / "canto" / "patient_01.fcs").read_bytes()
     (root / "2026-03-12" / "canto" / "patient_truncated.fcs").write_bytes(whole[: len(whole) // 2])
     (root / "2026-03-12" / "lyric" / "corrupt.fcs").write_bytes(b"FCS3.1" + bytes(range(256)) * 4)

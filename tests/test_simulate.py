@@ -73,6 +73,14 @@ def test_bead_and_patient_tubes_of_a_run_share_settings(tmp_path):
     assert [t["kind"] for t in truth["tubes"]] == ["beads", "patient", "patient"]
 
 
+def test_a_run_is_one_day_with_the_beads_acquired_first(tmp_path):
+    simulate_run(tmp_path, n=2, seed=5, n_events=3000, bead_events=3000)
+    tubes = [hladr.read_fcs(tmp_path / f) for f in ("beads.fcs", "patient_01.fcs", "patient_02.fcs")]
+    assert {t.keywords["$DATE"] for t in tubes} == {"06-MAR-2026"}  # day 1 + seed % 28
+    starts = [t.keywords["$BTIM"] for t in tubes]
+    assert starts == sorted(starts) and len(set(starts)) == 3
+
+
 def _perfect_knowledge_abc(tmp_path, instrument, abc, seed):
     """True labels + true bead medians -> log-log curve -> monocyte median, all outside hladr."""
     beads_truth = simulate_beads(tmp_path / "b.fcs", instrument, seed=seed, n_events=20_000)

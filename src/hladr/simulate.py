@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -260,18 +261,19 @@ def _acquire(ev: _Events, instrument: Instrument, rng: np.random.Generator) -> n
     return out
 
 
-def _keywords(instrument: Instrument, seed: int, kind: str, tube: str, n: int, duration: float) -> dict:
-    day = 1 + seed % 28
-    minute = (seed * 7 + (0 if kind == "beads" else 5 + hash_int(tube) % 50)) % 600
-    btim = f"{8 + minute // 60:02d}:{minute % 60:02d}:00"
-    end = minute * 60 + int(duration)
-    etim = f"{8 + end // 3600:02d}:{(end // 60) % 60:02d}:{end % 60:02d}"
+def _keywords(
+    instrument: Instrument, seed: int, kind: str, tube: str, duration: float, acquired_at: datetime | None
+) -> dict:
+    if acquired_at is None:  # a stand-alone tube: a start time derived from its seed
+        minute = (seed * 7 + (0 if kind == "beads" else 5 + hash_int(tube) % 50)) % 600
+        acquired_at = datetime(2026, 3, 1 + seed % 28, 8) + timedelta(minutes=minute)
+    ended_at = acquired_at + timedelta(seconds=int(duration))
     kw = {
         "$CYT": instrument.cytometer,
         "$CYTSN": instrument.serial,
-        "$DATE": f"{day:02d}-MAR-2026",
-        "$BTIM": btim,
-        "$ETIM": etim,
+        "$DATE": acquired_at.strftime("%d-%b-%Y").upper(),
+        "$BTIM": acquired_at.strftime("%H:%M:%S"),
+        "$ETIM": ended_at.strftime("%H:%M:%S"),
         "$TIMESTEP": "0.01",
         "$SRC": "hladr.simulate",
         "$FIL": f"{tube}.fcs",
@@ -304,6 +306,7 @@ def _write(
     rng: np.random.Generator,
     markers: dict[str, str] | None,
     with_markers: bool | None,
+    acquired_at: datetime | None,
 ) -> Path:
     data = _acquire(ev, instrument, rng)
     use_markers = instrument.with_markers if with_markers is None else with_markers
@@ -313,7 +316,7 @@ def _write(
         det = next((d for d in instrument.detectors if d.channel == ch), None)
         names.append(fluor_marker.get(det.fluor, "") if (det and use_markers) else "")
     duration = float(ev.time.max()) * 0.01 if ev.time.size else 0.0
-    kw = _keywords(instrument, seed, kind, path.stem, data.shape[0], duration)
+    kw = _keywords(instrument, seed, kind, path.stem, duration, acquired_at)
     write_fcs(
         path,
         data,
@@ -357,6 +360,7 @@ def simulate_beads(
     doublet_fraction: float = 0.04,
     debris_fraction: float = 0.02,
     with_markers: bool | None = None,
+    acquired_at: datetime | None = None,
 ) -> dict:
     """Write a PE bead tube: a blank bead plus one population per lot level.
 
@@ -370,6 +374,8 @@ def simulate_beads(
         Index of a level left out of the tube.
     blank_molecules
         PE-equivalent autofluorescence of the blank bead.
+    acquired_at
+        Acquisition start written as ``$DATE``/``$BTIM`` (default: a time derived from the seed).
 
     Returns
     -------
@@ -427,7 +433,7 @@ def simulate_beads(
     ev = _Events(fsc[order], ratio[order], ssc[order], molecules, labels[order])
     ev.time = _times(n, rng, 1500.0, None)
     level_of = np.concatenate([level, np.full(n_doublet, -2), np.full(n_debris, -3)])[order]
-    out = _write(Path(path), ev, inst, seed, "beads", rng, {"PE beads": "PE"}, with_markers)
+    out = _write(Path(path), ev, inst, seed, "beads", rng, {"PE beads": "PE"}, with_markers, acquired_at)
     det = inst.detector("PE")
     true_medians = [
         float(np.median(ev.molecules["PE"][level_of == k])) if np.any(level_of == k) else None
@@ -481,6 +487,7 @@ def simulate_blood(
     panel: str = "3colour",
     abc_sigma: float = 0.4,
     with_markers: bool | None = None,
+    acquired_at: datetime | None = None,
 ) -> dict:
     """Write a lysed-whole-blood patient tube stained with HLA-DR-PE, CD14 and (3-colour) CD45.
 
@@ -497,6 +504,8 @@ def simulate_blood(
         A clog: flow-rate drop, signal sag and a burst of debris in a time window.
     panel
         ``"3colour"`` (HLA-DR, CD14, CD45) or ``"2colour"`` (no CD45 stain).
+    acquired_at
+        Acquisition start written as ``$DATE``/``$BTIM`` (default: a time derived from the seed).
 
     Returns
     -------
@@ -644,7 +653,7 @@ def simulate_blood(
     markers = {"HLA-DR": "PE", "CD14": cd14_fluor}
     if panel == "3colour":
         markers["CD45"] = cd45_fluor
-    out = _write(Path(path), ev, inst, seed, "patient", rng, markers, with_markers)
+    out = _write(Path(path), ev, inst, seed, "patient", rng, markers, with_markers, acquired_at)
 
     is_mono = np.isin(ev.labels, MONOCYTE_CODES)
     pe_true = ev.molecules["PE"][is_mono]
@@ -699,6 +708,8 @@ def simulate_run(
 ) -> list[dict]:
     """Write one run: ``beads.fcs`` and ``patient_01.fcs`` ... sharing instrument settings.
 
+    All tubes carry the run's date; the bead tube is acquired first, patients every 10 min after.
+
     ``truth.csv`` and ``truth.json`` (every parameter) are written beside them.
     Cases beyond the four canonical ones draw AB/C log-uniform in 1,000-40,000.
     """
@@ -716,9 +727,10 @@ def simulate_run(
                     "septic": bool(rng.random() < 0.5),
                 }
             )
-    truths = [simulate_beads(out / "beads.fcs", inst, seed=seed, n_events=bead_events)]
+    start = datetime(2026, 3, 1 + seed % 28, 8)  # one day per run: beads first, then each patient tube
+    truths = [simulate_beads(out / "beads.fcs", inst, seed=seed, n_events=bead_events, acquired_at=start)]
     for i, case in enumerate(cases, start=1):
-        params = {"n_events": n_events, **case}
+        params = {"n_events": n_events, "acquired_at": start + timedelta(minutes=10 * i), **case}
         truth = simulate_blood(out / f"patient_{i:02d}.fcs", inst, seed=seed * 1000 + i, **params)
         truths.append(truth)
     _write_truth(out, truths, {"seed": seed, "instrument": inst.name, "instrument_settings": asdict(inst)})
