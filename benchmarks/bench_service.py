@@ -60,7 +60,12 @@ def main() -> None:
             "--queue",
             str(args.n),
         ]
-        proc = subprocess.Popen(cmd, env=dict(os.environ, HLADR_TOKENS=TOKEN), stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            cmd,
+            env=dict(os.environ, HLADR_TOKENS=TOKEN),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             for _ in range(300):
                 try:
@@ -77,7 +82,7 @@ def main() -> None:
             ).json()["id"]
             deadline = time.time() + args.max_seconds
 
-            def one(blob: bytes) -> float:
+            def one(blob: bytes) -> tuple[float, str]:
                 t0 = time.perf_counter()
                 job = httpx.post(
                     f"{url}/v1/analyses",
@@ -89,19 +94,23 @@ def main() -> None:
                 while time.time() < deadline:
                     status = httpx.get(f"{url}/v1/analyses/{job['id']}", headers=AUTH).json()["status"]
                     if status != "queued":
-                        return time.perf_counter() - t0
+                        return time.perf_counter() - t0, status
                     time.sleep(0.05)
-                return float("nan")
+                return float("nan"), "timed out"
 
             t0 = time.perf_counter()
             with ThreadPoolExecutor(args.clients) as pool:
-                latencies = np.array(list(pool.map(one, tubes)))
+                outcomes = list(pool.map(one, tubes))
             wall = time.perf_counter() - t0
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    done = latencies[np.isfinite(latencies)]
-    print(f"{done.size}/{args.n} analyses of {args.events:,}-event tubes, 2 workers, {args.clients} clients")
+    done = np.array([latency for latency, status in outcomes if status == "done"])
+    print(f"{done.size}/{args.n} analyses of {args.events:,}-event tubes done")
+    print(f"2 workers, {args.clients} clients")
+    others = [status for _, status in outcomes if status != "done"]
+    if others:
+        print(f"not done: {', '.join(sorted(set(others)))} ({len(others)})")
     print(
         f"throughput {done.size / wall:.2f} analyses/s; latency p50 {np.percentile(done, 50):.2f} s, "
         f"p99 {np.percentile(done, 99):.2f} s"
