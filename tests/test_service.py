@@ -52,6 +52,29 @@ class Server:
         self.proc.wait(timeout=30)
 
 
+def _descendants(pid: int) -> set[int]:
+    """Live processes below ``pid`` (from /proc; empty where there is none)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.fixture
 def server(tmp_path):
     srv = Server(tmp_path / "hladr.sqlite", "--upload-limit", "3000000", "--workers", "1", "--queue", "1")
@@ -194,8 +217,14 @@ def test_analysis_happy_path_restart_and_concurrency(tmp_path):
         for r in responses:
             if r.status_code == 503:
                 assert r.headers["Retry-After"]
+        workers = _descendants(srv.proc.pid)
+        assert workers or not Path("/proc").is_dir()
     finally:
         srv.stop()
+    deadline = time.time() + 30  # a stopped server leaves no worker process behind
+    while any(map(_alive, workers)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(map(_alive, workers)), "worker processes outlived the server"
     again = Server(db)
     try:
         kept = httpx.get(f"{again.url}/v1/analyses/{first.json()['id']}", headers=AUTH).json()

@@ -19,6 +19,7 @@ import concurrent.futures as cf
 import hashlib
 import hmac
 import json
+import multiprocessing
 import os
 import sqlite3
 import threading
@@ -132,7 +133,7 @@ def create_app(
             f"no bearer tokens configured (use --tokens FILE or ${TOKENS_ENV}); refusing to start"
         )
     store = Store(db_path, data_dir)
-    pool = cf.ProcessPoolExecutor(max_workers=workers)
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
     slots = threading.BoundedSemaphore(workers + queue_size)
     app = FastAPI(title="hladr", version=__version__, description="Monocytic HLA-DR (AB/C) as a service.")
 
@@ -319,7 +320,7 @@ def create_app(
 
     @app.on_event("shutdown")
     def shutdown() -> None:
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)  # queued analyses rerun at the next start
 
     return app
 
