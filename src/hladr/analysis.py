@@ -10,9 +10,11 @@ interval and sets the QC flags. Which flags fail QC is listed in :data:`FAILING_
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
+import threading
 
 import numpy as np
 
@@ -53,18 +55,24 @@ def statistic_ci95(values: np.ndarray, statistic: str) -> tuple[float, float]:
     For the median, the bootstrap distribution is known in closed form: the resampled median is
     at most the j-th smallest value when at least half of the n draws fall at or below it, i.e.
     ``P = P(Binomial(n, j/n) >= n//2 + 1)``; the interval is read off that distribution (the limit
-    of infinitely many resamples, deterministic, O(n log n)). For the geometric mean the bootstrap
+    of infinitely many resamples, deterministic, O(n)). For the geometric mean the bootstrap
     distribution of the mean of logs is normal to a very good approximation at these n.
     """
     from scipy.stats import binom
 
     if statistic == "median":
-        x = np.sort(values)
-        n = x.size
-        cdf = binom.sf(n // 2, n, np.arange(1, n + 1) / n)
-        lo = int(np.searchsorted(cdf, 0.025))
-        hi = int(np.searchsorted(cdf, 0.975))
-        return float(x[min(lo, n - 1)]), float(x[min(hi, n - 1)])
+        n = values.size
+        # P rises from ~0 to ~1 within a few sqrt(n) ranks of the middle: evaluate it only there
+        # (the whole range when the window does not hold both crossings, e.g. tiny n)
+        reach = int(6 * np.sqrt(n)) + 10
+        first, last = max(1, n // 2 - reach), min(n, n // 2 + reach)
+        cdf = binom.sf(n // 2, n, np.arange(first, last + 1) / n)
+        if cdf[0] >= 0.025 or cdf[-1] < 0.975:
+            first, cdf = 1, binom.sf(n // 2, n, np.arange(1, n + 1) / n)
+        lo = min(first - 1 + int(np.searchsorted(cdf, 0.025)), n - 1)
+        hi = min(first - 1 + int(np.searchsorted(cdf, 0.975)), n - 1)
+        x = np.partition(values, [lo, hi])
+        return float(x[lo]), float(x[hi])
     logs = np.log10(values[values > 0])
     half = 1.96 * logs.std(ddof=1) / np.sqrt(logs.size)
     return float(10 ** (logs.mean() - half)), float(10 ** (logs.mean() + half))
@@ -108,6 +116,8 @@ def analyze(
             sample.path,
         )
     panel = panel or resolve_panel(sample, hladr=hladr, cd14=cd14, cd45=cd45)
+    hashing = threading.Thread(target=_hash_quietly, args=(sample,), daemon=True)
+    hashing.start()  # hashlib releases the GIL: the file's SHA-256 is computed while gating runs
     gating = gating or gate_monocytes(sample, panel, gates=gates, seed=seed)
     flags: list[str] = list(panel.warnings and ["panel_from_naming"]) + list(gating.flags)
     flags += calibration.check_compatible(sample)
@@ -147,6 +157,8 @@ def analyze(
     leuk = int(gating.leukocytes.sum())
     from . import __version__
 
+    hashing.join()
+
     return Result(
         sample=os.fspath(sample.path),
         sha256=sample.sha256,
@@ -173,13 +185,22 @@ def analyze(
             "fcs_version": sample.version,
             "dataset": sample.dataset,
             "seed": seed,
-            "versions": _versions(),
+            "versions": dict(_versions()),
             "panel_sources": panel.sources,
             "thresholds": gating.thresholds,
         },
     )
 
 
+def _hash_quietly(sample: Sample) -> None:
+    """Compute ``sample.sha256`` in the background; a failure is raised later, on the main thread."""
+    try:
+        _ = sample.sha256
+    except OSError:
+        pass
+
+
+@functools.cache
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

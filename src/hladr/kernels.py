@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 
 @njit(cache=True, fastmath=False)
@@ -53,24 +53,67 @@ def gaussian_smooth(y: np.ndarray, sigma_bins: float) -> np.ndarray:
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def compensate_columns(events: np.ndarray, columns: np.ndarray, inverse: np.ndarray) -> np.ndarray:
     """A float32 copy of ``events`` whose ``columns`` are ``events[:, columns] @ inverse``.
 
     Sums are taken in float64; float32 keeps the copy the size of a decoded FCS array.
+    Rows are spread over the CPU cores.
     """
     n, p = events.shape
     out = np.empty((n, p), dtype=np.float32)
     k = columns.size
-    row = np.empty(k)
-    for i in range(n):
+    for i in prange(n):
         for j in range(p):
             out[i, j] = events[i, j]
-        for a in range(k):
-            row[a] = events[i, columns[a]]
         for b in range(k):
             acc = 0.0
             for a in range(k):
-                acc += row[a] * inverse[a, b]
+                acc += events[i, columns[a]] * inverse[a, b]
             out[i, columns[b]] = acc
+    return out
+
+
+@njit(cache=True, parallel=True)
+def finite_rows(events: np.ndarray) -> np.ndarray:
+    """True for each row of ``events`` without NaN or infinity."""
+    n, p = events.shape
+    out = np.empty(n, dtype=np.bool_)
+    for i in prange(n):
+        ok = True
+        for j in range(p):
+            if not np.isfinite(events[i, j]):
+                ok = False
+                break
+        out[i] = ok
+    return out
+
+
+@njit(cache=True)
+def time_bins(
+    t: np.ndarray, fsc: np.ndarray, keep: np.ndarray, lo: float, hi: float, n_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bin of each event's time in ``n_bins`` equal bins over ``[lo, hi)`` (clipped to the ends),
+    with the count and the sum of ``log10(max(fsc, 1))`` of the kept events in each bin."""
+    n = t.size
+    which = np.empty(n, dtype=np.int64)
+    counts = np.zeros(n_bins)
+    sums = np.zeros(n_bins)
+    scale = n_bins / (hi - lo)
+    for i in range(n):
+        k = int((t[i] - lo) * scale) if t[i] >= lo else 0
+        k = min(max(k, 0), n_bins - 1)
+        which[i] = k
+        if keep[i]:
+            counts[k] += 1.0
+            sums[k] += np.log10(max(fsc[i], 1.0))
+    return which, counts, sums
+
+
+@njit(cache=True, parallel=True)
+def log10_at_least_1(x: np.ndarray) -> np.ndarray:
+    """``log10(max(x, 1))`` in float32 (gating resolution), spread over the CPU cores."""
+    out = np.empty(x.size, dtype=np.float32)
+    for i in prange(x.size):
+        out[i] = np.log10(max(np.float32(x[i]), np.float32(1.0)))
     return out
