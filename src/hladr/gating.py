@@ -89,7 +89,11 @@ def _log(x: np.ndarray) -> np.ndarray:
 
 
 def _valley(
-    values: np.ndarray, lo: float, hi: float, bins: int = 200, sigma: float = 3.0
+    values: np.ndarray,
+    lo: float,
+    hi: float,
+    bins: int = 200,
+    sigma: float = 3.0,
 ) -> tuple[float, float]:
     """Deepest point of the smoothed histogram of ``values`` between ``lo`` and ``hi``.
 
@@ -98,20 +102,22 @@ def _valley(
     """
     if not hi > lo:
         return float("nan"), 1.0
-    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))  # values outside are left out
+    counts = kernels.histogram(values, lo, hi, bins)
     if counts.sum() < 50:
         return float("nan"), 1.0
-    smooth = kernels.gaussian_smooth(counts.astype(np.float64), sigma)
-    centers = (edges[:-1] + edges[1:]) / 2
-    best, best_depth = float("nan"), 1.0
-    for k in range(2, bins - 2):
-        left, right = smooth[:k].max(), smooth[k + 1 :].max()
-        if left <= 0 or right <= 0:
-            continue
-        depth = smooth[k] / min(left, right)
-        if depth < best_depth:
-            best, best_depth = float(centers[k]), float(depth)
-    return best, best_depth
+    smooth = kernels.gaussian_smooth(counts, sigma)
+    highest_before = np.maximum.accumulate(smooth)  # [k]: max of smooth[: k + 1]
+    highest_after = np.maximum.accumulate(smooth[::-1])[::-1]  # [k]: max of smooth[k:]
+    k = np.arange(2, bins - 2)
+    left, right = highest_before[k - 1], highest_after[k + 1]
+    usable = (left > 0) & (right > 0)
+    if not usable.any():
+        return float("nan"), 1.0
+    depth = np.where(usable, smooth[k] / np.where(usable, np.minimum(left, right), 1.0), np.inf)
+    best = int(np.argmin(depth))
+    if not depth[best] < 1.0:
+        return float("nan"), 1.0
+    return float(lo + (k[best] + 0.5) * (hi - lo) / bins), float(depth[best])
 
 
 def _thin(x: np.ndarray, limit: int = 200_000) -> np.ndarray:
@@ -177,7 +183,7 @@ def singlet_gate(sample: Sample, panel: Panel, keep: np.ndarray) -> np.ndarray:
         return keep
     a = sample.events[:, sample.index(panel["FSC-A"])]
     h = sample.events[:, sample.index(panel["FSC-H"])]
-    ratio = np.where(a > 0, h / np.where(a > 0, a, 1), 0)
+    ratio = np.divide(h, a, out=np.zeros(a.shape, dtype=np.result_type(h, a, np.float32)), where=a > 0)
     med, sd = _robust(ratio[keep])
     return keep & (ratio > med - 4 * sd) & (ratio < med + 6 * sd)
 

@@ -89,7 +89,11 @@ def finite_rows(events: np.ndarray) -> np.ndarray:
     return out
 
 
-@njit(cache=True)
+#: Fixed work split of the parallel accumulating kernels: sums do not depend on the core count.
+CHUNKS = 8
+
+
+@njit(cache=True, parallel=True)
 def time_bins(
     t: np.ndarray, fsc: np.ndarray, keep: np.ndarray, lo: float, hi: float, n_bins: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -97,17 +101,18 @@ def time_bins(
     with the count and the sum of ``log10(max(fsc, 1))`` of the kept events in each bin."""
     n = t.size
     which = np.empty(n, dtype=np.int64)
-    counts = np.zeros(n_bins)
-    sums = np.zeros(n_bins)
+    counts = np.zeros((CHUNKS, n_bins))
+    sums = np.zeros((CHUNKS, n_bins))
     scale = n_bins / (hi - lo)
-    for i in range(n):
-        k = int((t[i] - lo) * scale) if t[i] >= lo else 0
-        k = min(max(k, 0), n_bins - 1)
-        which[i] = k
-        if keep[i]:
-            counts[k] += 1.0
-            sums[k] += np.log10(max(fsc[i], 1.0))
-    return which, counts, sums
+    for c in prange(CHUNKS):
+        for i in range(c * n // CHUNKS, (c + 1) * n // CHUNKS):
+            k = int((t[i] - lo) * scale) if t[i] >= lo else 0
+            k = min(max(k, 0), n_bins - 1)
+            which[i] = k
+            if keep[i]:
+                counts[c, k] += 1.0
+                sums[c, k] += np.log10(max(fsc[i], 1.0))
+    return which, counts.sum(axis=0), sums.sum(axis=0)
 
 
 @njit(cache=True, parallel=True)
@@ -117,3 +122,18 @@ def log10_at_least_1(x: np.ndarray) -> np.ndarray:
     for i in prange(x.size):
         out[i] = np.log10(max(np.float32(x[i]), np.float32(1.0)))
     return out
+
+
+@njit(cache=True, parallel=True)
+def histogram(values: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
+    """Counts of ``values`` in ``bins`` equal bins over ``[lo, hi]`` (as ``np.histogram``: the
+    last bin includes ``hi``; values outside and NaN are left out)."""
+    n = values.size
+    counts = np.zeros((CHUNKS, bins))
+    scale = bins / (hi - lo)
+    for c in prange(CHUNKS):
+        for i in range(c * n // CHUNKS, (c + 1) * n // CHUNKS):
+            v = values[i]
+            if v >= lo and v <= hi:
+                counts[c, min(int((v - lo) * scale), bins - 1)] += 1.0
+    return counts.sum(axis=0)
