@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -77,28 +78,25 @@ QB = (638.0, 6930.0, 31008.0, 67601.0)
 
 
 def build_export(folder: Path, tubes: int, events: int) -> tuple[Path, dict]:
-    """Runs of one bead tube and up to TUBES_PER_RUN patient tubes (FACSCanto II preset).
-
-    The simulator dates a tube by ``1 + seed % 28`` and puts it ``(7 seed + 5 + h) % 600`` minutes
-    after 08:00 (``h`` < 50 from the tube name), so patient seeds ``run + 28 m`` share the bead tube's
-    day, and those with ``196 m % 600 <= 480`` come after it (``run`` < 10). Returns the export
-    folder and what the flowkit pipeline needs: polygon gates drawn around the true populations of
-    the first tube (an expert's gates), the PE channel, the logicle top and the lot.
+    """Runs of one bead tube and up to TUBES_PER_RUN patient tubes (FACSCanto II preset), one run a
+    day, the patient tubes acquired after the bead tube. Returns the export folder and what the
+    flowkit pipeline needs: polygon gates drawn around the true populations of the first tube (an
+    expert's gates), the PE channel, the logicle top and the lot.
     """
     from hladr.simulate import INSTRUMENTS, simulate_beads, simulate_blood
 
     rng = np.random.default_rng(0)
     first = None
-    later = [m for m in range(1, 200) if 196 * m % 600 <= 480][:TUBES_PER_RUN]
     for run in range((tubes + TUBES_PER_RUN - 1) // TUBES_PER_RUN):
         run_dir = folder / f"run{run + 1:02d}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        simulate_beads(run_dir / "QB beads.fcs", "canto", QB, seed=run, n_events=20_000)
+        start = datetime(2026, 3, 1, 8) + timedelta(days=run)
+        simulate_beads(run_dir / "QB beads.fcs", "canto", QB, seed=run, n_events=20_000, acquired_at=start)
         for k in range(1, min(TUBES_PER_RUN, tubes - run * TUBES_PER_RUN) + 1):
             path = run_dir / f"patient_{k:03d}.fcs"
             abc = float(np.exp(rng.uniform(np.log(1_500), np.log(30_000))))
-            simulate_blood(path, "canto", abc, seed=run + 28 * later[k - 1], n_events=events,
-                           monocyte_fraction=0.08)
+            simulate_blood(path, "canto", abc, seed=1000 * run + k, n_events=events, monocyte_fraction=0.08,
+                           acquired_at=start + timedelta(minutes=10 * k))
             first = first or path
     instrument = INSTRUMENTS["canto"]
     return folder, {"gates": expert_gates(first, instrument), "top": instrument.range, "pe": "PE-A",

@@ -58,7 +58,7 @@ def statistic_ci95(values: np.ndarray, statistic: str) -> tuple[float, float]:
     of infinitely many resamples, deterministic, O(n)). For the geometric mean the bootstrap
     distribution of the mean of logs is normal to a very good approximation at these n.
     """
-    from scipy.stats import binom
+    from scipy.special import bdtrc  # P(Binomial(n, p) > k); scipy.stats costs 0.5 s more to import
 
     if statistic == "median":
         n = values.size
@@ -66,9 +66,9 @@ def statistic_ci95(values: np.ndarray, statistic: str) -> tuple[float, float]:
         # (the whole range when the window does not hold both crossings, e.g. tiny n)
         reach = int(6 * np.sqrt(n)) + 10
         first, last = max(1, n // 2 - reach), min(n, n // 2 + reach)
-        cdf = binom.sf(n // 2, n, np.arange(first, last + 1) / n)
+        cdf = bdtrc(n // 2, n, np.arange(first, last + 1) / n)
         if cdf[0] >= 0.025 or cdf[-1] < 0.975:
-            first, cdf = 1, binom.sf(n // 2, n, np.arange(1, n + 1) / n)
+            first, cdf = 1, bdtrc(n // 2, n, np.arange(1, n + 1) / n)
         lo = min(first - 1 + int(np.searchsorted(cdf, 0.025)), n - 1)
         hi = min(first - 1 + int(np.searchsorted(cdf, 0.975)), n - 1)
         x = np.partition(values, [lo, hi])

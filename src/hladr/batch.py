@@ -45,6 +45,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
+from . import kernels
 from .atomic import atomic_write
 from .errors import BatchError, HladrError
 from .fcs import sha256_file
@@ -303,14 +304,17 @@ def discover(
     """
     root = Path(export_dir).resolve()
     skip = {Path(p).resolve() for p in exclude}
-    tubes: list[Tube] = []
+    paths: list[Path] = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs
                          if not d.startswith(".") and (Path(folder) / d).resolve() not in skip)
         for name in sorted(files):
             path = Path(folder) / name
             if path.is_file() and _is_fcs_candidate(path):
-                tubes.append(_describe(path, root))
+                paths.append(path)
+    # hashing dominates and hashlib releases the GIL: describe the files on a few threads
+    with cf.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        tubes = list(pool.map(lambda p: _describe(p, root), paths))
     tubes.sort(key=lambda t: t.rel)
     _apply_manifest(tubes, manifest or [], root)
     return tubes
@@ -1178,7 +1182,9 @@ def _executor(scheduler: Any, jobs: int | None, tubes: list[Tube], n_tasks: int,
     context = multiprocessing.get_context("spawn")
 
     def make() -> cf.Executor:
-        return cf.ProcessPoolExecutor(workers, mp_context=context)
+        return cf.ProcessPoolExecutor(
+            workers, mp_context=context, initializer=kernels.share_cores, initargs=(workers,)
+        )
 
     holder = [make()]
     summary.executor = "processes"

@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
+import numba
 import numpy as np
 from numba import njit, prange
+
+
+def share_cores(workers: int) -> None:
+    """Give this worker process its share of the cores for the parallel kernels.
+
+    Used as the initializer of process pools: ``workers`` processes each running numba's
+    threads on every core oversubscribe the machine (a batch ran 1.8x slower that way).
+    """
+    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, (os.cpu_count() or 1) // workers)))
 
 
 @njit(cache=True, fastmath=False)

@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from . import kernels
 from .atomic import atomic_write
 from .errors import HladrError
 
@@ -133,7 +134,12 @@ def create_app(
             f"no bearer tokens configured (use --tokens FILE or ${TOKENS_ENV}); refusing to start"
         )
     store = Store(db_path, data_dir)
-    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
+    pool = cf.ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("forkserver"),
+        initializer=kernels.share_cores,
+        initargs=(workers,),
+    )
     slots = threading.BoundedSemaphore(workers + queue_size)
     app = FastAPI(title="hladr", version=__version__, description="Monocytic HLA-DR (AB/C) as a service.")
 
