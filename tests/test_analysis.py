@@ -226,3 +226,12 @@ def test_hladr_on_another_detector_than_the_beads_fails_qc(tmp_path, calibration
     assert result.channels["HLA-DR"] == other
     assert any(f.startswith("channel_mismatch") for f in result.qc["flags"])
     assert not result.passed
+
+
+def test_cli_report_states_no_class_when_qc_failed(capsys):
+    require_real()
+    cytof = REAL_DIR / "CytoNorm" / "Gates_PTLG021_Unstim_Control_1.fcs"  # HLA-DR on Yb174Di, not PE
+    code = cli_main(["analyze", str(cytof), "--beads", str(SAMPLE_DIR / "beads.fcs"), "--lot", "96597"])
+    out = capsys.readouterr().out
+    assert code == 3 and "NOT REPORTABLE: QC failed" in out and "IMMUNOPARALYSIS" not in out
+    assert "channel_mismatch:HLA-DR on Yb174Di" in out and "no_scatter" in out

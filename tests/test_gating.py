@@ -153,3 +153,34 @@ def test_real_a2004_monocytes_agree_with_the_flowjo_gate(canto_beads):
     assert both / flowjo.sum() > 0.8 and both / gating.monocytes.sum() > 0.7
     result = analyze(sample, canto_beads)  # a foreign bead tube: a number with failing flags
     assert not result.passed and "no_granulocytes" in result.qc["flags"]
+
+
+#: Real mass-cytometry blood files (no scatter) with CD45/CD14/HLA-DR and markers the gate never uses.
+CYTOF_FILES = [
+    *(f"CytoNorm/Gates_PTLG0{p}_Unstim_Control_{k}.fcs" for p in ("21", "28", "34") for k in (1, 2)),
+    "MetaCyto/SDY420/CyTOF_result/11059_cells_found.573523.fcs",
+    "MetaCyto/SDY420/CyTOF_result/11445_cells_found.573686.fcs",
+    "MetaCyto/SDY420/CyTOF_result/11462_cells_found.573690.fcs",
+    "MetaCyto/SDY420/CyTOF_result/11491-1_cells_found.573697.fcs",
+]
+
+
+@pytest.mark.parametrize("name", CYTOF_FILES)
+def test_real_mass_cytometry_monocytes_are_cd33_bright_and_hladr_positive(name):
+    """Gated on DNA, CD45 and CD14 only; CD33 (myeloid) and HLA-DR, which the gate never looks at,
+    must tell the gated events apart from the other leukocytes as monocytes are told apart."""
+    require_real()
+    sample = hladr.read_fcs(REAL_DIR / name, lenient=True)
+    panel = resolve_panel(sample)
+    assert panel.mass_cytometry and panel["SSC-A"] is None and panel["DNA"]
+    gating = gate_monocytes(sample, panel)
+    mono, others = gating.monocytes, gating.leukocytes & ~gating.monocytes
+    assert "no_scatter" in gating.flags
+    assert mono.sum() >= 50 and 2 <= 100 * mono.sum() / gating.leukocytes.sum() <= 40
+
+    def asinh_median(marker: str, mask: np.ndarray) -> float:  # the usual CyTOF scale, cofactor 5
+        column = sample.events[:, [m.upper() for m in sample.markers].index(marker)]
+        return float(np.median(np.arcsinh(column[mask] / 5)))
+
+    assert asinh_median("CD33", mono) > asinh_median("CD33", others) + 1.0
+    assert asinh_median("HLADR", mono) > asinh_median("HLADR", others) + 1.5

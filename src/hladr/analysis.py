@@ -216,6 +216,8 @@ def _versions() -> dict[str, str]:
 def describe(result: Result) -> str:
     """The human-readable report ``hladr analyze`` prints."""
     verdict = "IMMUNOPARALYSIS (< 5,000 AB/C)" if result.immunoparalysis else f"{result.band}"
+    if not result.passed:  # never state a class for a value that failed QC
+        verdict = f"NOT REPORTABLE: QC failed (the value alone would read {verdict.split(' (')[0].lower()})"
     lines = [
         f"sample:     {result.sample}",
         f"mHLA-DR:    {result.abc:,.0f} AB/C  (95 % CI {result.abc_ci95[0]:,.0f}-{result.abc_ci95[1]:,.0f})"

@@ -140,13 +140,15 @@ def _record(
 
 # --- the gates ----------------------------------------------------------------------------------
 def margin_gate(sample: Sample, panel: Panel) -> np.ndarray:
-    """Finite events whose scatter is inside (0, range)."""
+    """Finite events whose scatter (where the tube has scatter) is inside (0, range)."""
     ev = sample.events
     if ev.dtype.kind == "f":
         keep = kernels.finite_rows(np.ascontiguousarray(ev))
     else:
         keep = np.ones(ev.shape[0], dtype=bool)
     for role in ("FSC-A", "SSC-A"):
+        if not panel[role]:
+            continue
         idx = sample.index(panel[role])
         top = sample.ranges.get(panel[role]) or np.inf
         keep &= (ev[:, idx] > 0) & (ev[:, idx] < 0.999 * top)
@@ -154,17 +156,21 @@ def margin_gate(sample: Sample, panel: Panel) -> np.ndarray:
 
 
 def time_gate(sample: Sample, panel: Panel, keep: np.ndarray, bins: int = 100) -> tuple[np.ndarray, dict]:
-    """Drop time windows with a flow-rate drop or an unstable signal (a clog)."""
+    """Drop time windows with a flow-rate drop or an unstable signal (a clog).
+
+    The signal is FSC-A, or the DNA channel in mass cytometry; without either, only the rate.
+    """
     if panel.time is None or keep.sum() < 2000:
         return keep, {"note": "no time channel" if panel.time is None else "too few events"}
     t = sample.events[:, sample.index(panel.time)]
     n_bins = int(min(bins, max(10, keep.sum() // 400)))
     kept_t = t[keep]
-    fsc = sample.events[:, sample.index(panel["FSC-A"])]
+    signal_channel = panel["FSC-A"] or panel["DNA"]
+    signal = sample.events[:, sample.index(signal_channel)] if signal_channel else np.ones_like(t)
     which, rate, sums = kernels.time_bins(
-        t, fsc, keep, float(kept_t.min()), float(kept_t.max()) + 1e-9, n_bins
+        t, signal, keep, float(kept_t.min()), float(kept_t.max()) + 1e-9, n_bins
     )
-    level = np.where(rate > 5, 10 ** (sums / np.maximum(rate, 1)), np.nan)  # geometric mean FSC-A per bin
+    level = np.where(rate > 5, 10 ** (sums / np.maximum(rate, 1)), np.nan)  # geometric mean signal per bin
     med_rate, med_level = np.median(rate), np.nanmedian(level)
     bad = (rate < 0.5 * med_rate) | (np.abs(level / med_level - 1) > 0.15)
     bad[np.isnan(level)] = True
@@ -189,8 +195,15 @@ def singlet_gate(sample: Sample, panel: Panel, keep: np.ndarray) -> np.ndarray:
 
 
 def debris_gate(sample: Sample, panel: Panel, keep: np.ndarray) -> tuple[np.ndarray, float]:
-    """Cells: FSC-A above the valley below the lymphocytes (or 35 % of the median FSC-A)."""
-    fsc = _log(sample.events[:, sample.index(panel["FSC-A"])])
+    """Cells: FSC-A above the valley below the lymphocytes (or 35 % of the median FSC-A).
+
+    In mass cytometry the DNA channel plays FSC-A's part (nucleated cells vs debris); a tube with
+    neither keeps every event (threshold NaN).
+    """
+    size_channel = panel["FSC-A"] or panel["DNA"]
+    if not size_channel:
+        return keep, float("nan")
+    fsc = _log(sample.events[:, sample.index(size_channel)])
     kept = fsc[keep]
     med = float(np.median(_thin(kept)))
     pos, depth = _valley(kept, med - 1.5, med - 0.15)
@@ -216,9 +229,11 @@ def leukocyte_gate(
 def monocyte_gate_density(
     comp: np.ndarray, sample: Sample, panel: Panel, leuk: np.ndarray
 ) -> tuple[np.ndarray, dict]:
-    """CD14+ (above the CD14 valley) with low-to-intermediate SSC and bright CD45."""
+    """CD14+ (above the CD14 valley) with low-to-intermediate SSC and bright CD45.
+
+    Without SSC (mass cytometry) the SSC criteria are left out: CD14+ and CD45-bright.
+    """
     cd14 = _log(comp[:, sample.index(panel["CD14"])])
-    ssc = _log(sample.events[:, sample.index(panel["SSC-A"])])
     cd14_leuk = cd14[leuk]
     bulk, top = (float(v) for v in np.percentile(_thin(cd14_leuk), [50, 99.99]))
     pos, depth = _valley(cd14_leuk, bulk + 0.2, top)
@@ -233,15 +248,17 @@ def monocyte_gate_density(
     if cd14_pos.sum() < 20:
         info["failed"] = "almost no CD14+ events"
         return cd14_pos, info
-    # low-to-intermediate SSC: drop CD14+ events in the granulocytes' SSC range
-    m_ssc, s_ssc = _robust(ssc[cd14_pos])
-    mono = cd14_pos & (ssc < m_ssc + 3 * s_ssc) & (ssc > m_ssc - 4 * s_ssc)
+    mono = cd14_pos
+    if panel["SSC-A"]:  # low-to-intermediate SSC: drop CD14+ events in the granulocytes' SSC range
+        ssc = _log(sample.events[:, sample.index(panel["SSC-A"])])
+        m_ssc, s_ssc = _robust(ssc[cd14_pos])
+        mono = cd14_pos & (ssc < m_ssc + 3 * s_ssc) & (ssc > m_ssc - 4 * s_ssc)
+        info["ssc_max"] = float(10 ** (m_ssc + 3 * s_ssc))
     if panel["CD45"]:
         cd45 = _log(comp[:, sample.index(panel["CD45"])])
         m45, s45 = _robust(cd45[mono])
         mono &= cd45 > m45 - 4 * s45
-    info["ssc_max"] = float(10 ** (m_ssc + 3 * s_ssc))
-    if mono.sum() and np.median(ssc[mono]) > granulocyte_ssc_limit(ssc, leuk):
+    if panel["SSC-A"] and mono.sum() and np.median(ssc[mono]) > granulocyte_ssc_limit(ssc, leuk):
         if no_granulocytes(ssc, leuk, mono):
             info["no_granulocytes"] = True  # e.g. PBMC: the monocytes are the top-SSC population
         else:
@@ -270,12 +287,14 @@ def granulocyte_ssc_limit(log_ssc: np.ndarray, leuk: np.ndarray) -> float:
 def monocyte_gate_gmm(
     comp: np.ndarray, sample: Sample, panel: Panel, leuk: np.ndarray, seed: int = 0
 ) -> np.ndarray:
-    """Gaussian-mixture fallback over log CD14, log SSC (and log CD45): the CD14-bright components."""
+    """Gaussian-mixture fallback over log CD14, log SSC (and log CD45): the CD14-bright components
+    (without SSC in mass cytometry)."""
     from sklearn.mixture import GaussianMixture
 
-    cols = [_log(comp[:, sample.index(panel["CD14"])]), _log(sample.events[:, sample.index(panel["SSC-A"])])]
-    if panel["CD45"]:
-        cols.append(_log(comp[:, sample.index(panel["CD45"])]))
+    cols = [_log(comp[:, sample.index(panel["CD14"])])]
+    for role in ("SSC-A", "CD45"):
+        if panel[role]:
+            cols.append(_log((sample.events if role == "SSC-A" else comp)[:, sample.index(panel[role])]))
     x = np.column_stack(cols)
     idx = np.flatnonzero(leuk)
     if idx.size < 200:
@@ -285,9 +304,11 @@ def monocyte_gate_gmm(
     gmm = GaussianMixture(n_components=6, covariance_type="full", random_state=seed, n_init=2).fit(x[fit_idx])
     labels = gmm.predict(x[idx])
     bulk = float(np.median(x[idx, 0]))
-    ssc_limit = granulocyte_ssc_limit(x[:, 1], leuk)
+    ssc_limit = granulocyte_ssc_limit(x[:, 1], leuk) if panel["SSC-A"] else np.inf
     mono_components = [
-        k for k in range(gmm.n_components) if gmm.means_[k, 0] > bulk + 0.8 and gmm.means_[k, 1] < ssc_limit
+        k
+        for k in range(gmm.n_components)
+        if gmm.means_[k, 0] > bulk + 0.8 and (not panel["SSC-A"] or gmm.means_[k, 1] < ssc_limit)
     ]
     if not mono_components:
         raise GatingError(
@@ -315,7 +336,10 @@ def gate_monocytes(
     singlets = singlet_gate(sample, panel, timed)
     _record(gate_log, "singlets", timed, singlets)
     cells, debris_cut = debris_gate(sample, panel, singlets)
-    _record(gate_log, "debris", singlets, cells, fsc_min=debris_cut)
+    size_key = "fsc_min" if panel["FSC-A"] or not panel["DNA"] else "dna_min"
+    _record(gate_log, "debris", singlets, cells, **{size_key: debris_cut})
+    if not panel["SSC-A"]:
+        flags.append("no_scatter")  # mass cytometry: gated on DNA, CD45 and CD14 only
     leuk, cd45_cut = leukocyte_gate(comp, sample, panel, cells)
     _record(
         gate_log,
@@ -324,7 +348,7 @@ def gate_monocytes(
         leuk,
         cd45_min=cd45_cut,
     )
-    thresholds = {"fsc_min": debris_cut, "cd45_min": cd45_cut}
+    thresholds = {size_key: debris_cut, "cd45_min": cd45_cut}
 
     if gates is not None:
         mono = user_gate(sample, gates) & singlets

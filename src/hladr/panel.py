@@ -1,9 +1,12 @@
-"""Which channel plays which role: scatter, CD45, CD14 and HLA-DR.
+"""Which channel plays which role: scatter, CD45, CD14 and HLA-DR (and DNA in mass cytometry).
 
 Resolution order for each role: an explicit argument; a ``$PnS`` marker (case, space and
 dash variants: ``HLA-DR``, ``HLADR``, ``HLA DR``); instrument naming with the Quantibrite kit
 defaults (PE = HLA-DR, PerCP-Cy5.5 / PC5.5 = CD14), which adds a warning to the panel; naming
 never claims a channel whose ``$PnS`` names another antigen (PE-A [CD3] is not HLA-DR).
+
+Mass cytometry (CyTOF) files have no scatter: there the DNA intercalator channel (``Ir191Di``
+[DNA1]) stands in for FSC-A to tell cells from debris, and no SSC criterion is applied.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ _MARKERS = {
     "HLA-DR": re.compile(r"hla[\s_-]*dr|mhc[\s_-]*(ii|2|class[\s_-]*ii)\b", re.IGNORECASE),
     "CD14": re.compile(r"\bcd[\s_-]*14(?![0-9])", re.IGNORECASE),
     "CD45": re.compile(r"\bcd[\s_-]*45(?![0-9]|\s*r[ao])", re.IGNORECASE),
+    "DNA": re.compile(r"\bdna[\s_-]*1?\b|intercalator", re.IGNORECASE),
 }
+#: a metal-isotope channel of a mass cytometer: Ir191Di, Lu175Di, (Lu175)Dd
+_ISOTOPE = re.compile(r"\(?[A-Z][a-z]?\d{2,3}\)?D[id]")
 # instrument naming, most specific first (full-match, case-insensitive)
 _NAMES = {
     "FSC-A": [r"fsc[-_ ]a", r"fs[-_ ]?int", r"fsc", r"fs[-_ ]?lin", r"fsc[-_ ]h", r"fs[-_ ]?peak"],
@@ -72,6 +78,7 @@ class Panel:
     sources: dict[str, str] = field(default_factory=dict)  # role -> "argument" | "marker" | "naming"
     warnings: list[str] = field(default_factory=list)
     time: str | None = None
+    mass_cytometry: bool = False
 
     def __getitem__(self, role: str) -> str | None:
         return self.channels.get(role)
@@ -100,6 +107,13 @@ def _by_name(sample: Sample, role: str, taken: set[str]) -> str | None:
     return None
 
 
+def is_mass_cytometry(sample: Sample) -> bool:
+    """A CyTOF acquisition: ``$CYT`` says so, or most channels are metal isotopes."""
+    if "cytof" in str(sample.keywords.get("$CYT", "")).lower():
+        return True
+    return sum(bool(_ISOTOPE.fullmatch(c.strip())) for c in sample.channels) > len(sample.channels) / 2
+
+
 def _by_marker(sample: Sample, role: str) -> str | None:
     hits = [c for c, m in zip(sample.channels, sample.markers) if m and _MARKERS[role].search(m)]
     if len(hits) > 1:  # e.g. CD14-A and CD14-H: prefer the area
@@ -116,7 +130,8 @@ def resolve_panel(
 ) -> Panel:
     """Resolve every role of ``sample``; raise :class:`PanelError` listing channels when one is missing.
 
-    CD45 may be absent (the original two-colour kit); HLA-DR, CD14, FSC-A and SSC-A may not.
+    CD45 may be absent (the original two-colour kit); HLA-DR, CD14, FSC-A and SSC-A may not,
+    except in mass cytometry, which has no scatter (the DNA channel is used where found).
     """
     explicit = {"HLA-DR": hladr, "CD14": cd14, "CD45": cd45}
     channels: dict[str, str | None] = {}
@@ -146,7 +161,15 @@ def resolve_panel(
             sources[role] = "naming"
             if role in ("HLA-DR", "CD14", "CD45"):
                 warnings.append(f"{role} taken as {ch} from instrument naming (no $PnS marker)")
-    missing = [r for r in ("HLA-DR", "CD14", "FSC-A", "SSC-A") if not channels.get(r)]
+    mass = is_mass_cytometry(sample)
+    if mass:
+        channels["DNA"] = _by_marker(sample, "DNA") or next(
+            (c for c in sample.channels if re.fullmatch(r"\(?Ir191\)?D[id]", c.strip())), None
+        )
+        if channels["DNA"]:
+            sources["DNA"] = "marker"
+    required = ("HLA-DR", "CD14") if mass else ("HLA-DR", "CD14", "FSC-A", "SSC-A")
+    missing = [r for r in required if not channels.get(r)]
     if missing:
         raise PanelError(
             f"cannot tell which channel is {', '.join(missing)} (give --hladr/--cd14/--cd45); "
@@ -157,4 +180,4 @@ def resolve_panel(
     if len(set(used)) != len(used):
         raise PanelError(f"one channel given two roles: {channels}", sample.path)
     time = next((c for c in sample.channels if _TIME.fullmatch(c.strip())), None)
-    return Panel(channels, sources, warnings, time)
+    return Panel(channels, sources, warnings, time, mass)

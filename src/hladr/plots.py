@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,8 @@ def plot_analysis(
         return data[:, sample.index(panel[role])]
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 9))
-    ssc = col("SSC-A")
+    side = next(r for r in ("SSC-A", "DNA", "HLA-DR") if panel[r])  # mass cytometry has no SSC
+    side_values = col(side)
     if panel["FSC-H"]:
         _density(
             axes[0, 0], col("FSC-A")[gating.clean], col("FSC-H")[gating.clean], "Singlets", "FSC-A", "FSC-H"
@@ -144,32 +146,34 @@ def plot_analysis(
         _density(
             axes[0, 1],
             col("CD45", comp)[gating.singlets],
-            ssc[gating.singlets],
+            side_values[gating.singlets],
             "CD45+ leukocytes",
             "CD45",
-            "SSC-A",
+            side,
         )
         cut = gating.thresholds.get("cd45_min")
         if cut and np.isfinite(cut):
             axes[0, 1].axvline(np.log10(cut), color="r", lw=1)
-    else:
+    elif panel["FSC-A"]:
         _density(
             axes[0, 1],
             col("FSC-A")[gating.singlets],
-            ssc[gating.singlets],
+            side_values[gating.singlets],
             "Leukocytes (no CD45)",
             "FSC-A",
-            "SSC-A",
+            side,
         )
+    else:
+        axes[0, 1].set(title="Leukocytes: no CD45, no scatter")
     _density(
         axes[0, 2],
         col("CD14", comp)[gating.leukocytes],
-        ssc[gating.leukocytes],
+        side_values[gating.leukocytes],
         "CD14+ monocytes",
         "CD14",
-        "SSC-A",
+        side,
     )
-    mono_x, mono_y = col("CD14", comp)[gating.monocytes], ssc[gating.monocytes]
+    mono_x, mono_y = col("CD14", comp)[gating.monocytes], side_values[gating.monocytes]
     ok = (mono_x > 0) & (mono_y > 0)
     axes[0, 2].plot(np.log10(mono_x[ok]), np.log10(mono_y[ok]), ",", color="r", alpha=0.5)
     if "cd14_min" in gating.thresholds:
@@ -187,11 +191,11 @@ def plot_analysis(
     ax.legend(fontsize=8)
     plot_calibration(calibration, axes=[axes[1, 1], axes[1, 2]], sample_mfi=data.get("mfi"))
     status = "QC passed" if data["qc"]["passed"] else "QC FAILED"
-    fig.suptitle(
-        f"{Path(data['sample']).name}: {data['abc']:,.0f} AB/C ({data['band']}), {status}"
-        + (f" - {', '.join(data['qc']['flags'])}" if data["qc"]["flags"] else ""),
-        fontsize=11,
+    verdict = data["band"] if data["qc"]["passed"] else "not reportable"
+    title = f"{Path(data['sample']).name}: {data['abc']:,.0f} AB/C ({verdict}), {status}" + (
+        f" - {', '.join(data['qc']['flags'])}" if data["qc"]["flags"] else ""
     )
+    fig.suptitle(textwrap.fill(title, 160), fontsize=11)
     fig.tight_layout()
     if path is not None:
         save_figure(fig, path)
