@@ -146,7 +146,7 @@ def test_real_a2004_monocytes_agree_with_the_flowjo_gate(canto_beads):
     live = PolygonPath(_flowjo9_polygon(folder / "A2004Analysis.xml", "Live"))
     monocytes = PolygonPath(_flowjo9_polygon(folder / "A2004Analysis.xml", "Monocytes"))
     flowjo = live.contains_points(ev[:, [ix("FSC-A"), ix("SSC-A")]]) & monocytes.contains_points(
-        comp[:, [ix("PerCP-CY5-5-A"), ix("PE-CY7-A")]]
+        np.column_stack([comp["PerCP-CY5-5-A"], comp["PE-CY7-A"]])
     )
     both = (flowjo & gating.monocytes).sum()
     # FlowJo's gate also bounds MHCII (HLA-DR), which hladr never gates on: precision is lower

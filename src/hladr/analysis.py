@@ -130,7 +130,7 @@ def analyze(
     if n_mono < 20:
         raise AnalysisError(f"only {n_mono} monocytes found: no HLA-DR value can be given", sample.path)
     idx = sample.index(panel["HLA-DR"])
-    pe = gating.compensated[gating.monocytes, idx]
+    pe = gating.compensated[panel["HLA-DR"]][gating.monocytes]
     mfi = _statistic(pe, statistic)
     if not np.isfinite(mfi) or mfi <= 0:
         raise AnalysisError(f"monocyte HLA-DR statistic is {mfi:g}: not measurable", sample.path)

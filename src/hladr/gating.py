@@ -14,6 +14,7 @@ from a GatingML 2.0 file or a FlowJo workspace replace the automatic monocyte ga
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ class GatingResult:
     leukocytes: np.ndarray
     singlets: np.ndarray
     clean: np.ndarray
-    compensated: np.ndarray  # n x p float32, compensated where the file has a spillover matrix
+    compensated: dict[str, np.ndarray]  # channel -> compensated float32 values, for the role channels
     method: str
     gates: list[dict[str, Any]] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
@@ -63,24 +64,48 @@ def spillover_matrix(sample: Sample) -> tuple[list[str], np.ndarray] | None:
 
 
 def compensate(sample: Sample) -> tuple[np.ndarray, list[str]]:
-    """Events with the file's spillover removed, and notes.
+    """Events with the file's spillover removed (an n x p float32 copy), and notes.
 
     ``compensated = observed @ inverse(spillover)`` on the spillover's channels: the same
     arithmetic as flowutils' ``compensate`` (a test checks they agree), as a numba kernel with
-    the matrix inverted once: flowutils' linear solve over every event was a fifth of the
-    analysis time at 1M events in benchmarks/bench_analyze.py.
+    the matrix inverted once.
     """
+    out = np.array(sample.events, dtype=np.float32)
+    columns, notes = compensated_columns(sample, sample.channels)
+    for j, name in enumerate(sample.channels):
+        out[:, j] = columns[name]
+    return out, notes
+
+
+def compensated_columns(sample: Sample, channels: Iterable[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """``{channel: compensated float32 values}`` for ``channels`` only, and notes.
+
+    The gates need three fluorescence channels of the tube's p: computing only those (each a
+    contiguous array) is what keeps the analysis of a 1M-event tube fast and small. Channels
+    outside the spillover matrix are returned as stored, in float32.
+    """
+    wanted = list(dict.fromkeys(c for c in channels if c))
     events = np.ascontiguousarray(sample.events)
     spill = spillover_matrix(sample)
+    notes: list[str] = []
+    names: list[str] = []
     if spill is None:
-        note = "no spillover matrix in the file: data not compensated"
-        return events.astype(np.float32, copy=False), [note]
-    names, matrix = spill
-    if not all(n in sample.channels for n in names):
-        note = f"spillover channels {names} not all in the file: data not compensated"
-        return events.astype(np.float32, copy=False), [note]
-    columns = np.array([sample.channels.index(n) for n in names], dtype=np.int64)
-    return kernels.compensate_columns(events, columns, np.linalg.inv(matrix)), []
+        notes.append("no spillover matrix in the file: data not compensated")
+    elif not all(n in sample.channels for n in spill[0]):
+        notes.append(f"spillover channels {spill[0]} not all in the file: data not compensated")
+    else:
+        names = spill[0]
+    inside = [c for c in wanted if c in names]
+    out: dict[str, np.ndarray] = {}
+    if inside:
+        columns = np.array([sample.channels.index(n) for n in names], dtype=np.int64)
+        outputs = np.array([names.index(c) for c in inside], dtype=np.int64)
+        rows = kernels.compensate_columns(events, columns, np.linalg.inv(spill[1]), outputs)
+        out.update(zip(inside, rows))
+    for c in wanted:
+        if c not in out:
+            out[c] = np.ascontiguousarray(events[:, sample.index(c)], dtype=np.float32)
+    return out, notes
 
 
 def _log(x: np.ndarray) -> np.ndarray:
@@ -213,12 +238,12 @@ def debris_gate(sample: Sample, panel: Panel, keep: np.ndarray) -> tuple[np.ndar
 
 
 def leukocyte_gate(
-    comp: np.ndarray, sample: Sample, panel: Panel, keep: np.ndarray
+    comp: Mapping[str, np.ndarray], sample: Sample, panel: Panel, keep: np.ndarray
 ) -> tuple[np.ndarray, float]:
     """CD45+ events: above the valley between CD45-negative debris/RBC and leukocytes."""
     if not panel["CD45"]:
         return keep, float("nan")
-    cd45 = _log(comp[:, sample.index(panel["CD45"])])
+    cd45 = _log(comp[panel["CD45"]])
     kept = cd45[keep]
     lo, med = np.percentile(_thin(kept), [0.5, 50])
     pos, depth = _valley(kept, lo, med)
@@ -227,13 +252,13 @@ def leukocyte_gate(
 
 
 def monocyte_gate_density(
-    comp: np.ndarray, sample: Sample, panel: Panel, leuk: np.ndarray
+    comp: Mapping[str, np.ndarray], sample: Sample, panel: Panel, leuk: np.ndarray
 ) -> tuple[np.ndarray, dict]:
     """CD14+ (above the CD14 valley) with low-to-intermediate SSC and bright CD45.
 
     Without SSC (mass cytometry) the SSC criteria are left out: CD14+ and CD45-bright.
     """
-    cd14 = _log(comp[:, sample.index(panel["CD14"])])
+    cd14 = _log(comp[panel["CD14"]])
     cd14_leuk = cd14[leuk]
     bulk, top = (float(v) for v in np.percentile(_thin(cd14_leuk), [50, 99.99]))
     pos, depth = _valley(cd14_leuk, bulk + 0.2, top)
@@ -255,7 +280,7 @@ def monocyte_gate_density(
         mono = cd14_pos & (ssc < m_ssc + 3 * s_ssc) & (ssc > m_ssc - 4 * s_ssc)
         info["ssc_max"] = float(10 ** (m_ssc + 3 * s_ssc))
     if panel["CD45"]:
-        cd45 = _log(comp[:, sample.index(panel["CD45"])])
+        cd45 = _log(comp[panel["CD45"]])
         m45, s45 = _robust(cd45[mono])
         mono &= cd45 > m45 - 4 * s45
     if panel["SSC-A"] and mono.sum() and np.median(ssc[mono]) > granulocyte_ssc_limit(ssc, leuk):
@@ -285,16 +310,17 @@ def granulocyte_ssc_limit(log_ssc: np.ndarray, leuk: np.ndarray) -> float:
 
 
 def monocyte_gate_gmm(
-    comp: np.ndarray, sample: Sample, panel: Panel, leuk: np.ndarray, seed: int = 0
+    comp: Mapping[str, np.ndarray], sample: Sample, panel: Panel, leuk: np.ndarray, seed: int = 0
 ) -> np.ndarray:
     """Gaussian-mixture fallback over log CD14, log SSC (and log CD45): the CD14-bright components
     (without SSC in mass cytometry)."""
     from sklearn.mixture import GaussianMixture
 
-    cols = [_log(comp[:, sample.index(panel["CD14"])])]
-    for role in ("SSC-A", "CD45"):
-        if panel[role]:
-            cols.append(_log((sample.events if role == "SSC-A" else comp)[:, sample.index(panel[role])]))
+    cols = [_log(comp[panel["CD14"]])]
+    if panel["SSC-A"]:
+        cols.append(_log(sample.events[:, sample.index(panel["SSC-A"])]))
+    if panel["CD45"]:
+        cols.append(_log(comp[panel["CD45"]]))
     x = np.column_stack(cols)
     idx = np.flatnonzero(leuk)
     if idx.size < 200:
@@ -323,7 +349,7 @@ def gate_monocytes(
     sample: Sample, panel: Panel, *, gates: str | os.PathLike | None = None, seed: int = 0
 ) -> GatingResult:
     """Run the whole gating sequence on a patient tube."""
-    comp, notes = compensate(sample)
+    comp, notes = compensated_columns(sample, [panel["CD14"], panel["CD45"], panel["HLA-DR"]])
     flags: list[str] = []
     gate_log: list[dict[str, Any]] = []
     all_events = np.ones(sample.n_events, dtype=bool)

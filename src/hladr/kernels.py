@@ -66,23 +66,24 @@ def gaussian_smooth(y: np.ndarray, sigma_bins: float) -> np.ndarray:
 
 
 @njit(cache=True, parallel=True)
-def compensate_columns(events: np.ndarray, columns: np.ndarray, inverse: np.ndarray) -> np.ndarray:
-    """A float32 copy of ``events`` whose ``columns`` are ``events[:, columns] @ inverse``.
+def compensate_columns(
+    events: np.ndarray, columns: np.ndarray, inverse: np.ndarray, outputs: np.ndarray
+) -> np.ndarray:
+    """Compensated values of the spillover columns ``outputs`` (indices into ``columns``), as a
+    ``(outputs.size, n)`` float32 array: row ``w`` is ``events[:, columns] @ inverse[:, outputs[w]]``.
 
-    Sums are taken in float64; float32 keeps the copy the size of a decoded FCS array.
-    Rows are spread over the CPU cores.
+    Sums are taken in float64; each row is contiguous; events are spread over the CPU cores.
     """
-    n, p = events.shape
-    out = np.empty((n, p), dtype=np.float32)
+    n = events.shape[0]
     k = columns.size
+    out = np.empty((outputs.size, n), dtype=np.float32)
     for i in prange(n):
-        for j in range(p):
-            out[i, j] = events[i, j]
-        for b in range(k):
+        for w in range(outputs.size):
+            b = outputs[w]
             acc = 0.0
             for a in range(k):
                 acc += events[i, columns[a]] * inverse[a, b]
-            out[i, columns[b]] = acc
+            out[w, i] = acc
     return out
 
 

@@ -128,8 +128,8 @@ def plot_analysis(
     gating = gating or gate_monocytes(sample, panel)
     ev, comp = sample.events, gating.compensated
 
-    def col(role: str, data: np.ndarray = ev) -> np.ndarray:
-        return data[:, sample.index(panel[role])]
+    def col(role: str, data: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        return ev[:, sample.index(panel[role])] if data is None else data[panel[role]]
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 9))
     side = next(r for r in ("SSC-A", "DNA", "HLA-DR") if panel[r])  # mass cytometry has no SSC
