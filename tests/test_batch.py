@@ -200,7 +200,7 @@ def fake_calibrate(path, lot, values):
                                             "qc": {"passed": True, "flags": []}}}
 
 
-def fake_analyze(path, calibration, plot):
+def fake_analyze(path, calibration, plot, known=None):
     from hladr.fcs import read_fcs
 
     time.sleep(FAKE_DELAY)
@@ -513,3 +513,16 @@ def test_simulated_export_kill_9_and_resume(sim_export, sim_reference, tmp_path:
     for name in reference:
         assert resumed[name]["abc"] == reference[name]["abc"]
     assert summary.exit_code == batch.EXIT_PROBLEMS
+
+
+def test_analyze_task_reuses_discoverys_sha256_only_for_an_unchanged_file(tmp_path: Path):
+    from hladr.batch import _identity, analyze_task, calibrate_task
+
+    cal = calibrate_task(str(SAMPLE_DIR / "beads.fcs"), None, QB)["calibration"]
+    patient = tmp_path / "p.fcs"
+    patient.write_bytes((SAMPLE_DIR / "patient_01.fcs").read_bytes())
+    stand_in = "0" * 64  # not the file's digest: shows whether it was trusted
+    same = analyze_task(str(patient), cal, False, {"sha256": stand_in, "identity": _identity(patient)})
+    assert same["result"]["sha256"] == stand_in
+    changed = analyze_task(str(patient), cal, False, {"sha256": stand_in, "identity": (1, 1)})
+    assert changed["result"]["sha256"] == batch.sha256_file(patient)

@@ -45,7 +45,6 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from . import kernels
 from .atomic import atomic_write
 from .errors import BatchError, HladrError
 from .fcs import sha256_file
@@ -107,6 +106,7 @@ class Tube:
     path: Path
     rel: str
     sha256: str = ""
+    identity: tuple[int, int] | None = None  # (size, mtime_ns) when hashed: tells a later change
     role: str | None = None
     role_reason: str = ""
     cytometer: str | None = None
@@ -323,6 +323,7 @@ def discover(
 def _describe(path: Path, root: Path) -> Tube:
     tube = Tube(path=path, rel=path.relative_to(root).as_posix())
     try:
+        tube.identity = _identity(path)
         tube.sha256 = sha256_file(path)
         keywords, channels, markers = _read_text(path)
     except HladrError as exc:
@@ -546,6 +547,18 @@ def _single_threaded() -> Any:
     return threadpool_limits(1)
 
 
+def _init_worker(workers: int) -> None:
+    """Process-pool initializer (numba is imported in the workers only, not in the main process)."""
+    from .kernels import share_cores
+
+    share_cores(workers)
+
+
+def _identity(path: str | os.PathLike) -> tuple[int, int]:
+    stat = os.stat(path)
+    return (stat.st_size, stat.st_mtime_ns)
+
+
 def _failure(exc: BaseException, started: float) -> dict[str, Any]:
     known = isinstance(exc, HladrError)
     return {
@@ -571,8 +584,14 @@ def calibrate_task(path: str, lot: str | None, values: list[float] | None) -> di
         return _failure(exc, started)
 
 
-def analyze_task(path: str, calibration: dict[str, Any], plot: bool) -> dict[str, Any]:
-    """Analyse one patient tube; returns the Result dict (and QC PNG bytes) or the failure."""
+def analyze_task(
+    path: str, calibration: dict[str, Any], plot: bool, known: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Analyse one patient tube; returns the Result dict (and QC PNG bytes) or the failure.
+
+    ``known`` is discovery's ``{"sha256", "identity": (size, mtime_ns)}``: when the file still has
+    that size and modification time its SHA-256 is not computed again.
+    """
     started = time.perf_counter()
     try:
         from .analysis import analyze
@@ -582,6 +601,8 @@ def analyze_task(path: str, calibration: dict[str, Any], plot: bool) -> dict[str
         from .panel import resolve_panel
 
         sample = read_fcs(path, lenient=True)
+        if known and known.get("identity") and tuple(known["identity"]) == _identity(path):
+            sample.sha256 = known["sha256"]
         cal = Calibration.from_dict(calibration)
         with _single_threaded():
             panel = resolve_panel(sample)
@@ -848,7 +869,8 @@ class _Run:
                 self.sample_records[key] = record
                 self.reused += 1
                 continue
-            task = _Task("sample", key, (str(job.tube.path),), job=job, cal_key=cal_key)
+            known = {"sha256": job.tube.sha256, "identity": job.tube.identity}
+            task = _Task("sample", key, (str(job.tube.path), known), job=job, cal_key=cal_key)
             self.patients_of.setdefault(cal_key, []).append(task)
             if cal_key in self.cal_records and self.cal_records[cal_key]["status"] == "ok":
                 todo_samples.append(task)
@@ -901,7 +923,7 @@ class _Run:
         if task.kind == "calibration":
             return executor.submit(self.calibrate_fn, *task.args)
         calibration = self.cal_records[task.cal_key]["calibration"]
-        return executor.submit(self.analyze_fn, task.args[0], calibration, self.plots)
+        return executor.submit(self.analyze_fn, task.args[0], calibration, self.plots, task.args[1])
 
     @staticmethod
     def _restart(executor: cf.Executor, make_executor: Callable[[], cf.Executor],
@@ -1183,7 +1205,7 @@ def _executor(scheduler: Any, jobs: int | None, tubes: list[Tube], n_tasks: int,
 
     def make() -> cf.Executor:
         return cf.ProcessPoolExecutor(
-            workers, mp_context=context, initializer=kernels.share_cores, initargs=(workers,)
+            workers, mp_context=context, initializer=_init_worker, initargs=(workers,)
         )
 
     holder = [make()]
