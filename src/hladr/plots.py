@@ -99,7 +99,11 @@ def _density(ax: Any, x: np.ndarray, y: np.ndarray, title: str, xlabel: str, yla
     if ok.sum() < 10:
         ax.set(title=title + " (no events)")
         return
-    ax.hist2d(np.log10(x[ok]), np.log10(y[ok]), bins=120, cmap="viridis", cmin=1)
+    counts, xe, ye = np.histogram2d(np.log10(x[ok]), np.log10(y[ok]), bins=120)
+    image = np.ma.masked_less(counts.T, 1)  # empty bins left white
+    # an image, not a mesh: drawn several times faster than hist2d's pcolormesh
+    ax.imshow(image, origin="lower", extent=(xe[0], xe[-1], ye[0], ye[-1]), aspect="auto",
+              cmap="viridis", interpolation="nearest")
     ax.set(title=title, xlabel=f"log10 {xlabel}", ylabel=f"log10 {ylabel}")
 
 
@@ -196,7 +200,8 @@ def plot_analysis(
         f" - {', '.join(data['qc']['flags'])}" if data["qc"]["flags"] else ""
     )
     fig.suptitle(textwrap.fill(title, 160), fontsize=11)
-    fig.tight_layout()
+    # fixed margins: tight_layout measured every tick label and was a third of a batch's figure time
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.06, top=0.88, wspace=0.28, hspace=0.32)
     if path is not None:
         save_figure(fig, path)
     return fig
