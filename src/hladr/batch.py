@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import csv
 import hashlib
 import io
@@ -539,19 +540,30 @@ def _closest_bead(patient: Tube, beads: list[Tube]) -> tuple[Tube | None, str | 
 # =====================================================================================
 # Work done in the workers (local processes or Dask)
 # =====================================================================================
+#: set in worker processes of our own pool, where one BLAS/OpenMP thread holds for the process's life
+_PROCESS_LIMITS: Any = None
+
+
 def _single_threaded() -> Any:
     """One BLAS/OpenMP thread while a task runs: parallelism comes from the workers, and every
     executor (inline, processes, Dask threads or processes) then computes in the same order."""
+    if _PROCESS_LIMITS is not None:
+        return contextlib.nullcontext()  # already limited for the whole process
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(1)
 
 
 def _init_worker(workers: int) -> None:
-    """Process-pool initializer (numba is imported in the workers only, not in the main process)."""
+    """Process-pool initializer (numba is imported in the workers only, not in the main process):
+    numba's share of the cores, one BLAS/OpenMP thread for the process's life."""
+    global _PROCESS_LIMITS
+    from threadpoolctl import threadpool_limits
+
     from .kernels import share_cores
 
     share_cores(workers)
+    _PROCESS_LIMITS = threadpool_limits(1)
 
 
 def _identity(path: str | os.PathLike) -> tuple[int, int]:
