@@ -733,9 +733,13 @@ def available_memory() -> int:
         return 8 * 2**30
 
 
+def _wanted_workers(jobs: int | None) -> int:
+    return jobs or os.cpu_count() or 1
+
+
 def local_workers(jobs: int | None, largest_tube_bytes: int, n_tasks: int) -> int:
     """How many worker processes: ``jobs`` (default: CPU count), capped by memory and work."""
-    wanted = jobs or os.cpu_count() or 1
+    wanted = _wanted_workers(jobs)
     per_worker = WORKER_BASE_BYTES + EVENT_FACTOR * largest_tube_bytes
     fit = max(1, int(0.8 * available_memory() // per_worker))
     if fit < wanted:
@@ -1153,21 +1157,27 @@ def run_batch(
         lot = str(Path(lot).resolve())
     default_lot = LotSpec(lot=lot, values=tuple(float(v) for v in bead_values) if bead_values else None)
 
-    tubes = discover(export_path, rows, exclude=[out_path])
-    if not tubes:
-        raise BatchError("no FCS file found in the export folder", export_path)
-    jobs_list = pair(tubes, default_lot, Path(manifest).parent if manifest else None)
-    beads = [t for t in tubes if t.role == "beads" and t.error is None]
-    wanted = calibrations_wanted(tubes, jobs_list, default_lot)
-    unvalued = sorted({bead.rel for bead, spec in wanted if spec == LotSpec()})
-    if unvalued:
-        raise BatchError(f"no bead values for {len(unvalued)} bead tube(s), e.g. {unvalued[0]}: give "
-                         f"--lot FILE, --bead-values V1,V2,... or a lot column in the manifest")
+    early = _start_workers_early(scheduler, jobs)
+    try:
+        tubes = discover(export_path, rows, exclude=[out_path])
+        if not tubes:
+            raise BatchError("no FCS file found in the export folder", export_path)
+        jobs_list = pair(tubes, default_lot, Path(manifest).parent if manifest else None)
+        beads = [t for t in tubes if t.role == "beads" and t.error is None]
+        wanted = calibrations_wanted(tubes, jobs_list, default_lot)
+        unvalued = sorted({bead.rel for bead, spec in wanted if spec == LotSpec()})
+        if unvalued:
+            raise BatchError(f"no bead values for {len(unvalued)} bead tube(s), e.g. {unvalued[0]}: give "
+                             f"--lot FILE, --bead-values V1,V2,... or a lot column in the manifest")
 
-    summary = BatchSummary(out=out_path, tubes=len(tubes), bead_tubes=len(beads),
-                           patient_tubes=sum(t.role == "patient" for t in tubes))
-    most_tasks = len(beads) + len(jobs_list)
-    executor, inflight_max, close, restart = _executor(scheduler, jobs, tubes, most_tasks, summary)
+        summary = BatchSummary(out=out_path, tubes=len(tubes), bead_tubes=len(beads),
+                               patient_tubes=sum(t.role == "patient" for t in tubes))
+        most_tasks = len(beads) + len(jobs_list)
+        executor, inflight_max, close, restart = _executor(scheduler, jobs, tubes, most_tasks, summary, early)
+    except BaseException:
+        if early is not None:
+            early.shutdown(wait=True, cancel_futures=True)
+        raise
     try:
         out_path.mkdir(parents=True, exist_ok=True)
         journal = Journal(out_path / JOURNAL, resume=resume)
@@ -1199,7 +1209,35 @@ def run_batch(
     return summary
 
 
-def _executor(scheduler: Any, jobs: int | None, tubes: list[Tube], n_tasks: int, summary: BatchSummary):
+def _process_pool(workers: int) -> cf.ProcessPoolExecutor:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    return cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(workers,))
+
+
+def _warm_up() -> None:
+    """Import what the tasks need (numba, scipy, hladr's analysis) in a fresh worker."""
+    from . import analysis, calibration  # noqa: F401
+
+
+def _start_workers_early(scheduler: Any, jobs: int | None) -> cf.ProcessPoolExecutor | None:
+    """A process pool already starting (and importing) while discovery reads the export.
+
+    Worker start-up is a fixed cost of about half a second; discovery is another third: they
+    overlap. :func:`_executor` keeps this pool when the worker count it decides is the same.
+    """
+    wanted = _wanted_workers(jobs)
+    if scheduler is not None or wanted < 2:
+        return None
+    pool = _process_pool(wanted)
+    for _ in range(wanted):  # a spawn pool starts one process per submitted task
+        pool.submit(_warm_up)
+    return pool
+
+
+def _executor(scheduler: Any, jobs: int | None, tubes: list[Tube], n_tasks: int, summary: BatchSummary,
+              early: cf.ProcessPoolExecutor | None = None):
     """(executor, tasks kept in flight, closer, factory of a fresh executor or None)."""
     if scheduler is not None:
         executor, threads, close = _dask_executor(scheduler)
@@ -1208,23 +1246,17 @@ def _executor(scheduler: Any, jobs: int | None, tubes: list[Tube], n_tasks: int,
     largest = max((t.event_bytes for t in tubes if t.error is None), default=0)
     workers = local_workers(jobs, largest, n_tasks)
     summary.workers = workers
+    if early is not None and workers != _wanted_workers(jobs):
+        early.shutdown(wait=True, cancel_futures=True)  # rare: memory or work allows fewer workers
+        early = None
     if workers == 1:
         summary.executor = "inline"
         return _InlineExecutor(), 1, (lambda: None), None
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-
-    def make() -> cf.Executor:
-        return cf.ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_init_worker, initargs=(workers,)
-        )
-
-    holder = [make()]
+    holder = [early or _process_pool(workers)]
     summary.executor = "processes"
 
     def factory() -> cf.Executor:
-        holder[0] = make()
+        holder[0] = _process_pool(workers)
         return holder[0]
 
     return holder[0], workers + 1, (lambda: holder[0].shutdown(wait=True, cancel_futures=True)), factory
