@@ -38,6 +38,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -1193,19 +1194,26 @@ def run_batch(
                 bar.close()
         finally:
             journal.close()
-    finally:
+    except BaseException:
         close()
-    results, errors, calibrations = run.collect()
-    write_tables(out_path, results, errors, calibrations)
-    summary.results, summary.errors, summary.calibrations = results, errors, calibrations
-    summary.ok = len(results)
-    summary.flagged = sum(is_flagged(r) for r in results)
-    summary.failed = len(errors)
-    summary.reused = run.reused
-    summary.seconds = time.perf_counter() - started
-    from .report import write_report
+        raise
+    # every task is done: the workers exit (a few tenths of a second) while the outputs are written
+    closing = threading.Thread(target=close, name="hladr-batch-close")
+    closing.start()
+    try:
+        results, errors, calibrations = run.collect()
+        write_tables(out_path, results, errors, calibrations)
+        summary.results, summary.errors, summary.calibrations = results, errors, calibrations
+        summary.ok = len(results)
+        summary.flagged = sum(is_flagged(r) for r in results)
+        summary.failed = len(errors)
+        summary.reused = run.reused
+        from .report import write_report
 
-    write_report(out_path / "report.html", summary, figures=plots)
+        write_report(out_path / "report.html", summary, figures=plots)
+    finally:
+        closing.join()
+    summary.seconds = time.perf_counter() - started
     return summary
 
 
