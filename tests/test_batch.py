@@ -289,6 +289,22 @@ def _journal(out: Path) -> list[dict]:
     return records
 
 
+def worker_that_dies(workers: int) -> None:
+    """Stands in for the worker initializer: every worker process dies as it starts."""
+    os._exit(3)
+
+
+def test_workers_that_die_at_start_are_recorded_not_raised(engine_export: Path, tmp_path: Path,
+                                                            monkeypatch):
+    monkeypatch.setattr(batch, "_init_worker", worker_that_dies)
+    summary = run_batch(engine_export, tmp_path / "out", jobs=2, progress=False, plots=False, tasks=FAKES,
+                        **FAKE_LOT)
+    assert summary.ok == 0 and summary.exit_code == batch.EXIT_PROBLEMS
+    with open(tmp_path / "out" / "errors.csv") as fh:
+        errors = list(csv.DictReader(fh))
+    assert errors and all(e["error_type"] == "WorkerDied" for e in errors if e["stage"] != "pairing")
+
+
 def test_kill_9_then_resume_loses_and_redoes_nothing(engine_export: Path, tmp_path: Path):
     out = tmp_path / "out"
     script = (

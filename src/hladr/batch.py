@@ -909,9 +909,16 @@ class _Run:
         while ready or inflight:
             while ready and len(inflight) < inflight_max:
                 task = ready.popleft()
-                inflight[self._submit(executor, task)] = task
+                try:
+                    inflight[self._submit(executor, task)] = task
+                except cf.process.BrokenProcessPool as exc:  # the pool broke before this task ran
+                    broken: cf.Future = cf.Future()
+                    broken.set_exception(exc)
+                    inflight[broken] = task  # handled below like a crash while running
             done, _ = cf.wait(list(inflight), return_when=cf.FIRST_COMPLETED)
             for future in done:
+                if future not in inflight:  # requeued by a pool restart for an earlier future of `done`
+                    continue
                 task = inflight.pop(future)
                 try:
                     outcome = future.result()
