@@ -163,6 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hladr: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`hladr inspect F | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
     except Exception as exc:  # noqa: BLE001 - one line, no traceback, for any fault
         if os.environ.get("HLADR_DEBUG"):
             raise
