@@ -70,11 +70,8 @@ def compensate(sample: Sample) -> tuple[np.ndarray, list[str]]:
     arithmetic as flowutils' ``compensate`` (a test checks they agree), as a numba kernel with
     the matrix inverted once.
     """
-    out = np.array(sample.events, dtype=np.float32)
     columns, notes = compensated_columns(sample, sample.channels)
-    for j, name in enumerate(sample.channels):
-        out[:, j] = columns[name]
-    return out, notes
+    return np.column_stack([columns[name] for name in sample.channels]), notes
 
 
 def compensated_columns(sample: Sample, channels: Iterable[str]) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -114,11 +111,7 @@ def _log(x: np.ndarray) -> np.ndarray:
 
 
 def _valley(
-    values: np.ndarray,
-    lo: float,
-    hi: float,
-    bins: int = 200,
-    sigma: float = 3.0,
+    values: np.ndarray, lo: float, hi: float, bins: int = 200, sigma: float = 3.0
 ) -> tuple[float, float]:
     """Deepest point of the smoothed histogram of ``values`` between ``lo`` and ``hi``.
 
