@@ -1236,9 +1236,6 @@ def _warm_up() -> None:
     kernels (about 0.7 s a worker) load while discovery reads the export, not in the first tasks."""
     import tempfile
 
-    from .analysis import analyze
-    from .calibration import calibrate
-    from .fcs import read_fcs
     from .simulate import QUANTIBRITE_96597, simulate_beads, simulate_blood
 
     try:
@@ -1246,7 +1243,8 @@ def _warm_up() -> None:
             beads, patient = Path(tmp) / "beads.fcs", Path(tmp) / "patient.fcs"
             simulate_beads(beads, "canto", seed=0, n_events=3000)
             simulate_blood(patient, "canto", 5000.0, seed=0, n_events=4000)
-            analyze(read_fcs(patient), calibrate(read_fcs(beads), values=QUANTIBRITE_96597))
+            calibrated = calibrate_task(str(beads), None, list(QUANTIBRITE_96597))  # the tasks' own code
+            analyze_task(str(patient), calibrated["calibration"], False)
     except Exception:  # noqa: BLE001 - a warm-up never stops a batch; the real tasks report errors
         log.debug("worker warm-up failed", exc_info=True)
 
