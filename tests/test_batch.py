@@ -510,15 +510,15 @@ def test_simulated_export_kill_9_and_resume(sim_export, sim_reference, tmp_path:
     proc = subprocess.Popen(argv, start_new_session=True, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        # a 12k-event tube takes ~20 ms: kill as soon as the first samples are in the journal
-        if (out / batch.JOURNAL).exists() and sum(r["kind"] == "sample" for r in _journal(out)) >= 1:
+        # a 12k-event tube takes ~20 ms: poll often, kill once a few samples are in the journal
+        if (out / batch.JOURNAL).exists() and sum(r["kind"] == "sample" for r in _journal(out)) >= 3:
             break
         time.sleep(0.002)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = _journal(out)
     done = {r["file"] for r in before if r["kind"] == "sample"}
-    assert proc.returncode == -signal.SIGKILL and 1 <= len(done) < 15, "the kill must land halfway"
+    assert proc.returncode == -signal.SIGKILL and 3 <= len(done) < 15, "the kill must land halfway"
 
     summary = run_batch(root, out, jobs=2, resume=True, bead_values=QB, progress=False, plots=False)
     redone = {r["file"] for r in _journal(out)[len(before):] if r["kind"] == "sample"}
