@@ -340,7 +340,7 @@ def create_app(
 
     # --- routes ----------------------------------------------------------------------------------
     @app.get("/v1/health", response_model=Health, responses={503: {"model": Health}})
-    def health() -> JSONResponse:
+    async def health() -> JSONResponse:  # on the event loop: no thread hand-off, a quick indexed query
         """Liveness: workers alive, queue depth, oldest queued job; 503 when no worker can run."""
         workers_state = pool.status()
         body = {

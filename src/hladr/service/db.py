@@ -241,11 +241,12 @@ class ServiceDB:
             )
 
     def requeue_all_running(self) -> int:
-        """At start-up: analyses left ``running`` by a service that died are ``queued`` again."""
+        """At start-up: analyses left ``running`` by a service that died are ``queued`` again
+        (that run is not counted: the server died, not the job's worker)."""
         with self.transaction() as db:
             return db.execute(
-                "UPDATE analyses SET status = 'queued', worker = NULL, started = NULL "
-                "WHERE status = 'running'"
+                "UPDATE analyses SET status = 'queued', worker = NULL, started = NULL, "
+                "attempts = MAX(attempts - 1, 0) WHERE status = 'running'"
             ).rowcount
 
     def queue_state(self) -> dict[str, Any]:
