@@ -783,7 +783,7 @@ COHORT_COURSES: tuple[tuple[str, str, int, tuple[float | None, ...]], ...] = (
     ("P02-recovers", "canto", 1, (3_000.0, 3_000.0, 6_000.0, 11_000.0, 22_000.0, 22_000.0)),
     ("P03-stays-low", "canto", 0, (3_500.0, 3_500.0, 3_500.0, 3_500.0, 3_500.0)),
     ("P04-gap", "canto", 2, (6_000.0, None, 6_000.0, 20_000.0, 6_000.0)),
-    ("P05-normal", "lyric", 0, (22_000.0, 22_000.0, 22_000.0, 22_000.0, 22_000.0, 22_000.0)),
+    ("P05-normal", "lyric", 1, (22_000.0, 22_000.0, 22_000.0, 22_000.0, 22_000.0, 22_000.0)),
 )
 #: Reference-period variation of a bead MFI: a relative SD (2-3 % in practice), applied on the log scale.
 BEAD_DAY_SD = 0.03
@@ -818,7 +818,7 @@ def simulate_cohort(
     drift_instrument: str = "lyric",
     courses: tuple = COHORT_COURSES,
     n_events: int = 30_000,
-    bead_events: int = 40_000,
+    bead_events: int = 100_000,
     start: datetime = datetime(2026, 1, 5, 7, 30),
 ) -> dict:
     """Write a multi-day cohort: one bead tube per instrument per day, patients sampled over days.
@@ -840,7 +840,7 @@ def simulate_cohort(
     n_days = reference_days + drift_days
     drifting = bead_gain_factors(reference_days, drift_days, drift_per_week)
     steady = bead_gain_factors(n_days, 0, 0.0)
-    first_course_day = n_days - max(d0 + len(v) for _, _, d0, v in courses)
+    first_course_day = n_days - max((d0 + len(v) for _, _, d0, v in courses), default=0)
     beads: list[dict] = []
     for day in range(n_days):
         for k, name in enumerate(("canto", "lyric")):
