@@ -120,6 +120,12 @@ def _existing_store(path: str) -> str:
     return path
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .events import main as export_main
+
+    return export_main(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .service import main as serve_main
 
@@ -196,6 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", metavar="PATH", help="results database (default: OUT/hladr.sqlite)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("export", help="calibrated events (FCS 3.1, CSV) and the gates (GatingML 2.0)")
+    p.add_argument("sample")
+    p.add_argument("--beads", required=True, help="bead tube of the same run")
+    _add_bead_values(p)
+    p.add_argument("--fcs", metavar="OUT.fcs", help="FCS 3.1: channels + 'HLA-DR AB/C' + gates")
+    p.add_argument("--csv", metavar="OUT.csv", help="the per-event table (gates, HLA-DR AB/C)")
+    p.add_argument("--gates-out", metavar="OUT.xml", help="the automatic gates as GatingML 2.0")
+    p.add_argument("--gates", metavar="FILE", help="GatingML 2.0 or FlowJo workspace to gate with")
+    p.add_argument("--gate-name", metavar="NAME", help="the monocyte gate's name in --gates")
+    p.add_argument("--hladr", metavar="CH", help="HLA-DR (PE) channel")
+    p.add_argument("--cd14", metavar="CH", help="CD14 channel")
+    p.add_argument("--cd45", metavar="CH", help="CD45 channel")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("patient", help="a patient's mHLA-DR course from the results database")
     p.add_argument("patient_id")
