@@ -317,6 +317,13 @@ def test_analysis_happy_path_restart_and_concurrency(tmp_path):
         outcomes = [wait_finished(srv, r.json()["id"]) for r in responses if r.status_code == 202]
         kept = {p.stem for p in db.with_suffix(".files").iterdir()}
         assert kept == {o["sample_sha256"] for o in outcomes if o["status"] == "failed"}  # only for a retry
+        beads_as_sample = submit(srv, SAMPLE_DIR / "beads.fcs", cal)  # fails: no monocytes in a bead tube
+        failed = wait_finished(srv, beads_as_sample.json()["id"])
+        assert failed["status"] == "failed" and failed["retryable"] and failed["error_type"], failed
+        again = submit(srv, SAMPLE_DIR / "beads.fcs", cal)  # only successes are deduplicated
+        assert again.status_code == 202 and again.json()["id"] == failed["id"]
+        assert not again.json()["duplicate"]
+        assert wait_finished(srv, failed["id"])["status"] == "failed"
     finally:
         srv.stop()
     assert not wait_gone(workers), "worker processes outlived the server"
