@@ -42,6 +42,10 @@ def test_every_course_is_reconstructed_in_time_order(cohort):
                 assert point.abc == pytest.approx(sample["abc_true"], rel=0.10)
                 lo, hi = point.abc_ci95
                 assert lo < point.abc < hi
+    report = (summary.out / "report.html").read_text()
+    for patient in truth["patients"]:
+        assert f"<h3>Patient {patient['patient_id']}</h3>" in report
+    assert "reference period incomplete (8 of 20 runs)" in report  # the batch judges with 20 reference runs
 
 
 def test_course_rules_fire_exactly_on_the_designed_days(cohort):

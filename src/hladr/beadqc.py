@@ -224,6 +224,14 @@ def flag_store(store: Any, series: Sequence[Series]) -> dict[int, list[str]]:
     return found
 
 
+def evaluate_store(store: Any, reference_runs: int = REFERENCE_RUNS,
+                   reference_dates: tuple[date, date] | None = None) -> list[Series]:
+    """Levey-Jennings over every calibration in ``store``; its Westgard flags are replaced by these."""
+    series = levey_jennings(store.calibrations(), reference_runs, reference_dates)
+    flag_store(store, series)
+    return series
+
+
 def describe(series: Sequence[Series]) -> str:
     """The summary ``hladr beads-qc`` prints: one line per series, one per violation."""
     lines = [f"Levey-Jennings ({WESTGARD_VERSION}): {len(series)} series"]
