@@ -189,3 +189,32 @@ def test_a_change_is_significant_only_beyond_the_combined_uncertainty():
     assert differs(point(10_000, 0.001), point(11_600, 0.001))
     assert not differs(point(10_000, 0.001), point(11_200, 0.001))
     assert not differs(point(10_000, 0.20), point(13_000, 0.20))  # wide intervals: 30 % is noise
+
+
+@pytest.mark.slow
+def test_default_cohort_courses_rules_and_drift(tmp_path):
+    """The README's cohort: 2 instruments x (20 reference + 14 drifting) days, the 5 designed courses."""
+    truth = simulate_cohort(tmp_path / "export")
+    summary = run_batch(tmp_path / "export", tmp_path / "out", manifest=tmp_path / "export" / "manifest.csv",
+                        jobs=2, progress=False, plots=False)
+    assert summary.ok == summary.patient_tubes == 31 and summary.failed == 0
+    n_ref = truth["reference_days"]
+    with Store(summary.store) as store:
+        flags = {c["store"]["file"]: c["store"]["flags"] for c in store.calibrations()}
+        for instrument in ("canto", "lyric"):
+            beads = [b for b in truth["beads"] if b["instrument"] == instrument]
+            runs = _first_runs(_designed_z([b["gain_factor"] for b in beads], n_ref))
+            first = min((i for i in runs.values() if i is not None), default=None)
+            judged = beads[n_ref:]
+            assert [bool(flags[b["file"]]) for b in judged] == [first is not None and i >= first
+                                                                 for i in range(len(judged))], instrument
+        for patient in truth["patients"]:
+            course = store.patient(patient["patient_id"])
+            assert [p.day.isoformat() for p in course.points] == [s["date"] for s in patient["samples"]]
+            for point, sample in zip(course.points, patient["samples"]):
+                assert point.abc == pytest.approx(sample["abc_true"], rel=0.10)
+            reportable = {p.day.isoformat() for p in course.points if p.reportable}
+            for rule in COURSE_RULES:
+                expected = [d for d in patient["expected_rules"][rule.name] if d in reportable]
+                fired = [d.isoformat() for d in course.fired(rule.name)]
+                assert fired == expected, (patient["patient_id"], rule.name)
