@@ -395,6 +395,15 @@ class Store:
         )
         return [f"{r['code']}: {r['message']}" if r["message"] else r["code"] for r in rows]
 
+    def flags_by_calibration_key(self) -> dict[tuple[str, str], list[str]]:
+        """Every calibration's flags by its key (bead SHA-256, :func:`values_key`), in one query."""
+        out: dict[tuple[str, str], list[str]] = {}
+        for r in self.query("SELECT c.bead_sha256, c.values_key, f.code, f.message FROM calibration_flags f "
+                            "JOIN calibrations c ON c.id = f.calibration_id ORDER BY f.id"):
+            text = f"{r['code']}: {r['message']}" if r["message"] else r["code"]
+            out.setdefault((r["bead_sha256"], r["values_key"]), []).append(text)
+        return out
+
     def results(self, patient_id: str | None = None) -> list[dict[str, Any]]:
         """Stored results (one patient's, or all), oldest first.
 
