@@ -105,6 +105,13 @@ def test_drift_flags_reach_every_patient_result_of_that_run(cohort):
         assert 0 < sum(reportable) < len(reportable)  # the course crosses into the flagged runs
         out = json.loads(json.dumps(normal.to_dict()))
         assert out["rules_version"] == "course/1" and len(out["points"]) == len(normal.points)
+    # a later batch into the same store keeps the reference chosen with beads-qc (4 runs, not 20) and
+    # puts the flags into results.csv
+    again = run_batch(root / "export", root / "out", manifest=root / "export" / "manifest.csv", jobs=1,
+                      resume=True, progress=False, plots=False)
+    flagged = {r["file"] for r in again.results if r["bead_flags"]}
+    assert flagged == {s["file"] for s in truth["patients"][-1]["samples"] if s["date"] in flagged_days}
+    assert again.flagged >= len(flagged) > 0
 
 
 def test_patient_cli_prints_the_course_and_draws_the_trend(cohort, capsys):
