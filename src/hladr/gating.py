@@ -338,6 +338,287 @@ def monocyte_gate_gmm(
     return mono
 
 
+@dataclass(frozen=True)
+class JointGate:
+    """Boundaries of the joint monocyte gate (:func:`monocyte_gate_joint`).
+
+    Perturbing them (e.g. to measure how much a result depends on its gate) re-gates the tube
+    with everything else unchanged.
+
+    Attributes
+    ----------
+    core_sd
+        The CD14-bright core: within this many robust SD of its median on every shape channel.
+    dim_reach
+        Decades below the core's median CD14 that CD14-dim monocytes may reach.
+    ellipse
+        Probability mass of the monocytes' Gaussian (scatter and CD45) inside the gate: the
+        Mahalanobis radius is its chi-square quantile.
+    posterior
+        Least posterior probability of "monocyte" (against the tube's other leukocytes).
+    background_events, background_components
+        The other leukocytes near the monocytes' CD14 are modelled by a Gaussian mixture of this
+        many components fitted to at most this many of them.
+    background_margin
+        Decades below the lowest monocyte CD14 from which that background is drawn.
+    slice_width
+        The monocytes' share of the candidates is estimated per CD14 slice of this many decades.
+    hladr_spread
+        The CD14-dim monocytes' HLA-DR is taken as the bright ones' median with this many times
+        their robust SD.
+    valley_depth
+        Deepest acceptable CD14 valley (density at the valley / the lower neighbouring peak).
+    """
+
+    core_sd: float = 3.0
+    dim_reach: float = 1.2
+    ellipse: float = 0.999
+    posterior: float = 0.99
+    background_events: int = 1500
+    background_components: int = 5
+    background_margin: float = 0.5
+    slice_width: float = 0.1
+    hladr_spread: float = 2.0
+    valley_depth: float = 0.8
+
+
+def _asinh_decades(x: np.ndarray, cofactor: float) -> np.ndarray:
+    """``asinh(x / cofactor)`` in decades: log-like above the cofactor, linear through zero (so an
+    unstained channel's noise around 0 stays one smooth population)."""
+    return (np.arcsinh(x / np.float32(cofactor)) / np.float32(np.log(10))).astype(np.float32)
+
+
+def _cofactor(values: np.ndarray) -> float:
+    """Noise scale of a compensated channel: the depth of its most negative values (at least 1)."""
+    return max(1.0, -float(np.percentile(_thin(values, 50_000), 1)))
+
+
+def _mahalanobis2(x: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    z = (x - mean) @ np.linalg.inv(np.linalg.cholesky(cov)).T
+    return np.einsum("ij,ij->i", z, z)
+
+
+def _gaussian_logpdf(x: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    chol = np.linalg.cholesky(cov)
+    z = (x - mean) @ np.linalg.inv(chol).T
+    log_det = 2 * np.log(np.diag(chol)).sum()
+    return -0.5 * (np.einsum("ij,ij->i", z, z) + log_det + x.shape[1] * np.log(2 * np.pi))
+
+
+def _mixture_logpdf(x: np.ndarray, weights: np.ndarray, means: np.ndarray, covs: np.ndarray) -> np.ndarray:
+    parts = np.stack([np.log(w) + _gaussian_logpdf(x, m, c) for w, m, c in zip(weights, means, covs)])
+    top = parts.max(axis=0)
+    return top + np.log(np.exp(parts - top).sum(axis=0))
+
+
+def _robust_gaussian(x: np.ndarray, mass: float = 0.975, rounds: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of the bulk of ``x`` (n x d), by trimming to the ``mass`` ellipse.
+
+    The covariance of a Gaussian cut to its ``q`` ellipse shrinks by ``P(chi2_{d+2} < q) /
+    P(chi2_d < q)``; dividing by it gives back the whole Gaussian's covariance.
+    """
+    from scipy.special import chdtri, gammainc
+
+    d = x.shape[1]
+    q = float(chdtri(d, 1 - mass))
+    shrink = float(gammainc(d / 2 + 1, q / 2) / gammainc(d / 2, q / 2))
+    mean, cov = np.median(x, axis=0), np.cov(x, rowvar=False).reshape(d, d) + 1e-6 * np.eye(d)
+    for _ in range(rounds):
+        keep = _mahalanobis2(x, mean, cov) <= q
+        if keep.sum() <= 2 * d:
+            break
+        mean = x[keep].mean(axis=0)
+        cov = np.cov(x[keep], rowvar=False).reshape(d, d) / shrink + 1e-6 * np.eye(d)
+    return mean, cov
+
+
+def monocyte_gate_joint(
+    comp: Mapping[str, np.ndarray],
+    sample: Sample,
+    panel: Panel,
+    leuk: np.ndarray,
+    *,
+    seed: int = 0,
+    bounds: JointGate = JointGate(),
+) -> tuple[np.ndarray, dict]:
+    """Monocytes from every channel jointly: CD14, FSC-A, FSC-H, SSC-A, CD45 (those present), HLA-DR.
+
+    1. Core: the leukocytes above the CD14 valley within ``core_sd`` robust SD of their median on
+       every shape channel (FSC-A, FSC-H, SSC-A, CD45). A Gaussian fitted (trimmed) to the core is
+       the monocytes' shape.
+    2. CD14-bright events (above the valley) inside the shape's ``ellipse`` are monocytes.
+    3. CD14-dim events (down to ``dim_reach`` decades below the core's CD14) inside the ellipse are
+       monocytes or CD14-dim granulocytes. A two-class mixture decides: the monocytes (their shape,
+       uniform in CD14, the core's HLA-DR median with ``hladr_spread`` x its SD) against the other
+       leukocytes around them (a Gaussian mixture over shape, CD14 and HLA-DR, fitted by EM
+       jointly, so it never has to explain the monocytes); the monocytes' share is estimated per
+       CD14 slice. Those with a posterior of at least ``posterior`` are kept.
+
+    HLA-DR only tells CD14-dim monocytes from HLA-DR-negative granulocytes; the CD14-bright
+    monocytes, where the statistic is made, never see it. Deterministic for a given ``seed``.
+    """
+    scatter = [role for role in ("FSC-A", "FSC-H", "SSC-A") if panel[role]]
+    shape = [sample.events[:, sample.index(panel[role])] for role in scatter]
+    fluor = [comp[panel["CD45"]]] if panel["CD45"] else []
+    if not shape and not fluor:
+        return monocyte_gate_density(comp, sample, panel, leuk)
+    info: dict[str, Any] = {}
+    cd14 = _log(comp[panel["CD14"]])
+    cd14_leuk = cd14[leuk]
+    bulk, top = (float(v) for v in np.percentile(_thin(cd14_leuk), [50, 99.99]))
+    valley, depth = _valley(cd14_leuk, bulk + 0.2, top)
+    info["valley_depth"] = depth
+    if not np.isfinite(valley) or depth > bounds.valley_depth:
+        info["failed"] = "no CD14 valley"
+        return np.zeros_like(leuk), info
+    cofactors = [_cofactor(column[leuk]) for column in fluor]
+
+    def features(rows: np.ndarray) -> np.ndarray:
+        columns = [np.log10(np.maximum(column[rows], 1), dtype=np.float32) for column in shape]
+        columns += [_asinh_decades(column[rows], c) for column, c in zip(fluor, cofactors)]
+        return np.column_stack(columns)
+
+    bright = np.flatnonzero(leuk & (cd14 > valley))
+    x_bright = features(bright)
+    med = np.median(x_bright, axis=0)
+    in_box = np.all(np.abs(x_bright - med) <= bounds.core_sd * _mad_sd(x_bright, med), axis=1)
+    core = bright[in_box]
+    if core.size < 20:
+        info["failed"] = f"only {core.size} events in the CD14-bright core"
+        return np.zeros_like(leuk), info
+    mean, cov = _robust_gaussian(x_bright[in_box])
+    low = min(float(np.median(cd14[core])) - bounds.dim_reach, valley)
+    high = max(float(np.percentile(cd14[core], 99.9)), low + 0.5)
+    from scipy.special import chdtri
+
+    in_range = np.flatnonzero(leuk & (cd14 >= low))
+    x_range = features(in_range)
+    inside = _mahalanobis2(x_range, mean, cov) <= float(chdtri(mean.size, 1 - bounds.ellipse))
+    bright_in = inside & (cd14[in_range] > valley)
+    dim_in = inside & ~bright_in
+    mono = np.zeros_like(leuk)
+    mono[in_range[bright_in]] = True
+    info.update(cd14_valley=float(10**valley), cd14_low=float(10**low), core=int(core.size))
+    info.update(bright=int(bright_in.sum()), dim_candidates=int(dim_in.sum()), dim_kept=0)
+    if not dim_in.any():
+        return mono, info
+
+    hladr = comp[panel["HLA-DR"]]
+    hladr_cofactor = _cofactor(hladr[leuk])
+
+    def with_cd14_hladr(rows: np.ndarray, x_shape: np.ndarray) -> np.ndarray:
+        return np.column_stack([x_shape, cd14[rows], _asinh_decades(hladr[rows], hladr_cofactor)])
+
+    rng = np.random.default_rng(seed)
+    dim = in_range[dim_in]
+    x_dim = with_cd14_hladr(dim, x_range[dim_in])
+    fit = np.sort(rng.choice(dim.size, size=min(dim.size, bounds.background_events), replace=False))
+    taken = np.zeros(leuk.size, dtype=bool)
+    taken[in_range[inside]] = True
+    pool = np.flatnonzero(leuk & (cd14 >= low - bounds.background_margin) & ~taken)
+    rest = pool[np.sort(rng.choice(pool.size, size=min(pool.size, bounds.background_events), replace=False))]
+    log_mono = _gaussian_logpdf(x_dim[:, : mean.size], mean, cov) - np.log(high - low)
+    centre, spread = _robust(_asinh_decades(hladr[core], hladr_cofactor))
+    spread *= bounds.hladr_spread
+    log_mono += -0.5 * ((x_dim[:, -1] - centre) / spread) ** 2 - np.log(spread * np.sqrt(2 * np.pi))
+    posterior = _monocyte_posterior(
+        x_dim,
+        log_mono,
+        np.minimum(((cd14[dim] - low) / bounds.slice_width).astype(np.int64), 1000),
+        fit,
+        with_cd14_hladr(rest, features(rest)),
+        dim.size / max(fit.size, 1),
+        pool.size / max(rest.size, 1),
+        bounds.background_components,
+        seed,
+    )
+    mono[dim[posterior >= bounds.posterior]] = True
+    info["dim_kept"] = int((posterior >= bounds.posterior).sum())
+    return mono, info
+
+
+def _mad_sd(x: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """Per-column MAD-based SD of ``x`` around ``centre`` (at least 1e-3)."""
+    return 1.4826 * np.median(np.abs(x - centre), axis=0) + 1e-3
+
+
+def _increasing(y: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Weighted least-squares non-decreasing fit of ``y`` (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, length]
+    for v, wt in zip(y, weight):
+        blocks.append([float(v), float(wt), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, w2, n2 = blocks.pop()
+            m1, w1, n1 = blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return np.concatenate([np.full(int(n), m) for m, _, n in blocks])
+
+
+def _monocyte_posterior(
+    x_dim: np.ndarray,
+    log_mono: np.ndarray,
+    slices: np.ndarray,
+    fit: np.ndarray,
+    x_rest: np.ndarray,
+    weight_dim: float,
+    weight_rest: float,
+    components: int,
+    seed: int,
+    iterations: int = 30,
+) -> np.ndarray:
+    """P(monocyte) of each CD14-dim candidate, by EM over a two-class mixture.
+
+    The monocytes' density is given (``log_mono``); the other leukocytes are a mixture of
+    ``components`` full Gaussians fitted jointly (candidates ``x_dim[fit]`` and events outside the
+    monocytes' range ``x_rest``, each weighted by its subsampling), so the background never has to
+    explain the monocytes; the monocytes' share of the candidates is estimated per CD14 slice.
+    """
+    from sklearn.cluster import kmeans_plusplus
+
+    x = np.vstack([x_dim[fit], x_rest]).astype(np.float64)
+    w = np.concatenate([np.full(fit.size, weight_dim), np.full(len(x_rest), weight_rest)])
+    n_fit = fit.size
+    slice_fit = slices[fit]
+    n_slices = int(slices.max()) + 1
+    per_slice = np.bincount(slice_fit, minlength=n_slices) * weight_dim + 1e-9
+    means = kmeans_plusplus(x_rest if len(x_rest) >= components else x, components, random_state=seed)[0]
+    covs = np.repeat(np.cov(x, rowvar=False, aweights=w)[None], components, axis=0)
+    weights = np.full(components, 1.0 / components)
+    share = np.full(n_slices, 0.5)
+    ridge = 1e-4 * np.eye(x.shape[1])
+
+    def background(points: np.ndarray) -> np.ndarray:  # n x k log(weight * density)
+        parts = [np.log(wk) + _gaussian_logpdf(points, m, c) for wk, m, c in zip(weights, means, covs)]
+        return np.stack(parts, axis=1)
+
+    def p_mono(log_b: np.ndarray, log_m: np.ndarray, sl: np.ndarray) -> np.ndarray:
+        top = log_b.max(axis=1)
+        log_other = top + np.log(np.exp(log_b - top[:, None]).sum(axis=1))
+        log_odds = log_other + np.log1p(-share[sl]) - log_m - np.log(share[sl])
+        return 1 / (1 + np.exp(np.clip(log_odds, -50, 50)))
+
+    for _ in range(iterations):
+        before = share
+        log_b = background(x)
+        r_mono = np.zeros(x.shape[0])
+        r_mono[:n_fit] = p_mono(log_b[:n_fit], log_mono[fit], slice_fit)
+        resp = np.exp(log_b - log_b.max(axis=1, keepdims=True))
+        resp *= ((1 - r_mono) * w / resp.sum(axis=1))[:, None]
+        nk = resp.sum(axis=0) + 1e-9
+        weights = nk / nk.sum()
+        means = resp.T @ x / nk[:, None]
+        for j in range(components):
+            d = x - means[j]
+            covs[j] = (resp[:, j, None] * d).T @ d / nk[j] + ridge
+        share = np.bincount(slice_fit, r_mono[:n_fit] * w[:n_fit], n_slices) / per_slice
+        share = _increasing(share, per_slice)  # the monocytes' share does not grow as CD14 falls
+        share = np.clip(share, 1e-4, 1 - 1e-4)
+        if np.abs(share - before).max() < 1e-3:
+            break
+    return p_mono(background(x_dim.astype(np.float64)), log_mono, slices)
+
+
+
 def gate_monocytes(
     sample: Sample, panel: Panel, *, gates: str | os.PathLike | None = None, seed: int = 0
 ) -> GatingResult:
