@@ -23,6 +23,7 @@ import hladr
 from hladr.calibration import calibrate
 from hladr.errors import HladrError
 from hladr.gating import (
+    MIN_MONOCYTES,
     JointGate,
     compensated_columns,
     debris_gate,
@@ -37,7 +38,7 @@ from hladr.gating import (
 from hladr.panel import resolve_panel
 from hladr.simulate import INSTRUMENTS, MONOCYTE_CODES, severe_sepsis_cohort, simulate_beads, simulate_blood
 
-GATEABLE = 100
+GATEABLE = MIN_MONOCYTES
 
 
 def _density(comp, sample, panel, leuk):

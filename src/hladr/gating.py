@@ -26,7 +26,7 @@ from .errors import GatingError, PanelError
 from .fcs import Sample
 from .panel import Panel
 
-MIN_MONOCYTES_DENSITY = 100
+MIN_MONOCYTES = 50  # fewer: too few to measure, the tube is refused
 MONOCYTE_PERCENT_RANGE = (0.1, 50.0)
 
 
@@ -43,6 +43,7 @@ class GatingResult:
     gates: list[dict[str, Any]] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
     thresholds: dict[str, float] = field(default_factory=dict)
+    alternatives: dict[str, np.ndarray] = field(default_factory=dict)  # other gates' monocytes, to compare
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -276,11 +277,6 @@ def monocyte_gate_density(
         cd45 = _log(comp[panel["CD45"]])
         m45, s45 = _robust(cd45[mono])
         mono &= cd45 > m45 - 4 * s45
-    if panel["SSC-A"] and mono.sum() and np.median(ssc[mono]) > granulocyte_ssc_limit(ssc, leuk):
-        if no_granulocytes(ssc, leuk, mono):
-            info["no_granulocytes"] = True  # e.g. PBMC: the monocytes are the top-SSC population
-        else:
-            info["failed"] = "the CD14+ events have granulocyte-like SSC"
     return mono, info
 
 
@@ -348,12 +344,12 @@ class JointGate:
     Attributes
     ----------
     core_sd
-        The CD14-bright core: within this many robust SD of its median on every shape channel.
+        CD14-bright monocytes: within this many robust SD of their median on every shape channel.
     dim_reach
         Decades below the core's median CD14 that CD14-dim monocytes may reach.
     ellipse
-        Probability mass of the monocytes' Gaussian (scatter and CD45) inside the gate: the
-        Mahalanobis radius is its chi-square quantile.
+        CD14-dim candidates lie within this probability mass of the monocytes' Gaussian (scatter
+        and CD45): the Mahalanobis radius is its chi-square quantile.
     posterior
         Least posterior probability of "monocyte" (against the tube's other leukocytes).
     background_events, background_components
@@ -363,9 +359,9 @@ class JointGate:
         Decades below the lowest monocyte CD14 from which that background is drawn.
     slice_width
         The monocytes' share of the candidates is estimated per CD14 slice of this many decades.
-    hladr_spread
-        The CD14-dim monocytes' HLA-DR is taken as the bright ones' median with this many times
-        their robust SD.
+    hladr_window
+        CD14-dim candidates must have an HLA-DR within this many robust SD of the CD14-bright
+        monocytes' median (a window symmetric in log HLA-DR).
     valley_depth
         Deepest acceptable CD14 valley (density at the valley / the lower neighbouring peak).
     """
@@ -373,12 +369,12 @@ class JointGate:
     core_sd: float = 3.0
     dim_reach: float = 1.2
     ellipse: float = 0.999
-    posterior: float = 0.99
+    posterior: float = 0.9999
     background_events: int = 1500
     background_components: int = 5
     background_margin: float = 0.5
     slice_width: float = 0.1
-    hladr_spread: float = 2.0
+    hladr_window: float = 2.0
     valley_depth: float = 0.8
 
 
@@ -443,19 +439,20 @@ def monocyte_gate_joint(
 ) -> tuple[np.ndarray, dict]:
     """Monocytes from every channel jointly: CD14, FSC-A, FSC-H, SSC-A, CD45 (those present), HLA-DR.
 
-    1. Core: the leukocytes above the CD14 valley within ``core_sd`` robust SD of their median on
-       every shape channel (FSC-A, FSC-H, SSC-A, CD45). A Gaussian fitted (trimmed) to the core is
-       the monocytes' shape.
-    2. CD14-bright events (above the valley) inside the shape's ``ellipse`` are monocytes.
-    3. CD14-dim events (down to ``dim_reach`` decades below the core's CD14) inside the ellipse are
-       monocytes or CD14-dim granulocytes. A two-class mixture decides: the monocytes (their shape,
-       uniform in CD14, the core's HLA-DR median with ``hladr_spread`` x its SD) against the other
-       leukocytes around them (a Gaussian mixture over shape, CD14 and HLA-DR, fitted by EM
-       jointly, so it never has to explain the monocytes); the monocytes' share is estimated per
-       CD14 slice. Those with a posterior of at least ``posterior`` are kept.
+    1. CD14-bright monocytes: the leukocytes above the CD14 valley within ``core_sd`` robust SD
+       of their median on every shape channel (FSC-A, FSC-H, SSC-A, CD45). A Gaussian fitted
+       (trimmed) to them is the monocytes' shape.
+    2. CD14-dim events (down to ``dim_reach`` decades below their CD14) inside the shape's
+       ``ellipse`` are CD14-dim monocytes or CD14-dim granulocytes. They must have an HLA-DR within
+       ``hladr_window`` robust SD of the bright monocytes' median (HLA-DR-negative granulocytes
+       out; the window is symmetric in log HLA-DR, so it does not pull the median), then a
+       two-class mixture decides: the monocytes (their shape, uniform in CD14) against the other
+       leukocytes around them (a Gaussian mixture over shape and CD14, fitted by EM jointly with
+       the monocytes' share of each CD14 slice, so it never has to explain the monocytes). Those
+       with a posterior of at least ``posterior`` are kept. A tube without granulocytes (PBMC)
+       skips this step: the model is built for, and verified on, CD14-dim granulocytes.
 
-    HLA-DR only tells CD14-dim monocytes from HLA-DR-negative granulocytes; the CD14-bright
-    monocytes, where the statistic is made, never see it. Deterministic for a given ``seed``.
+    Deterministic for a given ``seed`` (the subsamples the mixture is fitted to).
     """
     scatter = [role for role in ("FSC-A", "FSC-H", "SSC-A") if panel[role]]
     shape = [sample.events[:, sample.index(panel[role])] for role in scatter]
@@ -491,42 +488,45 @@ def monocyte_gate_joint(
     high = max(float(np.percentile(cd14[core], 99.9)), low + 0.5)
     from scipy.special import chdtri
 
-    in_range = np.flatnonzero(leuk & (cd14 >= low))
-    x_range = features(in_range)
-    inside = _mahalanobis2(x_range, mean, cov) <= float(chdtri(mean.size, 1 - bounds.ellipse))
-    bright_in = inside & (cd14[in_range] > valley)
-    dim_in = inside & ~bright_in
     mono = np.zeros_like(leuk)
-    mono[in_range[bright_in]] = True
+    mono[core] = True
+    in_range = np.flatnonzero(leuk & (cd14 >= low) & (cd14 <= valley))
+    x_range = features(in_range)
+    dim_in = _mahalanobis2(x_range, mean, cov) <= float(chdtri(mean.size, 1 - bounds.ellipse))
     info.update(cd14_valley=float(10**valley), cd14_low=float(10**low), core=int(core.size))
-    info.update(bright=int(bright_in.sum()), dim_candidates=int(dim_in.sum()), dim_kept=0)
+    info.update(dim_candidates=int(dim_in.sum()), dim_kept=0)
     if not dim_in.any():
         return mono, info
+    if panel["SSC-A"] and no_granulocytes(_log(sample.events[:, sample.index(panel["SSC-A"])]), leuk, mono):
+        # no CD14-dim granulocytes to tell CD14-dim monocytes from (PBMC): the CD14-bright ones only
+        info["dim_skipped"] = "no granulocytes"
+        return mono, info
 
+    # CD14-dim candidates whose HLA-DR is within `hladr_window` robust SD of the bright monocytes'
+    # median: HLA-DR-negative granulocytes out, and no pull on the monocytes' median (symmetric)
     hladr = comp[panel["HLA-DR"]]
     hladr_cofactor = _cofactor(hladr[leuk])
-
-    def with_cd14_hladr(rows: np.ndarray, x_shape: np.ndarray) -> np.ndarray:
-        return np.column_stack([x_shape, cd14[rows], _asinh_decades(hladr[rows], hladr_cofactor)])
-
+    centre, spread = _robust(_asinh_decades(hladr[core], hladr_cofactor))
+    dim_hladr = _asinh_decades(hladr[in_range[dim_in]], hladr_cofactor)
+    within = np.abs(dim_hladr - centre) <= bounds.hladr_window * spread
+    dim, x_dim_shape = in_range[dim_in][within], x_range[dim_in][within]
+    info["dim_in_hladr_window"] = int(dim.size)
+    if not dim.size:
+        return mono, info
     rng = np.random.default_rng(seed)
-    dim = in_range[dim_in]
-    x_dim = with_cd14_hladr(dim, x_range[dim_in])
+    x_dim = np.column_stack([x_dim_shape, cd14[dim]])
     fit = np.sort(rng.choice(dim.size, size=min(dim.size, bounds.background_events), replace=False))
     taken = np.zeros(leuk.size, dtype=bool)
-    taken[in_range[inside]] = True
+    taken[core] = True
+    taken[in_range[dim_in]] = True
     pool = np.flatnonzero(leuk & (cd14 >= low - bounds.background_margin) & ~taken)
     rest = pool[np.sort(rng.choice(pool.size, size=min(pool.size, bounds.background_events), replace=False))]
-    log_mono = _gaussian_logpdf(x_dim[:, : mean.size], mean, cov) - np.log(high - low)
-    centre, spread = _robust(_asinh_decades(hladr[core], hladr_cofactor))
-    spread *= bounds.hladr_spread
-    log_mono += -0.5 * ((x_dim[:, -1] - centre) / spread) ** 2 - np.log(spread * np.sqrt(2 * np.pi))
     posterior = _monocyte_posterior(
         x_dim,
-        log_mono,
+        _gaussian_logpdf(x_dim_shape, mean, cov) - np.log(high - low),
         np.minimum(((cd14[dim] - low) / bounds.slice_width).astype(np.int64), 1000),
         fit,
-        with_cd14_hladr(rest, features(rest)),
+        np.column_stack([features(rest), cd14[rest]]),
         dim.size / max(fit.size, 1),
         pool.size / max(rest.size, 1),
         bounds.background_components,
@@ -619,11 +619,88 @@ def _monocyte_posterior(
 
 
 
+def _problem(
+    mono: np.ndarray, info: dict, sample: Sample, panel: Panel, leuk: np.ndarray
+) -> str | None:
+    """Why an automatic monocyte gate's answer cannot be used (None when it can).
+
+    Its own failure; fewer than :data:`MIN_MONOCYTES`; a fraction outside
+    :data:`MONOCYTE_PERCENT_RANGE`; a granulocyte-like SSC, unless the tube has no granulocytes
+    (then ``info["no_granulocytes"]`` is set).
+    """
+    if info.get("failed"):
+        return str(info["failed"])
+    n = int(mono.sum())
+    if n < MIN_MONOCYTES:
+        return f"only {n} monocytes (at least {MIN_MONOCYTES} are needed to measure their HLA-DR)"
+    percent = 100.0 * n / max(int(leuk.sum()), 1)
+    if not MONOCYTE_PERCENT_RANGE[0] <= percent <= MONOCYTE_PERCENT_RANGE[1]:
+        return f"implausible monocyte fraction {percent:.2f} %"
+    if panel["SSC-A"]:
+        ssc = _log(sample.events[:, sample.index(panel["SSC-A"])])
+        if np.median(ssc[mono]) > granulocyte_ssc_limit(ssc, leuk):
+            if not no_granulocytes(ssc, leuk, mono):
+                return "the CD14+ events have granulocyte-like SSC"
+            info["no_granulocytes"] = True  # e.g. PBMC: the monocytes are the top-SSC population
+    return None
+
+
+def _automatic_monocytes(
+    comp: Mapping[str, np.ndarray],
+    sample: Sample,
+    panel: Panel,
+    leuk: np.ndarray,
+    seed: int,
+    bounds: JointGate,
+) -> tuple[np.ndarray, str, dict, dict[str, np.ndarray]]:
+    """(monocytes, method, info, alternatives): the joint gate, checked against the density gate.
+
+    The joint gate answers when it passes :func:`_problem`; the density gate is then its
+    alternative (``alternatives``: the analysis flags a disagreement larger than the result's
+    uncertainty). When the joint gate fails, the density gate answers, then the Gaussian-mixture
+    clustering; when none has a usable answer the tube is refused (:class:`GatingError` with the
+    count and the reasons).
+    """
+    joint, joint_info = monocyte_gate_joint(comp, sample, panel, leuk, seed=seed, bounds=bounds)
+    density, density_info = monocyte_gate_density(comp, sample, panel, leuk)
+    joint_problem = _problem(joint, joint_info, sample, panel, leuk)
+    density_problem = _problem(density, density_info, sample, panel, leuk)
+    if not joint_problem:
+        return joint, "joint", joint_info, ({} if density_problem else {"density": density})
+    if not density_problem:
+        return density, "density", {**density_info, "fallback_reason": joint_problem}, {}
+    reasons = f"joint gate: {joint_problem}; density gate: {density_problem}"
+    try:
+        clustered = monocyte_gate_gmm(comp, sample, panel, leuk, seed)
+        clustered_problem = _problem(clustered, {}, sample, panel, leuk)
+    except GatingError as exc:
+        clustered, clustered_problem = None, exc.message
+    if clustered is not None and not clustered_problem:
+        return clustered, "gmm-fallback", {"fallback_reason": reasons}, {}
+    message = f"no measurable monocyte population ({reasons}; clustering: {clustered_problem})"
+    if panel.sources.get("CD14") == "naming":
+        raise PanelError(
+            f"{message}; CD14 was taken as {panel['CD14']} from instrument naming only "
+            f"(no $PnS markers): give the CD14 channel with --cd14",
+            sample.path,
+        )
+    raise GatingError(message, sample.path)
+
+
 def gate_monocytes(
-    sample: Sample, panel: Panel, *, gates: str | os.PathLike | None = None, seed: int = 0,
+    sample: Sample,
+    panel: Panel,
+    *,
+    gates: str | os.PathLike | None = None,
+    seed: int = 0,
     gate_name: str | None = None,
+    bounds: JointGate = JointGate(),
 ) -> GatingResult:
-    """Run the whole gating sequence on a patient tube (``gates``/``gate_name``: see :func:`user_gate`)."""
+    """Run the whole gating sequence on a patient tube.
+
+    ``gates``/``gate_name``: a user gate (see :func:`user_gate`); ``bounds``: the automatic joint
+    gate's boundaries (:class:`JointGate`); ``seed``: its subsampling (results are deterministic).
+    """
     comp, notes = compensated_columns(sample, [panel["CD14"], panel["CD45"], panel["HLA-DR"]])
     flags: list[str] = []
     gate_log: list[dict[str, Any]] = []
@@ -651,33 +728,15 @@ def gate_monocytes(
     )
     thresholds = {size_key: debris_cut, "cd45_min": cd45_cut}
 
+    alternatives: dict[str, np.ndarray] = {}
     if gates is not None:
         mono = user_gate(sample, gates, gate_name) & singlets
         method = f"user:{Path(gates).name}"
         _record(gate_log, "monocytes (user gate)", singlets, mono)
     else:
-        mono, info = monocyte_gate_density(comp, sample, panel, leuk)
-        percent = 100.0 * mono.sum() / max(leuk.sum(), 1)
-        problem = info.get("failed")
-        if not problem and mono.sum() < MIN_MONOCYTES_DENSITY:
-            problem = f"only {int(mono.sum())} monocytes"
-        if not problem and not MONOCYTE_PERCENT_RANGE[0] <= percent <= MONOCYTE_PERCENT_RANGE[1]:
-            problem = f"implausible monocyte fraction {percent:.2f} %"
-        method = "density"
-        if problem:
-            try:
-                mono = monocyte_gate_gmm(comp, sample, panel, leuk, seed)
-            except GatingError as exc:
-                if panel.sources.get("CD14") == "naming":
-                    raise PanelError(
-                        f"{exc.message}; CD14 was taken as {panel['CD14']} from instrument naming only "
-                        f"(no $PnS markers): give the CD14 channel with --cd14",
-                        sample.path,
-                    ) from None
-                raise
-            method = "gmm-fallback"
+        mono, method, info, alternatives = _automatic_monocytes(comp, sample, panel, leuk, seed, bounds)
+        if method != "joint":
             flags.append("fallback_gating")
-            info["fallback_reason"] = problem
         _record(
             gate_log,
             "CD14+ monocytes",
@@ -686,13 +745,13 @@ def gate_monocytes(
             method=method,
             **{k: v for k, v in info.items() if k != "failed"},
         )
-        if info.get("no_granulocytes") and method == "density":
+        if info.get("no_granulocytes"):
             flags.append("no_granulocytes")
-        if info.get("cd14_valley"):
-            thresholds["cd14_min"] = info["cd14_valley"]
-        if info.get("ssc_max"):
-            thresholds["ssc_max"] = info["ssc_max"]
-    gr = GatingResult(mono, leuk, singlets, timed, comp, method, gate_log, flags, thresholds)
+        names = {"cd14_valley": "cd14_min", "cd14_low": "cd14_dim_min", "ssc_max": "ssc_max"}
+        for key, threshold in names.items():
+            if info.get(key):
+                thresholds[threshold] = info[key]
+    gr = GatingResult(mono, leuk, singlets, timed, comp, method, gate_log, flags, thresholds, alternatives)
     gr.gates.insert(0, {"gate": "compensation", "notes": notes})
     return gr
 
