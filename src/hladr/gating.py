@@ -111,6 +111,24 @@ def _log(x: np.ndarray) -> np.ndarray:
     return kernels.log10_at_least_1(x)
 
 
+class RoleLogs(dict):
+    """``logs[role]``: log10 of a role's channel over all events (compensated for fluorescence),
+    computed on first use and kept: the gates of one tube share them."""
+
+    def __init__(self, comp: Mapping[str, np.ndarray], sample: Sample, panel: Panel) -> None:
+        super().__init__()
+        self.comp, self.sample, self.panel = comp, sample, panel
+
+    def __missing__(self, role: str) -> np.ndarray:
+        channel = self.panel[role]
+        if channel in self.comp and role not in ("FSC-A", "FSC-H", "SSC-A", "DNA"):
+            values = self.comp[channel]
+        else:
+            values = self.sample.events[:, self.sample.index(channel)]
+        self[role] = _log(values)
+        return self[role]
+
+
 def _valley(
     values: np.ndarray, lo: float, hi: float, bins: int = 200, sigma: float = 3.0
 ) -> tuple[float, float]:
@@ -232,12 +250,16 @@ def debris_gate(sample: Sample, panel: Panel, keep: np.ndarray) -> tuple[np.ndar
 
 
 def leukocyte_gate(
-    comp: Mapping[str, np.ndarray], sample: Sample, panel: Panel, keep: np.ndarray
+    comp: Mapping[str, np.ndarray],
+    sample: Sample,
+    panel: Panel,
+    keep: np.ndarray,
+    logs: RoleLogs | None = None,
 ) -> tuple[np.ndarray, float]:
     """CD45+ events: above the valley between CD45-negative debris/RBC and leukocytes."""
     if not panel["CD45"]:
         return keep, float("nan")
-    cd45 = _log(comp[panel["CD45"]])
+    cd45 = (logs if logs is not None else RoleLogs(comp, sample, panel))["CD45"]
     kept = cd45[keep]
     lo, med = np.percentile(_thin(kept), [0.5, 50])
     pos, depth = _valley(kept, lo, med)
@@ -245,17 +267,31 @@ def leukocyte_gate(
     return keep & (cd45 > cut), float(10**cut)
 
 
+def cd14_valley(logs: RoleLogs, leuk: np.ndarray) -> tuple[float, float]:
+    """(log10 position, depth) of the CD14 valley of the leukocytes, searched from their median
+    + 0.2 decade to the 99.99th percentile (so a few hundred monocytes suffice); kept in ``logs``."""
+    key = ("cd14_valley", int(leuk.sum()))
+    if key not in logs:
+        cd14_leuk = logs["CD14"][leuk]
+        bulk, top = (float(v) for v in np.percentile(_thin(cd14_leuk), [50, 99.99]))
+        logs[key] = _valley(cd14_leuk, bulk + 0.2, top)
+    return logs[key]
+
+
 def monocyte_gate_density(
-    comp: Mapping[str, np.ndarray], sample: Sample, panel: Panel, leuk: np.ndarray
+    comp: Mapping[str, np.ndarray],
+    sample: Sample,
+    panel: Panel,
+    leuk: np.ndarray,
+    logs: RoleLogs | None = None,
 ) -> tuple[np.ndarray, dict]:
     """CD14+ (above the CD14 valley) with low-to-intermediate SSC and bright CD45.
 
     Without SSC (mass cytometry) the SSC criteria are left out: CD14+ and CD45-bright.
     """
-    cd14 = _log(comp[panel["CD14"]])
-    cd14_leuk = cd14[leuk]
-    bulk, top = (float(v) for v in np.percentile(_thin(cd14_leuk), [50, 99.99]))
-    pos, depth = _valley(cd14_leuk, bulk + 0.2, top)
+    logs = logs if logs is not None else RoleLogs(comp, sample, panel)
+    cd14 = logs["CD14"]
+    pos, depth = cd14_valley(logs, leuk)
     info: dict[str, Any] = {
         "cd14_valley": float(10**pos) if np.isfinite(pos) else None,
         "valley_depth": depth,
@@ -269,12 +305,12 @@ def monocyte_gate_density(
         return cd14_pos, info
     mono = cd14_pos
     if panel["SSC-A"]:  # low-to-intermediate SSC: drop CD14+ events in the granulocytes' SSC range
-        ssc = _log(sample.events[:, sample.index(panel["SSC-A"])])
+        ssc = logs["SSC-A"]
         m_ssc, s_ssc = _robust(ssc[cd14_pos])
         mono = cd14_pos & (ssc < m_ssc + 3 * s_ssc) & (ssc > m_ssc - 4 * s_ssc)
         info["ssc_max"] = float(10 ** (m_ssc + 3 * s_ssc))
     if panel["CD45"]:
-        cd45 = _log(comp[panel["CD45"]])
+        cd45 = logs["CD45"]
         m45, s45 = _robust(cd45[mono])
         mono &= cd45 > m45 - 4 * s45
     return mono, info
@@ -298,18 +334,32 @@ def granulocyte_ssc_limit(log_ssc: np.ndarray, leuk: np.ndarray) -> float:
     return float(np.percentile(_thin(log_ssc[leuk]), 90) + np.log10(0.8))
 
 
+def _granulocyte_like(logs: RoleLogs, leuk: np.ndarray, gated: np.ndarray) -> bool:
+    """True when the gated events' median SSC is granulocyte-like (the limit is kept in ``logs``)."""
+    key = ("ssc_limit", int(leuk.sum()))
+    if key not in logs:
+        logs[key] = granulocyte_ssc_limit(logs["SSC-A"], leuk)
+    return bool(np.median(logs["SSC-A"][_thin(np.flatnonzero(gated), 50_000)]) > logs[key])
+
+
 def monocyte_gate_gmm(
-    comp: Mapping[str, np.ndarray], sample: Sample, panel: Panel, leuk: np.ndarray, seed: int = 0
+    comp: Mapping[str, np.ndarray],
+    sample: Sample,
+    panel: Panel,
+    leuk: np.ndarray,
+    seed: int = 0,
+    logs: RoleLogs | None = None,
 ) -> np.ndarray:
     """Gaussian-mixture fallback over log CD14, log SSC (and log CD45): the CD14-bright components
     (without SSC in mass cytometry)."""
     from sklearn.mixture import GaussianMixture
 
-    cols = [_log(comp[panel["CD14"]])]
+    logs = logs if logs is not None else RoleLogs(comp, sample, panel)
+    cols = [logs["CD14"]]
     if panel["SSC-A"]:
-        cols.append(_log(sample.events[:, sample.index(panel["SSC-A"])]))
+        cols.append(logs["SSC-A"])
     if panel["CD45"]:
-        cols.append(_log(comp[panel["CD45"]]))
+        cols.append(logs["CD45"])
     x = np.column_stack(cols)
     idx = np.flatnonzero(leuk)
     if idx.size < 200:
@@ -370,7 +420,7 @@ class JointGate:
     dim_reach: float = 1.2
     ellipse: float = 0.999
     posterior: float = 0.9999
-    background_events: int = 1500
+    background_events: int = 1000
     background_components: int = 5
     background_margin: float = 0.5
     slice_width: float = 0.1
@@ -386,7 +436,7 @@ def _asinh_decades(x: np.ndarray, cofactor: float) -> np.ndarray:
 
 def _cofactor(values: np.ndarray) -> float:
     """Noise scale of a compensated channel: the depth of its most negative values (at least 1)."""
-    return max(1.0, -float(np.percentile(_thin(values, 50_000), 1)))
+    return max(1.0, -float(np.percentile(values, 1)))
 
 
 def _mahalanobis2(x: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
@@ -436,6 +486,7 @@ def monocyte_gate_joint(
     *,
     seed: int = 0,
     bounds: JointGate = JointGate(),
+    logs: RoleLogs | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Monocytes from every channel jointly: CD14, FSC-A, FSC-H, SSC-A, CD45 (those present), HLA-DR.
 
@@ -457,18 +508,18 @@ def monocyte_gate_joint(
     scatter = [role for role in ("FSC-A", "FSC-H", "SSC-A") if panel[role]]
     shape = [sample.events[:, sample.index(panel[role])] for role in scatter]
     fluor = [comp[panel["CD45"]]] if panel["CD45"] else []
+    logs = logs if logs is not None else RoleLogs(comp, sample, panel)
     if not shape and not fluor:
-        return monocyte_gate_density(comp, sample, panel, leuk)
+        return monocyte_gate_density(comp, sample, panel, leuk, logs)
     info: dict[str, Any] = {}
-    cd14 = _log(comp[panel["CD14"]])
-    cd14_leuk = cd14[leuk]
-    bulk, top = (float(v) for v in np.percentile(_thin(cd14_leuk), [50, 99.99]))
-    valley, depth = _valley(cd14_leuk, bulk + 0.2, top)
+    cd14 = logs["CD14"]
+    valley, depth = cd14_valley(logs, leuk)
     info["valley_depth"] = depth
     if not np.isfinite(valley) or depth > bounds.valley_depth:
         info["failed"] = "no CD14 valley"
         return np.zeros_like(leuk), info
-    cofactors = [_cofactor(column[leuk]) for column in fluor]
+    leuk_sample = np.flatnonzero(leuk)[:: max(1, int(leuk.sum()) // 50_000)]  # for noise scales
+    cofactors = [_cofactor(column[leuk_sample]) for column in fluor]
 
     def features(rows: np.ndarray) -> np.ndarray:
         columns = [np.log10(np.maximum(column[rows], 1), dtype=np.float32) for column in shape]
@@ -477,13 +528,13 @@ def monocyte_gate_joint(
 
     bright = np.flatnonzero(leuk & (cd14 > valley))
     x_bright = features(bright)
-    med = np.median(x_bright, axis=0)
-    in_box = np.all(np.abs(x_bright - med) <= bounds.core_sd * _mad_sd(x_bright, med), axis=1)
+    med = np.median(_thin(x_bright, 20_000), axis=0)
+    in_box = np.all(np.abs(x_bright - med) <= bounds.core_sd * _mad_sd(_thin(x_bright, 20_000), med), axis=1)
     core = bright[in_box]
     if core.size < 20:
         info["failed"] = f"only {core.size} events in the CD14-bright core"
         return np.zeros_like(leuk), info
-    mean, cov = _robust_gaussian(x_bright[in_box])
+    mean, cov = _robust_gaussian(_thin(x_bright[in_box], 5_000))
     low = min(float(np.median(cd14[core])) - bounds.dim_reach, valley)
     high = max(float(np.percentile(cd14[core], 99.9)), low + 0.5)
     from scipy.special import chdtri
@@ -497,15 +548,16 @@ def monocyte_gate_joint(
     info.update(dim_candidates=int(dim_in.sum()), dim_kept=0)
     if not dim_in.any():
         return mono, info
-    if panel["SSC-A"] and no_granulocytes(_log(sample.events[:, sample.index(panel["SSC-A"])]), leuk, mono):
-        # no CD14-dim granulocytes to tell CD14-dim monocytes from (PBMC): the CD14-bright ones only
+    if panel["SSC-A"] and _granulocyte_like(logs, leuk, mono) and no_granulocytes(logs["SSC-A"], leuk, mono):
+        # the monocytes are the top-SSC population (PBMC): no CD14-dim granulocytes to tell
+        # CD14-dim monocytes from, the CD14-bright ones only
         info["dim_skipped"] = "no granulocytes"
         return mono, info
 
     # CD14-dim candidates whose HLA-DR is within `hladr_window` robust SD of the bright monocytes'
     # median: HLA-DR-negative granulocytes out, and no pull on the monocytes' median (symmetric)
     hladr = comp[panel["HLA-DR"]]
-    hladr_cofactor = _cofactor(hladr[leuk])
+    hladr_cofactor = _cofactor(hladr[leuk_sample])
     centre, spread = _robust(_asinh_decades(hladr[core], hladr_cofactor))
     dim_hladr = _asinh_decades(hladr[in_range[dim_in]], hladr_cofactor)
     within = np.abs(dim_hladr - centre) <= bounds.hladr_window * spread
@@ -513,14 +565,15 @@ def monocyte_gate_joint(
     info["dim_in_hladr_window"] = int(dim.size)
     if not dim.size:
         return mono, info
-    rng = np.random.default_rng(seed)
     x_dim = np.column_stack([x_dim_shape, cd14[dim]])
-    fit = np.sort(rng.choice(dim.size, size=min(dim.size, bounds.background_events), replace=False))
+    fit = _spread_sample(dim.size, bounds.background_events, seed)
+    # the other leukocytes around the candidates, from the evenly spread sample of leukocytes
     taken = np.zeros(leuk.size, dtype=bool)
     taken[core] = True
     taken[in_range[dim_in]] = True
-    pool = np.flatnonzero(leuk & (cd14 >= low - bounds.background_margin) & ~taken)
-    rest = pool[np.sort(rng.choice(pool.size, size=min(pool.size, bounds.background_events), replace=False))]
+    pool = leuk_sample[(cd14[leuk_sample] >= low - bounds.background_margin) & ~taken[leuk_sample]]
+    rest = pool[_spread_sample(pool.size, bounds.background_events, seed)]
+    pool_size = pool.size * int(leuk.sum()) / max(leuk_sample.size, 1)
     posterior = _monocyte_posterior(
         x_dim,
         _gaussian_logpdf(x_dim_shape, mean, cov) - np.log(high - low),
@@ -528,13 +581,19 @@ def monocyte_gate_joint(
         fit,
         np.column_stack([features(rest), cd14[rest]]),
         dim.size / max(fit.size, 1),
-        pool.size / max(rest.size, 1),
+        pool_size / max(rest.size, 1),
         bounds.background_components,
         seed,
     )
     mono[dim[posterior >= bounds.posterior]] = True
     info["dim_kept"] = int((posterior >= bounds.posterior).sum())
     return mono, info
+
+
+def _spread_sample(n: int, size: int, seed: int) -> np.ndarray:
+    """At most ``size`` indices of ``range(n)``, evenly spread from a seeded offset (O(size))."""
+    step = max(1, n // size)
+    return np.arange(int(np.random.default_rng(seed).integers(step)), n, step)[:size]
 
 
 def _mad_sd(x: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -564,7 +623,7 @@ def _monocyte_posterior(
     weight_rest: float,
     components: int,
     seed: int,
-    iterations: int = 30,
+    iterations: int = 20,
 ) -> np.ndarray:
     """P(monocyte) of each CD14-dim candidate, by EM over a two-class mixture.
 
@@ -619,9 +678,7 @@ def _monocyte_posterior(
 
 
 
-def _problem(
-    mono: np.ndarray, info: dict, sample: Sample, panel: Panel, leuk: np.ndarray
-) -> str | None:
+def _problem(mono: np.ndarray, info: dict, logs: RoleLogs, leuk: np.ndarray) -> str | None:
     """Why an automatic monocyte gate's answer cannot be used (None when it can).
 
     Its own failure; fewer than :data:`MIN_MONOCYTES`; a fraction outside
@@ -636,12 +693,10 @@ def _problem(
     percent = 100.0 * n / max(int(leuk.sum()), 1)
     if not MONOCYTE_PERCENT_RANGE[0] <= percent <= MONOCYTE_PERCENT_RANGE[1]:
         return f"implausible monocyte fraction {percent:.2f} %"
-    if panel["SSC-A"]:
-        ssc = _log(sample.events[:, sample.index(panel["SSC-A"])])
-        if np.median(ssc[mono]) > granulocyte_ssc_limit(ssc, leuk):
-            if not no_granulocytes(ssc, leuk, mono):
-                return "the CD14+ events have granulocyte-like SSC"
-            info["no_granulocytes"] = True  # e.g. PBMC: the monocytes are the top-SSC population
+    if logs.panel["SSC-A"] and _granulocyte_like(logs, leuk, mono):
+        if not no_granulocytes(logs["SSC-A"], leuk, mono):
+            return "the CD14+ events have granulocyte-like SSC"
+        info["no_granulocytes"] = True  # e.g. PBMC: the monocytes are the top-SSC population
     return None
 
 
@@ -652,6 +707,7 @@ def _automatic_monocytes(
     leuk: np.ndarray,
     seed: int,
     bounds: JointGate,
+    logs: RoleLogs | None = None,
 ) -> tuple[np.ndarray, str, dict, dict[str, np.ndarray]]:
     """(monocytes, method, info, alternatives): the joint gate, checked against the density gate.
 
@@ -661,18 +717,19 @@ def _automatic_monocytes(
     clustering; when none has a usable answer the tube is refused (:class:`GatingError` with the
     count and the reasons).
     """
-    joint, joint_info = monocyte_gate_joint(comp, sample, panel, leuk, seed=seed, bounds=bounds)
-    density, density_info = monocyte_gate_density(comp, sample, panel, leuk)
-    joint_problem = _problem(joint, joint_info, sample, panel, leuk)
-    density_problem = _problem(density, density_info, sample, panel, leuk)
+    logs = RoleLogs(comp, sample, panel) if logs is None else logs
+    joint, joint_info = monocyte_gate_joint(comp, sample, panel, leuk, seed=seed, bounds=bounds, logs=logs)
+    density, density_info = monocyte_gate_density(comp, sample, panel, leuk, logs)
+    joint_problem = _problem(joint, joint_info, logs, leuk)
+    density_problem = _problem(density, density_info, logs, leuk)
     if not joint_problem:
         return joint, "joint", joint_info, ({} if density_problem else {"density": density})
     if not density_problem:
         return density, "density", {**density_info, "fallback_reason": joint_problem}, {}
     reasons = f"joint gate: {joint_problem}; density gate: {density_problem}"
     try:
-        clustered = monocyte_gate_gmm(comp, sample, panel, leuk, seed)
-        clustered_problem = _problem(clustered, {}, sample, panel, leuk)
+        clustered = monocyte_gate_gmm(comp, sample, panel, leuk, seed, logs)
+        clustered_problem = _problem(clustered, {}, logs, leuk)
     except GatingError as exc:
         clustered, clustered_problem = None, exc.message
     if clustered is not None and not clustered_problem:
@@ -718,7 +775,8 @@ def gate_monocytes(
     _record(gate_log, "debris", singlets, cells, **{size_key: debris_cut})
     if not panel["SSC-A"]:
         flags.append("no_scatter")  # mass cytometry: gated on DNA, CD45 and CD14 only
-    leuk, cd45_cut = leukocyte_gate(comp, sample, panel, cells)
+    logs = RoleLogs(comp, sample, panel)
+    leuk, cd45_cut = leukocyte_gate(comp, sample, panel, cells, logs)
     _record(
         gate_log,
         "CD45+ leukocytes" if panel["CD45"] else "leukocytes (no CD45)",
@@ -734,7 +792,7 @@ def gate_monocytes(
         method = f"user:{Path(gates).name}"
         _record(gate_log, "monocytes (user gate)", singlets, mono)
     else:
-        mono, method, info, alternatives = _automatic_monocytes(comp, sample, panel, leuk, seed, bounds)
+        mono, method, info, alternatives = _automatic_monocytes(comp, sample, panel, leuk, seed, bounds, logs)
         if method != "joint":
             flags.append("fallback_gating")
         _record(
