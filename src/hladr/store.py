@@ -273,26 +273,8 @@ class Store:
             "run_id": run_id,
             "created": _now(),
         }
-        with self.transaction() as db:
-            existing = db.execute(
-                "SELECT id, body FROM calibrations WHERE bead_sha256 = ? AND values_key = ?",
-                (row["bead_sha256"], row["values_key"]),
-            ).fetchone()
-            if existing is None:
-                cur = db.execute(
-                    f"INSERT INTO calibrations ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                    tuple(row.values()),
-                )
-                return int(cur.lastrowid)
-            if "instrument" not in cal:  # a Result's summary never replaces a full calibration
-                return int(existing["id"])
-            for name in ("created", "run_id"):
-                row.pop(name)
-            db.execute(
-                f"UPDATE calibrations SET {', '.join(f'{k} = ?' for k in row)} WHERE id = ?",
-                (*row.values(), existing["id"]),
-            )
-            return int(existing["id"])
+        # a Result's calibration summary never replaces a full calibration
+        return self._upsert("calibrations", ("bead_sha256", "values_key"), row, update="instrument" in cal)
 
     def add_result(
         self,
@@ -333,24 +315,25 @@ class Store:
             "run_id": run_id,
             "created": _now(),
         }
+        # a re-run without a manifest keeps the patient the result had
+        keep = ("created", "run_id") + (("patient_id",) if patient_id is None else ())
+        return self._upsert("results", ("sample_sha256", "calibration_id"), row, keep=keep)
+
+    def _upsert(self, table: str, key: tuple[str, ...], row: dict[str, Any], *, update: bool = True,
+                keep: tuple[str, ...] = ("created", "run_id")) -> int:
+        """Insert ``row``, or update the row with the same ``key`` (all but ``keep``); its id."""
         with self.transaction() as db:
-            existing = db.execute(
-                "SELECT id FROM results WHERE sample_sha256 = ? AND calibration_id = ?",
-                (row["sample_sha256"], calibration_id),
-            ).fetchone()
+            where = " AND ".join(f"{k} = ?" for k in key)
+            existing = db.execute(f"SELECT id FROM {table} WHERE {where}", [row[k] for k in key]).fetchone()
             if existing is None:
-                cur = db.execute(
-                    f"INSERT INTO results ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                    tuple(row.values()),
-                )
+                columns = ", ".join(row)
+                cur = db.execute(f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(row))})",
+                                 tuple(row.values()))
                 return int(cur.lastrowid)
-            row.pop("created")
-            if patient_id is None:  # a re-run without a manifest keeps the patient it had
-                row.pop("patient_id")
-            db.execute(
-                f"UPDATE results SET {', '.join(f'{k} = ?' for k in row)} WHERE id = ?",
-                (*row.values(), existing["id"]),
-            )
+            if update:
+                changed = {k: v for k, v in row.items() if k not in keep}
+                db.execute(f"UPDATE {table} SET {', '.join(f'{k} = ?' for k in changed)} WHERE id = ?",
+                           (*changed.values(), existing["id"]))
             return int(existing["id"])
 
     def add_decision(self, result_id: int, decision: Any) -> int:
