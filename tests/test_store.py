@@ -164,3 +164,12 @@ def test_store_survives_kill_9_mid_batch_and_resume_adds_no_duplicates(engine_ex
     with Store(db_path) as store:
         assert store.counts()["results"] == 12
     _no_duplicates(db_path)
+
+
+def test_a_results_own_patient_id_and_acquisition_time_are_used_without_a_manifest(tmp_path: Path):
+    with Store(tmp_path / "r.sqlite") as store:
+        result = dict(_result("a" * 64, 4200.0), patient_id="P7", acquired="2026-03-12T09:41:00")
+        store.add_result(result)
+        store.add_result(_result("c" * 64, 9100.0), patient_id="P7", collected_at="2026-03-13T09:00:00")
+        assert [r["store"]["collected_at"] for r in store.results("P7")] == [
+            "2026-03-12T09:41:00", "2026-03-13T09:00:00"]

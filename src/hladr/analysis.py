@@ -263,7 +263,7 @@ def main(args: argparse.Namespace) -> int:
     cal = calibrate(beads, lot=args.lot, values=args.bead_values, statistic=args.statistic)
     sample = read_fcs(args.sample, lenient=True)
     panel = resolve_panel(sample, hladr=args.hladr, cd14=args.cd14, cd45=args.cd45)
-    gating = gate_monocytes(sample, panel, gates=args.gates)
+    gating = gate_monocytes(sample, panel, gates=args.gates, gate_name=getattr(args, "gate_name", None))
     result = analyze(sample, cal, statistic=args.statistic, panel=panel, gating=gating, gates=args.gates)
     if args.plot:
         from .plots import plot_analysis

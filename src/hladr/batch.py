@@ -1352,14 +1352,13 @@ def _bead_qc(store: Any, results: list[dict[str, Any]]) -> list[Any]:
     """Levey-Jennings over every bead run in the store (:func:`hladr.beadqc.evaluate_store`); each
     result row gets ``bead_flags``: the Westgard flags of the calibration it used."""
     from .beadqc import evaluate_store
+    from .store import values_key
 
     series = evaluate_store(store)
-    def key(row: Mapping[str, Any]) -> tuple:
-        return row.get("sha256"), (row.get("calibration") or {}).get("bead_sha256")
-
-    flags = {key(r): r["store"]["bead_flags"] for r in store.results()}
+    flags = store.flags_by_calibration_key()
     for row in results:
-        row["bead_flags"] = flags.get(key(row), [])
+        calibration = row.get("calibration") or {}
+        row["bead_flags"] = flags.get((calibration.get("bead_sha256") or "", values_key(calibration)), [])
     return series
 
 

@@ -15,6 +15,7 @@ in its course.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -230,12 +231,33 @@ def flag_store(store: Any, series: Sequence[Series]) -> dict[int, list[str]]:
     return found
 
 
-def evaluate_store(store: Any, reference_runs: int = REFERENCE_RUNS,
+def evaluate_store(store: Any, reference_runs: int | None = None,
                    reference_dates: tuple[date, date] | None = None) -> list[Series]:
-    """Levey-Jennings over every calibration in ``store``; its Westgard flags are replaced by these."""
-    series = levey_jennings(store.calibrations(), reference_runs, reference_dates)
+    """Levey-Jennings over every calibration in ``store``; its Westgard flags are replaced by these.
+
+    A reference given here is recorded in the store (a ``beads-qc`` run); without one, the last
+    recorded reference is used (the first :data:`REFERENCE_RUNS` runs when none was ever given), so a
+    batch keeps the reference a lab chose with ``hladr beads-qc``.
+    """
+    if reference_runs is None and reference_dates is None:
+        reference_runs, reference_dates = _recorded_reference(store)
+    else:
+        options = {"reference_runs": reference_runs or REFERENCE_RUNS,
+                   "reference_dates": [d.isoformat() for d in reference_dates] if reference_dates else None}
+        store.finish_run(store.start_run("beads-qc", options=options), {})
+    series = levey_jennings(store.calibrations(), reference_runs or REFERENCE_RUNS, reference_dates)
     flag_store(store, series)
     return series
+
+
+def _recorded_reference(store: Any) -> tuple[int, tuple[date, date] | None]:
+    rows = store.query("SELECT options FROM runs WHERE kind = 'beads-qc' ORDER BY id DESC LIMIT 1")
+    if not rows:
+        return REFERENCE_RUNS, None
+    options = json.loads(rows[0]["options"] or "{}")
+    dates = options.get("reference_dates")
+    return int(options.get("reference_runs") or REFERENCE_RUNS), (
+        (date.fromisoformat(dates[0]), date.fromisoformat(dates[1])) if dates else None)
 
 
 def describe(series: Sequence[Series]) -> str:

@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import HladrError
+from .errors import StoreError
 
 #: SQL taking the schema from version i to i + 1 (MIGRATIONS[0] creates version 1). Append, never edit.
 MIGRATIONS: tuple[str, ...] = (
@@ -69,10 +69,6 @@ MIGRATIONS: tuple[str, ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_S = 30.0
-
-
-class StoreError(HladrError):
-    """The results database cannot be opened, migrated or written."""
 
 
 def _now() -> str:
@@ -293,7 +289,8 @@ class Store:
         calibration_id
             The stored calibration it used (default: stored from the Result's own ``calibration``).
         patient_id, collected_at
-            Whose blood and when it was drawn (ISO date-time; default: the tube's acquisition time).
+            Whose blood and when it was drawn (ISO date-time); default: the Result's own
+            ``patient_id`` (from the FCS keywords) and ``acquired`` time, else ``$DATE``/``$BTIM``.
         """
         res = _plain(result)
         if calibration_id is None:
@@ -305,8 +302,8 @@ class Store:
             "sample_sha256": res.get("sha256") or "",
             "calibration_id": calibration_id,
             "file": file or res.get("sample"),
-            "patient_id": patient_id,
-            "collected_at": collected_at or acquisition_time(res.get("instrument")),
+            "patient_id": patient_id or res.get("patient_id"),
+            "collected_at": collected_at or res.get("acquired") or acquisition_time(res.get("instrument")),
             "abc": res.get("abc"),
             "abc_lo": ci[0],
             "abc_hi": ci[1],
@@ -316,7 +313,7 @@ class Store:
             "created": _now(),
         }
         # a re-run without a manifest keeps the patient the result had
-        keep = ("created", "run_id") + (("patient_id",) if patient_id is None else ())
+        keep = ("created", "run_id") + (("patient_id",) if row["patient_id"] is None else ())
         return self._upsert("results", ("sample_sha256", "calibration_id"), row, keep=keep)
 
     def _upsert(self, table: str, key: tuple[str, ...], row: dict[str, Any], *, update: bool = True,
@@ -394,6 +391,15 @@ class Store:
             (calibration_id,),
         )
         return [f"{r['code']}: {r['message']}" if r["message"] else r["code"] for r in rows]
+
+    def flags_by_calibration_key(self) -> dict[tuple[str, str], list[str]]:
+        """Every calibration's flags by its key (bead SHA-256, :func:`values_key`), in one query."""
+        out: dict[tuple[str, str], list[str]] = {}
+        for r in self.query("SELECT c.bead_sha256, c.values_key, f.code, f.message FROM calibration_flags f "
+                            "JOIN calibrations c ON c.id = f.calibration_id ORDER BY f.id"):
+            text = f"{r['code']}: {r['message']}" if r["message"] else r["code"]
+            out.setdefault((r["bead_sha256"], r["values_key"]), []).append(text)
+        return out
 
     def results(self, patient_id: str | None = None) -> list[dict[str, Any]]:
         """Stored results (one patient's, or all), oldest first.
