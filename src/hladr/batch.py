@@ -48,6 +48,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
+from . import preanalytics
 from .atomic import atomic_write
 from .errors import BatchError, HladrError
 from .fcs import sha256_file
@@ -101,6 +102,11 @@ class ManifestRow:
     lot: str | None = None
     ferritin: str | None = None
     collected_at: str | None = None
+    stained_at: str | None = None
+    tube: str | None = None
+    storage: str | None = None
+    protocol: str | None = None
+    reagent: str | None = None
 
 
 @dataclass
@@ -235,7 +241,9 @@ def classify_role(name: str, keywords: Mapping[str, str], markers: Iterable[str]
 
 
 def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
-    """Parse a manifest CSV (columns ``file, role, patient_id, bead_file, lot, ferritin, collected_at``).
+    """Parse a manifest CSV (columns ``file, role, patient_id, bead_file, lot, ferritin, reagent`` and the
+    pre-analytical ones of :data:`hladr.preanalytics.COLUMNS`: ``collected_at, stained_at, tube`` (or
+    ``tube_type``, ``anticoagulant``), ``storage, protocol`` (or ``lysis``)).
 
     Raises
     ------
@@ -272,7 +280,9 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
                 rows.append(ManifestRow(
                     line=line, file=name,
                     **{k: cells.get(k) or None for k in
-                       ("role", "patient_id", "bead_file", "lot", "ferritin", "collected_at")},
+                       ("role", "patient_id", "bead_file", "lot", "ferritin", "reagent")},
+                    **{k: next((cells[a] for a in aliases if cells.get(a)), None)
+                       for k, aliases in preanalytics.COLUMNS.items()},
                 ))
     except OSError as exc:
         raise BatchError(f"cannot read manifest: {exc.strerror or exc}", path) from exc

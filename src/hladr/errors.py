@@ -90,3 +90,11 @@ class BatchError(HladrError):
 
 class StoreError(HladrError):
     """The results database cannot be opened, migrated or written, or holds no such record."""
+
+
+class ReagentFileError(HladrError):
+    """A reagent (antibody conjugate) file is missing, malformed or holds an invalid F/P ratio."""
+
+
+class PreAnalyticsError(HladrError):
+    """A sample's pre-analytical record (times, tube, storage, protocol) cannot be read."""
