@@ -51,6 +51,8 @@ NEAR_TOP = 0.985
 #: Bead tube evidence: largest interquartile range of log10 FSC/SSC of the gated core (decades),
 #: and the least share of gated events in narrow populations (log SD below ``NARROW_LOG_SD``).
 MAX_SCATTER_IQR = 0.15
+#: Scatter this tight is beads even when no level is resolved (a blank-only tube).
+TIGHT_SCATTER_IQR = 0.08
 NARROW_LOG_SD = 0.10
 MIN_NARROW_SHARE = 0.5
 CELL_MARKER = re.compile(r"\b(CD\d+[a-z]?|HLA[- ]?DR|MHC ?II|live/dead|viability)\b", re.IGNORECASE)
@@ -294,8 +296,11 @@ def bead_evidence(sample: Sample, gate: np.ndarray, populations: list[Population
     """Judge from content whether ``sample`` is a bead tube.
 
     Bead tubes have tight FSC/SSC and a few discrete fluorescence populations with small CVs;
-    blood has several scatter populations and broad fluorescence. ``$PnS`` markers naming cell
-    antigens (CD14, CD45, HLA-DR...) are recorded as evidence but do not decide alone.
+    blood has several scatter populations and broad fluorescence. Scatter wider than
+    ``MAX_SCATTER_IQR`` is cells; so is broad fluorescence unless the scatter is very tight
+    (``TIGHT_SCATTER_IQR``: a bead tube whose levels are not resolved, refused later for that).
+    ``$PnS`` markers naming cell antigens (CD14, CD45, HLA-DR...) are recorded as evidence but
+    do not decide alone.
     """
     fsc, ssc = scatter_indices(sample)
     iqrs = []
@@ -312,7 +317,7 @@ def bead_evidence(sample: Sample, gate: np.ndarray, populations: list[Population
     reasons = []
     if iqrs and scatter_iqr > MAX_SCATTER_IQR:
         reasons.append(f"scatter spread {scatter_iqr:.2f} decades (beads < {MAX_SCATTER_IQR})")
-    if narrow_share < MIN_NARROW_SHARE:
+    if narrow_share < MIN_NARROW_SHARE and not scatter_iqr < TIGHT_SCATTER_IQR:
         reasons.append(
             f"{narrow_share:.0%} of events in narrow populations (beads >= {MIN_NARROW_SHARE:.0%})"
         )

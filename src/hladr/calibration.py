@@ -343,7 +343,7 @@ def pe_channel(sample: Sample, channel: str | None = None) -> str:
 # --- assignment of populations to lot levels ----------------------------------------------
 @dataclass
 class Assignment:
-    """Populations matched to lot levels by one offset: population ``j`` is level ``j + offset``."""
+    """Populations matched to lot levels: population ``j`` is level ``j + offset`` (one level may be skipped)."""
 
     offset: int
     pairs: list[tuple[int, int]]  # (population index, level index)
@@ -364,7 +364,9 @@ class Assignment:
 def _fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, np.ndarray]:
     fit = stats.linregress(x, y)
     resid = y - (fit.slope * x + fit.intercept)
-    return float(fit.slope), float(fit.intercept), float(fit.rvalue**2), resid
+    ss = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(resid**2)) / ss if ss > 0 else 0.0
+    return float(fit.slope), float(fit.intercept), r2, resid
 
 
 def _not_fitted(pop: Population, blank_mfi: float | None, model: str) -> str | None:
@@ -379,63 +381,74 @@ def _not_fitted(pop: Population, blank_mfi: float | None, model: str) -> str | N
     return None
 
 
-def assign_levels(
-    pops: list[Population], values: list[float], *, top: float, linear: bool, model: str = "loglog"
-) -> list[Assignment]:
-    """Every offset's assignment of the level candidates to the lot's levels, best first.
+def assign_levels(pops: list[Population], values: list[float], *, top: float, linear: bool) -> list[Assignment]:
+    """The possible assignments of the level candidates to the lot's levels, best first.
 
-    The candidates (populations of a level's size, not saturated) are taken in order; an
-    assignment is one offset between population and level indices, so the lot's own spacing
-    decides it (the log-log fit's residuals), with a slope near 1 expected on linear channels.
-    Levels left without a population must be explained: below the noise floor (predicted under
-    twice the MFI of the lowest population) or above the channel's maximum; populations left
-    without a level are penalised (they fail QC), except one population below the first level of
-    a lot that has no blank (an unstained bead or the noise floor).
+    The candidates (populations of a level's size, not saturated) are taken in order and matched
+    to levels in order: population ``j`` is level ``j + offset``, with at most one level skipped.
+    The lot's own spacing decides (the log-log fit's residuals), with a slope near 1 expected on
+    linear channels. Levels left without a population must be explained: below the noise floor
+    (predicted under twice the MFI of the lowest population) or above the channel's maximum;
+    populations left without a level are penalised (they fail QC), except one population below
+    the first level of a lot that has no blank (an unstained bead or the noise floor).
     """
+    best: dict[tuple, Assignment] = {}
+    for offset in range(-len(pops) + 1, len(values)):
+        for gap in range(len(pops)):  # populations from ``gap`` on sit one level higher (0: no gap)
+            levels = [j + offset + (gap > 0 and j >= gap) for j in range(len(pops))]
+            a = _assignment(pops, values, levels, offset, top, linear)
+            key = tuple(a.pairs) if a is not None else None
+            if a is not None and (key not in best or a.score < best[key].score):
+                best[key] = a
+    return sorted(best.values(), key=lambda a: a.score)
+
+
+def _assignment(
+    pops: list[Population],
+    values: list[float],
+    levels: list[int],
+    offset: int,
+    top: float,
+    linear: bool,
+) -> Assignment | None:
+    """Score one assignment (population ``j`` -> level ``levels[j]``); ``None`` when it cannot be fitted."""
     n = len(values)
-    out = []
-    for offset in range(-len(pops) + 1, n):
-        pairs = [(j, j + offset) for j in range(len(pops)) if 0 <= j + offset < n]
-        blank = [pops[j].mfi for j, i in pairs if values[i] <= 0]
-        blank_mfi = blank[-1] if blank else None
-        fitted = [
-            (j, i) for j, i in pairs if values[i] > 0 and _not_fitted(pops[j], blank_mfi, model) is None
-        ]
-        if len(fitted) < MIN_PEAKS:
+    pairs = [(j, i) for j, i in enumerate(levels) if 0 <= i < n]
+    blank = [pops[j].mfi for j, i in pairs if values[i] <= 0]
+    blank_mfi = blank[-1] if blank else None
+    fitted = [(j, i) for j, i in pairs if values[i] > 0 and _not_fitted(pops[j], blank_mfi, "loglog") is None]
+    if len(fitted) < MIN_PEAKS:
+        return None
+    x = np.log10([pops[j].mfi for j, _ in fitted])
+    y = np.log10([values[i] for _, i in fitted])
+    slope, intercept, _, resid = _fit(x, y)
+    if not slope > 0:
+        return None
+    rms = float(np.sqrt(np.mean(resid**2)))
+    below = [j for j, i in enumerate(levels) if i < 0]
+    above = [j for j, i in enumerate(levels) if i >= n]
+    # below the lot's blank nothing is expected; a lot without a blank allows one population
+    # below its first level (an unstained bead or the noise floor)
+    unassigned = above + (below if values[0] <= 0 else below[:-1])
+    floor = 2.0 * pops[0].mfi
+    matched = {i for _, i in pairs}
+    missing, below_noise, saturated = [], [], []
+    for i, v in enumerate(values):
+        if v <= 0 or i in matched:
             continue
-        x = np.log10([pops[j].mfi for j, _ in fitted])
-        y = np.log10([values[i] for _, i in fitted])
-        slope, intercept, _, resid = _fit(x, y)
-        if not slope > 0:
-            continue
-        rms = float(np.sqrt(np.mean(resid**2)))
-        below = [j for j in range(len(pops)) if j + offset < 0]
-        above = [j for j in range(len(pops)) if j + offset >= n]
-        # below the lot's blank nothing is expected; a lot without a blank allows one population
-        # below its first level (an unstained bead or the noise floor)
-        unassigned = above + (below if values[0] <= 0 else below[:-1])
-        floor = 2.0 * pops[0].mfi
-        matched_levels = {i for _, i in pairs}
-        missing, below_noise, saturated = [], [], []
-        for i, v in enumerate(values):
-            if v <= 0 or i in matched_levels:
-                continue
-            predicted = 10 ** ((math.log10(v) - intercept) / slope)
-            if predicted >= top:
-                saturated.append(i)
-            elif predicted < floor and i < min(matched_levels):
-                below_noise.append(i)
-            else:
-                missing.append(i)
-        score = rms + 0.05 * abs(math.log10(slope))
-        if linear and not SLOPE_RANGE[0] <= slope <= SLOPE_RANGE[1]:
-            score += 0.2
-        score += 0.1 * (len(unassigned) + len(missing))
-        out.append(
-            Assignment(offset, pairs, fitted, slope, intercept, rms, unassigned, missing, below_noise, saturated)
-        )
-        out[-1].score = score
-    return sorted(out, key=lambda a: a.score)
+        predicted = 10 ** ((math.log10(v) - intercept) / slope)
+        if predicted >= top:
+            saturated.append(i)
+        elif predicted < floor and i < min(matched):
+            below_noise.append(i)
+        else:
+            missing.append(i)
+    score = rms + 0.05 * abs(math.log10(slope)) + 0.1 * (len(unassigned) + len(missing))
+    if linear and not SLOPE_RANGE[0] <= slope <= SLOPE_RANGE[1]:
+        score += 0.2
+    return Assignment(
+        offset, pairs, fitted, slope, intercept, rms, unassigned, missing, below_noise, saturated, score
+    )
 
 
 def _ambiguous(ranked: list[Assignment]) -> Assignment | None:
@@ -509,7 +522,7 @@ def calibrate(
 
     candidates = [p for p in pops if p.kind == "population"]
     linear = not is_log_amplified(beads, idx)
-    ranked = assign_levels(candidates, vals, top=top, linear=linear, model=model)
+    ranked = assign_levels(candidates, vals, top=top, linear=linear)
     n_lit = sum(v > 0 for v in vals)
     if candidates and not ranked and len(candidates) > len(vals):
         raise CalibrationError(
@@ -532,7 +545,8 @@ def calibrate(
             why = "blank level (not fitted)" if vals[i] <= 0 else _not_fitted(p, blank_mfi, model)
             if why:
                 excluded[str(i)] = why
-        levels = sorted(i for _, i in best.fitted)
+            elif vals[i] > 0:
+                levels.append(i)
         for i in best.below_noise:
             excluded[str(i)] = "below the noise floor"
             flags.append(f"level_below_noise:L{i + 1}")
