@@ -343,7 +343,7 @@ def pe_channel(sample: Sample, channel: str | None = None) -> str:
 # --- assignment of populations to lot levels ----------------------------------------------
 @dataclass
 class Assignment:
-    """Populations matched to lot levels: population ``j`` is level ``j + offset`` (one level may be skipped)."""
+    """Populations matched to lot levels: population ``j`` is level ``j + offset``, one level may be skipped."""
 
     offset: int
     pairs: list[tuple[int, int]]  # (population index, level index)
@@ -381,7 +381,9 @@ def _not_fitted(pop: Population, blank_mfi: float | None, model: str) -> str | N
     return None
 
 
-def assign_levels(pops: list[Population], values: list[float], *, top: float, linear: bool) -> list[Assignment]:
+def assign_levels(
+    pops: list[Population], values: list[float], *, top: float, linear: bool
+) -> list[Assignment]:
     """The possible assignments of the level candidates to the lot's levels, best first.
 
     The candidates (populations of a level's size, not saturated) are taken in order and matched
