@@ -343,7 +343,7 @@ def pe_channel(sample: Sample, channel: str | None = None) -> str:
 # --- assignment of populations to lot levels ----------------------------------------------
 @dataclass
 class Assignment:
-    """Populations matched to lot levels: population ``j`` is level ``j + offset``, one level may be skipped."""
+    """Populations matched to lot levels: population ``j`` is level ``j + offset`` (one gap allowed)."""
 
     offset: int
     pairs: list[tuple[int, int]]  # (population index, level index)
