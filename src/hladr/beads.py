@@ -43,7 +43,7 @@ VALLEY_RATIO = 0.7
 #: A population holding less than this share of a typical level's count is ``minor`` (doublets, debris).
 MINOR_SHARE = 0.25
 #: A segment holding at least this many typical counts (and wider than a level) is split.
-SPLIT_SHARE = 1.7
+SPLIT_SHARE = 1.4
 #: A population with more than this share of its events at the channel's maximum is saturated,
 #: and so is one reaching into the top 1.5 % of the channel's decades.
 SATURATED_SHARE = 0.05
@@ -192,14 +192,16 @@ def _split(
 ) -> tuple[list[np.ndarray], np.ndarray] | None:
     """Split one segment into ``k`` populations with a 1-D Gaussian mixture in log space.
 
-    Initialised at equal-count quantiles, as FlowCal's ``mef`` does; ``None`` when the mixture
-    does not find ``k`` distinct components (each at least a third of an equal share).
+    Initialised at equal-count quantiles, as FlowCal's ``mef`` does, and run to convergence (a
+    plateau of merged levels has a flat likelihood); ``None`` when one Gaussian explains the
+    segment better (BIC) or a component holds less than a third of an equal share.
     """
+    x = logs.reshape(-1, 1)
     means = np.quantile(logs, (np.arange(k) + 0.5) / k).reshape(-1, 1)
-    gmm = GaussianMixture(k, means_init=means, random_state=seed, tol=1e-7, max_iter=500).fit(
-        logs.reshape(-1, 1)
-    )
-    labels = gmm.predict(logs.reshape(-1, 1))
+    gmm = GaussianMixture(k, means_init=means, random_state=seed, tol=1e-7, max_iter=500).fit(x)
+    if gmm.bic(x) >= GaussianMixture(1, random_state=seed).fit(x).bic(x):
+        return None
+    labels = gmm.predict(x)
     order = np.argsort(gmm.means_.ravel())
     parts = [values[labels == j] for j in order]
     if any(p.size < values.size / (3 * k) for p in parts):
@@ -249,9 +251,9 @@ def find_populations(
     narrow = float(np.median(widths[sizes >= 0.5 * typical])) if np.any(sizes >= 0.5 * typical) else 0.0
     populations: list[Population] = []
     for values, lg in segments:
-        k = int(round(values.size / typical))
+        k = max(2, int(round(values.size / typical)))
         parts = None
-        if values.size >= SPLIT_SHARE * typical and _robust_log_sd(lg) > 1.5 * narrow and k >= 2:
+        if values.size >= SPLIT_SHARE * typical and _robust_log_sd(lg) > 1.5 * narrow:
             parts = _split(values, lg, k)
         if parts is None:
             populations.append(_describe(values, lg, statistic, top))

@@ -31,7 +31,7 @@ from scipy import stats
 
 from . import kernels
 from .atomic import atomic_write
-from .beads import Population, bead_evidence, bead_gate, find_populations, saturation_level
+from .beads import NARROW_LOG_SD, Population, bead_evidence, bead_gate, find_populations, saturation_level
 from .errors import CalibrationError, LotFileError
 from .fcs import Sample
 from .panel import channel_dye
@@ -402,7 +402,23 @@ def assign_levels(
             key = tuple(a.pairs) if a is not None else None
             if a is not None and (key not in best or a.score < best[key].score):
                 best[key] = a
-    return sorted(best.values(), key=lambda a: a.score)
+    ranked = sorted(best.values(), key=lambda a: a.score)
+    # among assignments that agree, the one that finds the most levels comes first
+    if ranked:
+        top = ranked[0]
+        agreeing = [
+            a
+            for a in ranked
+            if a.score - top.score < AMBIGUITY_MARGIN
+            and a.rms < MAX_ASSIGNMENT_RMS
+            and not (a.unassigned or a.missing)
+            and all(dict(a.fitted).get(j, i) == i for j, i in top.fitted)
+        ]
+        if agreeing:
+            first = max(agreeing, key=lambda a: (len(a.fitted), -a.score))
+            ranked.remove(first)
+            ranked.insert(0, first)
+    return ranked
 
 
 def _assignment(
@@ -429,9 +445,9 @@ def _assignment(
     rms = float(np.sqrt(np.mean(resid**2)))
     below = [j for j, i in enumerate(levels) if i < 0]
     above = [j for j, i in enumerate(levels) if i >= n]
-    # below the lot's blank nothing is expected; a lot without a blank allows one population
-    # below its first level (an unstained bead or the noise floor)
-    unassigned = above + (below if values[0] <= 0 else below[:-1])
+    # below the lot's blank nothing is expected; below the first level of a lot without a blank
+    # lie unstained beads and the noise floor
+    unassigned = above + (below if values[0] <= 0 else [])
     floor = 2.0 * pops[0].mfi
     matched = {i for _, i in pairs}
     missing, below_noise, saturated = [], [], []
@@ -445,7 +461,9 @@ def _assignment(
             below_noise.append(i)
         else:
             missing.append(i)
-    score = rms + 0.05 * abs(math.log10(slope)) + 0.1 * (len(unassigned) + len(missing))
+    # a level explained away (below the noise floor) costs a little: finding it is better
+    penalties = 0.1 * (len(unassigned) + len(missing)) + 0.005 * len(below_noise)
+    score = rms + 0.05 * abs(math.log10(slope)) + penalties
     if linear and not SLOPE_RANGE[0] <= slope <= SLOPE_RANGE[1]:
         score += 0.2
     return Assignment(
@@ -454,12 +472,18 @@ def _assignment(
 
 
 def _ambiguous(ranked: list[Assignment]) -> Assignment | None:
-    """The runner-up when it fits almost as well as the best (both clean): the choice is not safe."""
+    """A runner-up that fits almost as well as the best, cleanly, and puts a population on another level."""
     if len(ranked) < 2:
         return None
-    best, second = ranked[0], ranked[1]
-    clean = not (second.unassigned or second.missing) and second.rms < MAX_ASSIGNMENT_RMS
-    return second if clean and second.score - best.score < AMBIGUITY_MARGIN else None
+    best = ranked[0]
+    ours = dict(best.fitted)
+    for other in ranked[1:]:
+        if other.score - best.score >= AMBIGUITY_MARGIN:
+            return None
+        clean = not (other.unassigned or other.missing) and other.rms < MAX_ASSIGNMENT_RMS
+        if clean and any(ours.get(j, i) != i for j, i in other.fitted):
+            return other
+    return None
 
 
 def calibrate(
@@ -514,6 +538,12 @@ def calibrate(
     gate, notes = bead_gate(beads)
     pe = beads.events[gate, idx].astype(np.float64)
     top = saturation_level(beads, idx)
+    linear = not is_log_amplified(beads, idx)
+    if not linear:  # channel 0 of a log amplifier holds everything below its first decade
+        bottom = pe <= 1.0001 * float(beads.keywords.get(f"$P{idx + 1}E", "0,1").split(",")[1] or 1)
+        if bottom.any():
+            notes.append(f"{int(bottom.sum())} bead events at the log amplifier's floor: not used")
+            pe = pe[~bottom]
     pops, histogram = find_populations(pe, top, statistic)
     evidence = bead_evidence(beads, gate, pops)
     if not evidence.is_beads:
@@ -523,9 +553,15 @@ def calibrate(
         flags.append(f"too_few_bead_events:{n_beads}")
 
     candidates = [p for p in pops if p.kind == "population"]
-    linear = not is_log_amplified(beads, idx)
     ranked = assign_levels(candidates, vals, top=top, linear=linear)
     n_lit = sum(v > 0 for v in vals)
+    narrow = [p for p in candidates if p.log_sd < NARROW_LOG_SD]
+    if len(narrow) > n_lit + (vals[0] > 0):  # one unstained bead allowed where the lot has no blank
+        raise CalibrationError(
+            f"the lot has {n_lit} levels but {len(narrow)} bead populations were found "
+            f"(MFI {', '.join(f'{p.mfi:,.0f}' for p in narrow)}): is it the right lot?",
+            beads.path,
+        )
     if candidates and not ranked and len(candidates) > len(vals):
         raise CalibrationError(
             f"the lot has {len(vals)} values but {len(candidates)} bead populations were found "
@@ -547,6 +583,8 @@ def calibrate(
             why = "blank level (not fitted)" if vals[i] <= 0 else _not_fitted(p, blank_mfi, model)
             if why:
                 excluded[str(i)] = why
+                if vals[i] > 0:
+                    flags.append(f"level_not_fitted:L{i + 1}")
             elif vals[i] > 0:
                 levels.append(i)
         for i in best.below_noise:
