@@ -27,6 +27,8 @@ _LAZY = {
     "load_lot": "calibration",
     "analyze": "analysis",
     "simulate": "simulate",
+    "Store": "store",
+    "calibrated_events": "events",
 }
 
 __all__ = ["Decision", "HladrError", "Result", "Sample", "read_fcs", "stratify", *_LAZY]

@@ -30,6 +30,7 @@ import argparse
 import concurrent.futures as cf
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -58,6 +59,7 @@ EXIT_USAGE = 2
 EXIT_PROBLEMS = 3
 
 JOURNAL = "journal.jsonl"
+STORE = "hladr.sqlite"
 FCS_SUFFIXES = {".fcs", ".lmd"}
 #: Files never sniffed for an FCS header.
 OTHER_SUFFIXES = {
@@ -598,12 +600,15 @@ def calibrate_task(path: str, lot: str | None, values: list[float] | None) -> di
 
 
 def analyze_task(
-    path: str, calibration: dict[str, Any], plot: bool, known: dict[str, Any] | None = None
+    path: str, calibration: dict[str, Any], plot: bool, known: dict[str, Any] | None = None, *,
+    gates: str | None = None, gate_name: str | None = None, gates_out: bool = False,
 ) -> dict[str, Any]:
     """Analyse one patient tube; returns the Result dict (and QC PNG bytes) or the failure.
 
     ``known`` is discovery's ``{"sha256", "identity": (size, mtime_ns)}``: when the file still has
-    that size and modification time its SHA-256 is not computed again.
+    that size and modification time its SHA-256 is not computed again. ``gates``/``gate_name``: a
+    GatingML file or FlowJo workspace whose gate replaces the automatic monocyte gate;
+    ``gates_out``: also return the gates as GatingML 2.0 text (``gatingml``) and its agreement.
     """
     started = time.perf_counter()
     try:
@@ -619,9 +624,13 @@ def analyze_task(
         cal = Calibration.from_dict(calibration)
         with _single_threaded():
             panel = resolve_panel(sample)
-            gating = gate_monocytes(sample, panel)  # once, for the analysis and its figure
+            gating = gate_monocytes(sample, panel, gates=gates, gate_name=gate_name)  # once, for all uses
             result = analyze(sample, cal, panel=panel, gating=gating)
         out: dict[str, Any] = {"status": "ok", "result": result.to_dict()}
+        if gates_out:
+            from .gatingml import export_gates
+
+            out["gatingml"], out["gatingml_agreement"] = export_gates(sample, gating, panel)
         if plot:
             out["png"], out["plot_error"] = _qc_png(sample, result, cal, gating, panel)
         out["seconds"] = time.perf_counter() - started
@@ -789,6 +798,8 @@ class BatchSummary:
     results: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
     calibrations: list[dict[str, Any]] = field(default_factory=list)
+    store: Path | None = None
+    bead_qc: list[Any] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -801,9 +812,9 @@ class BatchSummary:
 
 
 def is_flagged(result: Mapping[str, Any]) -> bool:
-    """A Result needs review: its QC failed or carries flags."""
+    """A Result needs review: its QC failed or carries flags, or its bead run broke a Westgard rule."""
     qc = result.get("qc") or {}
-    return not qc.get("passed", False) or bool(qc.get("flags"))
+    return not qc.get("passed", False) or bool(qc.get("flags")) or bool(result.get("bead_flags"))
 
 
 @dataclass
@@ -838,12 +849,60 @@ def _lot_for_bead(bead: Tube, default: LotSpec) -> LotSpec:
     return spec or default
 
 
+@dataclass(frozen=True)
+class GatingOptions:
+    """How the batch gates: user gates (``gates``: one file for every tube, or a folder holding
+    ``<tube name>.xml`` / ``.wsp`` per tube), the gate's name, and whether to export the gates."""
+
+    gates: str | None = None
+    gate_name: str | None = None
+    gates_out: bool = False
+
+    def gates_for(self, tube: Tube) -> str | None:
+        """The gates file of one tube (a folder's missing file is returned, and reported by the worker)."""
+        if self.gates is None:
+            return None
+        folder = Path(self.gates)
+        if not folder.is_dir():
+            return str(folder.resolve())
+        stem = Path(tube.rel).stem
+        candidates = [folder / f"{stem}{suffix}" for suffix in (".xml", ".wsp", ".XML", ".WSP")]
+        return str(next((c for c in candidates if c.is_file()), candidates[0]).resolve())
+
+    def task_options(self, tube: Tube) -> dict[str, Any]:
+        """Keyword arguments of :func:`analyze_task` (none when the defaults apply)."""
+        options: dict[str, Any] = {}
+        if self.gates is not None:
+            options.update(gates=self.gates_for(tube), gate_name=self.gate_name)
+        if self.gates_out:
+            options["gates_out"] = True
+        return options
+
+    def key(self, tube: Tube) -> tuple:
+        """What of the gating enters a sample's journal key (nothing by default)."""
+        path = self.gates_for(tube)
+        if path is None:
+            return ()
+        return ("gates", path, _digest(path), self.gate_name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest(path: str) -> str:
+    """SHA-256 of a gates file ("missing" when absent), once per batch process."""
+    return sha256_file(path) if Path(path).is_file() else "missing"
+
+
 class _Run:
     """One batch run: plan, execute, record, collect the outputs."""
 
     def __init__(self, out: Path, plots: bool, journal: Journal, tubes: list[Tube], jobs: list[Job],
-                 default_lot: LotSpec, tasks: tuple[Callable[..., dict], Callable[..., dict]]):
+                 default_lot: LotSpec, tasks: tuple[Callable[..., dict], Callable[..., dict]],
+                 store: Any = None, run_id: int | None = None, gating: GatingOptions | None = None):
         from . import __version__
+
+        self.store, self.run_id = store, run_id
+        self.gating = gating or GatingOptions()
+        self.store_calibration_ids: dict[str, int] = {}
 
         self.out, self.plots, self.journal = out, plots, journal
         self.calibrate_fn, self.analyze_fn = tasks
@@ -860,7 +919,8 @@ class _Run:
         return _key("calibration", bead.rel, bead.sha256, lot.lot, lot.values, self.version)
 
     def sample_key(self, job: Job) -> str:
-        return _key("sample", job.tube.rel, job.tube.sha256, self.cal_key(job.bead, job.lot))
+        return _key("sample", job.tube.rel, job.tube.sha256, self.cal_key(job.bead, job.lot),
+                    *self.gating.key(job.tube))
 
     # --- planning -------------------------------------------------------------------
     def plan(self) -> tuple[list[_Task], list[_Task]]:
@@ -873,6 +933,7 @@ class _Run:
             if record is not None and record["status"] != "internal":
                 self.cal_records[key] = record
                 self.reused += 1
+                self._store(record, bead=bead)
                 continue
             values = list(lot.values) if lot.values else None
             todo_cal.append(_Task("calibration", key, (str(bead.path), lot.lot, values), bead=bead, lot=lot))
@@ -885,6 +946,7 @@ class _Run:
             if record is not None and record["status"] != "internal" and self._png_present(record):
                 self.sample_records[key] = record
                 self.reused += 1
+                self._store(record, job=job)
                 continue
             known = {"sha256": job.tube.sha256, "identity": job.tube.identity}
             task = _Task("sample", key, (str(job.tube.path), known), job=job, cal_key=cal_key)
@@ -947,7 +1009,8 @@ class _Run:
         if task.kind == "calibration":
             return executor.submit(self.calibrate_fn, *task.args)
         calibration = self.cal_records[task.cal_key]["calibration"]
-        return executor.submit(self.analyze_fn, task.args[0], calibration, self.plots, task.args[1])
+        return executor.submit(self.analyze_fn, task.args[0], calibration, self.plots, task.args[1],
+                               **self.gating.task_options(task.job.tube))
 
     @staticmethod
     def _restart(executor: cf.Executor, make_executor: Callable[[], cf.Executor],
@@ -964,12 +1027,13 @@ class _Run:
         """Journal a finished task; returns the tasks it releases."""
         record: dict[str, Any] = {"key": task.key, "kind": task.kind, "status": outcome["status"],
                                   "seconds": outcome.get("seconds"), "finished": _now()}
-        for name in ("error_type", "reason", "calibration", "result", "plot_error"):
+        for name in ("error_type", "reason", "calibration", "result", "plot_error", "gatingml_agreement"):
             if outcome.get(name) is not None:
                 record[name] = outcome[name]
         if task.kind == "calibration":
             record.update(file=task.bead.rel, sha256=task.bead.sha256, lot=task.lot.label)
             self.journal.add(record)
+            self._store(record, bead=task.bead)
             self.cal_records[task.key] = record
             patients = list(self.patients_of.get(task.key, []))
             if record["status"] == "ok":
@@ -981,9 +1045,42 @@ class _Run:
             name = "qc/" + re.sub(r"[^\w.-]+", "_", task.job.tube.rel.replace("/", "__")) + ".png"
             write_atomic(self.out / name, outcome["png"])
             record["qc_png"] = name
+        if outcome.get("gatingml"):
+            name = "gates/" + re.sub(r"[^\w.-]+", "_", task.job.tube.rel.replace("/", "__")) + ".xml"
+            write_atomic(self.out / name, outcome["gatingml"])
+            record["gates_xml"] = name
         self.journal.add(record)
+        self._store(record, job=task.job)
         self.sample_records[task.key] = record
         return []
+
+    def _store(self, record: dict[str, Any], bead: Tube | None = None, job: Job | None = None) -> None:
+        """Write a finished record to the results store (idempotent: keyed by the files' SHA-256)."""
+        if self.store is None:
+            return
+        tube = bead or job.tube
+        if record["status"] != "ok":
+            stage = "calibration" if bead is not None else "analysis"
+            self.store.add_failure(tube.sha256, stage, record.get("reason", ""), file=tube.rel,
+                                   error_type=record.get("error_type"), run_id=self.run_id)
+            return
+        if bead is not None:
+            self.store_calibration_ids[record["key"]] = self.store.add_calibration(
+                record["calibration"], run_id=self.run_id, file=bead.rel, lot=record.get("lot"),
+                bead_sha256=bead.sha256)
+            return
+        cal_key = self.cal_key(job.bead, job.lot)
+        if cal_key not in self.store_calibration_ids and cal_key in self.cal_records:
+            self._store(self.cal_records[cal_key], bead=job.bead)
+        collected = job.collected_at or (job.tube.acquired.isoformat() if job.tube.acquired else None)
+        with self.store.transaction():
+            result_id = self.store.add_result(
+                record["result"], calibration_id=self.store_calibration_ids.get(cal_key), file=job.tube.rel,
+                patient_id=job.patient_id, collected_at=collected, run_id=self.run_id)
+            if job.ferritin is not None:
+                from .classify import stratify
+
+                self.store.add_decision(result_id, stratify(record["result"], job.ferritin))
 
     # --- outputs --------------------------------------------------------------------
     def flush(self) -> None:
@@ -1058,8 +1155,8 @@ def _result_row(record: dict[str, Any], job: Job) -> dict[str, Any]:
 
 #: Columns that lead results.csv, in this order; the rest follow in first-seen order.
 LEADING_COLUMNS = ("file", "patient_id", "abc", "immunoparalysis", "band", "borderline", "abc_ci95",
-                   "qc.passed", "qc.flags", "stratification.category", "stratification.reason", "ferritin",
-                   "monocytes", "monocyte_percent", "bead_file", "lot", "collected_at", "qc_png")
+                   "qc.passed", "qc.flags", "bead_flags", "stratification.category", "stratification.reason",
+                   "ferritin", "monocytes", "monocyte_percent", "bead_file", "lot", "collected_at", "qc_png")
 ERROR_COLUMNS = ("file", "role", "stage", "error_type", "reason", "bead_file", "patient_id")
 CALIBRATION_COLUMNS = ("file", "lot", "status", "slope", "intercept", "r2", "qc.passed", "qc.flags",
                        "peaks_used", "values", "mfi", "channel", "reason")
@@ -1109,6 +1206,10 @@ def run_batch(
     bead_values: Iterable[float] | None = None,
     plots: bool = True,
     tasks: tuple[Callable[..., dict], Callable[..., dict]] | None = None,
+    store: str | os.PathLike | None = None,
+    gates: str | os.PathLike | None = None,
+    gate_name: str | None = None,
+    gates_out: bool = False,
 ) -> BatchSummary:
     """Analyse every patient tube of an instrument export.
 
@@ -1141,6 +1242,15 @@ def run_batch(
         The two functions the workers run, with the signatures and return values of
         :func:`calibrate_task` and :func:`analyze_task` (the default); they must be
         importable by name in the workers. Tests of the engine replace them.
+    store
+        The results database (:class:`hladr.Store`) every calibration, result, failure, decision and
+        the run itself are written to, as each finishes (default: ``out/hladr.sqlite``).
+    gates, gate_name
+        User gates instead of the automatic monocyte gate: a GatingML 2.0 file or FlowJo workspace for
+        every tube (a workspace's sample is matched to the tube by name), or a folder of
+        ``<tube name>.xml`` / ``.wsp`` files, one per tube; ``gate_name`` names the gate to use.
+    gates_out
+        Write each analysed tube's gates as GatingML 2.0 to ``out/gates/``.
 
     Raises
     ------
@@ -1160,6 +1270,8 @@ def run_batch(
         raise BatchError(f"--jobs must be at least 1, not {jobs}")
     if lot is not None and bead_values is not None:
         raise BatchError("give either a lot or bead values, not both")
+    if gates is not None and not Path(gates).exists():
+        raise BatchError("--gates: no such file or folder", gates)
     rows = read_manifest(manifest) if manifest is not None else None
     if lot is not None and Path(lot).exists():  # workers may run elsewhere: an absolute path
         lot = str(Path(lot).resolve())
@@ -1186,11 +1298,17 @@ def run_batch(
         if early is not None:
             early.shutdown(wait=True, cancel_futures=True)
         raise
+    results_store = None
     try:
         out_path.mkdir(parents=True, exist_ok=True)
         journal = Journal(out_path / JOURNAL, resume=resume)
         tasks = tasks or (calibrate_task, analyze_task)
-        run = _Run(out_path, plots, journal, tubes, jobs_list, default_lot, tasks)
+        results_store = _open_store(store, out_path)
+        summary.store = results_store.path
+        run_id = results_store.start_run("batch", str(export_path.resolve()), {"resume": resume})
+        gating = GatingOptions(None if gates is None else str(gates), gate_name, gates_out)
+        run = _Run(out_path, plots, journal, tubes, jobs_list, default_lot, tasks, results_store, run_id,
+                   gating)
         try:
             todo_cal, todo_samples = run.plan()
             n_tasks = len(todo_cal) + sum(len(v) for v in run.patients_of.values())
@@ -1203,25 +1321,52 @@ def run_batch(
             journal.close()
     except BaseException:
         close()
+        if results_store is not None:
+            results_store.close()
         raise
     # every task is done: the workers exit (a few tenths of a second) while the outputs are written
     closing = threading.Thread(target=close, name="hladr-batch-close")
     closing.start()
     try:
         results, errors, calibrations = run.collect()
+        summary.bead_qc = _bead_qc(results_store, results)
         write_tables(out_path, results, errors, calibrations)
         summary.results, summary.errors, summary.calibrations = results, errors, calibrations
         summary.ok = len(results)
         summary.flagged = sum(is_flagged(r) for r in results)
         summary.failed = len(errors)
         summary.reused = run.reused
+        results_store.finish_run(run_id, {k: getattr(summary, k) for k in (
+            "tubes", "bead_tubes", "patient_tubes", "ok", "flagged", "failed", "computed", "reused")})
         from .report import write_report
 
         write_report(out_path / "report.html", summary, figures=plots)
     finally:
         closing.join()
+        results_store.close()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _bead_qc(store: Any, results: list[dict[str, Any]]) -> list[Any]:
+    """Levey-Jennings over every bead run in the store (:func:`hladr.beadqc.evaluate_store`); each
+    result row gets ``bead_flags``: the Westgard flags of the calibration it used."""
+    from .beadqc import evaluate_store
+    from .store import values_key
+
+    series = evaluate_store(store)
+    flags = store.flags_by_calibration_key()
+    for row in results:
+        calibration = row.get("calibration") or {}
+        row["bead_flags"] = flags.get((calibration.get("bead_sha256") or "", values_key(calibration)), [])
+    return series
+
+
+def _open_store(store: str | os.PathLike | None, out: Path) -> Any:
+    """The results store of a batch: ``store``, or ``out/hladr.sqlite``."""
+    from .store import Store
+
+    return Store(Path(store) if store is not None else out / STORE)
 
 
 def _process_pool(workers: int) -> cf.ProcessPoolExecutor:
@@ -1315,7 +1460,9 @@ def main(args: argparse.Namespace) -> int:
             args.export_dir, args.out, manifest=args.manifest, jobs=args.jobs, scheduler=args.scheduler,
             resume=args.resume, progress=not getattr(args, "quiet", False),
             lot=getattr(args, "lot", None), bead_values=getattr(args, "bead_values", None),
-            plots=not getattr(args, "no_plots", False),
+            plots=not getattr(args, "no_plots", False), store=getattr(args, "store", None),
+            gates=getattr(args, "gates", None), gate_name=getattr(args, "gate_name", None),
+            gates_out=getattr(args, "gates_out", False),
         )
     except BatchError as exc:
         print(f"hladr: error: {exc}", file=sys.stderr)
