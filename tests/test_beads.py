@@ -58,7 +58,7 @@ def test_shared_real_beads_check_passes():
 
 
 def test_tasbe_curve_matches_the_spherotech_spreadsheet():
-    """cytoflow test_bead_calibration.py: 100 -> 887.5, 1,000 -> 8,911, 10,000 -> 89,474, 100,000 -> 898,361."""
+    """cytoflow test_bead_calibration.py: 100 -> 887.5, 1,000 -> 8,911, 10,000 -> 89,474, 1e5 -> 898,361."""
     beads = hladr.read_fcs(require_real() / "cytoflow" / "tasbe" / "beads.fcs")
     cal = calibrate(beads, values=RCP_MEPTR, channel="PE-Tx-Red-YG-A")
     for mfi, expected in [(100, 887.5), (1_000, 8_911), (10_000, 89_474), (100_000, 898_361)]:
