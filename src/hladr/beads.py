@@ -16,7 +16,7 @@ Steps (see ``docs/calibration.md``):
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ __all__ = [
     "Population",
     "bead_evidence",
     "bead_gate",
+    "tube_evidence",
     "find_populations",
     "saturation_level",
     "scatter_indices",
@@ -326,3 +327,28 @@ def bead_evidence(sample: Sample, gate: np.ndarray, populations: list[Population
     if markers and reasons:
         reasons.append("cell markers " + ", ".join(markers[:6]))
     return BeadEvidence(not reasons, scatter_iqr, narrow_share, markers, reasons)
+
+
+def tube_evidence(sample: Sample, channel: str | None = None, max_events: int = 20_000) -> BeadEvidence:
+    """:func:`bead_evidence` of a tube from its first ``max_events`` events: the singlet gate and the
+    populations of its PE channel (``channel``, else the first channel naming PE, else the first
+    fluorescence channel)."""
+    if sample.n_events > max_events:
+        sample = replace(sample, events=sample.events[:max_events])
+    gate, _ = bead_gate(sample)
+    idx = sample.index(channel) if channel else _evidence_channel(sample)
+    pops, _ = find_populations(sample.events[gate, idx], saturation_level(sample, idx))
+    return bead_evidence(sample, gate, pops)
+
+
+def _evidence_channel(sample: Sample) -> int:
+    from .panel import channel_dye
+
+    fsc, ssc = scatter_indices(sample)
+    fluor = [
+        i
+        for i, ch in enumerate(sample.channels)
+        if i not in (fsc, ssc) and not re.search(r"time|fsc|ssc|fs |ss |width|-w$", ch, re.IGNORECASE)
+    ]
+    pe = [i for i in fluor if channel_dye(sample.channels[i], sample.markers[i]) == "PE"]
+    return (pe or fluor or [0])[0]
