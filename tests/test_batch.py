@@ -498,7 +498,7 @@ def test_simulated_export_pairs_errors_and_values(sim_export, sim_reference):
     assert results["2026-03-12/canto/patient_01.fcs"]["stratification"]["category"] == "MALS"
     report = (out / "report.html").read_text()
     assert "5,000 AB/C" in report and BAD_BEADS in report
-    assert len(_read_csv(out / "calibrations.csv")) == 3  # the blood tube named "QB beads.fcs" is not calibrated
+    assert len(_read_csv(out / "calibrations.csv")) == 3  # the blood "QB beads.fcs" is a patient
 
 
 def test_simulated_export_identical_with_jobs_1_and_dask(sim_export, sim_reference, sim_manifest,
