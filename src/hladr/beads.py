@@ -195,15 +195,19 @@ def _split(
 
     Initialised at equal-count quantiles, as FlowCal's ``mef`` does, and run to convergence (a
     plateau of merged levels has a flat likelihood); ``None`` when one Gaussian explains the
-    segment better (BIC) or a component holds less than a third of an equal share.
+    segment better (BIC), two components' centres lie within one SD of each other (a skewed or
+    quantised population, not two levels), or a component holds less than a third of an equal share.
     """
     x = logs.reshape(-1, 1)
     means = np.quantile(logs, (np.arange(k) + 0.5) / k).reshape(-1, 1)
     gmm = GaussianMixture(k, means_init=means, random_state=seed, tol=1e-7, max_iter=500).fit(x)
     if gmm.bic(x) >= GaussianMixture(1, random_state=seed).fit(x).bic(x):
         return None
-    labels = gmm.predict(x)
     order = np.argsort(gmm.means_.ravel())
+    centres, sds = gmm.means_.ravel()[order], np.sqrt(gmm.covariances_.ravel()[order])
+    if np.any(np.diff(centres) < np.maximum(sds[:-1], sds[1:])):  # overlapping: not separate levels
+        return None
+    labels = gmm.predict(x)
     parts = [values[labels == j] for j in order]
     if any(p.size < values.size / (3 * k) for p in parts):
         return None

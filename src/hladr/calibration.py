@@ -556,8 +556,11 @@ def calibrate(
     candidates = [p for p in pops if p.kind == "population"]
     ranked = assign_levels(candidates, vals, top=top, linear=linear)
     n_lit = sum(v > 0 for v in vals)
-    narrow = [p for p in candidates if p.log_sd < NARROW_LOG_SD]
-    if len(narrow) > n_lit + (vals[0] > 0):  # one unstained bead allowed where the lot has no blank
+    # narrow populations clear of the lowest one (a blank, an unstained bead or the noise floor)
+    # must each have a level
+    floor = 2.0 * candidates[0].mfi if candidates else 0.0
+    narrow = [p for p in candidates if p.log_sd < NARROW_LOG_SD and p.mfi >= floor]
+    if len(narrow) > n_lit:
         raise CalibrationError(
             f"the lot has {n_lit} levels but {len(narrow)} bead populations were found "
             f"(MFI {', '.join(f'{p.mfi:,.0f}' for p in narrow)}): is it the right lot?",
@@ -771,7 +774,7 @@ def describe(cal: Calibration) -> str:
             f"{'' if r is None else f'{r:+7.2%}':>9} {why}"
         )
     lines.append(
-        f"curve:     log10(PE molecules) = {cal.slope:.4f} * log10(MFI) + {cal.intercept:.4f}"
+        f"curve:     log10(PE molecules) = {cal.slope:.4f} * log10(MFI) {cal.intercept:+.4f}"
         f"   r2 = {cal.r2:.5f}" + (f"   bead AF = {cal.offset:.0f}" if cal.offset else "")
     )
     lines.append(
