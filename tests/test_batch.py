@@ -84,6 +84,22 @@ def test_discovery_roles_and_corrupt_file(export: Path):
     assert a.sha256 == batch.sha256_file(a.path)
 
 
+def test_every_tube_ends_in_results_errors_or_ignored(export: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    run_batch(export, out, jobs=1, progress=False, plots=False, tasks=FAKES, **FAKE_LOT)
+    tubes = {t.rel for t in discover(export)}
+    results = {r["file"] for r in _read_csv(out / "results.csv")}
+    errors = {r["file"] for r in _read_csv(out / "errors.csv")}
+    ignored = {r["file"]: r for r in _read_csv(out / "ignored.csv")}
+    bead_tubes = {t for t in tubes if "beads" in t or "Quantibrite" in t}  # in calibrations.csv
+    assert tubes == results | errors | set(ignored) | bead_tubes
+    fmo = next(r for f, r in ignored.items() if f.endswith("PT13_FMO_check.fcs"))
+    assert "control" in fmo["reason"]
+    rows = _read_csv(out / "results.csv")
+    rainbow = next(r for r in rows if r["file"].endswith("Rainbow_ICU_patient_12.fcs"))
+    assert rainbow["role"].startswith("content: cells")
+
+
 def test_pairing_rules_and_reasons(export: Path):
     jobs = _by_name(pair(discover(export)))
     assert set(jobs) == {"patient_A.fcs", "patient_B.fcs", "patient_early.fcs", "patient_volts.fcs",
