@@ -239,9 +239,8 @@ def _uncertainty(
 
 def _reason(flag: str, policy: QCPolicy) -> str:
     """A failing flag with its rule in words, for the reader of a non-reportable result."""
-    code = flag.split(":", 1)[0]
-    rule = next((r.rule for r in policy.rules if r.code == code), "")
-    return f"{flag} ({rule.replace('`', '')})" if rule else flag
+    rule = policy.explain(flag)
+    return f"{flag} ({rule})" if rule else flag
 
 
 def _hash_quietly(sample: Sample) -> None:

@@ -480,12 +480,9 @@ def _closest_bead(patient: Tube, beads: list[Tube]) -> tuple[Tube | None, str | 
             times = ", ".join(f"{b.rel} at {b.acquired:%H:%M:%S}" for b in same_day)
             return None, (f"acquired at {patient.acquired:%H:%M:%S}, before every bead tube of that day "
                           f"on {patient.instrument_label} ({times})")
-    fitting = [b for b in earlier if not _settings_differences(patient, b)]
-    if not fitting:
-        closest = max(earlier, key=lambda b: (b.acquired or datetime.min, b.rel))
-        diffs = _settings_differences(patient, closest)
-        return None, (f"detector settings differ from the closest earlier bead tube {closest.rel}: "
-                      f"{'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}")
+    # the closest with the same detector settings; else the closest, and the analysis's QC policy
+    # judges the differences on the channels the measurement uses (HLA-DR fails, gating warns)
+    fitting = [b for b in earlier if not _settings_differences(patient, b)] or earlier
     return max(fitting, key=lambda b: (b.acquired or datetime.min, b.rel)), None
 
 

@@ -122,6 +122,17 @@ class QCPolicy:
                 return rule.severity
         return "warn"
 
+    def explain(self, flag: str) -> str:
+        """The rule behind a flag in words, with this policy's thresholds filled in ("" if unknown)."""
+        code = flag.split(":", 1)[0]
+        text = next((rule.rule for rule in self.rules if rule.code == code), "")
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if f"`{name}`" in text:
+                shown = f"{100 * value:g} %" if isinstance(value, float) and value < 1 else f"{value:,g}"
+                text = text.replace(f"`{name}`", shown)
+        return text
+
     def with_rules(self, *rules: Rule) -> QCPolicy:
         """A copy with ``rules`` added, or replacing the rules of the same code."""
         codes = {r.code for r in rules}
@@ -195,12 +206,7 @@ DEFAULT_POLICY = QCPolicy()
 
 def markdown_table(policy: QCPolicy = DEFAULT_POLICY) -> str:
     """The policy's flags as the Markdown table of ``docs/result.md``."""
-    thresholds = {k: v for k, v in policy.to_dict().items() if k not in ("severities", "version")}
     lines = ["| flag | severity | rule |", "|---|---|---|"]
     for rule in policy.rules:
-        text = rule.rule
-        for name, value in thresholds.items():
-            shown = f"{100 * value:g} %" if isinstance(value, float) and value < 1 else f"{value:,g}"
-            text = text.replace(f"`{name}`", shown)
-        lines.append(f"| `{rule.code}` | {rule.severity} | {text} |")
+        lines.append(f"| `{rule.code}` | {rule.severity} | {policy.explain(rule.code)} |")
     return "\n".join(lines)
