@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -255,3 +256,35 @@ def test_property_based_api_from_its_own_openapi_schema(server):
             )
 
         no_server_error()
+
+
+def test_a_result_stored_by_schema_1_is_served_in_schema_2(tmp_path):
+    """A database written by an older hladr: its failed-QC result carried a class; served now, it has none."""
+    import sqlite3
+
+    from hladr.service import _SCHEMA_SQL
+
+    old = {"schema": "hladr.result/1", "sample": "p.fcs", "sha256": "0" * 64, "abc": 12000.0,
+           "immunoparalysis": False, "threshold": 5000, "band": "reduced", "borderline": False,
+           "abc_ci95": [11800.0, 12200.0], "statistic": "median", "monocytes": 300, "monocyte_percent": 1.0,
+           "gate_method": "density", "calibration": {"lot": None, "values": [], "mfi": [], "slope": 1.0,
+                                                     "intercept": 0.0, "r2": 1.0, "peaks_used": []},
+           "channels": {}, "instrument": {}, "hladr_version": "0.0",
+           "qc": {"passed": False, "flags": ["too_few_monocytes:300", "few_monocytes:300"]}}
+    db = tmp_path / "hladr.sqlite"
+    with sqlite3.connect(db) as con:
+        con.executescript(_SCHEMA_SQL)
+        con.execute("INSERT INTO analyses VALUES ('old1', ?, 'cal1', 'done', ?, NULL, 0, 0)",
+                    ("1" * 64, json.dumps(old)))
+    srv = Server(db, "--workers", "1")
+    try:
+        body = httpx.get(f"{srv.url}/v1/analyses/old1", headers=AUTH).json()
+        result = body["result"]
+        schema.validate(result)
+        assert result["schema"] == "hladr.result/2" and result["reportable"] is False
+        assert result["band"] is None and result["qc"]["flags"] == ["too_few_monocytes:300"]
+        decision = httpx.post(f"{srv.url}/v1/stratifications", headers=AUTH,
+                              json={"analysis_id": "old1", "ferritin": 900}).json()["decision"]
+        assert decision["category"] == "refused"
+    finally:
+        srv.stop()

@@ -7,7 +7,8 @@ Endpoints (under ``/v1``; all but ``/v1/health`` need ``Authorization: Bearer <t
 - ``GET  /v1/calibrations[/{id}]``       list / one
 - ``POST /v1/analyses``                  multipart ``sample`` + ``beads`` (+ ``lot``/``bead_values``),
                                          or ``sample`` + ``calibration_id``
-- ``GET  /v1/analyses/{id}``             status and, when done, the Result (``hladr.result/1``)
+- ``GET  /v1/analyses/{id}``             status and, when done, the Result (``hladr.result/2``; one
+  stored by an older version is mapped from ``hladr.result/1`` with ``hladr.result.upgrade``)
 - ``POST /v1/stratifications``           JSON ``{analysis_id | abc, ferritin, ferritin_unit}`` -> decision
 
 Everything is kept in SQLite (``--db``); uploads are stored atomically under names derived from their
@@ -128,6 +129,7 @@ def create_app(
     from .calibration import Calibration, calibrate, validate_values
     from .classify import stratify
     from .fcs import read_fcs
+    from .result import upgrade
 
     if not tokens:
         raise HladrError(
@@ -293,7 +295,7 @@ def create_app(
             "status": row["status"],
             "sample_sha256": row["sample_sha256"],
             "calibration_id": row["calibration_id"],
-            "result": json.loads(row["result"]) if row["result"] else None,
+            "result": upgrade(json.loads(row["result"])) if row["result"] else None,
             "error": row["error"],
         }
 
