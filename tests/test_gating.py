@@ -76,7 +76,7 @@ def test_gates_file_without_a_monocyte_gate_is_a_clear_error(tmp_path):
     sample = hladr.read_fcs(tmp_path / "p.fcs")
     gml = _gatingml(tmp_path / "g.xml", "FSC-A", "SSC-A", [(0, 0), (1e5, 0), (1e5, 1e5)])
     gml.write_text(gml.read_text().replace("Monocytes", "Lymphocytes"))
-    with pytest.raises(GatingError, match="no monocyte gate in g.xml; gates: Lymphocytes"):
+    with pytest.raises(GatingError, match="no monocyte gate in g.xml .*; gates: Lymphocytes"):
         user_gate(sample, gml)
 
 

@@ -27,6 +27,7 @@ _LAZY = {
     "load_lot": "calibration",
     "analyze": "analysis",
     "simulate": "simulate",
+    "Store": "store",
 }
 
 __all__ = ["Decision", "HladrError", "Result", "Sample", "read_fcs", "stratify", *_LAZY]

@@ -54,6 +54,7 @@ from .fcs import acquisition, sha256_file
 log = logging.getLogger("hladr.batch")
 
 JOURNAL = "journal.jsonl"
+STORE = "hladr.sqlite"
 FCS_SUFFIXES = {".fcs", ".lmd"}
 #: Files never sniffed for an FCS header.
 OTHER_SUFFIXES = {
@@ -738,6 +739,7 @@ class BatchSummary:
     results: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
     calibrations: list[dict[str, Any]] = field(default_factory=list)
+    store: Path | None = None
 
     @property
     def exit_code(self) -> int:
@@ -794,8 +796,12 @@ class _Run:
     """One batch run: plan, execute, record, collect the outputs."""
 
     def __init__(self, out: Path, plots: bool, journal: Journal, tubes: list[Tube], jobs: list[Job],
-                 default_lot: LotSpec, tasks: tuple[Callable[..., dict], Callable[..., dict]]):
+                 default_lot: LotSpec, tasks: tuple[Callable[..., dict], Callable[..., dict]],
+                 store: Any = None, run_id: int | None = None):
         from . import __version__
+
+        self.store, self.run_id = store, run_id
+        self.store_calibration_ids: dict[str, int] = {}
 
         self.out, self.plots, self.journal = out, plots, journal
         self.calibrate_fn, self.analyze_fn = tasks
@@ -825,6 +831,7 @@ class _Run:
             if record is not None and record["status"] != "internal":
                 self.cal_records[key] = record
                 self.reused += 1
+                self._store(record, bead=bead)
                 continue
             values = list(lot.values) if lot.values else None
             todo_cal.append(_Task("calibration", key, (str(bead.path), lot.lot, values), bead=bead, lot=lot))
@@ -837,6 +844,7 @@ class _Run:
             if record is not None and record["status"] != "internal" and self._png_present(record):
                 self.sample_records[key] = record
                 self.reused += 1
+                self._store(record, job=job)
                 continue
             known = {"sha256": job.tube.sha256, "identity": job.tube.identity}
             task = _Task("sample", key, (str(job.tube.path), known), job=job, cal_key=cal_key)
@@ -922,6 +930,7 @@ class _Run:
         if task.kind == "calibration":
             record.update(file=task.bead.rel, sha256=task.bead.sha256, lot=task.lot.label)
             self.journal.add(record)
+            self._store(record, bead=task.bead)
             self.cal_records[task.key] = record
             patients = list(self.patients_of.get(task.key, []))
             if record["status"] == "ok":
@@ -934,8 +943,37 @@ class _Run:
             write_atomic(self.out / name, outcome["png"])
             record["qc_png"] = name
         self.journal.add(record)
+        self._store(record, job=task.job)
         self.sample_records[task.key] = record
         return []
+
+    def _store(self, record: dict[str, Any], bead: Tube | None = None, job: Job | None = None) -> None:
+        """Write a finished record to the results store (idempotent: keyed by the files' SHA-256)."""
+        if self.store is None:
+            return
+        tube = bead or job.tube
+        if record["status"] != "ok":
+            stage = "calibration" if bead is not None else "analysis"
+            self.store.add_failure(tube.sha256, stage, record.get("reason", ""), file=tube.rel,
+                                   error_type=record.get("error_type"), run_id=self.run_id)
+            return
+        if bead is not None:
+            self.store_calibration_ids[record["key"]] = self.store.add_calibration(
+                record["calibration"], run_id=self.run_id, file=bead.rel, lot=record.get("lot"),
+                bead_sha256=bead.sha256)
+            return
+        cal_key = self.cal_key(job.bead, job.lot)
+        if cal_key not in self.store_calibration_ids and cal_key in self.cal_records:
+            self._store(self.cal_records[cal_key], bead=job.bead)
+        collected = job.collected_at or (job.tube.acquired.isoformat() if job.tube.acquired else None)
+        with self.store.transaction():
+            result_id = self.store.add_result(
+                record["result"], calibration_id=self.store_calibration_ids.get(cal_key), file=job.tube.rel,
+                patient_id=job.patient_id, collected_at=collected, run_id=self.run_id)
+            if job.ferritin is not None:
+                from .classify import stratify
+
+                self.store.add_decision(result_id, stratify(record["result"], job.ferritin))
 
     # --- outputs --------------------------------------------------------------------
     def flush(self) -> None:
@@ -1090,6 +1128,7 @@ def run_batch(
     bead_values: Iterable[float] | None = None,
     plots: bool = True,
     tasks: tuple[Callable[..., dict], Callable[..., dict]] | None = None,
+    store: str | os.PathLike | None = None,
 ) -> BatchSummary:
     """Analyse every patient tube of an instrument export.
 
@@ -1122,6 +1161,9 @@ def run_batch(
         The two functions the workers run, with the signatures and return values of
         :func:`calibrate_task` and :func:`analyze_task` (the default); they must be
         importable by name in the workers. Tests of the engine replace them.
+    store
+        The results database (:class:`hladr.Store`) every calibration, result, failure, decision and
+        the run itself are written to, as each finishes (default: ``out/hladr.sqlite``).
 
     Raises
     ------
@@ -1167,11 +1209,15 @@ def run_batch(
         if early is not None:
             early.shutdown(wait=True, cancel_futures=True)
         raise
+    results_store = None
     try:
         out_path.mkdir(parents=True, exist_ok=True)
         journal = Journal(out_path / JOURNAL, resume=resume)
         tasks = tasks or (calibrate_task, analyze_task)
-        run = _Run(out_path, plots, journal, tubes, jobs_list, default_lot, tasks)
+        results_store = _open_store(store, out_path)
+        summary.store = results_store.path
+        run_id = results_store.start_run("batch", str(export_path.resolve()), {"resume": resume})
+        run = _Run(out_path, plots, journal, tubes, jobs_list, default_lot, tasks, results_store, run_id)
         try:
             todo_cal, todo_samples = run.plan()
             n_tasks = len(todo_cal) + sum(len(v) for v in run.patients_of.values())
@@ -1184,6 +1230,8 @@ def run_batch(
             journal.close()
     except BaseException:
         close()
+        if results_store is not None:
+            results_store.close()
         raise
     # every task is done: the workers exit (a few tenths of a second) while the outputs are written
     closing = threading.Thread(target=close, name="hladr-batch-close")
@@ -1197,14 +1245,24 @@ def run_batch(
         summary.warned = sum(bool((r.get("qc") or {}).get("warnings")) for r in results)
         summary.failed = len(errors)
         summary.reused = run.reused
+        results_store.finish_run(run_id, {k: getattr(summary, k) for k in (
+            "tubes", "bead_tubes", "patient_tubes", "ok", "flagged", "failed", "computed", "reused")})
         from .report import write_report
 
         summary.seconds = time.perf_counter() - started  # the report states the run's time
         write_report(out_path / "report.html", summary, figures=plots)
     finally:
         closing.join()
+        results_store.close()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _open_store(store: str | os.PathLike | None, out: Path) -> Any:
+    """The results store of a batch: ``store``, or ``out/hladr.sqlite``."""
+    from .store import Store
+
+    return Store(Path(store) if store is not None else out / STORE)
 
 
 def _process_pool(workers: int) -> cf.ProcessPoolExecutor:
@@ -1298,7 +1356,7 @@ def main(args: argparse.Namespace) -> int:
             args.export_dir, args.out, manifest=args.manifest, jobs=args.jobs, scheduler=args.scheduler,
             resume=args.resume, progress=not getattr(args, "quiet", False),
             lot=getattr(args, "lot", None), bead_values=getattr(args, "bead_values", None),
-            plots=not getattr(args, "no_plots", False),
+            plots=not getattr(args, "no_plots", False), store=getattr(args, "store", None),
         )
     except BatchError as exc:
         print(f"hladr: error: {exc}", file=sys.stderr)

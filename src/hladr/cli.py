@@ -99,6 +99,68 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return batch_main(args)
 
 
+def cmd_patient(args: argparse.Namespace) -> int:
+    import json
+
+    from .course import describe
+    from .store import Store
+
+    with Store(_existing_store(args.store)) as store:
+        course = store.patient(args.patient_id)
+    if args.plot:
+        from .plots import plot_course
+
+        plot_course(course, path=args.plot)
+    print(json.dumps(course.to_dict()) if args.json else describe(course))
+    return EXIT_OK
+
+
+def cmd_beads_qc(args: argparse.Namespace) -> int:
+    import re
+    from datetime import date
+
+    from . import beadqc
+    from .store import Store
+
+    dates = None
+    if args.reference_dates:
+        try:
+            first, last = (date.fromisoformat(d.strip()) for d in args.reference_dates.split(","))
+        except ValueError:
+            raise HladrError(
+                f"--reference-dates must be FIRST,LAST as ISO dates, not {args.reference_dates!r}"
+            ) from None
+        dates = (first, last)
+    with Store(_existing_store(args.store)) as store:
+        series = beadqc.levey_jennings(store.calibrations(), args.reference_runs, dates)
+        found = beadqc.flag_store(store, series)
+    print(beadqc.describe(series))
+    if args.plots:
+        from .plots import plot_levey_jennings
+
+        os.makedirs(args.plots, exist_ok=True)
+        for cytometer in dict.fromkeys(s.cytometer for s in series):
+            name = re.sub(r"[^\w.-]+", "_", cytometer)
+            plot_levey_jennings([s for s in series if s.cytometer == cytometer],
+                                path=os.path.join(args.plots, f"levey_jennings_{name}.png"))
+    print(f"{sum(len(v) for v in found.values())} Westgard violation(s) on {len(found)} calibration(s)")
+    return 3 if found else EXIT_OK
+
+
+def _existing_store(path: str) -> str:
+    from .store import StoreError
+
+    if not os.path.isfile(path):
+        raise StoreError("no results database here (hladr batch --out DIR writes DIR/hladr.sqlite)", path)
+    return path
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .events import main as export_main
+
+    return export_main(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .service import main as serve_main
 
@@ -172,8 +234,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     _add_bead_values(p)
     p.add_argument("--no-plots", action="store_true", help="skip the QC PNGs and report figures")
+    p.add_argument("--store", metavar="PATH", help="results database (default: OUT/hladr.sqlite)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("export", help="calibrated events (FCS 3.1, CSV) and the gates (GatingML 2.0)")
+    p.add_argument("sample")
+    p.add_argument("--beads", required=True, help="bead tube of the same run")
+    _add_bead_values(p)
+    p.add_argument("--fcs", metavar="OUT.fcs", help="FCS 3.1: channels + 'HLA-DR AB/C' + gates")
+    p.add_argument("--csv", metavar="OUT.csv", help="the per-event table (gates, HLA-DR AB/C)")
+    p.add_argument("--gates-out", metavar="OUT.xml", help="the automatic gates as GatingML 2.0")
+    p.add_argument("--gates", metavar="FILE", help="GatingML 2.0 or FlowJo workspace to gate with")
+    p.add_argument("--gate-name", metavar="NAME", help="the monocyte gate's name in --gates")
+    p.add_argument("--hladr", metavar="CH", help="HLA-DR (PE) channel")
+    p.add_argument("--cd14", metavar="CH", help="CD14 channel")
+    p.add_argument("--cd45", metavar="CH", help="CD45 channel")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("patient", help="a patient's mHLA-DR course from the results database")
+    p.add_argument("patient_id")
+    p.add_argument("--store", required=True, metavar="PATH",
+                   help="results database (a batch's OUT/hladr.sqlite)")
+    p.add_argument("--json", action="store_true", help="print the course as one JSON object")
+    p.add_argument("--plot", metavar="PNG", help="write the trend figure")
+    p.set_defaults(func=cmd_patient)
+
+    p = sub.add_parser("beads-qc", help="Levey-Jennings and Westgard rules over the stored bead runs")
+    p.add_argument("--store", required=True, metavar="PATH", help="results database")
+    p.add_argument("--reference-runs", type=int, default=20, metavar="N",
+                   help="the first N runs of each cytometer and lot set the limits (default 20)")
+    p.add_argument("--reference-dates", metavar="FIRST,LAST",
+                   help="the runs in this date range set the limits")
+    p.add_argument("--plots", metavar="DIR", help="write one Levey-Jennings PNG per cytometer here")
+    p.set_defaults(func=cmd_beads_qc)
 
     p = sub.add_parser("serve", help="HTTP service (needs hladr[service])")
     p.add_argument("--host", default="127.0.0.1")

@@ -339,9 +339,10 @@ def monocyte_gate_gmm(
 
 
 def gate_monocytes(
-    sample: Sample, panel: Panel, *, gates: str | os.PathLike | None = None, seed: int = 0
+    sample: Sample, panel: Panel, *, gates: str | os.PathLike | None = None, seed: int = 0,
+    gate_name: str | None = None,
 ) -> GatingResult:
-    """Run the whole gating sequence on a patient tube."""
+    """Run the whole gating sequence on a patient tube (``gates``/``gate_name``: see :func:`user_gate`)."""
     comp, notes = compensated_columns(sample, [panel["CD14"], panel["CD45"], panel["HLA-DR"]])
     flags: list[str] = []
     gate_log: list[dict[str, Any]] = []
@@ -370,7 +371,7 @@ def gate_monocytes(
     thresholds = {size_key: debris_cut, "cd45_min": cd45_cut}
 
     if gates is not None:
-        mono = user_gate(sample, gates) & singlets
+        mono = user_gate(sample, gates, gate_name) & singlets
         method = f"user:{Path(gates).name}"
         _record(gate_log, "monocytes (user gate)", singlets, mono)
     else:
@@ -418,21 +419,34 @@ def gate_monocytes(
 def user_gate(sample: Sample, gates: str | os.PathLike, gate_name: str | None = None) -> np.ndarray:
     """Membership of the monocyte gate in a GatingML 2.0 file or FlowJo workspace (via flowkit).
 
-    The gate named like ``monocyte`` (case-insensitive) is used, else ``gate_name``.
+    The gate is ``gate_name`` (its name, or its path as ``parent/.../name``); without it, the
+    gate whose name contains ``mono`` (case-insensitive), the outermost when several do. A FlowJo
+    workspace must name the tube (its file name, as FlowJo records it).
     """
     import flowkit as fk
 
     path = Path(gates)
+    if not path.is_file():
+        raise GatingError(f"gates file {path} not found", sample.path)
     fk_sample = fk.Sample(
         np.asarray(sample.events, dtype=np.float64),
         sample_id=sample.path.name,
         channel_labels=list(sample.channels),
     )
+    if sample.spillover is not None:  # for GatingML dimensions compensated with the file's own matrix ('FCS')
+        fk_sample.metadata["spill"] = sample.spillover.to_keyword()
+    is_workspace = path.suffix.lower() == ".wsp" or "flowjo" in path.read_text(errors="ignore")[:4000].lower()
     try:
-        if path.suffix.lower() == ".wsp" or "flowjo" in path.read_text(errors="ignore")[:4000].lower():
+        if is_workspace:
+            ids = workspace_samples(path)
+            sample_id = workspace_sample_id(ids, sample.path)
+            if sample_id is None:
+                listed = ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
+                raise GatingError(f"the workspace {path.name} does not mention this tube "
+                                  f"(its samples: {listed or 'none'})", sample.path)
+            fk_sample = fk.Sample(np.asarray(sample.events, dtype=np.float64), sample_id=sample_id,
+                                  channel_labels=list(sample.channels))
             ws = fk.Workspace(str(path), fcs_samples=[fk_sample])
-            ids = ws.get_sample_ids()
-            sample_id = fk_sample.id if fk_sample.id in ids else ids[0]
             ws.analyze_samples(sample_id=sample_id)
             results = ws.get_gating_results(sample_id)
             gate_ids = ws.get_gate_ids(sample_id)
@@ -440,15 +454,51 @@ def user_gate(sample: Sample, gates: str | os.PathLike, gate_name: str | None = 
             strategy = fk.parse_gating_xml(str(path))
             results = strategy.gate_sample(fk_sample)
             gate_ids = strategy.get_gate_ids()
+    except GatingError:
+        raise
     except Exception as exc:  # noqa: BLE001 - flowkit raises many kinds; report one clear error
         raise GatingError(f"cannot apply gates from {path.name}: {exc}", sample.path) from exc
-    wanted = [
-        (name, gate_path)
-        for name, gate_path in gate_ids
-        if (name == gate_name if gate_name else "mono" in name.lower())
-    ]
-    if not wanted:
-        names = ", ".join(name for name, _ in gate_ids)
-        raise GatingError(f"no monocyte gate in {path.name}; gates: {names}", sample.path)
-    name, gate_path = wanted[0]  # the first, outermost, when several gates match
+    name, gate_path = choose_gate(gate_ids, gate_name, path.name, sample.path)
     return np.asarray(results.get_gate_membership(name, gate_path=gate_path), dtype=bool)
+
+
+def workspace_samples(path: str | os.PathLike) -> list[str]:
+    """Names of the samples a FlowJo workspace gates (its ``SampleNode`` names)."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as exc:
+        raise GatingError(f"cannot read the workspace {Path(path).name}: {exc}") from exc
+    return [node.get("name", "") for node in root.iter() if node.tag.rsplit("}", 1)[-1] == "SampleNode"]
+
+
+def workspace_sample_id(sample_ids: list[str], tube: str | os.PathLike) -> str | None:
+    """The workspace sample that is this tube: same file name, else same name without extension."""
+    name = Path(tube).name
+    for candidate in (name, Path(name).stem):
+        for sid in sample_ids:
+            if sid == candidate or Path(sid).stem == candidate:
+                return sid
+    return None
+
+
+def choose_gate(gate_ids: list[tuple[str, tuple]], gate_name: str | None, source: str,
+                tube: str | os.PathLike | None = None) -> tuple[str, tuple]:
+    """The (name, parent path) of the monocyte gate among flowkit's gate ids (see :func:`user_gate`)."""
+    def full(name: str, parents: tuple) -> str:
+        return "/".join([*(p for p in parents if p != "root"), name])
+
+    if gate_name:
+        wanted = [(n, p) for n, p in gate_ids if n == gate_name or full(n, p) == gate_name.strip("/")]
+    else:
+        wanted = sorted(((n, p) for n, p in gate_ids if "mono" in n.lower()), key=lambda g: len(g[1]))
+    names = ", ".join(full(n, p) for n, p in gate_ids) or "none"
+    if not wanted:
+        what = f"no gate named {gate_name!r} in {source}" if gate_name else (
+            f"no monocyte gate in {source} (none named like 'mono': choose one with --gate-name)")
+        raise GatingError(f"{what}; gates: {names}", tube)
+    if gate_name and len(wanted) > 1:
+        raise GatingError(f"{len(wanted)} gates named {gate_name!r} in {source}: give the full path "
+                          f"({', '.join(full(n, p) for n, p in wanted)})", tube)
+    return wanted[0]

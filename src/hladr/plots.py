@@ -210,3 +210,110 @@ def plot_analysis(
     if path is not None:
         save_figure(fig, path)
     return fig
+
+
+# --- patient course and bead Levey-Jennings charts (issue 13) --------------------------------------
+def plot_course(course: Any, path: str | os.PathLike | None = None, ax: Any = None) -> Any:
+    """AB/C over time with 95 % intervals and the 5,000 / 8,000 / 15,000 lines.
+
+    Non-reportable results are drawn as open grey circles; each point names the course rules that
+    fired on it. ``course`` is a :class:`hladr.course.Course`.
+    """
+    from datetime import datetime
+
+    from .classify import NORMAL_MIN, SEVERE_MAX, THRESHOLD
+
+    plt = _pyplot()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7.0, 3.6))
+    points = [p for p in course.points if p.abc is not None and p.collected_at]
+    times = [datetime.fromisoformat(p.collected_at) for p in points]
+    lines = ((THRESHOLD, "#c0392b", "5,000 immunoparalysis"), (SEVERE_MAX, "#e67e22", "8,000 severe"),
+             (NORMAL_MIN, "#27ae60", "15,000 normal"))
+    for limit, colour, label in lines:
+        ax.axhline(limit, color=colour, lw=1, ls="--", label=label)
+    for reportable in (True, False):
+        chosen = [(t, p) for t, p in zip(times, points) if p.reportable is reportable]
+        if not chosen:
+            continue
+        t = [c[0] for c in chosen]
+        abc = np.array([c[1].abc for c in chosen], dtype=float)
+        ci = np.array([[np.nan if v is None else v for v in c[1].abc_ci95[:2]] for c in chosen], dtype=float)
+        colour = "#1f4e79" if reportable else "#999999"
+        ax.errorbar(t, abc, yerr=[np.nan_to_num(abc - ci[:, 0]), np.nan_to_num(ci[:, 1] - abc)], fmt="o",
+                    color=colour, mfc=colour if reportable else "white", capsize=3,
+                    label="reportable" if reportable else "not reportable")
+    reportable_points = [(t, p) for t, p in zip(times, points) if p.reportable]
+    if len(reportable_points) > 1:
+        ax.plot(*zip(*[(t, p.abc) for t, p in reportable_points]), color="#1f4e79", lw=1)
+    for t, p in zip(times, points):
+        if p.rules:
+            short = {"immunoparalysis": "<5k", "low_two_days": "<8k x2", "recovery": "recovery",
+                     "significant_change": f"{p.change:+.0%}" if p.change is not None else "change"}
+            ax.annotate(", ".join(short.get(r, r) for r in p.rules), (t, p.abc), textcoords="offset points",
+                        xytext=(0, 8), ha="center", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylim(1_000, 60_000)
+    ax.set_ylabel("mHLA-DR (AB/C)")
+    ax.set_title(f"patient {course.patient_id} ({len(points)} results, rules {course.rules_version})",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    if fig is not None:
+        fig.autofmt_xdate()
+        if path is not None:
+            save_figure(fig, path)
+    return fig if fig is not None else ax
+
+
+def plot_levey_jennings(series: list, path: str | os.PathLike | None = None) -> Any:
+    """Levey-Jennings chart of one cytometer: a panel per quantity, runs in time order.
+
+    Each lot period has its own mean and +-1/2/3 SD lines (from its reference period, shaded); a lot
+    change is a vertical line; runs in violation of a Westgard rule are red and labelled.
+    ``series`` are :class:`hladr.beadqc.Series` of one cytometer (any lots).
+    """
+    from datetime import datetime
+
+    plt = _pyplot()
+    quantities = list(dict.fromkeys(s.quantity for s in series))
+    fig, axes = plt.subplots(len(quantities), 1, figsize=(8.0, 1.7 * len(quantities) + 0.6), sharex=True,
+                             squeeze=False)
+    for ax, quantity in zip(axes[:, 0], quantities):
+        periods = sorted((s for s in series if s.quantity == quantity),
+                         key=lambda s: min((r.acquired or "" for r in s.runs), default=""))
+        for k, s in enumerate(periods):
+            runs = [r for r in s.runs if r.value is not None and r.acquired]
+            if not runs:
+                continue
+            t = [datetime.fromisoformat(r.acquired) for r in runs]
+            v = np.array([r.value for r in runs])
+            if k:
+                ax.axvline(t[0], color="#7f3c8d", lw=1.2)
+                ax.annotate(f"lot {s.lot}", (t[0], 1.0), xycoords=("data", "axes fraction"), fontsize=7,
+                            va="top", ha="left", color="#7f3c8d")
+            if s.mean is not None:
+                for m, style in ((0, "-"), (1, ":"), (2, "--"), (3, "-")):
+                    for sign in ((1,) if m == 0 else (1, -1)):
+                        ax.hlines(s.mean + sign * m * s.sd, t[0], t[-1], linestyles=style, lw=0.7,
+                                  colors="#555555" if m != 3 else "#c0392b")
+                ref = [x for x, r in zip(t, runs) if r.reference]
+                if ref:
+                    ax.axvspan(ref[0], ref[-1], color="#dfe8f1", lw=0)
+            ax.plot(t, v, "-", color="#1f4e79", lw=0.8)
+            bad = np.array([bool(r.violations) for r in runs])
+            ax.plot(np.array(t)[~bad], v[~bad], "o", ms=3, color="#1f4e79")
+            if bad.any():
+                ax.plot(np.array(t)[bad], v[bad], "o", ms=4, color="#c0392b")
+                first = int(np.argmax(bad))
+                ax.annotate(", ".join(runs[first].violations), (t[first], v[first]), xytext=(-4, 6),
+                            textcoords="offset points", ha="right", fontsize=7, color="#c0392b")
+        ax.set_ylabel(quantity.replace("log10 MFI ", "log MFI\n"), fontsize=7)
+        ax.tick_params(labelsize=7)
+    cytometer = series[0].cytometer if series else ""
+    axes[0, 0].set_title(f"Levey-Jennings, {cytometer}: shaded = reference period, red = Westgard violation",
+                         fontsize=9)
+    fig.autofmt_xdate()
+    if path is not None:
+        save_figure(fig, path)
+    return fig

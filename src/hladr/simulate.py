@@ -775,3 +775,130 @@ def main(args: argparse.Namespace) -> int:
         print(f"  {t['file']:<16} {t['kind']:<8} {extra}")
     print("  truth.csv, truth.json, *.labels.npy")
     return 0
+
+
+# --- a multi-day cohort: patient courses and bead drift (issue 13) ------------------------------
+#: Patient courses of the default cohort: (patient id, instrument, first day, AB/C per day or None for
+#: no sample that day). Values keep >= 25 % from the 5,000 / 8,000 / 15,000 lines and change by >= 40 %
+#: or not at all, so that the course rules' truth is unambiguous.
+COHORT_COURSES: tuple[tuple[str, str, int, tuple[float | None, ...]], ...] = (
+    ("P01-falls", "canto", 0, (20_000.0, 20_000.0, 11_000.0, 6_000.0, 3_000.0, 3_000.0)),
+    ("P02-recovers", "canto", 1, (3_000.0, 3_000.0, 6_000.0, 11_000.0, 22_000.0, 22_000.0)),
+    ("P03-stays-low", "canto", 0, (3_500.0, 3_500.0, 3_500.0, 3_500.0, 3_500.0)),
+    ("P04-gap", "canto", 2, (6_000.0, None, 6_000.0, 20_000.0, 6_000.0)),
+    ("P05-normal", "lyric", 1, (22_000.0, 22_000.0, 22_000.0, 22_000.0, 22_000.0, 22_000.0)),
+)
+#: Reference-period variation of a bead MFI: a relative SD (2-3 % in practice), applied on the log scale.
+BEAD_DAY_SD = 0.03
+#: The default drift: a quarter of that SD (in log10) per day, i.e. about 5.3 % per week.
+DRIFT_PER_WEEK = (1 + BEAD_DAY_SD) ** (7 / 4) - 1
+
+
+def bead_gain_factors(reference_days: int, drift_days: int, drift_per_week: float,
+                      sd: float = BEAD_DAY_SD) -> list[float]:
+    """The PE gain factor of each daily run on a drifting instrument.
+
+    In log10, the reference period alternates +-``b`` with ``b = log10(1 + sd) * sqrt((n - 1) / n)``, so
+    that the sample SD of log10(gain) over it is exactly ``log10(1 + sd)`` and its mean exactly 0. Then
+    the gain drifts by ``drift_per_week`` (compounded) per week, from half a day's step after the
+    reference period on. With the default drift each day moves a quarter SD and the drift never lands
+    within an eighth of an SD of a whole number of SDs (so the Westgard truth is unambiguous).
+    """
+    b = np.log10(1 + sd) * np.sqrt((reference_days - 1) / reference_days) if reference_days > 1 else 0.0
+    logs = [b if i % 2 == 0 else -b for i in range(reference_days)]
+    step = np.log10(1 + drift_per_week) / 7.0
+    logs += [step * (k + 0.5) for k in range(drift_days)]
+    return [float(10**v) for v in logs]
+
+
+def simulate_cohort(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    reference_days: int = 20,
+    drift_days: int = 14,
+    drift_per_week: float = DRIFT_PER_WEEK,
+    drift_instrument: str = "lyric",
+    courses: tuple = COHORT_COURSES,
+    n_events: int = 30_000,
+    bead_events: int = 100_000,
+    start: datetime = datetime(2026, 1, 5, 7, 30),
+) -> dict:
+    """Write a multi-day cohort: one bead tube per instrument per day, patients sampled over days.
+
+    Two instruments (``canto`` and ``lyric``) acquire a bead tube every morning for
+    ``reference_days + drift_days`` days. On ``drift_instrument`` the PE gain follows
+    :func:`bead_gain_factors` (the reference period, then a drift of ``drift_per_week``); the other
+    instrument alternates as in the reference period throughout. Patient courses (:data:`COHORT_COURSES`)
+    are placed on the last days so that they overlap the drift. Files go to ``day_NN/<instrument>/``.
+
+    Returns the truth (also written as ``cohort.json``); ``manifest.csv`` gives each patient tube its
+    ``patient_id`` and ``collected_at``. The truth's ``expected_rules`` per patient lists, per rule of
+    the course (course/1), the days (ISO dates) it must fire on, derived from the designed values:
+    a value < 5,000; < 8,000 on two consecutive calendar days; > 15,000 after a value at or below it;
+    any designed change (designs change by >= 40 % or not at all).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_days = reference_days + drift_days
+    drifting = bead_gain_factors(reference_days, drift_days, drift_per_week)
+    steady = bead_gain_factors(n_days, 0, 0.0)
+    first_course_day = n_days - max((d0 + len(v) for _, _, d0, v in courses), default=0)
+    beads: list[dict] = []
+    for day in range(n_days):
+        for k, name in enumerate(("canto", "lyric")):
+            factor = (drifting if name == drift_instrument else steady)[day]
+            inst = get_instrument(name).scaled("PE", factor)
+            path = out / f"day_{day:02d}" / name / "beads.fcs"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            truth = simulate_beads(path, inst, seed=seed * 100_000 + day * 10 + k, n_events=bead_events,
+                                   acquired_at=start + timedelta(days=day, minutes=5 * k))
+            truth.update(file=path.relative_to(out).as_posix(), day=day, instrument=name, gain_factor=factor,
+                         date=(start + timedelta(days=day)).date().isoformat(),
+                         reference=day < reference_days, drifting=name == drift_instrument)
+            beads.append(truth)
+    patients: list[dict] = []
+    manifest = ["file,patient_id,collected_at"]
+    for p, (pid, name, day0, values) in enumerate(courses):
+        samples = []
+        for i, abc in enumerate(values):
+            if abc is None:
+                continue
+            day = first_course_day + day0 + i
+            factor = (drifting if name == drift_instrument else steady)[day]
+            inst = get_instrument(name).scaled("PE", factor)
+            path = out / f"day_{day:02d}" / name / f"{pid}.fcs"
+            when = start + timedelta(days=day, hours=1, minutes=10 * p)
+            truth = simulate_blood(path, inst, abc, seed=seed * 100_000 + 5_000 + 100 * p + i,
+                                   n_events=n_events, monocyte_fraction=0.12, septic=abc < 8_000,
+                                   acquired_at=when)
+            truth.update(file=path.relative_to(out).as_posix(), day=day, date=when.date().isoformat(),
+                         design_abc=abc, patient_id=pid)
+            samples.append(truth)
+            manifest.append(f"{truth['file']},{pid},{when.isoformat()}")
+        patients.append({"patient_id": pid, "instrument": name, "samples": samples,
+                         "expected_rules": _designed_rules(samples)})
+    cohort = {"seed": seed, "reference_days": reference_days, "drift_days": drift_days,
+              "drift_per_week": drift_per_week, "drift_instrument": drift_instrument,
+              "bead_day_sd": BEAD_DAY_SD,
+              "lot_values": list(QUANTIBRITE_96597), "beads": beads, "patients": patients}
+    atomic_write(out / "manifest.csv", "\n".join(manifest) + "\n")
+    atomic_write(out / "cohort.json", json.dumps(cohort, indent=1, default=str) + "\n")
+    return cohort
+
+
+def _designed_rules(samples: list[dict]) -> dict[str, list[str]]:
+    """Days each course rule must fire on, from the designed values (see :func:`simulate_cohort`)."""
+    fired: dict[str, list[str]] = {"immunoparalysis": [], "low_two_days": [], "recovery": [],
+                                   "significant_change": []}
+    for i, s in enumerate(samples):
+        prev = samples[i - 1] if i else None
+        if s["design_abc"] < 5_000:
+            fired["immunoparalysis"].append(s["date"])
+        if prev and s["design_abc"] < 8_000 and prev["design_abc"] < 8_000 and s["day"] - prev["day"] == 1:
+            fired["low_two_days"].append(s["date"])
+        if prev and s["design_abc"] > 15_000 >= prev["design_abc"]:
+            fired["recovery"].append(s["date"])
+        if prev and s["design_abc"] != prev["design_abc"]:
+            fired["significant_change"].append(s["date"])
+    return fired

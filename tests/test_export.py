@@ -1,0 +1,192 @@
+"""Calibrated events (FCS 3.1, pandas) and gates (GatingML 2.0) out of hladr, read back by peer libraries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import hladr
+from hladr import cli
+from hladr.analysis import analyze
+from hladr.calibration import calibrate
+from hladr.errors import GatingError
+from hladr.events import ABC_CHANNEL, GATE_CHANNELS, calibrated_events, export_fcs
+from hladr.gating import gate_monocytes, user_gate
+from hladr.gatingml import agreement, write_gatingml
+from hladr.panel import resolve_panel
+from hladr.simulate import simulate_beads, simulate_blood
+from tests.conftest import REAL_DIR, require_real
+
+LOT = str(Path(__file__).resolve().parents[1] / "calibration" / "bd-quantibrite-pe-96597.json")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export")
+    simulate_beads(folder / "beads.fcs", "canto", seed=31, n_events=10_000)
+    simulate_blood(folder / "p.fcs", "canto", 3_500, seed=32, n_events=30_000, septic=True)
+    calibration = calibrate(hladr.read_fcs(folder / "beads.fcs"), lot=LOT)
+    return folder, calibration
+
+
+def test_events_median_over_the_monocytes_is_the_results_abc(run):
+    folder, calibration = run
+    sample = hladr.read_fcs(folder / "p.fcs")
+    events, gating, _ = calibrated_events(sample, calibration)
+    result = analyze(hladr.read_fcs(folder / "p.fcs"), calibration)
+    assert len(events) == sample.n_events and int(events.monocytes.sum()) == result.monocytes
+    assert float(np.median(events.abc[events.monocytes])) == pytest.approx(result.abc, rel=1e-4)
+    frame = events.to_frame()
+    assert list(frame.columns) == [*GATE_CHANNELS.values(), ABC_CHANNEL] and len(frame) == sample.n_events
+    assert frame.loc[frame["monocytes"], ABC_CHANNEL].median() == pytest.approx(result.abc, rel=1e-4)
+
+
+def test_exported_fcs_reads_the_same_in_flowio_flowkit_and_flowcal(run, tmp_path):
+    import FlowCal
+    import flowio
+    import flowkit as fk
+
+    folder, calibration = run
+    sample = hladr.read_fcs(folder / "p.fcs")
+    events, _, _ = calibrated_events(sample, calibration)
+    out = export_fcs(sample, events, tmp_path / "out.fcs")
+    expected = {ABC_CHANNEL: np.nan_to_num(events.abc).astype(np.float32)}
+    expected.update({name: events[mask].astype(np.float32) for name, mask in GATE_CHANNELS.items()})
+    expected.update(
+        {ch: sample.events[:, i].astype(np.float32) for i, ch in enumerate(sample.channels) if ch != "Time"}
+    )  # FlowKit scales Time by $TIMESTEP
+
+    fio = flowio.FlowData(str(out))
+    assert fio.version == "3.1"
+    fio_events = fio.as_array(preprocess=False)
+    fio_names = list(fio.pnn_labels)
+    fk_sample = fk.Sample(str(out))
+    fk_events = fk_sample.get_events(source="raw")
+    fk_names = fk_sample.pnn_labels
+    fc = FlowCal.io.FCSData(str(out))
+    fc_names = list(fc.channels)
+    for name, values in expected.items():
+        np.testing.assert_array_equal(fio_events[:, fio_names.index(name)].astype(np.float32), values, name)
+        np.testing.assert_array_equal(fk_events[:, fk_names.index(name)].astype(np.float32), values, name)
+        np.testing.assert_array_equal(
+            np.asarray(fc[:, fc_names.index(name)]).astype(np.float32), values, name
+        )
+    again = hladr.read_fcs(out)  # keywords of the source kept, spillover kept
+    assert again.keywords["$CYT"] == sample.keywords["$CYT"] and again.spillover is not None
+    assert again.markers[again.channels.index(ABC_CHANNEL)].startswith("HLA-DR PE molecules")
+
+
+def test_export_cli_writes_fcs_csv_and_gates(run, tmp_path, capsys):
+    folder, _ = run
+    code = cli.main(
+        [
+            "export",
+            str(folder / "p.fcs"),
+            "--beads",
+            str(folder / "beads.fcs"),
+            "--lot",
+            LOT,
+            "--fcs",
+            str(tmp_path / "e.fcs"),
+            "--csv",
+            str(tmp_path / "e.csv"),
+            "--gates-out",
+            str(tmp_path / "g.xml"),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    line = capsys.readouterr().out
+    assert "monocytes, median HLA-DR" in line
+    assert float(line.split("g.xml (agreement with the monocytes ")[1].split("%")[0]) >= 99.0
+    header = (tmp_path / "e.csv").read_text().splitlines()[0]
+    assert header == "event,clean,singlets,leukocytes,monocytes,HLA-DR AB/C"
+    assert (
+        cli.main(["export", str(folder / "p.fcs"), "--beads", str(folder / "beads.fcs"), "--lot", LOT]) == 1
+    )
+    assert "nothing to export" in capsys.readouterr().err
+
+
+def _flowkit_monocytes(gml: Path, fcs: Path, gate: str = "Monocytes") -> np.ndarray:
+    import flowkit as fk
+
+    strategy = fk.parse_gating_xml(str(gml))
+    results = strategy.gate_sample(fk.Sample(str(fcs)))
+    return np.asarray(results.get_gate_membership(gate), dtype=bool)
+
+
+@pytest.mark.parametrize(
+    "instrument, panel, septic, clog",
+    [
+        ("canto", "3colour", False, False),
+        ("lyric", "3colour", True, False),
+        ("navios", "2colour", True, False),
+        ("cytoflex", "3colour", True, True),
+    ],
+)
+def test_flowkit_applies_the_exported_gates_and_finds_the_same_monocytes(
+    tmp_path, instrument, panel, septic, clog
+):
+    simulate_blood(
+        tmp_path / "p.fcs", instrument, 4_000, seed=41, n_events=30_000, panel=panel, septic=septic, clog=clog
+    )
+    sample = hladr.read_fcs(tmp_path / "p.fcs")
+    gating = gate_monocytes(sample, resolve_panel(sample))
+    ours = write_gatingml(tmp_path / "g.xml", sample, gating, resolve_panel(sample))
+    flowkit = _flowkit_monocytes(tmp_path / "g.xml", tmp_path / "p.fcs")
+    assert agreement(flowkit, gating.monocytes) >= 0.99
+    assert agreement(flowkit, gating.monocytes) == pytest.approx(ours, abs=1e-3)
+    # fed back as user gates, the same monocytes come out (a cytometrist's round trip)
+    assert agreement(user_gate(sample, tmp_path / "g.xml") & gating.singlets, gating.monocytes) >= 0.99
+
+
+def test_real_a2004_exported_gates_reproduce_its_monocytes_in_flowkit(tmp_path):
+    require_real()
+    fcs = REAL_DIR / "flowWorkspaceData" / "a2004_O1T2pb05i_A2_A02.fcs"
+    sample = hladr.read_fcs(fcs, lenient=True)
+    gating = gate_monocytes(sample, resolve_panel(sample))
+    write_gatingml(tmp_path / "a2004.xml", sample, gating, resolve_panel(sample))
+    assert agreement(_flowkit_monocytes(tmp_path / "a2004.xml", fcs), gating.monocytes) >= 0.99
+
+
+def test_gate_name_chooses_the_gate_and_unknown_names_are_clear_errors(run, tmp_path):
+    folder, _ = run
+    sample = hladr.read_fcs(folder / "p.fcs")
+    panel = resolve_panel(sample)
+    gating = gate_monocytes(sample, panel)
+    write_gatingml(tmp_path / "g.xml", sample, gating, panel)
+    scatter = user_gate(sample, tmp_path / "g.xml", gate_name="scatter")
+    assert scatter.sum() > gating.monocytes.sum() and not (gating.monocytes & ~scatter).any()
+    assert np.array_equal(user_gate(sample, tmp_path / "g.xml", gate_name="singlets/scatter"), scatter)
+    with pytest.raises(
+        GatingError,
+        match="no gate named 'Lymphocytes' in g.xml; gates: singlets, "
+        "singlets/scatter, singlets/scatter/CD45",
+    ):
+        user_gate(sample, tmp_path / "g.xml", gate_name="Lymphocytes")
+
+
+def test_a_workspace_that_does_not_mention_the_tube_is_a_clear_error(run):
+    require_real()
+    folder, _ = run
+    sample = hladr.read_fcs(folder / "p.fcs")
+    workspace = REAL_DIR / "FlowKit" / "synthetic" / "simple_poly_and_rect.wsp"
+    with pytest.raises(
+        GatingError,
+        match=r"p\.fcs: the workspace simple_poly_and_rect\.wsp does not mention "
+        r"this tube \(its samples: ",
+    ):
+        user_gate(sample, workspace)
+
+
+def test_a_workspace_that_names_the_tube_is_applied_to_it():
+    require_real()
+    folder = REAL_DIR / "FlowKit" / "synthetic"
+    sample = hladr.read_fcs(folder / "data_set_simple_line_100.fcs", lenient=True)
+    membership = user_gate(sample, folder / "simple_poly_and_rect.wsp", gate_name="rect1")
+    assert membership.dtype == bool and membership.shape == (sample.n_events,)
+    with pytest.raises(
+        GatingError, match="no monocyte gate in simple_poly_and_rect.wsp .*; gates: poly1, rect1"
+    ):
+        user_gate(sample, folder / "simple_poly_and_rect.wsp")

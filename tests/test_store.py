@@ -1,0 +1,184 @@
+"""The results store: schema and migrations, idempotent keyed writes, batch integration, kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import hladr
+from hladr import batch
+from hladr.batch import run_batch
+from hladr.store import SCHEMA_VERSION, Store, StoreError
+from tests.test_batch import FAKE_LOT, FAKES, _expected_abc, _tube
+
+
+def _result(sha: str, abc: float, passed: bool = True, bead_sha: str = "b" * 64) -> dict:
+    return {
+        "sample": f"{sha[:4]}.fcs",
+        "sha256": sha,
+        "abc": abc,
+        "abc_ci95": [abc * 0.97, abc * 1.03],
+        "qc": {"passed": passed, "flags": []},
+        "instrument": {
+            "cytometer": "FACSCanto II",
+            "serial": "V1",
+            "date": "12-MAR-2026",
+            "btim": "09:30:00",
+        },
+        "calibration": {
+            "lot": "96597",
+            "values": [638.0, 6930.0, 31008.0, 67601.0],
+            "slope": 1.0,
+            "intercept": 0.1,
+            "bead_sha256": bead_sha,
+            "qc": {"passed": True, "flags": []},
+        },
+    }
+
+
+def test_a_new_store_has_the_current_schema_and_refuses_a_newer_one(tmp_path: Path):
+    path = tmp_path / "sub" / "r.sqlite"
+    with hladr.Store(path) as store:
+        assert store.version == SCHEMA_VERSION
+        assert store.integrity_check() == "ok"
+        assert store.query("PRAGMA journal_mode")[0][0] == "wal"
+    with Store(path) as store:  # opening again migrates nothing
+        assert [r[0] for r in store.query("SELECT version FROM schema_version")] == list(
+            range(1, SCHEMA_VERSION + 1)
+        )
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO schema_version VALUES (?, 'future')", (SCHEMA_VERSION + 1,))
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="newer than this hladr"):
+        Store(path)
+
+
+def test_the_same_files_stored_twice_give_the_same_rows(tmp_path: Path):
+    with Store(tmp_path / "r.sqlite") as store:
+        first = store.add_result(_result("a" * 64, 4200.0), patient_id="P1")
+        store.add_result(_result("c" * 64, 9100.0), patient_id="P1", collected_at="2026-03-13T09:00:00")
+        again = store.add_result(_result("a" * 64, 4300.0))  # a re-run: same file, same beads
+        assert again == first
+        assert store.counts()["results"] == 2 and store.counts()["calibrations"] == 1
+        rows = store.results("P1")
+        assert [r["abc"] for r in rows] == [4300.0, 9100.0]  # updated in place, patient kept, time order
+        assert rows[0]["store"]["collected_at"] == "2026-03-12T09:30:00"  # from $DATE/$BTIM
+        other_beads = store.add_result(_result("a" * 64, 4250.0, bead_sha="d" * 64))
+        assert other_beads != first  # the same tube through another bead tube is another result
+        decision = hladr.stratify(4200.0, ferritin=900.0)
+        assert store.add_decision(first, decision) == store.add_decision(first, decision)
+        assert store.counts()["decisions"] == 1
+
+
+def test_a_failed_transaction_leaves_nothing(tmp_path: Path):
+    with Store(tmp_path / "r.sqlite") as store:
+        with pytest.raises(RuntimeError), store.transaction():
+            store.add_result(_result("a" * 64, 4200.0))
+            raise RuntimeError("interrupted")
+        assert store.counts()["results"] == 0 and store.counts()["calibrations"] == 0
+
+
+def test_patient_course_of_an_unknown_patient_is_a_clear_error(tmp_path: Path):
+    with Store(tmp_path / "r.sqlite") as store:
+        store.add_result(_result("a" * 64, 4200.0), patient_id="P1")
+        with pytest.raises(StoreError, match="no result of patient 'P2'.*patients: P1"):
+            store.patient("P2")
+
+
+def test_an_unopenable_store_is_a_store_error(tmp_path: Path):
+    (tmp_path / "not-a-db").write_bytes(b"this is not SQLite at all" * 100)
+    with pytest.raises(StoreError, match="not-a-db"):
+        Store(tmp_path / "not-a-db")
+
+
+@pytest.fixture
+def engine_export(tmp_path: Path) -> Path:
+    root = tmp_path / "engine"
+    _tube(root / "d1", "beads.fcs", btim="08:00:00", seed=100)
+    for i in range(12):
+        _tube(root / "d1", f"p{i:02d}.fcs", btim=f"09:{i:02d}:00", seed=i + 1)
+    _tube(root / "d2", "beads fails.fcs", day="13-MAR-2026", btim="08:00:00", seed=200)
+    _tube(root / "d2", "q01.fcs", day="13-MAR-2026", btim="09:00:00", seed=300)
+    return root
+
+
+def _no_duplicates(path: Path) -> None:
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    dup = db.execute(
+        "SELECT sample_sha256, calibration_id, COUNT(*) FROM results GROUP BY 1, 2 HAVING COUNT(*) > 1"
+    ).fetchall()
+    assert dup == []
+    db.close()
+
+
+def test_batch_writes_every_result_calibration_failure_and_run(engine_export: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    summary = run_batch(engine_export, out, jobs=1, progress=False, plots=False, tasks=FAKES, **FAKE_LOT)
+    assert summary.store == out / batch.STORE
+    with Store(summary.store) as store:
+        results = store.results()
+        assert len(results) == summary.ok == 12
+        for r in results:  # each stored value is the value the test computes itself
+            assert r["abc"] == pytest.approx(
+                _expected_abc(Path(r["sample"]), engine_export / "d1/beads.fcs"), rel=1e-12
+            )
+        assert store.counts()["calibrations"] == 1  # the failed bead tube is a failure, not a calibration
+        failures = store.query("SELECT file, stage FROM failures")
+        assert [(f["file"], f["stage"]) for f in failures] == [("d2/beads fails.fcs", "calibration")]
+        run = store.query("SELECT * FROM runs")[0]
+        assert run["kind"] == "batch" and run["finished"] and json.loads(run["summary"])["ok"] == 12
+    # the same export again (fresh journal) and resumed: runs are added, results are not
+    run_batch(engine_export, out, jobs=1, progress=False, plots=False, tasks=FAKES, **FAKE_LOT)
+    run_batch(engine_export, out, jobs=1, resume=True, progress=False, plots=False, tasks=FAKES, **FAKE_LOT)
+    with Store(summary.store) as store:
+        assert store.counts()["results"] == 12 and store.counts()["runs"] == 3
+    _no_duplicates(summary.store)
+
+
+def test_store_survives_kill_9_mid_batch_and_resume_adds_no_duplicates(engine_export: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[3]); import test_batch; "
+        "from hladr.batch import run_batch; "
+        "run_batch(sys.argv[1], sys.argv[2], jobs=1, progress=False, plots=False, tasks=test_batch.FAKES, "
+        "**test_batch.FAKE_LOT)"
+    )
+    env = dict(os.environ, HLADR_TEST_FAKE_DELAY="0.3")
+    argv = [sys.executable, "-c", script, str(engine_export), str(out), str(Path(__file__).parent)]
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    deadline = time.monotonic() + 60
+    db_path = out / batch.STORE
+    stored = 0
+    while time.monotonic() < deadline and stored < 4:
+        if db_path.exists():
+            try:
+                with sqlite3.connect(db_path, timeout=5) as db:
+                    stored = db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+            except sqlite3.OperationalError:  # the schema is being created
+                pass
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    with Store(db_path) as store:
+        assert store.integrity_check() == "ok"
+        before = store.counts()["results"]
+        assert 4 <= before < 12, "the kill must land halfway"
+        assert store.query("SELECT finished FROM runs")[0][0] is None  # the killed run never finished
+    summary = run_batch(
+        engine_export, out, jobs=1, resume=True, progress=False, plots=False, tasks=FAKES, **FAKE_LOT
+    )
+    assert summary.ok == 12
+    with Store(db_path) as store:
+        assert store.counts()["results"] == 12
+    _no_duplicates(db_path)
