@@ -1246,7 +1246,8 @@ def run_batch(
         summary.failed = len(errors)
         summary.reused = run.reused
         results_store.finish_run(run_id, {k: getattr(summary, k) for k in (
-            "tubes", "bead_tubes", "patient_tubes", "ok", "flagged", "failed", "computed", "reused")})
+            "tubes", "bead_tubes", "patient_tubes", "ok", "not_reportable", "warned", "failed", "computed",
+            "reused")})
         from .report import write_report
 
         summary.seconds = time.perf_counter() - started  # the report states the run's time

@@ -112,17 +112,17 @@ def values_key(calibration: Mapping[str, Any]) -> str:
 
 
 def is_reportable(result: Mapping[str, Any]) -> bool:
-    """``reportable`` where the Result states it (schema 2), else whether its QC passed."""
-    if result.get("reportable") is not None:
-        return bool(result["reportable"])
-    return bool((result.get("qc") or {}).get("passed", False))
+    """``reportable`` of a Result of either schema version (:func:`hladr.result.is_reportable`)."""
+    from .result import is_reportable as reportable
+
+    return reportable(dict(result))
 
 
 def acquisition_time(instrument: Mapping[str, Any] | None) -> str | None:
     """ISO date-time of acquisition from a Result's or Calibration's ``instrument`` ($DATE, $BTIM)."""
     if not instrument:
         return None
-    from .batch import parse_date, parse_time
+    from .fcs import parse_date, parse_time
 
     day = parse_date(instrument.get("date"))
     if day is None:
@@ -311,7 +311,8 @@ class Store:
         calibration_id
             The stored calibration it used (default: stored from the Result's own ``calibration``).
         patient_id, collected_at
-            Whose blood and when it was drawn (ISO date-time; default: the tube's acquisition time).
+            Whose blood and when it was drawn (default: the Result's ``patient_id`` from the tube's
+            keywords, and its acquisition time, ISO 8601).
         """
         res = _plain(result)
         if calibration_id is None:
@@ -319,12 +320,13 @@ class Store:
         if isinstance(collected_at, datetime):
             collected_at = collected_at.isoformat()
         ci = res.get("abc_ci95") or [None, None]
+        patient_id = patient_id or res.get("patient_id")
         row = {
             "sample_sha256": res.get("sha256") or "",
             "calibration_id": calibration_id,
             "file": file or res.get("sample"),
             "patient_id": patient_id,
-            "collected_at": collected_at or acquisition_time(res.get("instrument")),
+            "collected_at": collected_at or res.get("acquired") or acquisition_time(res.get("instrument")),
             "abc": res.get("abc"),
             "abc_lo": ci[0],
             "abc_hi": ci[1],
