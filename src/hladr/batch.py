@@ -1054,13 +1054,17 @@ def _result_row(record: dict[str, Any], job: Job) -> dict[str, Any]:
 BATCH_COLUMNS = ("file", "bead_file", "lot_spec", "ferritin", "stratification", "stratification_reason",
                  "collected_at", "qc_png")
 ERROR_COLUMNS = ("file", "role", "stage", "error_type", "reason", "bead_file", "patient_id")
-#: Columns of calibrations.csv: (column, key of the calibration record or of its calibration, digits).
+#: Columns of calibrations.csv: (column, key path in the record, digits); ``calibration.*`` is the fit.
 CALIBRATION_COLUMNS: tuple[tuple[str, str, int | None], ...] = (
-    ("file", "file", None), ("lot", "lot", None), ("status", "status", None), ("reason", "reason", None),
-    ("channel", "channel", None), ("statistic", "statistic", None), ("slope", "slope", 4),
-    ("intercept", "intercept", 4), ("r2", "r2", 5), ("qc_passed", "qc.passed", None),
-    ("qc_flags", "qc.flags", None), ("levels_used", "peaks_used", None), ("values", "values", 0),
-    ("mfi", "mfi", 0), ("n_beads", "n_beads", 0), ("bead_sha256", "bead_sha256", None),
+    ("file", "file", None), ("lot", "calibration.lot", None),
+    ("expiry", "calibration.lot_details.expiry", None), ("lot_spec", "lot", None),
+    ("status", "status", None), ("reason", "reason", None),
+    ("channel", "calibration.channel", None), ("statistic", "calibration.statistic", None),
+    ("slope", "calibration.slope", 4), ("intercept", "calibration.intercept", 4), ("r2", "calibration.r2", 5),
+    ("qc_passed", "calibration.qc.passed", None), ("qc_flags", "calibration.qc.flags", None),
+    ("levels_used", "calibration.peaks_used", None), ("values", "calibration.values", 0),
+    ("mfi", "calibration.mfi", 0), ("n_beads", "calibration.n_beads", 0),
+    ("bead_sha256", "calibration.bead_sha256", None),
 )
 
 
@@ -1082,13 +1086,11 @@ def _results_csv_row(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _calibration_csv_row(record: dict[str, Any]) -> dict[str, Any]:
-    cal = record.get("calibration") or {}
     row: dict[str, Any] = {}
-    for column, key, digits in CALIBRATION_COLUMNS:
-        value: Any = record.get(key) if key in record else cal
-        if key not in record:
-            for part in key.split("."):
-                value = value.get(part) if isinstance(value, dict) else None
+    for column, path, digits in CALIBRATION_COLUMNS:
+        value: Any = record
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
         if isinstance(value, list):
             value = "; ".join("" if v is None else str(_rounded(v, digits)) for v in value)
         row[column] = _rounded(value, digits)
