@@ -640,14 +640,11 @@ def main(args: argparse.Namespace) -> int:
         statistic=args.statistic,
         strict=False,
     )
-    if args.plot:
+    print(cal.to_json() if args.json else describe(cal), flush=True)
+    if args.plot:  # after the printout: a figure that cannot be written never loses it
         from .plots import plot_calibration
 
         plot_calibration(cal, path=args.plot)
-    if args.json:
-        print(cal.to_json())
-    else:
-        print(describe(cal))
     if not cal.passed:
         raise CalibrationError(cal.failure_message(), beads.path)
     return 0
