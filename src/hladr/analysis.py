@@ -133,7 +133,7 @@ def analyze(
     flags += policy.monocyte_flags(n_mono, saturated)
     flags += policy.bead_range_flags(mfi, calibration.mfi_range)
 
-    spread = _uncertainty(sample, calibration, panel, gating, pe_all, pe, statistic, abc)
+    spread = _uncertainty(sample, calibration, panel, gating, pe_all, pe, statistic, mfi)
     ci = spread.interval(abc)
     if 100 * (10**spread.total - 1) > policy.wide_interval_pct:
         flags.append(f"wide_interval:+-{100 * (10**spread.total - 1):.0f}%")
@@ -212,12 +212,12 @@ def _uncertainty(
     pe_all: np.ndarray,
     pe: np.ndarray,
     statistic: str,
-    abc: float,
+    mfi: float,
 ) -> uncertainty.Uncertainty:
     """Sampling, bead-curve and gate parts of the 95 % interval (``hladr.uncertainty``)."""
+    abc = float(calibration.molecules(mfi))
     lo, hi = (float(calibration.molecules(v)) for v in statistic_ci95(pe, statistic))
     sampling = max(np.log10(abc / lo), np.log10(hi / abc)) if lo > 0 and hi > 0 else np.nan
-    mfi = _statistic(pe, statistic)
     columns = [gating.compensated[panel["CD14"]]]
     for role in ("SSC-A", "CD45"):
         if panel[role]:

@@ -113,13 +113,14 @@ def gate_halfwidth(
         edges.append((float(lo), float(hi)))
         steps.append(GATE_STEP * sd)
     # the events any one move can reach, found in linear units (no log over the whole tube)
-    first, (lo, hi), step = columns[0], edges[0], steps[0]
-    in_reach = (first >= 10 ** (lo - step)) & (first <= 10 ** (hi + step)) & candidates
-    near = np.flatnonzero(in_reach | monocytes)
+    # a big tube: every k-th event (deterministic), so that about 20,000 gated events take part
+    k = max(1, inside.size // 20_000)
+    first, (lo, hi), step = columns[0][::k], edges[0], steps[0]
+    in_reach = (first >= 10 ** (lo - step)) & (first <= 10 ** (hi + step)) & candidates[::k]
+    near = np.flatnonzero(in_reach | monocytes[::k]) * k
     for column, (lo, hi), step in zip(columns[1:], edges[1:], steps[1:]):
         values = column[near]
         near = near[(values >= 10 ** (lo - step)) & (values <= 10 ** (hi + step)) | monocytes[near]]
-    near = near[:: max(1, inside.size // 20_000)]  # a big tube: every k-th event (deterministic)
     x = [np.log10(np.maximum(column[near], 1.0)) for column in columns]
     y = pe[near]
     gated = monocytes[near]
