@@ -307,17 +307,22 @@ def test_workers_that_die_at_start_are_recorded_not_raised(engine_export: Path, 
     assert errors and all(e["error_type"] == "WorkerDied" for e in errors if e["stage"] != "pairing")
 
 
-def test_kill_9_then_resume_loses_and_redoes_nothing(engine_export: Path, tmp_path: Path):
-    out = tmp_path / "out"
+def start_fake_batch(export: Path, out: Path, delay: float) -> subprocess.Popen:
+    """A batch of the stand-in tasks (each sample taking ``delay`` s) in its own process group, to kill."""
     script = (
         "import sys; sys.path.insert(0, sys.argv[3]); import test_batch; "
         "from hladr.batch import run_batch; "
         "run_batch(sys.argv[1], sys.argv[2], jobs=1, progress=False, plots=False, tasks=test_batch.FAKES, "
         "**test_batch.FAKE_LOT)"
     )
-    env = dict(os.environ, HLADR_TEST_FAKE_DELAY="0.4")
-    argv = [sys.executable, "-c", script, str(engine_export), str(out), str(Path(__file__).parent)]
-    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    env = dict(os.environ, HLADR_TEST_FAKE_DELAY=str(delay))
+    argv = [sys.executable, "-c", script, str(export), str(out), str(Path(__file__).parent)]
+    return subprocess.Popen(argv, env=env, start_new_session=True)
+
+
+def test_kill_9_then_resume_loses_and_redoes_nothing(engine_export: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    proc = start_fake_batch(engine_export, out, 0.4)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if (out / batch.JOURNAL).exists() and sum(r["kind"] == "sample" for r in _journal(out)) >= 5:

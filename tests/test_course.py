@@ -12,18 +12,19 @@ import pytest
 from hladr import beadqc, cli
 from hladr.batch import run_batch
 from hladr.course import COURSE_RULES, CoursePoint, differs
-from hladr.simulate import bead_gain_factors, simulate_cohort
+from hladr.simulate import QUANTIBRITE_96597, bead_gain_factors, simulate_cohort
 from hladr.store import Store
 
 LOT = str(Path(__file__).resolve().parents[1] / "calibration" / "bd-quantibrite-pe-96597.json")
+NEW_LOT = (712.0, 7600.0, 34200.0, 74100.0)
 STEEP = (1.03) ** 7 - 1  # one reference SD (3 %) per day: the drift reaches a Westgard rule within days
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    """4 reference days then 4 days of a steep drift on the lyric; the five designed courses."""
+    """4 reference days then 6 days of a steep drift on the lyric; the five designed courses."""
     root = tmp_path_factory.mktemp("cohort")
-    truth = simulate_cohort(root / "export", reference_days=4, drift_days=4, drift_per_week=STEEP,
+    truth = simulate_cohort(root / "export", reference_days=4, drift_days=6, drift_per_week=STEEP,
                             n_events=20_000, bead_events=20_000)
     summary = run_batch(root / "export", root / "out", manifest=root / "export" / "manifest.csv", jobs=1,
                         lot=LOT, progress=False, plots=False)
@@ -42,6 +43,10 @@ def test_every_course_is_reconstructed_in_time_order(cohort):
                 assert point.abc == pytest.approx(sample["abc_true"], rel=0.10)
                 lo, hi = point.abc_ci95
                 assert lo < point.abc < hi
+    report = (summary.out / "report.html").read_text()
+    for patient in truth["patients"]:
+        assert f"<h3>Patient {patient['patient_id']}</h3>" in report
+    assert "reference period incomplete (10 of 20 runs)" in report  # the batch judges with 20 reference runs
 
 
 def test_course_rules_fire_exactly_on_the_designed_days(cohort):
@@ -95,10 +100,22 @@ def test_drift_flags_reach_every_patient_result_of_that_run(cohort):
             on_drift = result["instrument"]["cytometer"] == "FACSLyric"
             assert bool(result["store"]["bead_flags"]) == (on_drift and day in flagged_days), result["sample"]
         normal = store.patient("P05-normal")
-        assert [p.reportable for p in normal.points] == [p.day.isoformat() not in flagged_days
-                                                         for p in normal.points]
+        reportable = [p.reportable for p in normal.points]
+        assert reportable == [p.day.isoformat() not in flagged_days for p in normal.points]
+        assert 0 < sum(reportable) < len(reportable)  # the course crosses into the flagged runs
         out = json.loads(json.dumps(normal.to_dict()))
         assert out["rules_version"] == "course/1" and len(out["points"]) == len(normal.points)
+    # a later batch into the same store keeps the reference chosen with beads-qc (4 runs, not 20) and
+    # puts the flags into results.csv
+    again = run_batch(root / "export", root / "out", manifest=root / "export" / "manifest.csv", jobs=1,
+                      resume=True, progress=False, plots=False)
+    flagged = {r["file"] for r in again.results if r["bead_flags"]}
+    assert flagged == {s["file"] for s in truth["patients"][-1]["samples"] if s["date"] in flagged_days}
+    assert again.not_reportable >= len(flagged) > 0
+    for row in again.results:  # a flagged bead run makes its results not reportable, with the reason
+        if row["file"] in flagged:
+            assert row["reportable"] is False and row["band"] is None
+            assert any(f.startswith("bead_run_flagged:") for f in row["qc"]["flags"])
 
 
 def test_patient_cli_prints_the_course_and_draws_the_trend(cohort, capsys):
@@ -124,11 +141,14 @@ def test_westgard_rules_fire_on_the_run_the_drift_reaches_them_and_not_before(tm
     from hladr.calibration import calibrate
     from hladr.fcs import read_fcs
 
-    truth = simulate_cohort(tmp_path, reference_days=8, drift_days=14, courses=(), bead_events=100_000)
+    truth = simulate_cohort(tmp_path, reference_days=8, drift_days=14, courses=(), bead_events=100_000,
+                            lot_change=(6, NEW_LOT))  # the steady canto changes lot on day 6
     with Store(tmp_path / "r.sqlite") as store:
         for bead in truth["beads"]:
-            store.add_calibration(calibrate(read_fcs(tmp_path / bead["file"]), lot=LOT), file=bead["file"])
-        series = beadqc.levey_jennings(store.calibrations(), reference_runs=8)
+            calibration = calibrate(read_fcs(tmp_path / bead["file"]), values=bead["lot_values"])
+            store.add_calibration(calibration, file=bead["file"])
+        calibrations = store.calibrations()
+        series = beadqc.levey_jennings(calibrations, reference_runs=8)
         found = beadqc.flag_store(store, series)
         by_file = {c["store"]["file"]: c["store"]["flags"] for c in store.calibrations()}
     drifting = [b for b in truth["beads"] if b["drifting"]]
@@ -152,6 +172,22 @@ def test_westgard_rules_fire_on_the_run_the_drift_reaches_them_and_not_before(tm
     for i, bead in enumerate(judged):
         assert bool(by_file[bead["file"]]) == (i >= first_flag), bead["file"]
     assert len(found) == len(judged) - first_flag
+
+    # the lot change started a new reference period (runs 6-13 of the new lot), and nothing on the canto
+    # is flagged; judged against the old lot's limits the new lot's ~11 % brighter beads would be
+    canto = [s for s in series if s.cytometer.startswith("FACSCanto") and s.quantity == "log10 MFI level 4"]
+    assert [(s.lot, len(s.runs), s.n_reference) for s in canto] == [
+        ("638/6930/31008/67601", 6, 6), ("712/7600/34200/74100", 16, 8)]
+    assert canto[0].note.startswith("reference period incomplete (6 of 8 runs)")
+    old_lot_values = [dict(c, values=list(QUANTIBRITE_96597)) for c in calibrations]
+    one_lot = beadqc.levey_jennings(old_lot_values, reference_runs=6)
+    assert any("1-3s" in r.violations for s in one_lot if s.cytometer.startswith("FACSCanto")
+               and s.quantity.startswith("log10 MFI") for r in s.runs)
+    beadqc_png = tmp_path / "lj.png"
+    from hladr.plots import plot_levey_jennings
+
+    plot_levey_jennings([s for s in series if s.cytometer.startswith("FACSCanto")], path=beadqc_png)
+    assert beadqc_png.stat().st_size > 10_000
     assert bead_gain_factors(8, 0, 0.0) == pytest.approx(
         [10 ** (s * math.log10(1.03) * math.sqrt(7 / 8)) for s in (1, -1) * 4])
 
@@ -164,3 +200,32 @@ def test_a_change_is_significant_only_beyond_the_combined_uncertainty():
     assert differs(point(10_000, 0.001), point(11_600, 0.001))
     assert not differs(point(10_000, 0.001), point(11_200, 0.001))
     assert not differs(point(10_000, 0.20), point(13_000, 0.20))  # wide intervals: 30 % is noise
+
+
+@pytest.mark.slow
+def test_default_cohort_courses_rules_and_drift(tmp_path):
+    """The README's cohort: 2 instruments x (20 reference + 14 drifting) days, the 5 designed courses."""
+    truth = simulate_cohort(tmp_path / "export")
+    summary = run_batch(tmp_path / "export", tmp_path / "out", manifest=tmp_path / "export" / "manifest.csv",
+                        jobs=2, progress=False, plots=False)
+    assert summary.ok == summary.patient_tubes == 31 and summary.failed == 0
+    n_ref = truth["reference_days"]
+    with Store(summary.store) as store:
+        flags = {c["store"]["file"]: c["store"]["flags"] for c in store.calibrations()}
+        for instrument in ("canto", "lyric"):
+            beads = [b for b in truth["beads"] if b["instrument"] == instrument]
+            runs = _first_runs(_designed_z([b["gain_factor"] for b in beads], n_ref))
+            first = min((i for i in runs.values() if i is not None), default=None)
+            judged = beads[n_ref:]
+            assert [bool(flags[b["file"]]) for b in judged] == [first is not None and i >= first
+                                                                 for i in range(len(judged))], instrument
+        for patient in truth["patients"]:
+            course = store.patient(patient["patient_id"])
+            assert [p.day.isoformat() for p in course.points] == [s["date"] for s in patient["samples"]]
+            for point, sample in zip(course.points, patient["samples"]):
+                assert point.abc == pytest.approx(sample["abc_true"], rel=0.10)
+            reportable = {p.day.isoformat() for p in course.points if p.reportable}
+            for rule in COURSE_RULES:
+                expected = [d for d in patient["expected_rules"][rule.name] if d in reportable]
+                fired = [d.isoformat() for d in course.fired(rule.name)]
+                assert fired == expected, (patient["patient_id"], rule.name)

@@ -6,8 +6,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +15,10 @@ import hladr
 from hladr import batch
 from hladr.batch import run_batch
 from hladr.store import SCHEMA_VERSION, Store, StoreError
-from tests.test_batch import FAKE_LOT, FAKES, _expected_abc, _tube
+from tests import test_batch
+from tests.test_batch import FAKE_LOT, FAKES, _expected_abc, start_fake_batch
+
+engine_export = test_batch.engine_export  # the batch tests' export: 12 patients and a failing bead tube
 
 
 def _result(sha: str, abc: float, passed: bool = True, bead_sha: str = "b" * 64) -> dict:
@@ -100,17 +101,6 @@ def test_an_unopenable_store_is_a_store_error(tmp_path: Path):
         Store(tmp_path / "not-a-db")
 
 
-@pytest.fixture
-def engine_export(tmp_path: Path) -> Path:
-    root = tmp_path / "engine"
-    _tube(root / "d1", "beads.fcs", btim="08:00:00", seed=100)
-    for i in range(12):
-        _tube(root / "d1", f"p{i:02d}.fcs", btim=f"09:{i:02d}:00", seed=i + 1)
-    _tube(root / "d2", "beads fails.fcs", day="13-MAR-2026", btim="08:00:00", seed=200)
-    _tube(root / "d2", "q01.fcs", day="13-MAR-2026", btim="09:00:00", seed=300)
-    return root
-
-
 def _no_duplicates(path: Path) -> None:
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -147,15 +137,7 @@ def test_batch_writes_every_result_calibration_failure_and_run(engine_export: Pa
 
 def test_store_survives_kill_9_mid_batch_and_resume_adds_no_duplicates(engine_export: Path, tmp_path: Path):
     out = tmp_path / "out"
-    script = (
-        "import sys; sys.path.insert(0, sys.argv[3]); import test_batch; "
-        "from hladr.batch import run_batch; "
-        "run_batch(sys.argv[1], sys.argv[2], jobs=1, progress=False, plots=False, tasks=test_batch.FAKES, "
-        "**test_batch.FAKE_LOT)"
-    )
-    env = dict(os.environ, HLADR_TEST_FAKE_DELAY="0.3")
-    argv = [sys.executable, "-c", script, str(engine_export), str(out), str(Path(__file__).parent)]
-    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    proc = start_fake_batch(engine_export, out, 0.3)
     deadline = time.monotonic() + 60
     db_path = out / batch.STORE
     stored = 0
@@ -182,3 +164,12 @@ def test_store_survives_kill_9_mid_batch_and_resume_adds_no_duplicates(engine_ex
     with Store(db_path) as store:
         assert store.counts()["results"] == 12
     _no_duplicates(db_path)
+
+
+def test_a_results_own_patient_id_and_acquisition_time_are_used_without_a_manifest(tmp_path: Path):
+    with Store(tmp_path / "r.sqlite") as store:
+        result = dict(_result("a" * 64, 4200.0), patient_id="P7", acquired="2026-03-12T09:41:00")
+        store.add_result(result)
+        store.add_result(_result("c" * 64, 9100.0), patient_id="P7", collected_at="2026-03-13T09:00:00")
+        assert [r["store"]["collected_at"] for r in store.results("P7")] == [
+            "2026-03-12T09:41:00", "2026-03-13T09:00:00"]

@@ -28,6 +28,7 @@ _LAZY = {
     "analyze": "analysis",
     "simulate": "simulate",
     "Store": "store",
+    "calibrated_events": "events",
 }
 
 __all__ = ["Decision", "HladrError", "Result", "Sample", "read_fcs", "stratify", *_LAZY]

@@ -29,6 +29,7 @@ import argparse
 import concurrent.futures as cf
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -547,12 +548,15 @@ def calibrate_task(path: str, lot: str | None, values: list[float] | None) -> di
 
 
 def analyze_task(
-    path: str, calibration: dict[str, Any], plot: bool, known: dict[str, Any] | None = None
+    path: str, calibration: dict[str, Any], plot: bool, known: dict[str, Any] | None = None, *,
+    gates: str | None = None, gate_name: str | None = None, gates_out: bool = False,
 ) -> dict[str, Any]:
     """Analyse one patient tube; returns the Result dict (and QC PNG bytes) or the failure.
 
     ``known`` is discovery's ``{"sha256", "identity": (size, mtime_ns)}``: when the file still has
-    that size and modification time its SHA-256 is not computed again.
+    that size and modification time its SHA-256 is not computed again. ``gates``/``gate_name``: a
+    GatingML file or FlowJo workspace whose gate replaces the automatic monocyte gate;
+    ``gates_out``: also return the gates as GatingML 2.0 text (``gatingml``) and its agreement.
     """
     started = time.perf_counter()
     try:
@@ -568,9 +572,13 @@ def analyze_task(
         cal = Calibration.from_dict(calibration)
         with _single_threaded():
             panel = resolve_panel(sample)
-            gating = gate_monocytes(sample, panel)  # once, for the analysis and its figure
+            gating = gate_monocytes(sample, panel, gates=gates, gate_name=gate_name)  # once, for all uses
             result = analyze(sample, cal, panel=panel, gating=gating)
         out: dict[str, Any] = {"status": "ok", "result": result.to_dict()}
+        if gates_out:
+            from .gatingml import export_gates
+
+            out["gatingml"], out["gatingml_agreement"] = export_gates(sample, gating, panel)
         if plot:
             out["png"], out["plot_error"] = _qc_png(sample, result, cal, gating, panel)
         out["seconds"] = time.perf_counter() - started
@@ -740,6 +748,7 @@ class BatchSummary:
     errors: list[dict[str, Any]] = field(default_factory=list)
     calibrations: list[dict[str, Any]] = field(default_factory=list)
     store: Path | None = None
+    bead_qc: list[Any] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -792,15 +801,59 @@ def _lot_for_bead(bead: Tube, default: LotSpec) -> LotSpec:
     return spec or default
 
 
+@dataclass(frozen=True)
+class GatingOptions:
+    """How the batch gates: user gates (``gates``: one file for every tube, or a folder holding
+    ``<tube name>.xml`` / ``.wsp`` per tube), the gate's name, and whether to export the gates."""
+
+    gates: str | None = None
+    gate_name: str | None = None
+    gates_out: bool = False
+
+    def gates_for(self, tube: Tube) -> str | None:
+        """The gates file of one tube (a folder's missing file is returned, and reported by the worker)."""
+        if self.gates is None:
+            return None
+        folder = Path(self.gates)
+        if not folder.is_dir():
+            return str(folder.resolve())
+        stem = Path(tube.rel).stem
+        candidates = [folder / f"{stem}{suffix}" for suffix in (".xml", ".wsp", ".XML", ".WSP")]
+        return str(next((c for c in candidates if c.is_file()), candidates[0]).resolve())
+
+    def task_options(self, tube: Tube) -> dict[str, Any]:
+        """Keyword arguments of :func:`analyze_task` (none when the defaults apply)."""
+        options: dict[str, Any] = {}
+        if self.gates is not None:
+            options.update(gates=self.gates_for(tube), gate_name=self.gate_name)
+        if self.gates_out:
+            options["gates_out"] = True
+        return options
+
+    def key(self, tube: Tube) -> tuple:
+        """What of the gating enters a sample's journal key (nothing by default)."""
+        path = self.gates_for(tube)
+        if path is None:
+            return ()
+        return ("gates", path, _digest(path), self.gate_name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest(path: str) -> str:
+    """SHA-256 of a gates file ("missing" when absent), once per batch process."""
+    return sha256_file(path) if Path(path).is_file() else "missing"
+
+
 class _Run:
     """One batch run: plan, execute, record, collect the outputs."""
 
     def __init__(self, out: Path, plots: bool, journal: Journal, tubes: list[Tube], jobs: list[Job],
                  default_lot: LotSpec, tasks: tuple[Callable[..., dict], Callable[..., dict]],
-                 store: Any = None, run_id: int | None = None):
+                 store: Any = None, run_id: int | None = None, gating: GatingOptions | None = None):
         from . import __version__
 
         self.store, self.run_id = store, run_id
+        self.gating = gating or GatingOptions()
         self.store_calibration_ids: dict[str, int] = {}
 
         self.out, self.plots, self.journal = out, plots, journal
@@ -818,7 +871,8 @@ class _Run:
         return _key("calibration", bead.rel, bead.sha256, lot.lot, lot.values, self.version)
 
     def sample_key(self, job: Job) -> str:
-        return _key("sample", job.tube.rel, job.tube.sha256, self.cal_key(job.bead, job.lot))
+        return _key("sample", job.tube.rel, job.tube.sha256, self.cal_key(job.bead, job.lot),
+                    *self.gating.key(job.tube))
 
     # --- planning -------------------------------------------------------------------
     def plan(self) -> tuple[list[_Task], list[_Task]]:
@@ -907,7 +961,8 @@ class _Run:
         if task.kind == "calibration":
             return executor.submit(self.calibrate_fn, *task.args)
         calibration = self.cal_records[task.cal_key]["calibration"]
-        return executor.submit(self.analyze_fn, task.args[0], calibration, self.plots, task.args[1])
+        return executor.submit(self.analyze_fn, task.args[0], calibration, self.plots, task.args[1],
+                               **self.gating.task_options(task.job.tube))
 
     @staticmethod
     def _restart(executor: cf.Executor, make_executor: Callable[[], cf.Executor],
@@ -924,7 +979,7 @@ class _Run:
         """Journal a finished task; returns the tasks it releases."""
         record: dict[str, Any] = {"key": task.key, "kind": task.kind, "status": outcome["status"],
                                   "seconds": outcome.get("seconds"), "finished": _now()}
-        for name in ("error_type", "reason", "calibration", "result", "plot_error"):
+        for name in ("error_type", "reason", "calibration", "result", "plot_error", "gatingml_agreement"):
             if outcome.get(name) is not None:
                 record[name] = outcome[name]
         if task.kind == "calibration":
@@ -942,6 +997,10 @@ class _Run:
             name = "qc/" + re.sub(r"[^\w.-]+", "_", task.job.tube.rel.replace("/", "__")) + ".png"
             write_atomic(self.out / name, outcome["png"])
             record["qc_png"] = name
+        if outcome.get("gatingml"):
+            name = "gates/" + re.sub(r"[^\w.-]+", "_", task.job.tube.rel.replace("/", "__")) + ".xml"
+            write_atomic(self.out / name, outcome["gatingml"])
+            record["gates_xml"] = name
         self.journal.add(record)
         self._store(record, job=task.job)
         self.sample_records[task.key] = record
@@ -1051,8 +1110,8 @@ def _result_row(record: dict[str, Any], job: Job) -> dict[str, Any]:
 
 
 #: Batch columns of results.csv around the Result's own (``hladr.result.CSV_COLUMNS``).
-BATCH_COLUMNS = ("file", "bead_file", "lot_spec", "ferritin", "stratification", "stratification_reason",
-                 "collected_at", "qc_png")
+BATCH_COLUMNS = ("file", "bead_file", "lot_spec", "bead_flags", "ferritin", "stratification",
+                 "stratification_reason", "collected_at", "qc_png")
 ERROR_COLUMNS = ("file", "role", "stage", "error_type", "reason", "bead_file", "patient_id")
 #: Columns of calibrations.csv: (column, key path in the record, digits); ``calibration.*`` is the fit.
 CALIBRATION_COLUMNS: tuple[tuple[str, str, int | None], ...] = (
@@ -1081,7 +1140,9 @@ def _results_csv_row(result: dict[str, Any]) -> dict[str, Any]:
     from .result import csv_row
 
     strat = result.get("stratification") or {}
-    return {**{k: result.get(k) for k in BATCH_COLUMNS}, **csv_row(result),
+    batch = {k: "; ".join(map(str, v)) if isinstance(v, list) else v
+             for k, v in ((k, result.get(k)) for k in BATCH_COLUMNS)}
+    return {**batch, **csv_row(result),
             "stratification": strat.get("category"), "stratification_reason": strat.get("reason")}
 
 
@@ -1131,6 +1192,9 @@ def run_batch(
     plots: bool = True,
     tasks: tuple[Callable[..., dict], Callable[..., dict]] | None = None,
     store: str | os.PathLike | None = None,
+    gates: str | os.PathLike | None = None,
+    gate_name: str | None = None,
+    gates_out: bool = False,
 ) -> BatchSummary:
     """Analyse every patient tube of an instrument export.
 
@@ -1166,6 +1230,12 @@ def run_batch(
     store
         The results database (:class:`hladr.Store`) every calibration, result, failure, decision and
         the run itself are written to, as each finishes (default: ``out/hladr.sqlite``).
+    gates, gate_name
+        User gates instead of the automatic monocyte gate: a GatingML 2.0 file or FlowJo workspace for
+        every tube (a workspace's sample is matched to the tube by name), or a folder of
+        ``<tube name>.xml`` / ``.wsp`` files, one per tube; ``gate_name`` names the gate to use.
+    gates_out
+        Write each analysed tube's gates as GatingML 2.0 to ``out/gates/``.
 
     Raises
     ------
@@ -1185,6 +1255,8 @@ def run_batch(
         raise BatchError(f"--jobs must be at least 1, not {jobs}")
     if lot is not None and bead_values is not None:
         raise BatchError("give either a lot or bead values, not both")
+    if gates is not None and not Path(gates).exists():
+        raise BatchError("--gates: no such file or folder", gates)
     rows = read_manifest(manifest) if manifest is not None else None
     if lot is not None and Path(lot).exists():  # workers may run elsewhere: an absolute path
         lot = str(Path(lot).resolve())
@@ -1219,7 +1291,9 @@ def run_batch(
         results_store = _open_store(store, out_path)
         summary.store = results_store.path
         run_id = results_store.start_run("batch", str(export_path.resolve()), {"resume": resume})
-        run = _Run(out_path, plots, journal, tubes, jobs_list, default_lot, tasks, results_store, run_id)
+        gating = GatingOptions(None if gates is None else str(gates), gate_name, gates_out)
+        run = _Run(out_path, plots, journal, tubes, jobs_list, default_lot, tasks, results_store, run_id,
+                   gating)
         try:
             todo_cal, todo_samples = run.plan()
             n_tasks = len(todo_cal) + sum(len(v) for v in run.patients_of.values())
@@ -1240,6 +1314,7 @@ def run_batch(
     closing.start()
     try:
         results, errors, calibrations = run.collect()
+        summary.bead_qc = _bead_qc(results_store, results)
         write_tables(out_path, results, errors, calibrations)
         summary.results, summary.errors, summary.calibrations = results, errors, calibrations
         summary.ok = len(results)
@@ -1259,6 +1334,26 @@ def run_batch(
         results_store.close()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _bead_qc(store: Any, results: list[dict[str, Any]]) -> list[Any]:
+    """Levey-Jennings over every bead run in the store (:func:`hladr.beadqc.evaluate_store`); each
+    result row gets ``bead_flags``: the Westgard flags of the calibration it used."""
+    from .beadqc import evaluate_store
+    from .classify import stratify
+    from .result import add_flags
+    from .store import values_key
+
+    series = evaluate_store(store)
+    flags = store.flags_by_calibration_key()
+    for row in results:
+        calibration = row.get("calibration") or {}
+        row["bead_flags"] = flags.get((calibration.get("bead_sha256") or "", values_key(calibration)), [])
+        if row["bead_flags"]:
+            add_flags(row, [f"bead_run_flagged:{flag}" for flag in row["bead_flags"]])
+            if row.get("ferritin") is not None:  # decided again: the HLA-DR value may no longer count
+                row["stratification"] = stratify(row, row["ferritin"]).to_dict()
+    return series
 
 
 def _open_store(store: str | os.PathLike | None, out: Path) -> Any:
@@ -1360,6 +1455,8 @@ def main(args: argparse.Namespace) -> int:
             resume=args.resume, progress=not getattr(args, "quiet", False),
             lot=getattr(args, "lot", None), bead_values=getattr(args, "bead_values", None),
             plots=not getattr(args, "no_plots", False), store=getattr(args, "store", None),
+            gates=getattr(args, "gates", None), gate_name=getattr(args, "gate_name", None),
+            gates_out=getattr(args, "gates_out", False),
         )
     except BatchError as exc:
         print(f"hladr: error: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ in its course.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,8 +31,9 @@ WESTGARD_RULES = {
     "4-1s": "four consecutive runs beyond 1 SD on the same side",
     "10-x": "ten consecutive runs on the same side of the mean",
 }
-#: Smallest SD a reference may have, per quantity (log10 units for MFI and intercept; slope units):
-#: a movement of under ~1 % is not acted on, however quiet the reference period was.
+#: Smallest SD a reference may have, per quantity (log10 units for MFI and intercept; relative for the
+#: slope): a movement of under ~1 % is not acted on, however quiet the reference period was, and a
+#: series at its floor is not judged by 10-x (which acts on shifts of any size).
 SD_FLOOR = {"mfi": math.log10(1.01), "slope": 0.01, "intercept": math.log10(1.01)}
 REFERENCE_RUNS = 20
 
@@ -173,17 +175,22 @@ def _judge(series: Series, reference_runs: int, reference_dates: tuple[date, dat
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
     floor = SD_FLOOR[series.kind] * (abs(mean) if series.kind == "slope" else 1.0)
     series.mean, series.sd = mean, max(sd, floor)
-    if sd < floor:
-        series.note = f"reference SD {sd:.3g} below the floor: {floor:.3g} used"
+    floored = sd < floor
+    if floored:
+        series.note = f"reference SD {sd:.3g} below the floor: {floor:.3g} used, 10-x not applied"
     for r in runs:
         r.z = (r.value - mean) / series.sd
     z = [r.z for r in judged]
     for i, run in enumerate(judged):
-        run.violations = westgard(z[: i + 1])
+        run.violations = westgard(z[: i + 1], shifts=not floored)
 
 
-def westgard(z: Sequence[float]) -> list[str]:
-    """The Westgard rules the last of ``z`` (z-scores of consecutive judged runs) violates."""
+def westgard(z: Sequence[float], shifts: bool = True) -> list[str]:
+    """The Westgard rules the last of ``z`` (z-scores of consecutive judged runs) violates.
+
+    ``shifts=False`` leaves out 10-x, which acts on shifts of any size: for a series whose SD is the
+    floor (:data:`SD_FLOOR`) a shift far below the floor is not worth acting on.
+    """
     out = []
     last = z[-1]
     if abs(last) > 3:
@@ -196,7 +203,7 @@ def westgard(z: Sequence[float]) -> list[str]:
             out.append("R-4s")
     if len(z) >= 4 and (all(v > 1 for v in z[-4:]) or all(v < -1 for v in z[-4:])):
         out.append("4-1s")
-    if len(z) >= 10 and (all(v > 0 for v in z[-10:]) or all(v < 0 for v in z[-10:])):
+    if shifts and len(z) >= 10 and (all(v > 0 for v in z[-10:]) or all(v < 0 for v in z[-10:])):
         out.append("10-x")
     return out
 
@@ -222,6 +229,35 @@ def flag_store(store: Any, series: Sequence[Series]) -> dict[int, list[str]]:
                 code, _, detail = message.partition(" (")
                 store.flag_calibration(cal_id, WESTGARD_VERSION, code, f"({detail}")
     return found
+
+
+def evaluate_store(store: Any, reference_runs: int | None = None,
+                   reference_dates: tuple[date, date] | None = None) -> list[Series]:
+    """Levey-Jennings over every calibration in ``store``; its Westgard flags are replaced by these.
+
+    A reference given here is recorded in the store (a ``beads-qc`` run); without one, the last
+    recorded reference is used (the first :data:`REFERENCE_RUNS` runs when none was ever given), so a
+    batch keeps the reference a lab chose with ``hladr beads-qc``.
+    """
+    if reference_runs is None and reference_dates is None:
+        reference_runs, reference_dates = _recorded_reference(store)
+    else:
+        options = {"reference_runs": reference_runs or REFERENCE_RUNS,
+                   "reference_dates": [d.isoformat() for d in reference_dates] if reference_dates else None}
+        store.finish_run(store.start_run("beads-qc", options=options), {})
+    series = levey_jennings(store.calibrations(), reference_runs or REFERENCE_RUNS, reference_dates)
+    flag_store(store, series)
+    return series
+
+
+def _recorded_reference(store: Any) -> tuple[int, tuple[date, date] | None]:
+    rows = store.query("SELECT options FROM runs WHERE kind = 'beads-qc' ORDER BY id DESC LIMIT 1")
+    if not rows:
+        return REFERENCE_RUNS, None
+    options = json.loads(rows[0]["options"] or "{}")
+    dates = options.get("reference_dates")
+    return int(options.get("reference_runs") or REFERENCE_RUNS), (
+        (date.fromisoformat(dates[0]), date.fromisoformat(dates[1])) if dates else None)
 
 
 def describe(series: Sequence[Series]) -> str:

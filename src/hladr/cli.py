@@ -132,8 +132,8 @@ def cmd_beads_qc(args: argparse.Namespace) -> int:
             ) from None
         dates = (first, last)
     with Store(_existing_store(args.store)) as store:
-        series = beadqc.levey_jennings(store.calibrations(), args.reference_runs, dates)
-        found = beadqc.flag_store(store, series)
+        series = beadqc.evaluate_store(store, args.reference_runs, dates)
+    found = beadqc.violations(series)
     print(beadqc.describe(series))
     if args.plots:
         from .plots import plot_levey_jennings
@@ -235,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bead_values(p)
     p.add_argument("--no-plots", action="store_true", help="skip the QC PNGs and report figures")
     p.add_argument("--store", metavar="PATH", help="results database (default: OUT/hladr.sqlite)")
+    p.add_argument("--gates", metavar="PATH",
+                   help="GatingML/FlowJo workspace for every tube, or a folder of <tube name>.xml|.wsp")
+    p.add_argument("--gate-name", metavar="NAME", help="the monocyte gate's name in --gates")
+    p.add_argument("--gates-out", action="store_true", help="write the gates (GatingML) to OUT/gates/")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_batch)
 

@@ -318,6 +318,15 @@ def to_xml(
     return "\n".join(lines) + "\n"
 
 
+def export_gates(sample: Sample, gating: GatingResult, panel: Panel) -> tuple[str, float]:
+    """The GatingML 2.0 text of one analysed tube's monocyte gates, and its Jaccard agreement with them."""
+    regions = monocyte_regions(sample, gating, panel)
+    cuts = time_cuts(sample, gating, panel, apply_regions(sample, gating, regions))
+    text = to_xml(regions, spillover_matrix(sample), cuts)
+    exported = apply_regions(sample, gating, regions, cuts)
+    return text, agreement(exported, np.asarray(gating.monocytes, dtype=bool))
+
+
 def write_gatingml(path: str | os.PathLike, sample: Sample, gating: GatingResult, panel: Panel) -> float:
     """Write the monocyte gates of one analysed tube as GatingML 2.0 (atomically).
 
@@ -326,7 +335,6 @@ def write_gatingml(path: str | os.PathLike, sample: Sample, gating: GatingResult
     float
         Jaccard agreement between the exported gates (applied by hladr) and the gating's monocytes.
     """
-    regions = monocyte_regions(sample, gating, panel)
-    cuts = time_cuts(sample, gating, panel, apply_regions(sample, gating, regions))
-    atomic_write(Path(path), to_xml(regions, spillover_matrix(sample), cuts))
-    return agreement(apply_regions(sample, gating, regions, cuts), np.asarray(gating.monocytes, dtype=bool))
+    text, agreed = export_gates(sample, gating, panel)
+    atomic_write(Path(path), text)
+    return agreed

@@ -291,7 +291,7 @@ def plot_levey_jennings(series: list, path: str | os.PathLike | None = None) -> 
             if k:
                 ax.axvline(t[0], color="#7f3c8d", lw=1.2)
                 ax.annotate(f"lot {s.lot}", (t[0], 1.0), xycoords=("data", "axes fraction"), fontsize=7,
-                            va="top", ha="left", color="#7f3c8d")
+                            va="top", ha="left", color="#7f3c8d", xytext=(3, -2), textcoords="offset points")
             if s.mean is not None:
                 for m, style in ((0, "-"), (1, ":"), (2, "--"), (3, "-")):
                     for sign in ((1,) if m == 0 else (1, -1)):

@@ -59,6 +59,8 @@ RULES: tuple[Rule, ...] = tuple(Rule(code, severity, rule) for code, severity, r
     ("no_granulocytes", "warn", "no granulocyte population (PBMC rather than lysed whole blood?)"),
     ("panel_from_naming", "warn", "a channel role came from instrument naming, not `$PnS` markers"),
     ("no_scatter", "info", "mass cytometry: gated on DNA, CD45 and CD14 only"),
+    ("bead_run_flagged", "fail", "the bead run broke a Westgard rule of its lot's Levey-Jennings series "
+     "(batch with a results store; docs/beadqc.md)"),
 ))
 
 

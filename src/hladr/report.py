@@ -287,10 +287,73 @@ def render(summary: Any, report_dir: Path, figures: bool = True) -> str:
                      "QC flags": "; ".join(map(str, qc.get("flags") or [])) or record.get("reason")})
     parts.append(_plain_table(rows, ("file", "lot", "status", "slope", "r²", "QC flags"),
                               {"slope": 4, "r²": 5}) if rows else "<p>No bead tube.</p>")
+    parts.append(course_and_bead_sections(summary, figures))
     parts.append("</div>")
     parts.append("<h2 class='no-print'>Sign-out sheets (one printed page per patient)</h2>")
     parts.extend(_signout(i + 1, r, report_dir) for i, r in enumerate(results))
     parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# --- patients over days and beads over months (from the results store) ---------------------------------
+def course_and_bead_sections(summary: Any, figures: bool = True) -> str:
+    """One section per patient of this run (the whole course in the store, rules evaluated) and the
+    Levey-Jennings charts with every Westgard violation (``summary.bead_qc``)."""
+    from .course import COURSE_RULES_VERSION
+
+    store_path = getattr(summary, "store", None)
+    patients = sorted({str(r["patient_id"]) for r in summary.results if r.get("patient_id")})
+    parts = [f"<h2>Patient courses ({html.escape(COURSE_RULES_VERSION)})</h2>"]
+    if store_path is None or not patients:
+        parts.append("<p>No patient ids in this run (give a manifest with a patient_id column).</p>")
+    else:
+        from .store import Store
+
+        with Store(store_path) as store:
+            courses = [store.patient(pid) for pid in patients]
+        for course in courses:
+            parts.append(_course_section(course, figures))
+    series = getattr(summary, "bead_qc", None) or []
+    parts.append("<h2>Bead QC over time (Levey-Jennings, westgard/1)</h2>")
+    if not series:
+        parts.append("<p>No bead run in the store.</p>")
+        return "\n".join(parts)
+    if figures:
+        from .plots import _pyplot, plot_levey_jennings
+
+        for cytometer in dict.fromkeys(s.cytometer for s in series):
+            figure = plot_levey_jennings([s for s in series if s.cytometer == cytometer])
+            parts.append(f"<figure><img alt='Levey-Jennings {html.escape(cytometer)}' "
+                         f"src='data:image/png;base64,{_png(figure)}'></figure>")
+            _pyplot().close(figure)
+    rows = [{"cytometer": s.cytometer, "lot": s.lot, "quantity": s.quantity, "acquired": r.acquired,
+             "bead tube": r.file, "z": f"{r.z:+.2f}", "rules": ", ".join(r.violations)}
+            for s in series for r in s.runs if r.violations]
+    notes = sorted({f"{s.cytometer} lot {s.lot}: {s.note}" for s in series if s.note})
+    parts.append(_plain_table(rows, ("cytometer", "lot", "quantity", "acquired", "bead tube", "z", "rules"))
+                 if rows else "<p>No Westgard violation.</p>")
+    parts += [f"<p>{html.escape(n)}</p>" for n in notes]
+    return "\n".join(parts)
+
+
+def _course_section(course: Any, figures: bool) -> str:
+    parts = [f"<h3>Patient {html.escape(course.patient_id)}</h3>"]
+    if figures:
+        from .plots import _pyplot, plot_course
+
+        figure = plot_course(course)
+        parts.append(f"<img alt='course of {html.escape(course.patient_id)}' "
+                     f"src='data:image/png;base64,{_png(figure)}'>")
+        _pyplot().close(figure)
+    rows = []
+    for p in course.points:
+        lo, hi = (list(p.abc_ci95) + [None, None])[:2]
+        why = "; ".join(p.bead_flags) or "QC"
+        interval = f"{_fmt(lo)} – {_fmt(hi)}"
+        rows.append({"collected": (p.collected_at or "")[:16], "AB/C": p.abc, "95 % CI": interval,
+                     "reportable": "yes" if p.reportable else f"NO ({why})",
+                     "rules": ", ".join(p.rules), "file": p.file})
+    parts.append(_plain_table(rows, ("collected", "AB/C", "95 % CI", "reportable", "rules", "file")))
     return "\n".join(parts)
 
 

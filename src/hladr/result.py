@@ -129,6 +129,24 @@ def upgrade(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def add_flags(data: dict[str, Any], flags: list[str]) -> dict[str, Any]:
+    """Add QC flags found after the analysis (``bead_run_flagged`` from the bead QC over time) to a
+    Result document, in place, sorted by :data:`hladr.qc.DEFAULT_POLICY`: a failing one makes the
+    result not reportable (no class, its reason added)."""
+    from .qc import DEFAULT_POLICY
+
+    new = DEFAULT_POLICY.evaluate(flags)
+    qc = dict(data.get("qc") or {})
+    for key, added in (("flags", new.flags), ("warnings", new.warnings), ("info", new.info)):
+        qc[key] = list(dict.fromkeys([*qc.get(key, []), *added]))
+    qc["passed"] = not qc["flags"]
+    data["qc"] = qc
+    data["reasons"] = [*data.get("reasons", []), *(f"{f} ({DEFAULT_POLICY.explain(f)})" for f in new.flags)]
+    if new.flags:
+        data.update(reportable=False, band=None, immunoparalysis=None, borderline=None)
+    return data
+
+
 def is_reportable(data: dict[str, Any]) -> bool:
     """Whether a Result document (either version, or a bare ``{"qc": {"passed": ...}}``) is reportable."""
     data = upgrade(data)

@@ -779,14 +779,16 @@ def main(args: argparse.Namespace) -> int:
 
 # --- a multi-day cohort: patient courses and bead drift (issue 13) ------------------------------
 #: Patient courses of the default cohort: (patient id, instrument, first day, AB/C per day or None for
-#: no sample that day). Values keep >= 25 % from the 5,000 / 8,000 / 15,000 lines and change by >= 40 %
-#: or not at all, so that the course rules' truth is unambiguous.
+#: no sample that day). Days count from the first day of the courses, which end together on the
+#: cohort's last day; P05 starts 3 days earlier, on the drifting instrument. Values keep >= 25 % from
+#: the 5,000 / 8,000 / 15,000 lines and change by >= 40 % or not at all, so that the course rules'
+#: truth is unambiguous.
 COHORT_COURSES: tuple[tuple[str, str, int, tuple[float | None, ...]], ...] = (
     ("P01-falls", "canto", 0, (20_000.0, 20_000.0, 11_000.0, 6_000.0, 3_000.0, 3_000.0)),
     ("P02-recovers", "canto", 1, (3_000.0, 3_000.0, 6_000.0, 11_000.0, 22_000.0, 22_000.0)),
     ("P03-stays-low", "canto", 0, (3_500.0, 3_500.0, 3_500.0, 3_500.0, 3_500.0)),
     ("P04-gap", "canto", 2, (6_000.0, None, 6_000.0, 20_000.0, 6_000.0)),
-    ("P05-normal", "lyric", 1, (22_000.0, 22_000.0, 22_000.0, 22_000.0, 22_000.0, 22_000.0)),
+    ("P05-normal", "lyric", -3, (22_000.0,) * 10),
 )
 #: Reference-period variation of a bead MFI: a relative SD (2-3 % in practice), applied on the log scale.
 BEAD_DAY_SD = 0.03
@@ -820,9 +822,10 @@ def simulate_cohort(
     drift_per_week: float = DRIFT_PER_WEEK,
     drift_instrument: str = "lyric",
     courses: tuple = COHORT_COURSES,
-    n_events: int = 30_000,
+    n_events: int = 40_000,
     bead_events: int = 100_000,
     start: datetime = datetime(2026, 1, 5, 7, 30),
+    lot_change: tuple[int, tuple[float, ...]] | None = None,
 ) -> dict:
     """Write a multi-day cohort: one bead tube per instrument per day, patients sampled over days.
 
@@ -832,11 +835,15 @@ def simulate_cohort(
     instrument alternates as in the reference period throughout. Patient courses (:data:`COHORT_COURSES`)
     are placed on the last days so that they overlap the drift. Files go to ``day_NN/<instrument>/``.
 
+    ``lot_change=(day, values)``: from that day on the steady instrument's bead tubes are of a new lot
+    (PE molecules per bead ``values``).
+
     Returns the truth (also written as ``cohort.json``); ``manifest.csv`` gives each patient tube its
-    ``patient_id`` and ``collected_at``. The truth's ``expected_rules`` per patient lists, per rule of
-    the course (course/1), the days (ISO dates) it must fire on, derived from the designed values:
-    a value < 5,000; < 8,000 on two consecutive calendar days; > 15,000 after a value at or below it;
-    any designed change (designs change by >= 40 % or not at all).
+    ``patient_id`` and ``collected_at``, and each bead tube its ``lot`` (the lot's values). The truth's
+    ``expected_rules`` per patient lists, per rule of the course (course/1), the days (ISO dates) it
+    must fire on, derived from the designed values: a value < 5,000; < 8,000 on two consecutive
+    calendar days; > 15,000 after a value at or below it; any designed change (designs change by
+    >= 40 % or not at all).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -844,21 +851,27 @@ def simulate_cohort(
     drifting = bead_gain_factors(reference_days, drift_days, drift_per_week)
     steady = bead_gain_factors(n_days, 0, 0.0)
     first_course_day = n_days - max((d0 + len(v) for _, _, d0, v in courses), default=0)
+    if courses and first_course_day + min(d0 for _, _, d0, _ in courses) < 0:
+        raise SimulationError(f"{n_days} days are too few for the courses: they span "
+                              f"{n_days - first_course_day - min(d0 for _, _, d0, _ in courses)} days")
     beads: list[dict] = []
+    manifest = ["file,role,patient_id,lot,collected_at"]
     for day in range(n_days):
         for k, name in enumerate(("canto", "lyric")):
             factor = (drifting if name == drift_instrument else steady)[day]
             inst = get_instrument(name).scaled("PE", factor)
             path = out / f"day_{day:02d}" / name / "beads.fcs"
             path.parent.mkdir(parents=True, exist_ok=True)
-            truth = simulate_beads(path, inst, seed=seed * 100_000 + day * 10 + k, n_events=bead_events,
+            new_lot = lot_change is not None and name != drift_instrument and day >= lot_change[0]
+            lot = tuple(lot_change[1]) if new_lot else QUANTIBRITE_96597
+            truth = simulate_beads(path, inst, lot, seed=seed * 100_000 + day * 10 + k, n_events=bead_events,
                                    acquired_at=start + timedelta(days=day, minutes=5 * k))
+            manifest.append(f"{path.relative_to(out).as_posix()},beads,,{';'.join(f'{v:g}' for v in lot)},")
             truth.update(file=path.relative_to(out).as_posix(), day=day, instrument=name, gain_factor=factor,
                          date=(start + timedelta(days=day)).date().isoformat(),
                          reference=day < reference_days, drifting=name == drift_instrument)
             beads.append(truth)
     patients: list[dict] = []
-    manifest = ["file,patient_id,collected_at"]
     for p, (pid, name, day0, values) in enumerate(courses):
         samples = []
         for i, abc in enumerate(values):
@@ -875,7 +888,7 @@ def simulate_cohort(
             truth.update(file=path.relative_to(out).as_posix(), day=day, date=when.date().isoformat(),
                          design_abc=abc, patient_id=pid)
             samples.append(truth)
-            manifest.append(f"{truth['file']},{pid},{when.isoformat()}")
+            manifest.append(f"{truth['file']},patient,{pid},,{when.isoformat()}")
         patients.append({"patient_id": pid, "instrument": name, "samples": samples,
                          "expected_rules": _designed_rules(samples)})
     cohort = {"seed": seed, "reference_days": reference_days, "drift_days": drift_days,

@@ -273,26 +273,8 @@ class Store:
             "run_id": run_id,
             "created": _now(),
         }
-        with self.transaction() as db:
-            existing = db.execute(
-                "SELECT id, body FROM calibrations WHERE bead_sha256 = ? AND values_key = ?",
-                (row["bead_sha256"], row["values_key"]),
-            ).fetchone()
-            if existing is None:
-                cur = db.execute(
-                    f"INSERT INTO calibrations ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                    tuple(row.values()),
-                )
-                return int(cur.lastrowid)
-            if "instrument" not in cal:  # a Result's summary never replaces a full calibration
-                return int(existing["id"])
-            for name in ("created", "run_id"):
-                row.pop(name)
-            db.execute(
-                f"UPDATE calibrations SET {', '.join(f'{k} = ?' for k in row)} WHERE id = ?",
-                (*row.values(), existing["id"]),
-            )
-            return int(existing["id"])
+        # a Result's calibration summary never replaces a full calibration
+        return self._upsert("calibrations", ("bead_sha256", "values_key"), row, update="instrument" in cal)
 
     def add_result(
         self,
@@ -311,8 +293,8 @@ class Store:
         calibration_id
             The stored calibration it used (default: stored from the Result's own ``calibration``).
         patient_id, collected_at
-            Whose blood and when it was drawn (default: the Result's ``patient_id`` from the tube's
-            keywords, and its acquisition time, ISO 8601).
+            Whose blood and when it was drawn (ISO date-time); default: the Result's own
+            ``patient_id`` (from the FCS keywords) and ``acquired`` time, else ``$DATE``/``$BTIM``.
         """
         res = _plain(result)
         if calibration_id is None:
@@ -320,12 +302,11 @@ class Store:
         if isinstance(collected_at, datetime):
             collected_at = collected_at.isoformat()
         ci = res.get("abc_ci95") or [None, None]
-        patient_id = patient_id or res.get("patient_id")
         row = {
             "sample_sha256": res.get("sha256") or "",
             "calibration_id": calibration_id,
             "file": file or res.get("sample"),
-            "patient_id": patient_id,
+            "patient_id": patient_id or res.get("patient_id"),
             "collected_at": collected_at or res.get("acquired") or acquisition_time(res.get("instrument")),
             "abc": res.get("abc"),
             "abc_lo": ci[0],
@@ -335,24 +316,25 @@ class Store:
             "run_id": run_id,
             "created": _now(),
         }
+        # a re-run without a manifest keeps the patient the result had
+        keep = ("created", "run_id") + (("patient_id",) if row["patient_id"] is None else ())
+        return self._upsert("results", ("sample_sha256", "calibration_id"), row, keep=keep)
+
+    def _upsert(self, table: str, key: tuple[str, ...], row: dict[str, Any], *, update: bool = True,
+                keep: tuple[str, ...] = ("created", "run_id")) -> int:
+        """Insert ``row``, or update the row with the same ``key`` (all but ``keep``); its id."""
         with self.transaction() as db:
-            existing = db.execute(
-                "SELECT id FROM results WHERE sample_sha256 = ? AND calibration_id = ?",
-                (row["sample_sha256"], calibration_id),
-            ).fetchone()
+            where = " AND ".join(f"{k} = ?" for k in key)
+            existing = db.execute(f"SELECT id FROM {table} WHERE {where}", [row[k] for k in key]).fetchone()
             if existing is None:
-                cur = db.execute(
-                    f"INSERT INTO results ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                    tuple(row.values()),
-                )
+                columns = ", ".join(row)
+                cur = db.execute(f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(row))})",
+                                 tuple(row.values()))
                 return int(cur.lastrowid)
-            row.pop("created")
-            if patient_id is None:  # a re-run without a manifest keeps the patient it had
-                row.pop("patient_id")
-            db.execute(
-                f"UPDATE results SET {', '.join(f'{k} = ?' for k in row)} WHERE id = ?",
-                (*row.values(), existing["id"]),
-            )
+            if update:
+                changed = {k: v for k, v in row.items() if k not in keep}
+                db.execute(f"UPDATE {table} SET {', '.join(f'{k} = ?' for k in changed)} WHERE id = ?",
+                           (*changed.values(), existing["id"]))
             return int(existing["id"])
 
     def add_decision(self, result_id: int, decision: Any) -> int:
@@ -413,6 +395,15 @@ class Store:
             (calibration_id,),
         )
         return [f"{r['code']}: {r['message']}" if r["message"] else r["code"] for r in rows]
+
+    def flags_by_calibration_key(self) -> dict[tuple[str, str], list[str]]:
+        """Every calibration's flags by its key (bead SHA-256, :func:`values_key`), in one query."""
+        out: dict[tuple[str, str], list[str]] = {}
+        for r in self.query("SELECT c.bead_sha256, c.values_key, f.code, f.message FROM calibration_flags f "
+                            "JOIN calibrations c ON c.id = f.calibration_id ORDER BY f.id"):
+            text = f"{r['code']}: {r['message']}" if r["message"] else r["code"]
+            out.setdefault((r["bead_sha256"], r["values_key"]), []).append(text)
+        return out
 
     def results(self, patient_id: str | None = None) -> list[dict[str, Any]]:
         """Stored results (one patient's, or all), oldest first.
