@@ -118,6 +118,17 @@ def test_drift_flags_reach_every_patient_result_of_that_run(cohort):
             assert any(f.startswith("bead_run_flagged:") for f in row["qc"]["flags"])
 
 
+def test_beads_qc_with_a_reference_date_range(cohort, capsys):
+    truth, summary, _ = cohort
+    days = sorted({b["date"] for b in truth["beads"] if b["reference"]})
+    assert cli.main(["beads-qc", "--store", str(summary.store), "--reference-dates",
+                     f"{days[0]},{days[-1]}"]) == 3
+    assert "mean" in capsys.readouterr().out
+    assert cli.main(["beads-qc", "--store", str(summary.store), "--reference-dates", "yesterday"]) == 1
+    assert "--reference-dates must be FIRST,LAST" in capsys.readouterr().err
+    assert cli.main(["beads-qc", "--store", str(summary.store), "--reference-runs", "4"]) == 3  # as before
+
+
 def test_patient_cli_prints_the_course_and_draws_the_trend(cohort, capsys):
     _, summary, root = cohort
     png = root / "trend.png"
@@ -125,6 +136,10 @@ def test_patient_cli_prints_the_course_and_draws_the_trend(cohort, capsys):
     text = capsys.readouterr().out
     assert "patient P02-recovers: 6 result(s)" in text and "recovery" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli.main(["patient", "P02-recovers", "--store", str(summary.store), "--json"]) == 0
+    course = json.loads(capsys.readouterr().out)
+    assert course["schema"] == "hladr.course/1" and len(course["points"]) == 6
+    assert [r["name"] for r in course["rules"]] == [r.name for r in COURSE_RULES]
     assert cli.main(["patient", "nobody", "--store", str(summary.store)]) == 1
     assert "no result of patient 'nobody'" in capsys.readouterr().err
     assert cli.main(["patient", "P01", "--store", str(root / "missing.sqlite")]) == 1

@@ -64,6 +64,20 @@ def statistic_ci95(values: np.ndarray, statistic: str) -> tuple[float, float]:
     return float(10 ** (logs.mean() - half)), float(10 ** (logs.mean() + half))
 
 
+def gates_disagree(
+    gating: GatingResult, channel: str, statistic: str, mfi: float, mfi_ci: tuple[float, float]
+) -> list[str]:
+    """``gates_disagree:<gate> <difference>`` for each alternative gate whose monocytes' statistic
+    falls outside the result's 95 % interval: two gates that disagree by more than the result's
+    uncertainty are reported, not silently chosen between."""
+    out = []
+    for name, mask in gating.alternatives.items():
+        other = _statistic(gating.compensated[channel][mask], statistic)
+        if not mfi_ci[0] <= other <= mfi_ci[1]:
+            out.append(f"gates_disagree:{name} {other / mfi - 1:+.1%}")
+    return out
+
+
 def analyze(
     sample: Sample,
     calibration: Calibration,
@@ -135,6 +149,8 @@ def analyze(
 
     spread = _uncertainty(sample, calibration, panel, gating, pe_all, pe, statistic, mfi)
     ci = spread.interval(abc)
+    half_mfi = 10 ** (spread.total / calibration.slope) if calibration.slope > 0 else np.inf  # in MFI units
+    flags += gates_disagree(gating, panel["HLA-DR"], statistic, mfi, (mfi / half_mfi, mfi * half_mfi))
     if 100 * (10**spread.total - 1) > policy.wide_interval_pct:
         flags.append(f"wide_interval:+-{100 * (10**spread.total - 1):.0f}%")
     outcome = policy.evaluate(flags)
@@ -313,7 +329,7 @@ def main(args: argparse.Namespace) -> int:
     cal = calibrate(beads, lot=args.lot, values=args.bead_values, statistic=args.statistic)
     sample = read_fcs(args.sample, lenient=True)
     panel = resolve_panel(sample, hladr=args.hladr, cd14=args.cd14, cd45=args.cd45)
-    gating = gate_monocytes(sample, panel, gates=args.gates)
+    gating = gate_monocytes(sample, panel, gates=args.gates, gate_name=getattr(args, "gate_name", None))
     result = analyze(sample, cal, statistic=args.statistic, panel=panel, gating=gating, gates=args.gates)
     print(json.dumps(result.to_dict()) if args.json else describe(result), flush=True)
     if args.plot:  # after the result is printed: a figure that cannot be written never loses it

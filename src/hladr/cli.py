@@ -221,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cd45", metavar="CH", help="CD45 channel")
     p.add_argument("--statistic", choices=["median", "geomean"], default="median")
     p.add_argument("--gates", metavar="FILE", help="GatingML 2.0 file or FlowJo workspace")
+    p.add_argument("--gate-name", metavar="NAME", help="the monocyte gate's name in --gates")
     p.add_argument("--json", action="store_true", help="print the Result as one JSON object")
     p.add_argument("--plot", metavar="PNG", help="write the QC figure")
     p.set_defaults(func=cmd_analyze)

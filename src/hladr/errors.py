@@ -86,3 +86,7 @@ class SimulationError(HladrError):
 
 class BatchError(HladrError):
     """A batch run cannot start (bad export folder, manifest or arguments)."""
+
+
+class StoreError(HladrError):
+    """The results database cannot be opened, migrated or written, or holds no such record."""

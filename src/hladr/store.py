@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import HladrError
+from .errors import StoreError
 
 #: SQL taking the schema from version i to i + 1 (MIGRATIONS[0] creates version 1). Append, never edit.
 MIGRATIONS: tuple[str, ...] = (
@@ -69,10 +69,6 @@ MIGRATIONS: tuple[str, ...] = (
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_S = 30.0
-
-
-class StoreError(HladrError):
-    """The results database cannot be opened, migrated or written."""
 
 
 def _now() -> str:
