@@ -54,7 +54,7 @@ RULES: tuple[Rule, ...] = tuple(Rule(code, severity, rule) for code, severity, r
     ("outside_bead_range", "warn", "monocyte MFI outside the fitted bead range (extrapolated)"),
     ("outside_bead_range_far", "fail", "monocyte MFI more than `bead_range_far_factor` x outside it"),
     ("wide_interval", "warn", "the 95 % interval is wider than `wide_interval_pct` % either side"),
-    ("fallback_gating", "warn", "the joint gate failed its checks: the density gate or the clustering answered"),
+    ("fallback_gating", "warn", "the joint gate failed its checks: the density gate or clustering answered"),
     ("gates_disagree", "warn", "an alternative gate's monocytes give a value outside the 95 % interval"),
     ("time_gate_removed", "warn", "more than 10 % of events dropped by the time gate (a clog)"),
     ("no_granulocytes", "warn", "no granulocyte population (PBMC rather than lysed whole blood?)"),
