@@ -4,10 +4,13 @@ Simulated tubes on every instrument preset, half with the default blood profile 
 (immature granulocytes, activated CD14-dim neutrophils, a CD14 continuum in monocytes); AB/C
 log-uniform 1,000-40,000 with a quarter near 5,000; 0.5-12 % monocytes (down to ~150); clogs and
 two-colour panels (1 in 5), unlabelled channels (2 in 5). Each preset's bead tube is calibrated
-once. A tube "covers" when its ``abc_ci95`` contains ``abc_true`` (the median over the true
-monocytes). Every analysed tube counts, reportable or not.
+once. With ``--severe N``, N tubes of the severe-sepsis profile (``simulate.severe_sepsis_cohort``:
+CD14 loss, activated neutrophils and immature granulocytes at the monocytes' SSC, 0.3-2 % monocytes,
+doublets, clogs) are added. A tube "covers" when its ``abc_ci95`` contains ``abc_true`` (the median
+over the true monocytes). Every analysed tube counts, reportable or not; a tube the gating refuses is
+reported apart.
 
-Run: python benchmarks/bench_coverage.py [--n 200] [--seed 12] [--events 25000] [-v]
+Run: python benchmarks/bench_coverage.py [--n 200] [--severe 100] [--seed 12] [--events 25000] [-v]
 ``tests/test_uncertainty.py`` runs it as a slow test (``pytest -m slow``).
 """
 
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 import hladr
-from hladr.simulate import INSTRUMENTS, simulate_beads, simulate_blood
+from hladr.simulate import INSTRUMENTS, severe_sepsis_cohort, simulate_beads, simulate_blood
 
 
 def cases(n: int, seed: int, n_events: int) -> list[dict]:
@@ -46,8 +49,8 @@ def cases(n: int, seed: int, n_events: int) -> list[dict]:
     return out
 
 
-def run(n: int = 200, seed: int = 12, n_events: int = 25_000, verbose: bool = False) -> dict:
-    """Simulate and analyse ``n`` tubes; returns the coverage figures and one row per tube."""
+def run(n: int = 200, seed: int = 12, n_events: int = 25_000, verbose: bool = False, severe: int = 0) -> dict:
+    """Simulate and analyse ``n`` (+ ``severe``) tubes; returns the coverage figures and one row per tube."""
     rows = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hladr-coverage-") as tmp:
@@ -56,10 +59,17 @@ def run(n: int = 200, seed: int = 12, n_events: int = 25_000, verbose: bool = Fa
         for i, name in enumerate(sorted(INSTRUMENTS)):
             simulate_beads(folder / f"beads_{name}.fcs", name, seed=seed * 100 + i, n_events=10_000)
             calibrations[name] = hladr.calibrate(hladr.read_fcs(folder / f"beads_{name}.fcs"), lot="96597")
-        for case in cases(n, seed, n_events):
+        specs = [(("septic" if c["septic"] else "default"), c) for c in cases(n, seed, n_events)]
+        specs += [("severe", c) for c in severe_sepsis_cohort(severe, seed=seed)]
+        for profile, case in specs:
             path = folder / "p.fcs"
-            params = {k: v for k, v in case.items() if k not in ("instrument", "abc")}
-            truth = simulate_blood(path, case["instrument"], case["abc"], **params)["abc_true"]
+            if profile == "severe":
+                truth = simulate_blood(path, **case)["abc_true"]
+                case = {"instrument": case["instrument"], "panel": case["severe"].panel}
+            else:
+                params = {k: v for k, v in case.items() if k not in ("instrument", "abc")}
+                truth = simulate_blood(path, case["instrument"], case["abc"], **params)["abc_true"]
+            case = {**case, "profile": profile}
             try:
                 result = hladr.analyze(hladr.read_fcs(path), calibrations[case["instrument"]])
             except hladr.HladrError as exc:
@@ -72,7 +82,7 @@ def run(n: int = 200, seed: int = 12, n_events: int = 25_000, verbose: bool = Fa
             rows.append(row)
             if verbose:
                 u = result.uncertainty
-                print(f"{case['instrument']:<9} septic={case['septic']!s:<5} {case['panel']} "
+                print(f"{case['instrument']:<9} {profile:<8} {case['panel']} "
                       f"true {truth:>7,.0f} abc {result.abc:>7,.0f} ({result.abc / truth - 1:+6.2%}) "
                       f"+-{u['total_pct']:5.1f}% (s {u['sampling_pct']:.1f} c {u['calibration_pct']:.1f} "
                       f"g {u['gating_pct']:.1f}) {'ok' if row['covered'] else 'MISSED'}")
@@ -91,10 +101,11 @@ def run(n: int = 200, seed: int = 12, n_events: int = 25_000, verbose: bool = Fa
         "covered_by_sampling_part_only": int(sampling_only),
         "p95_error_to_halfwidth": float(np.percentile(ratio, 95)),
         "by_profile": {
-            name: f"{sum(r['covered'] for r in analysed if r['septic'] == septic)}/"
-                  f"{sum(r['septic'] == septic for r in analysed)}"
-            for name, septic in (("default", False), ("septic", True))
+            name: f"{sum(r['covered'] for r in analysed if r['profile'] == name)}/"
+                  f"{sum(r['profile'] == name for r in analysed)}"
+            for name in ("default", "septic", "severe") if any(r["profile"] == name for r in rows)
         },
+        "refused": [r["error"] for r in rows if "error" in r],
         "by_instrument": {
             name: f"{sum(r['covered'] for r in analysed if r['instrument'] == name)}/"
                   f"{sum(r['instrument'] == name for r in analysed)}"
@@ -111,9 +122,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--events", type=int, default=25_000)
+    parser.add_argument("--severe", type=int, default=0, help="severe-sepsis tubes added")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
-    s = run(args.n, args.seed, args.events, args.verbose)
+    s = run(args.n, args.seed, args.events, args.verbose, args.severe)
     print(f"coverage {s['covered']}/{s['analysed']} = {s['coverage']:.1%} "
           f"({s['tubes'] - s['analysed']} tube(s) not analysable); median 95 % half-width "
           f"+-{s['median_halfwidth_pct']:.1f} %; median |error| {s['median_abs_error_pct']:.2f} %; "
