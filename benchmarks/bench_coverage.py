@@ -105,6 +105,10 @@ def run(n: int = 200, seed: int = 12, n_events: int = 25_000, verbose: bool = Fa
                   f"{sum(r['profile'] == name for r in analysed)}"
             for name in ("default", "septic", "severe") if any(r["profile"] == name for r in rows)
         },
+        "median_halfwidth_by_profile": {
+            name: round(float(np.median([r["total_pct"] for r in analysed if r["profile"] == name])), 1)
+            for name in ("default", "septic", "severe") if any(r["profile"] == name for r in analysed)
+        },
         "refused": [r["error"] for r in rows if "error" in r],
         "by_instrument": {
             name: f"{sum(r['covered'] for r in analysed if r['instrument'] == name)}/"
@@ -131,7 +135,8 @@ def main() -> None:
           f"+-{s['median_halfwidth_pct']:.1f} %; median |error| {s['median_abs_error_pct']:.2f} %; "
           f"95th pct |error| / half-width {s['p95_error_to_halfwidth']:.2f}; the sampling part alone (the "
           f"old interval) covers {s['covered_by_sampling_part_only']}/{s['analysed']}; "
-          f"by profile {s['by_profile']}; by instrument {s['by_instrument']}; {s['seconds']:.0f} s")
+          f"by profile {s['by_profile']} (median half-width {s['median_halfwidth_by_profile']}); "
+          f"by instrument {s['by_instrument']}; {s['seconds']:.0f} s")
 
 
 if __name__ == "__main__":
