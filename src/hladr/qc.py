@@ -56,7 +56,7 @@ RULES: tuple[Rule, ...] = tuple(Rule(code, severity, rule) for code, severity, r
     ("wide_interval", "warn", "the 95 % interval is wider than `wide_interval_pct` % either side"),
     ("fallback_gating", "warn", "the joint gate failed its checks: the density gate or clustering answered"),
     ("gates_disagree", "warn", "an alternative gate's monocytes give a value outside the 95 % interval"),
-    ("nonfinite_events", "warn", "events with NaN or infinite values were dropped (over 5 % refuse the file)"),
+    ("nonfinite_events", "warn", "events with NaN or infinite values dropped (over 5 % refuse the file)"),
     ("time_gate_removed", "warn", "more than 10 % of events dropped by the time gate (a clog)"),
     ("no_granulocytes", "warn", "no granulocyte population (PBMC rather than lysed whole blood?)"),
     ("panel_from_naming", "warn", "a channel role came from instrument naming, not `$PnS` markers"),
