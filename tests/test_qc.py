@@ -57,7 +57,8 @@ def test_thresholds_decide_the_monocyte_and_saturation_flags():
     assert p.monocyte_flags(3000, 0.02) == ["hladr_some_saturated:2.0%"]
     assert p.monocyte_flags(3000, 0.06) == ["hladr_saturated:6.0%"]
     assert p.bead_range_flags(500.0, (600.0, 60_000.0))[0].startswith("outside_bead_range:")
-    assert p.bead_range_flags(200.0, (600.0, 60_000.0))[0].startswith("outside_bead_range_far:")
+    assert p.bead_range_flags(200.0, (600.0, 60_000.0))[0].startswith("outside_bead_range:")  # below: warns
+    assert p.bead_range_flags(130_000.0, (600.0, 60_000.0))[0].startswith("outside_bead_range_far:")
     assert p.bead_range_flags(6000.0, (600.0, 60_000.0)) == []
 
 

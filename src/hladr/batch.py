@@ -162,7 +162,12 @@ def _settings(keywords: Mapping[str, str], channels: list[str]) -> dict[str, flo
 
 
 def classify_role(name: str, keywords: Mapping[str, str], markers: Iterable[str]) -> tuple[str, str]:
-    """Bead tube, patient tube or control, from names and markers.
+    """Bead tube, patient tube or control, from the TEXT alone (markers first, then names).
+
+    A control name (FMO, unstained, compensation, CS&T) makes a control; cell-antigen markers
+    (CD14, CD45, HLA-DR) say patient whatever the name says; else a bead-like name says beads.
+    This is only the TEXT's view: :func:`_describe` lets the tube's content decide
+    (:func:`hladr.beads.tube_evidence`) and keeps this as evidence.
 
     Returns
     -------
@@ -171,16 +176,38 @@ def classify_role(name: str, keywords: Mapping[str, str], markers: Iterable[str]
         compensation controls); ``reason`` says what decided it.
     """
     names = [name] + [keywords[k] for k in NAME_KEYWORDS if keywords.get(k)]
-    for text in names:
-        if BEAD_PATTERN.search(text):
-            return "beads", f"name {text!r} says beads"
+    found = sorted({m for m in markers if m and PATIENT_MARKER_PATTERN.search(m)})
     for text in names:
         if CONTROL_PATTERN.search(text):
             return "ignore", f"name {text!r} says set-up/compensation control"
-    found = sorted({m for m in markers if m and PATIENT_MARKER_PATTERN.search(m)})
     if found:
         return "patient", f"markers {', '.join(found)}"
+    for text in names:
+        if BEAD_PATTERN.search(text):
+            return "beads", f"name {text!r} says beads"
     return "patient", "not named as beads or a control"
+
+
+def _content_role(path: Path, role: str, reason: str) -> tuple[str, str]:
+    """The role the tube's content shows (beads or cells), with the TEXT's evidence beside it.
+
+    Content decides: a bead tube acquired in the lab's HLA-DR template carries the panel's markers,
+    and a patient tube may be named anything. An unreadable file keeps the TEXT's role (the
+    analysis reports what is wrong with it).
+    """
+    from .beads import tube_evidence
+    from .fcs import read_fcs
+
+    try:
+        evidence = tube_evidence(read_fcs(path, lenient=True))
+    except HladrError:
+        return role, reason
+    if evidence.is_beads:
+        found = (f"content: beads (scatter spread {evidence.scatter_iqr:.2f} decades, "
+                 f"{evidence.narrow_share:.0%} in narrow populations)")
+        return "beads", found if role == "beads" else f"{found}; TEXT said patient ({reason})"
+    found = f"content: cells ({evidence.summary()})"
+    return "patient", found if role == "patient" else f"{found}; TEXT said beads ({reason})"
 
 
 def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
@@ -297,6 +324,8 @@ def _describe(path: Path, root: Path) -> Tube:
     except ValueError:
         tube.n_events = 0
     tube.role, tube.role_reason = classify_role(path.name, keywords, markers)
+    if tube.role != "ignore":
+        tube.role, tube.role_reason = _content_role(path, tube.role, tube.role_reason)
     return tube
 
 
@@ -1039,6 +1068,7 @@ class _Run:
         """Rewrite the tables from what is finished so far (atomically)."""
         self.last_flush = time.monotonic()
         write_tables(self.out, *self.collect())
+        write_atomic(self.out / "ignored.csv", _csv_text(self.ignored(), ("file", "role", "reason")))
 
     def collect(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
         """Results, errors and calibrations of this run's plan, from the finished records."""
@@ -1079,6 +1109,11 @@ class _Run:
         errors.sort(key=lambda e: e["file"])
         return results, errors, calibrations
 
+    def ignored(self) -> list[dict[str, Any]]:
+        """Every tube left out of the analysis (controls, files the manifest skips), with the reason."""
+        return [{"file": t.rel, "role": t.role, "reason": t.role_reason}
+                for t in self.tubes if t.role == "ignore" and t.error is None]
+
 
 def _now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
@@ -1096,8 +1131,8 @@ def _result_row(record: dict[str, Any], job: Job) -> dict[str, Any]:
     from .result import upgrade
 
     row = upgrade(dict(record["result"]))  # a journal of an older run may hold hladr.result/1
-    row.update(file=job.tube.rel, bead_file=job.bead.rel, collected_at=job.collected_at,
-               lot_spec=job.lot.label, qc_png=record.get("qc_png"))
+    row.update(file=job.tube.rel, role=job.tube.role_reason, bead_file=job.bead.rel,
+               collected_at=job.collected_at, lot_spec=job.lot.label, qc_png=record.get("qc_png"))
     if job.patient_id:  # the manifest's id wins over the file's keywords
         row["patient_id"] = job.patient_id
         row["identity_source"] = {**(row.get("identity_source") or {}), "patient_id": "manifest"}
@@ -1110,7 +1145,7 @@ def _result_row(record: dict[str, Any], job: Job) -> dict[str, Any]:
 
 
 #: Batch columns of results.csv around the Result's own (``hladr.result.CSV_COLUMNS``).
-BATCH_COLUMNS = ("file", "bead_file", "lot_spec", "bead_flags", "ferritin", "stratification",
+BATCH_COLUMNS = ("file", "role", "bead_file", "lot_spec", "bead_flags", "ferritin", "stratification",
                  "stratification_reason", "collected_at", "qc_png")
 ERROR_COLUMNS = ("file", "role", "stage", "error_type", "reason", "bead_file", "patient_id")
 #: Columns of calibrations.csv: (column, key path in the record, digits); ``calibration.*`` is the fit.

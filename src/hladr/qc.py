@@ -52,7 +52,7 @@ RULES: tuple[Rule, ...] = tuple(Rule(code, severity, rule) for code, severity, r
     ("serial_mismatch", "warn", "the bead tube's cytometer serial differs"),
     ("calibration_failed", "fail", "the bead calibration failed its own QC (docs/calibration.md)"),
     ("outside_bead_range", "warn", "monocyte MFI outside the fitted bead range (extrapolated)"),
-    ("outside_bead_range_far", "fail", "monocyte MFI more than `bead_range_far_factor` x outside it"),
+    ("outside_bead_range_far", "fail", "monocyte MFI over `bead_range_far_factor` x the brightest level's"),
     ("wide_interval", "warn", "the 95 % interval is wider than `wide_interval_pct` % either side"),
     ("fallback_gating", "warn", "the joint gate failed its checks: the density gate or clustering answered"),
     ("gates_disagree", "warn", "an alternative gate's monocytes give a value outside the 95 % interval"),
@@ -165,11 +165,14 @@ class QCPolicy:
         return flags
 
     def bead_range_flags(self, mfi: float, bead_range: tuple[float, float]) -> list[str]:
-        """``outside_bead_range[_far]`` when the monocytes' MFI is outside the fitted bead range."""
+        """``outside_bead_range[_far]`` when the monocytes' MFI is outside the fitted bead range.
+
+        Below the dimmest level only warns: the 5,000 threshold lies inside the bead range, so the
+        class is not in doubt; far above the brightest level fails."""
         lo, hi = bead_range
         if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= mfi <= hi:
             return []
-        far = mfi < lo / self.bead_range_far_factor or mfi > hi * self.bead_range_far_factor
+        far = mfi > hi * self.bead_range_far_factor
         return [f"outside_bead_range{'_far' if far else ''}:MFI {mfi:,.0f} vs beads {lo:,.0f}-{hi:,.0f}"]
 
     def settings_flags(
