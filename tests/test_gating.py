@@ -222,7 +222,7 @@ def test_joint_gate_is_deterministic_and_its_boundaries_are_parameters(tmp_path)
     panel = resolve_panel(sample)
     a, b = gate_monocytes(sample, panel, seed=3), gate_monocytes(sample, panel, seed=3)
     np.testing.assert_array_equal(a.monocytes, b.monocytes)
-    bright_only = gate_monocytes(sample, panel, bounds=JointGate(posterior=2.0))  # no CD14-dim event passes
+    bright_only = gate_monocytes(sample, panel, bounds=JointGate(dim_reach=0.0))  # no CD14-dim range
     assert not (bright_only.monocytes & ~a.monocytes).any()
     assert bright_only.monocytes.sum() < a.monocytes.sum()
     cd14 = a.compensated[panel["CD14"]]

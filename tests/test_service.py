@@ -24,14 +24,23 @@ from tests.service_server import (  # noqa: E402
     AUTH,
     AUTH_ADMIN,
     AUTH_OTHER,
+    LIVE,
     TOKEN,
     Server,
     calibrate,
     descendants,
+    stop_all,
     submit,
     wait_finished,
     wait_gone,
 )
+
+
+@pytest.fixture(autouse=True)
+def _no_server_outlives_its_test():
+    before = set(LIVE)  # servers of wider-scoped fixtures
+    yield
+    stop_all(keep=before)
 
 
 @pytest.fixture
