@@ -154,3 +154,34 @@ def test_the_documented_qc_table_is_the_policy():
     from tests.conftest import ROOT
 
     assert markdown_table() in (ROOT / "docs" / "result.md").read_text()
+
+
+def test_reagent_and_preanalytics_keys_are_in_the_schema_and_validate():
+    """The keys issue 17 added: documented in the schema (with the same vocabularies as the code) and
+    validated there; a wrong value is refused."""
+    from datetime import datetime
+
+    from hladr.preanalytics import PROTOCOLS, STORAGES, TUBES, PreAnalytics
+    from hladr.reagent import DEFAULT_REAGENT, load_reagent
+
+    props = schema.result_schema()["properties"]
+    for key in ("pe_molecules", "reagent", "preanalytics"):
+        assert props[key].get("description"), f"{key} is not described in the schema"
+    reagent = load_reagent(DEFAULT_REAGENT).to_dict()
+    assert set(props["reagent"]["properties"]) == set(reagent)
+    pre = PreAnalytics(collected_at=datetime(2026, 3, 1, 8), stained_at=datetime(2026, 3, 1, 10), tube="edta",
+                       storage="ice", protocol="lyse-wash").to_dict(datetime(2026, 3, 1, 11))
+    assert set(props["preanalytics"]["properties"]) == set(pre)
+    for key, table in (("tube", TUBES), ("storage", STORAGES), ("protocol", PROTOCOLS)):
+        assert set(props["preanalytics"]["properties"][key]["enum"]) == {*table, None}
+    assert "reagent_pct" in props["uncertainty"]["properties"]
+    document = _result(pe_molecules=4200.0, reagent=reagent, preanalytics=pre,
+                       uncertainty={"reagent_pct": 0.0, "total_pct": 3.0}).to_dict()
+    assert document["preanalytics"]["age_at_staining_h"] == 2.0
+    schema.validate(document)
+    schema.validate(_result(reagent=reagent).to_dict())  # no pre-analytics recorded: null
+    for broken in ({**pre, "tube": "serum"}, {**pre, "age_at_staining_h": "2 h"}):
+        with pytest.raises(schema.SchemaError, match="preanalytics"):
+            schema.validate(document | {"preanalytics": broken})
+    with pytest.raises(schema.SchemaError, match="reagent"):
+        schema.validate(document | {"reagent": {**reagent, "fp_ratio": 0}})

@@ -51,6 +51,10 @@ def test_parts_combine_as_a_root_sum_of_squares():
     assert (lo, hi) == pytest.approx((5000 / 10**0.05, 5000 * 10**0.05))
     assert u.to_dict()["total_pct"] == pytest.approx(100 * (10**0.05 - 1), abs=0.01)
     assert u.to_dict()["gating_pct"] is None
+    with_reagent = Uncertainty(sampling=0.03, calibration=0.04, gating=math.nan, reagent=math.log10(1.05))
+    # a +-5 % F/P ratio joins as a fourth part: sqrt(0.03**2 + 0.04**2 + log10(1.05)**2) by hand
+    assert with_reagent.total == pytest.approx(math.sqrt(0.0025 + math.log10(1.05) ** 2))
+    assert with_reagent.to_dict()["reagent_pct"] == pytest.approx(5.0)
 
 
 def test_gate_part_is_the_median_shift_of_contaminants_at_the_edge():

@@ -24,7 +24,9 @@ from .errors import AnalysisError
 from .fcs import Sample
 from .gating import GatingResult, gate_monocytes
 from .panel import Panel, resolve_panel
+from .preanalytics import PreAnalytics, describe_handling
 from .qc import DEFAULT_POLICY, QCPolicy
+from .reagent import DEFAULT_REAGENT, Reagent, describe_reagent, load_reagent
 from .result import Result
 
 
@@ -91,6 +93,8 @@ def analyze(
     panel: Panel | None = None,
     gating: GatingResult | None = None,
     policy: QCPolicy = DEFAULT_POLICY,
+    reagent: Reagent | None = None,
+    preanalytics: PreAnalytics | None = None,
 ) -> Result:
     """mHLA-DR of one patient tube.
 
@@ -112,7 +116,14 @@ def analyze(
         An already resolved panel and gating of this tube (they are computed otherwise).
     policy
         The QC policy (thresholds and severities), recorded in ``provenance.qc_policy``.
+    reagent
+        The anti-HLA-DR conjugate (:func:`hladr.reagent.load_reagent`); AB/C = PE molecules / its
+        F/P ratio. Default: BD Quantibrite anti-HLA-DR PE (1:1).
+    preanalytics
+        The sample's handling (times, tube, storage, protocol): its ages are recorded and checked
+        against the policy's stability windows and reference protocol. None: not recorded, not checked.
     """
+    reagent = reagent or load_reagent(DEFAULT_REAGENT)
     statistic = statistic or calibration.statistic
     if statistic != calibration.statistic:
         raise AnalysisError(
@@ -137,7 +148,8 @@ def analyze(
     mfi = _statistic(pe, statistic)
     if not np.isfinite(mfi) or mfi <= 0:
         raise AnalysisError(f"monocyte HLA-DR statistic is {mfi:g}: not measurable", sample.path)
-    abc = float(calibration.molecules(mfi))
+    molecules = float(calibration.molecules(mfi))
+    abc = reagent.abc(molecules)
 
     top = sample.ranges.get(panel["HLA-DR"])
     saturated = None
@@ -147,12 +159,14 @@ def analyze(
     flags += policy.monocyte_flags(n_mono, saturated)
     flags += policy.bead_range_flags(mfi, calibration.mfi_range)
 
-    spread = _uncertainty(sample, calibration, panel, gating, pe_all, pe, statistic, mfi)
+    spread = _uncertainty(sample, calibration, panel, gating, pe_all, pe, statistic, mfi, reagent)
     ci = spread.interval(abc)
     half_mfi = 10 ** (spread.total / calibration.slope) if calibration.slope > 0 else np.inf  # in MFI units
     flags += gates_disagree(gating, panel["HLA-DR"], statistic, mfi, (mfi / half_mfi, mfi * half_mfi))
     if 100 * (10**spread.total - 1) > policy.wide_interval_pct:
         flags.append(f"wide_interval:+-{100 * (10**spread.total - 1):.0f}%")
+    if preanalytics is not None:
+        flags += policy.preanalytic_flags(preanalytics, sample.acquired)
     outcome = policy.evaluate(flags)
 
     leuk = int(gating.leukocytes.sum())
@@ -165,6 +179,7 @@ def analyze(
         sample=os.fspath(sample.path),
         sha256=sample.sha256,
         abc=abc,
+        pe_molecules=molecules,
         abc_ci95=ci,
         statistic=statistic,
         monocytes=n_mono,
@@ -183,6 +198,8 @@ def analyze(
         identity_source={k: v[1] if v else None for k, v in identity.items()},
         acquired=acquired.isoformat() if acquired else None,
         gates=gating.gates,
+        reagent=reagent.to_dict(),
+        preanalytics=preanalytics.to_dict(acquired) if preanalytics is not None else None,
         provenance={
             "repairs": list(sample.repairs),
             "fcs_version": sample.version,
@@ -229,8 +246,9 @@ def _uncertainty(
     pe: np.ndarray,
     statistic: str,
     mfi: float,
+    reagent: Reagent,
 ) -> uncertainty.Uncertainty:
-    """Sampling, bead-curve and gate parts of the 95 % interval (``hladr.uncertainty``)."""
+    """Sampling, bead-curve, gate and reagent parts of the 95 % interval (``hladr.uncertainty``)."""
     abc = float(calibration.molecules(mfi))
     lo, hi = (float(calibration.molecules(v)) for v in statistic_ci95(pe, statistic))
     sampling = max(np.log10(abc / lo), np.log10(hi / abc)) if lo > 0 and hi > 0 else np.nan
@@ -250,6 +268,7 @@ def _uncertainty(
         sampling=float(sampling),
         calibration=uncertainty.calibration_halfwidth(calibration, mfi),
         gating=gate,
+        reagent=reagent.halfwidth,
     )
 
 
@@ -302,6 +321,8 @@ def describe(result: Result) -> str:
         "channels:   " + ", ".join(f"{k}={v}" for k, v in result.channels.items() if v),
         f"beads:      {result.calibration.get('lot') or 'values given'}, "
         f"slope {result.calibration['slope']:.3f}, r2 {result.calibration['r2']:.4f}",
+        f"reagent:    {describe_reagent(result.reagent)}",
+        f"handling:   {describe_handling(result.preanalytics)}",
         f"QC:         {'passed' if result.reportable else 'FAILED: ' + '; '.join(result.reasons)}",
     ]
     for kind in ("warnings", "info"):
@@ -330,7 +351,11 @@ def main(args: argparse.Namespace) -> int:
     sample = read_fcs(args.sample, lenient=True)
     panel = resolve_panel(sample, hladr=args.hladr, cd14=args.cd14, cd45=args.cd45)
     gating = gate_monocytes(sample, panel, gates=args.gates, gate_name=getattr(args, "gate_name", None))
-    result = analyze(sample, cal, statistic=args.statistic, panel=panel, gating=gating, gates=args.gates)
+    handling = {k: getattr(args, k, None) for k in PreAnalytics.__dataclass_fields__}
+    pre = PreAnalytics.from_fields(handling) if any(handling.values()) else None
+    reagent = load_reagent(args.reagent) if getattr(args, "reagent", None) else None
+    result = analyze(sample, cal, statistic=args.statistic, panel=panel, gating=gating, gates=args.gates,
+                     reagent=reagent, preanalytics=pre)
     print(json.dumps(result.to_dict()) if args.json else describe(result), flush=True)
     if args.plot:  # after the result is printed: a figure that cannot be written never loses it
         from .plots import plot_analysis

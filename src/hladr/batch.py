@@ -42,7 +42,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -50,8 +50,9 @@ from typing import Any
 from . import preanalytics
 from .atomic import atomic_write
 from .cli import EXIT_NOT_REPORTABLE, EXIT_OK, EXIT_USAGE  # the exit codes' one place
-from .errors import BatchError, HladrError
+from .errors import BatchError, HladrError, PreAnalyticsError, ReagentFileError
 from .fcs import acquisition, sha256_file
+from .reagent import Reagent, load_reagent
 
 log = logging.getLogger("hladr.batch")
 
@@ -412,6 +413,8 @@ class Job:
     collected_at: str | None = None
     reason: str | None = None
     stage: str = "pairing"
+    reagent: Reagent | None = None  # None: analyze's default (BD Quantibrite, 1:1)
+    preanalytics: preanalytics.PreAnalytics | None = None  # None: no manifest row, nothing recorded
 
 
 def _parse_lot(text: str | None, base: Path | None) -> LotSpec | None:
@@ -444,11 +447,14 @@ def pair(
     tubes: list[Tube],
     default_lot: LotSpec | None = None,
     manifest_dir: str | os.PathLike | None = None,
+    reagent: Reagent | None = None,
 ) -> list[Job]:
     """Pair every patient tube with its bead tube (see the module docstring for the rules).
 
     Returns one :class:`Job` per patient tube, in path order; a job whose
-    ``bead`` is None carries the ``reason``.
+    ``bead`` is None carries the ``reason``. A manifest row's pre-analytics and ``reagent`` (a
+    reagent file's path, relative to the manifest, or name) are read here; ``reagent`` is the
+    default for the others. An unreadable one is the job's ``reason`` (stage ``manifest``).
     """
     default_lot = default_lot or LotSpec()
     base = Path(manifest_dir) if manifest_dir else None
@@ -459,9 +465,18 @@ def pair(
         if tube.role != "patient" or tube.error is not None:
             continue
         row = tube.manifest
-        job = Job(tube=tube, bead=None, lot=default_lot)
+        job = Job(tube=tube, bead=None, lot=default_lot, reagent=reagent)
         if row is not None:
             job.patient_id, job.collected_at = row.patient_id, row.collected_at
+            try:
+                job.preanalytics = preanalytics.PreAnalytics.from_fields(asdict(row))
+                if row.reagent:
+                    job.reagent = load_reagent(base / row.reagent if base and (base / row.reagent).is_file()
+                                               else row.reagent)
+            except (PreAnalyticsError, ReagentFileError) as exc:
+                job.reason, job.stage = f"manifest line {row.line}: {exc}", "manifest"
+                jobs.append(job)
+                continue
             if row.ferritin:
                 try:
                     job.ferritin = float(row.ferritin.replace(",", "."))
@@ -589,6 +604,7 @@ def calibrate_task(path: str, lot: str | None, values: list[float] | None) -> di
 def analyze_task(
     path: str, calibration: dict[str, Any], plot: bool, known: dict[str, Any] | None = None, *,
     gates: str | None = None, gate_name: str | None = None, gates_out: bool = False,
+    reagent: Any = None, preanalytics: Any = None,
 ) -> dict[str, Any]:
     """Analyse one patient tube; returns the Result dict (and QC PNG bytes) or the failure.
 
@@ -596,6 +612,8 @@ def analyze_task(
     that size and modification time its SHA-256 is not computed again. ``gates``/``gate_name``: a
     GatingML file or FlowJo workspace whose gate replaces the automatic monocyte gate;
     ``gates_out``: also return the gates as GatingML 2.0 text (``gatingml``) and its agreement.
+    ``reagent``/``preanalytics``: the tube's :class:`~hladr.reagent.Reagent` and
+    :class:`~hladr.preanalytics.PreAnalytics` (see :func:`hladr.analyze`).
     """
     started = time.perf_counter()
     try:
@@ -612,7 +630,8 @@ def analyze_task(
         with _single_threaded():
             panel = resolve_panel(sample)
             gating = gate_monocytes(sample, panel, gates=gates, gate_name=gate_name)  # once, for all uses
-            result = analyze(sample, cal, panel=panel, gating=gating)
+            result = analyze(sample, cal, panel=panel, gating=gating, reagent=reagent,
+                             preanalytics=preanalytics)
         out: dict[str, Any] = {"status": "ok", "result": result.to_dict()}
         if gates_out:
             from .gatingml import export_gates
@@ -840,6 +859,17 @@ def _lot_for_bead(bead: Tube, default: LotSpec) -> LotSpec:
     return spec or default
 
 
+def _handling_options(job: Job) -> dict[str, Any]:
+    """Keyword arguments of :func:`analyze_task` for the tube's reagent and pre-analytics (none when
+    the defaults apply)."""
+    options: dict[str, Any] = {}
+    if job.reagent is not None:
+        options["reagent"] = job.reagent
+    if job.preanalytics is not None:
+        options["preanalytics"] = job.preanalytics
+    return options
+
+
 @dataclass(frozen=True)
 class GatingOptions:
     """How the batch gates: user gates (``gates``: one file for every tube, or a folder holding
@@ -911,7 +941,7 @@ class _Run:
 
     def sample_key(self, job: Job) -> str:
         return _key("sample", job.tube.rel, job.tube.sha256, self.cal_key(job.bead, job.lot),
-                    *self.gating.key(job.tube))
+                    *self.gating.key(job.tube), *sorted(_handling_options(job).items()))
 
     # --- planning -------------------------------------------------------------------
     def plan(self) -> tuple[list[_Task], list[_Task]]:
@@ -1001,7 +1031,7 @@ class _Run:
             return executor.submit(self.calibrate_fn, *task.args)
         calibration = self.cal_records[task.cal_key]["calibration"]
         return executor.submit(self.analyze_fn, task.args[0], calibration, self.plots, task.args[1],
-                               **self.gating.task_options(task.job.tube))
+                               **self.gating.task_options(task.job.tube), **_handling_options(task.job))
 
     @staticmethod
     def _restart(executor: cf.Executor, make_executor: Callable[[], cf.Executor],
@@ -1240,6 +1270,7 @@ def run_batch(
     gates: str | os.PathLike | None = None,
     gate_name: str | None = None,
     gates_out: bool = False,
+    reagent: str | os.PathLike | None = None,
 ) -> BatchSummary:
     """Analyse every patient tube of an instrument export.
 
@@ -1251,7 +1282,8 @@ def run_batch(
         Output folder (created); see the module docstring for what it holds.
     manifest
         CSV with columns ``file`` (required), ``role``, ``patient_id``, ``bead_file``,
-        ``lot``, ``ferritin`` (ng/mL), ``collected_at``; it overrides discovery.
+        ``lot``, ``ferritin`` (ng/mL), ``reagent`` and the pre-analytics (``collected_at``,
+        ``stained_at``, ``tube``, ``storage``, ``protocol``; ``docs/reagents.md``); it overrides discovery.
     jobs
         Local worker processes (default: CPU count, capped by available memory).
         1 runs everything in this process.
@@ -1281,6 +1313,9 @@ def run_batch(
         ``<tube name>.xml`` / ``.wsp`` files, one per tube; ``gate_name`` names the gate to use.
     gates_out
         Write each analysed tube's gates as GatingML 2.0 to ``out/gates/``.
+    reagent
+        The anti-HLA-DR reagent file (path or name, ``docs/reagents.md``) of tubes whose manifest row
+        names none (default: BD Quantibrite anti-HLA-DR PE, 1:1).
 
     Raises
     ------
@@ -1303,6 +1338,7 @@ def run_batch(
     if gates is not None and not Path(gates).exists():
         raise BatchError("--gates: no such file or folder", gates)
     rows = read_manifest(manifest) if manifest is not None else None
+    default_reagent = load_reagent(reagent) if reagent is not None else None
     if lot is not None and Path(lot).exists():  # workers may run elsewhere: an absolute path
         lot = str(Path(lot).resolve())
     default_lot = LotSpec(lot=lot, values=tuple(float(v) for v in bead_values) if bead_values else None)
@@ -1312,7 +1348,7 @@ def run_batch(
         tubes = discover(export_path, rows, exclude=[out_path])
         if not tubes:
             raise BatchError("no FCS file found in the export folder", export_path)
-        jobs_list = pair(tubes, default_lot, Path(manifest).parent if manifest else None)
+        jobs_list = pair(tubes, default_lot, Path(manifest).parent if manifest else None, default_reagent)
         beads = [t for t in tubes if t.role == "beads" and t.error is None]
         wanted = calibrations_wanted(tubes, jobs_list, default_lot)
         unvalued = sorted({bead.rel for bead, spec in wanted if spec == LotSpec()})
@@ -1501,7 +1537,7 @@ def main(args: argparse.Namespace) -> int:
             lot=getattr(args, "lot", None), bead_values=getattr(args, "bead_values", None),
             plots=not getattr(args, "no_plots", False), store=getattr(args, "store", None),
             gates=getattr(args, "gates", None), gate_name=getattr(args, "gate_name", None),
-            gates_out=getattr(args, "gates_out", False),
+            gates_out=getattr(args, "gates_out", False), reagent=getattr(args, "reagent", None),
         )
     except BatchError as exc:
         print(f"hladr: error: {exc}", file=sys.stderr)

@@ -185,6 +185,12 @@ def _add_bead_values(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_reagent(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reagent", metavar="FILE",
+                        help="anti-HLA-DR reagent file or name: AB/C = PE molecules / its F/P ratio "
+                             "(default: BD Quantibrite anti-HLA-DR PE, 1:1; docs/reagents.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -230,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-name", metavar="NAME", help="the monocyte gate's name in --gates")
     p.add_argument("--json", action="store_true", help="print the Result as one JSON object")
     p.add_argument("--plot", metavar="PNG", help="write the QC figure")
+    _add_reagent(p)
+    for name, what in (("--collected-at", "blood drawn (ISO 8601)"), ("--stained-at", "stained (ISO 8601)"),
+                       ("--tube", "EDTA, heparin, citrate or stabiliser (Cyto-Chex)"),
+                       ("--storage", "ice or room temperature"), ("--protocol", "lyse-wash or lyse-no-wash")):
+        p.add_argument(name, metavar="VALUE", help=f"pre-analytics: {what} (docs/reagents.md)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("batch", help="analyse an instrument export folder")
@@ -247,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-name", metavar="NAME", help="the monocyte gate's name in --gates")
     p.add_argument("--gates-out", action="store_true", help="write the gates (GatingML) to OUT/gates/")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_reagent(p)
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("export", help="calibrated events (FCS 3.1, CSV) and the gates (GatingML 2.0)")

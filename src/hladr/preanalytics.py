@@ -36,7 +36,7 @@ PROTOCOLS = {
     "lyse-wash": ("lyse-wash", "lyse/wash", "lyse wash", "wash"),
     "lyse-no-wash": ("lyse-no-wash", "lyse/no-wash", "lyse no wash", "no-wash", "no wash", "lnw"),
 }
-_STORAGE_WORDS = {"ice": "on ice", "room_temperature": "at room temperature"}
+STORAGE_WORDS = {"ice": "on ice", "room_temperature": "at room temperature"}
 #: Manifest / request columns read (aliases map to the same field).
 COLUMNS = {
     "collected_at": ("collected_at",),
@@ -181,7 +181,7 @@ def preanalytic_flags(
     if pre.tube is None:
         return flags
     window = stability_window(pre, windows)
-    where = f"{pre.tube} {_STORAGE_WORDS[pre.storage]}" if pre.storage else pre.tube
+    where = f"{pre.tube} {STORAGE_WORDS[pre.storage]}" if pre.storage else pre.tube
     if window is None:
         flags.append(f"no_stability_window:{where}")
     elif staining is not None and staining > window.hours:
@@ -191,3 +191,16 @@ def preanalytic_flags(
         flags.append(f"stability_unverified:acquired {acquisition:.1f} h after collection, no staining time, "
                      f"{where} window {window.hours:g} h")
     return flags
+
+
+def describe_handling(entry: dict[str, Any] | None) -> str:
+    """Tube, storage, protocol and ages of a Result's ``preanalytics`` entry, in words."""
+    if not entry:
+        return "pre-analytics not recorded"
+    parts = [entry.get("tube"), STORAGE_WORDS.get(entry.get("storage") or ""), entry.get("protocol")]
+    for key, label in (("age_at_staining_h", "stained"), ("age_at_acquisition_h", "acquired")):
+        if entry.get(key) is not None:
+            parts.append(f"{label} {entry[key]:.1f} h after collection")
+    if not entry.get("collected_at"):
+        parts.append("no collection time")
+    return ", ".join(p for p in parts if p)

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
+
+from .preanalytics import STABILITY_WINDOWS, STORAGE_WORDS, PreAnalytics, StabilityWindow, preanalytic_flags
 
 Severity = Literal["fail", "warn", "info"]
 SEVERITIES: tuple[Severity, ...] = ("fail", "warn", "info")
@@ -61,6 +63,15 @@ RULES: tuple[Rule, ...] = tuple(Rule(code, severity, rule) for code, severity, r
     ("no_granulocytes", "warn", "no granulocyte population (PBMC rather than lysed whole blood?)"),
     ("panel_from_naming", "warn", "a channel role came from instrument naming, not `$PnS` markers"),
     ("no_scatter", "info", "mass cytometry: gated on DNA, CD45 and CD14 only"),
+    ("stained_beyond_stability", "fail", "stained later after collection than its tube type's stability "
+     "window (`stability_windows`; docs/reagents.md)"),
+    ("stability_unverified", "warn", "no staining time, and acquired later after collection than the "
+     "stability window"),
+    ("no_stability_window", "warn", "no stability window for the tube type and storage (docs/reagents.md)"),
+    ("protocol_differs", "warn", "staining protocol differs from the lab's reference (`reference_protocol`): "
+     "lyse-no-wash reads ~18 % higher"),
+    ("no_collection_time", "warn", "no collection time: the sample's age cannot be checked"),
+    ("preanalytic_times_inconsistent", "fail", "collection, staining and acquisition times out of order"),
     ("bead_run_flagged", "fail", "the bead run broke a Westgard rule of its lot's Levey-Jennings series "
      "(batch with a results store; docs/beadqc.md)"),
 ))
@@ -104,6 +115,11 @@ class QCPolicy:
         A 95 % interval wider than this, in % either side of AB/C, warns.
     settings_rel_tol
         Relative difference above which a voltage or gain counts as different.
+    reference_protocol
+        The lab's declared staining protocol; another one warns ``protocol_differs``.
+    stability_windows
+        How long after collection each tube type (and storage) may be stained
+        (:data:`hladr.preanalytics.STABILITY_WINDOWS`, sources in docs/reagents.md).
     rules
         Every flag code with its severity.
     """
@@ -116,6 +132,8 @@ class QCPolicy:
     bead_range_far_factor: float = 2.0
     wide_interval_pct: float = 25.0
     settings_rel_tol: float = 1e-6
+    reference_protocol: str = "lyse-wash"
+    stability_windows: tuple[StabilityWindow, ...] = STABILITY_WINDOWS
     rules: tuple[Rule, ...] = field(default=RULES)
 
     def severity(self, flag: str) -> Severity:
@@ -133,8 +151,7 @@ class QCPolicy:
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
             if f"`{name}`" in text:
-                shown = f"{100 * value:g} %" if isinstance(value, float) and value < 1 else f"{value:,g}"
-                text = text.replace(f"`{name}`", shown)
+                text = text.replace(f"`{name}`", _shown(value))
         return text
 
     def with_rules(self, *rules: Rule) -> QCPolicy:
@@ -201,11 +218,28 @@ class QCPolicy:
                 flags.append(f"{code}:{detail}")
         return flags
 
+    def preanalytic_flags(self, pre: PreAnalytics, acquired_at: Any) -> list[str]:
+        """The sample's handling against this policy's stability windows and reference protocol
+        (:func:`hladr.preanalytics.preanalytic_flags`)."""
+        return preanalytic_flags(pre, acquired_at, self.stability_windows, self.reference_protocol)
+
     def to_dict(self) -> dict[str, Any]:
         """The policy as recorded in ``provenance.qc_policy``: thresholds and ``{code: severity}``."""
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "rules"}
+        skip = ("rules", "stability_windows")
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
+        out["stability_windows"] = [asdict(w) for w in self.stability_windows]
         out["severities"] = {r.code: r.severity for r in self.rules}
         return out
+
+
+def _shown(value: Any) -> str:
+    """A threshold in a rule's words: fractions in %, windows as "tube storage: N h"."""
+    if isinstance(value, tuple):
+        return ", ".join(f"{w.tube}{' ' + STORAGE_WORDS[w.storage] if w.storage else ''} {w.hours:g} h"
+                         for w in value)
+    if isinstance(value, str):
+        return value
+    return f"{100 * value:g} %" if isinstance(value, float) and value < 1 else f"{value:,g}"
 
 
 DEFAULT_POLICY = QCPolicy()

@@ -142,3 +142,10 @@ def load_reagent(path_or_name: str | os.PathLike, reagent_dir: str | os.PathLike
 def list_reagents(reagent_dir: str | os.PathLike | None = None) -> list[Reagent]:
     """Every reagent file found in :func:`reagent_dirs`."""
     return [load_reagent(p) for p in json_files(reagent_dirs(reagent_dir))]
+
+
+def describe_reagent(entry: dict[str, Any] | None) -> str:
+    """``name (clone, F/P ratio)`` of a Result's ``reagent`` entry."""
+    if not entry:
+        return "not recorded (assumed 1:1)"
+    return f"{entry.get('name')} ({entry.get('clone')}, F/P {entry.get('fp_ratio'):g})"

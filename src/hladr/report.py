@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .classify import NORMAL_MIN, SEVERE_MAX, THRESHOLD
+from .preanalytics import describe_handling
+from .reagent import describe_reagent
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
@@ -162,7 +164,8 @@ def _lot_text(cal: Mapping[str, Any]) -> str:
 
 def _results_table(results: Sequence[Mapping[str, Any]]) -> str:
     head = ("patient", "sample", "acquired", "AB/C", "95 % CI", "class", "< 5,000", "borderline",
-            "stratification", "monocytes", "not reportable because", "warnings", "file", "sign-out")
+            "stratification", "monocytes", "reagent", "handling", "not reportable because", "warnings",
+            "file", "sign-out")
     rows = []
     for i, r in enumerate(results):
         reportable = bool(r.get("reportable", False))
@@ -181,6 +184,8 @@ def _results_table(results: Sequence[Mapping[str, Any]]) -> str:
             yes_no[r.get("borderline")],
             html.escape(f"{strat.get('category', '')}: {strat.get('reason', '')}" if strat else ""),
             f'<td class="num">{_fmt(r.get("monocytes"))}',
+            html.escape(describe_reagent(r.get("reagent"))),
+            html.escape(describe_handling(r.get("preanalytics"))),
             html.escape("; ".join(map(str, r.get("reasons") or qc.get("flags") or []))),
             html.escape("; ".join(map(str, qc.get("warnings") or []))),
             html.escape(str(r.get("file", ""))),
@@ -199,9 +204,10 @@ def _signout(index: int, r: Mapping[str, Any], report_dir: Path) -> str:
     reportable = bool(r.get("reportable", False))
     why = "; ".join(map(str, r.get("reasons") or (r.get("qc") or {}).get("flags") or [])) or "QC failed"
     parts = r.get("uncertainty") or {}
-    names = (("sampling", "sampling_pct"), ("bead curve", "calibration_pct"), ("gate", "gating_pct"))
+    names = (("sampling", "sampling_pct"), ("bead curve", "calibration_pct"), ("gate", "gating_pct"),
+             ("reagent F/P", "reagent_pct"))
     spread = ", ".join(f"{name} ±{parts[key]:.1f} %" for name, key in names
-                       if isinstance(parts.get(key), (int, float)))
+                       if isinstance(parts.get(key), (int, float)) and (parts[key] or key != "reagent_pct"))
     source = r.get("identity_source") or {}
     rows = [
         ("Patient", f"{r.get('patient_id') or '–'}"
@@ -216,6 +222,8 @@ def _signout(index: int, r: Mapping[str, Any], report_dir: Path) -> str:
         ("Warnings", "; ".join(map(str, (r.get("qc") or {}).get("warnings") or [])) or "none"),
         ("Monocytes", f"{_fmt(r.get('monocytes'))} ({_fmt(r.get('monocyte_percent'), 1)} % of leukocytes), "
                       f"gating {r.get('gate_method', '')}"),
+        ("Reagent", describe_reagent(r.get("reagent"))),
+        ("Handling", describe_handling(r.get("preanalytics"))),
         ("Bead lot", _lot_text(cal)),
         ("Bead tube", f"{r.get('bead_file') or cal.get('bead_file') or '–'} "
                       f"(slope {_fmt(cal.get('slope'), 3)}, r² {_fmt(cal.get('r2'), 5)})"),

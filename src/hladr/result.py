@@ -44,6 +44,9 @@ class Result:
     identity_source: dict[str, str | None] = field(default_factory=dict)
     acquired: str | None = None
     gates: list[dict[str, Any]] = field(default_factory=list)
+    pe_molecules: float | None = None
+    reagent: dict[str, Any] | None = None
+    preanalytics: dict[str, Any] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     threshold: float = classify.THRESHOLD
     schema: str = SCHEMA
@@ -172,6 +175,14 @@ CSV_COLUMNS: tuple[tuple[str, tuple[str, ...], int | None], ...] = (
     ("monocytes", ("monocytes",), 0),
     ("monocyte_percent", ("monocyte_percent",), 1),
     ("gate_method", ("gate_method",), None),
+    ("reagent", ("reagent", "name"), None),
+    ("reagent_lot", ("reagent", "lot"), None),
+    ("fp_ratio", ("reagent", "fp_ratio"), None),
+    ("tube", ("preanalytics", "tube"), None),
+    ("storage", ("preanalytics", "storage"), None),
+    ("protocol", ("preanalytics", "protocol"), None),
+    ("age_at_staining_h", ("preanalytics", "age_at_staining_h"), 1),
+    ("age_at_acquisition_h", ("preanalytics", "age_at_acquisition_h"), 1),
     ("mfi", ("mfi",), 0),
     ("cytometer", ("instrument", "cytometer"), None),
     ("serial", ("instrument", "serial"), None),

@@ -1,4 +1,4 @@
-"""The 95 % interval of an AB/C value: sampling, bead curve and gate, as parts and a total.
+"""The 95 % interval of an AB/C value: sampling, bead curve, gate and reagent, as parts and a total.
 
 Each part is a 95 % half-width in log10 AB/C (the errors are multiplicative):
 
@@ -15,6 +15,10 @@ Each part is a 95 % half-width in log10 AB/C (the errors are multiplicative):
     leave (each at most ``GATE_SHARE`` of the gate), the statistic is recomputed, and the larger
     change of AB/C is the half-width. It uses only the gate's outputs (mask and compensated
     columns), never its internals, so it serves every gate (automatic, joint, fallback, user) alike.
+``reagent``
+    the conjugate's F/P ratio, when its reagent file gives a 95 % half-width
+    (``log10(1 + fp_ratio_uncertainty_pct / 100)``; 0 otherwise; :mod:`hladr.reagent`): AB/C is
+    PE molecules divided by the ratio, so the ratio's relative error passes through unchanged.
 
 The parts are independent, so the total half-width is their root sum of squares; the interval
 is ``abc / 10**total .. abc * 10**total``. Coverage against the simulator's truth is measured by
@@ -44,10 +48,11 @@ class Uncertainty:
     sampling: float
     calibration: float
     gating: float
+    reagent: float = 0.0
 
     @property
     def total(self) -> float:
-        parts = [p for p in (self.sampling, self.calibration, self.gating) if math.isfinite(p)]
+        parts = [p for p in (self.sampling, self.calibration, self.gating, self.reagent) if math.isfinite(p)]
         return math.sqrt(sum(p * p for p in parts))
 
     def interval(self, abc: float) -> list[float]:
@@ -64,6 +69,7 @@ class Uncertainty:
             "sampling_pct": pct(self.sampling),
             "calibration_pct": pct(self.calibration),
             "gating_pct": pct(self.gating),
+            "reagent_pct": pct(self.reagent),
             "total_pct": pct(self.total),
         }
 
