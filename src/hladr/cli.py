@@ -41,6 +41,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    if args.cohort:
+        from .simulate import cohort_main
+
+        return cohort_main(args)
     from .simulate import main as simulate_main
 
     return simulate_main(args)
@@ -165,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=4, help="number of patient tubes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--instrument", default="canto", help="instrument preset")
+    p.add_argument("--cohort", action="store_true",
+                   help="a multi-day cohort instead: 2 instruments x 34 days of bead tubes (one drifting), "
+                        "5 patient courses, manifest.csv")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("calibrate", help="fit a bead standard curve (PE molecules vs MFI)")
