@@ -4,10 +4,14 @@ unlabelled files; channel names never given. Prints the error distribution (run 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import hladr
 from hladr.analysis import analyze
-from hladr.simulate import INSTRUMENTS, simulate_blood
+from hladr.errors import HladrError
+from hladr.gating import MIN_MONOCYTES, gate_monocytes
+from hladr.panel import resolve_panel
+from hladr.simulate import INSTRUMENTS, MONOCYTE_CODES, severe_sepsis_cohort, simulate_blood
 from tests import test_analysis
 
 calibrations = test_analysis.calibrations  # the per-preset bead calibrations fixture, shared
@@ -80,3 +84,58 @@ def test_simulated_cohort_accuracy_and_classification(tmp_path, calibrations):
     for _, true, result in rows:
         if abs(true / 5000 - 1) > 0.15:
             assert result.immunoparalysis == (true < 5000), (true, result.abc)
+
+
+@pytest.mark.slow
+def test_severe_sepsis_cohort_against_the_perfect_label_gate(tmp_path, calibrations):
+    """200 severe-sepsis tubes (docs/simulator.md): every tube with enough monocytes yields a result,
+    the results are as close to truth as a gate that knows the labels, and every tube outside
+    +-15 % of 5,000 is classed right. Run with ``-m slow -s`` for the figures."""
+    rows, refused = [], []
+    for i, case in enumerate(severe_sepsis_cohort(200)):
+        path = tmp_path / f"s{i:03d}.fcs"
+        truth = simulate_blood(path, **case)
+        sample = hladr.read_fcs(path)
+        gateable = truth["monocytes"] >= MIN_MONOCYTES
+        try:
+            panel = resolve_panel(sample)
+            gating = gate_monocytes(sample, panel)
+        except HladrError as exc:
+            refused.append((gateable, truth["monocytes"], exc.message))
+            continue
+        calibration = calibrations[case["instrument"]]
+        result = analyze(sample, calibration, panel=panel, gating=gating)
+        labels = np.load(path.with_suffix(".labels.npy"))
+        perfect = np.isin(labels, MONOCYTE_CODES) & gating.clean  # the labels, on the same clean events
+        pe = gating.compensated[panel["HLA-DR"]]
+        perfect_abc = float(calibration.molecules(np.median(pe[perfect])))
+        rows.append((gateable, truth["abc_true"], result, perfect_abc))
+        path.unlink()
+    n_gateable = sum(g for g, *_ in rows) + sum(g for g, *_ in refused)
+    measured = [(t, r, p) for g, t, r, p in rows if g]
+    errors = np.array([abs(r.abc / t - 1) for t, r, _ in measured])
+    perfect = np.array([abs(p / t - 1) for t, _, p in measured])
+    wrong = [
+        (t, r.abc) for t, r, _ in measured if abs(t / 5000 - 1) > 0.15 and r.immunoparalysis != (t < 5000)
+    ]
+    flagged = sum(any(f.startswith("gates_disagree") for f in r.qc["flags"]) for _, r, _ in measured)
+    print(
+        f"\nsevere-sepsis cohort: {len(rows) + len(refused)} tubes, {n_gateable} gateable "
+        f"(>= {MIN_MONOCYTES} true monocytes)"
+    )
+    print(
+        f"yield {len(measured)}/{n_gateable}; within 5 %: {np.sum(errors < 0.05)}/{n_gateable}; "
+        f"median |error| {np.median(errors):.2%} (perfect-label gate {np.median(perfect):.2%}); "
+        f"95th {np.percentile(errors, 95):.2%} ({np.percentile(perfect, 95):.2%}); max {errors.max():.2%}"
+    )
+    print(
+        f"misclassified outside +-15 % of 5,000: {len(wrong)}; gates_disagree flags: {flagged}; "
+        f"methods {sorted({r.gate_method for _, r, _ in measured})}"
+    )
+    for gateable, count, message in refused:
+        print(f"  refused ({'gateable' if gateable else 'not gateable'}, {count} true monocytes): {message}")
+    assert len(rows) + len(refused) == 200
+    assert len(measured) >= 0.99 * n_gateable
+    assert np.sum(errors < 0.05) >= 0.95 * n_gateable
+    assert np.median(errors) <= 1.5 * np.median(perfect)
+    assert not wrong

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from matplotlib.path import Path as PolygonPath
 
 import hladr
-from hladr.analysis import analyze
+from hladr.analysis import analyze, gates_disagree, statistic_ci95
 from hladr.calibration import calibrate
 from hladr.errors import GatingError
-from hladr.gating import gate_monocytes, user_gate
+from hladr.gating import MIN_MONOCYTES, JointGate, gate_monocytes, user_gate
 from hladr.panel import resolve_panel
-from hladr.simulate import MONOCYTE_CODES, POPULATIONS, simulate_beads, simulate_blood
+from hladr.simulate import MONOCYTE_CODES, POPULATIONS, draw_severe_sepsis, simulate_beads, simulate_blood
 from tests.conftest import REAL_DIR, require_real
 
 GML = """<?xml version="1.0" encoding="UTF-8"?>
@@ -141,7 +142,7 @@ def test_real_a2004_monocytes_agree_with_the_flowjo_gate(canto_beads):
     folder = REAL_DIR / "flowWorkspaceData"
     sample = hladr.read_fcs(folder / "a2004_O1T2pb05i_A2_A02.fcs", lenient=True)
     gating = gate_monocytes(sample, resolve_panel(sample))
-    assert gating.method == "density" and "no_granulocytes" in gating.flags
+    assert gating.method == "joint" and "no_granulocytes" in gating.flags
     ev, comp, ix = sample.events, gating.compensated, sample.index
     live = PolygonPath(_flowjo9_polygon(folder / "A2004Analysis.xml", "Live"))
     monocytes = PolygonPath(_flowjo9_polygon(folder / "A2004Analysis.xml", "Monocytes"))
@@ -184,3 +185,68 @@ def test_real_mass_cytometry_monocytes_are_cd33_bright_and_hladr_positive(name):
 
     assert asinh_median("CD33", mono) > asinh_median("CD33", others) + 1.0
     assert asinh_median("HLADR", mono) > asinh_median("HLADR", others) + 1.5
+
+
+def _severe_tube(tmp_path, seed, **changes):
+    profile = replace(draw_severe_sepsis(np.random.default_rng(seed), "canto"), **changes)
+    truth = simulate_blood(tmp_path / "p.fcs", "canto", 2500, seed=seed, n_events=120_000, severe=profile)
+    return hladr.read_fcs(tmp_path / "p.fcs"), np.load(tmp_path / "p.labels.npy"), truth
+
+
+@pytest.mark.parametrize("panel, cd45_fluor", [("3colour", None), ("3colour", "FITC"), ("2colour", None)])
+def test_joint_gate_keeps_cd14_dim_monocytes_leaves_cd14_dim_granulocytes_out(tmp_path, panel, cd45_fluor):
+    """A severe-sepsis tube: CD14-dim monocytes among activated neutrophils and immature granulocytes."""
+    sample, labels, _ = _severe_tube(
+        tmp_path, 61, panel=panel, cd45_fluor=cd45_fluor, with_markers=True, monocyte_fraction=0.01
+    )
+    gating = gate_monocytes(sample, resolve_panel(sample))
+    assert gating.method == "joint"
+    gated = labels[gating.monocytes]
+    assert np.isin(gated, (1, 2)).sum() <= 0.005 * gated.size  # granulocytes
+    assert np.isin(gated, (*MONOCYTE_CODES, 11)).mean() > 0.99
+    monocytes = np.isin(labels, MONOCYTE_CODES) & gating.leukocytes
+    assert gating.monocytes[monocytes].mean() > 0.85
+    cd14 = gating.compensated[resolve_panel(sample)["CD14"]]
+    dim = monocytes & (cd14 < gating.thresholds["cd14_min"])  # below the CD14 valley
+    assert dim.sum() > 50 and gating.monocytes[dim].mean() > 0.6
+    granulocytes = np.isin(labels, (1, 2)) & gating.leukocytes
+    granulocytes_dim = granulocytes & (cd14 >= gating.thresholds["cd14_dim_min"])
+    assert granulocytes_dim.sum() > 10 * dim.sum()  # the CD14-dim range is crowded with granulocytes
+    assert gating.monocytes[granulocytes_dim].mean() < 0.001
+
+
+def test_joint_gate_is_deterministic_and_its_boundaries_are_parameters(tmp_path):
+    sample, labels, _ = _severe_tube(tmp_path, 62, panel="3colour", cd45_fluor=None, with_markers=True)
+    panel = resolve_panel(sample)
+    a, b = gate_monocytes(sample, panel, seed=3), gate_monocytes(sample, panel, seed=3)
+    np.testing.assert_array_equal(a.monocytes, b.monocytes)
+    bright_only = gate_monocytes(sample, panel, bounds=JointGate(posterior=2.0))  # no CD14-dim event passes
+    assert not (bright_only.monocytes & ~a.monocytes).any()
+    assert bright_only.monocytes.sum() < a.monocytes.sum()
+    cd14 = a.compensated[panel["CD14"]]
+    assert (cd14[bright_only.monocytes] > bright_only.thresholds["cd14_min"]).all()
+
+
+def test_too_few_monocytes_are_refused_with_the_count(tmp_path):
+    simulate_blood(tmp_path / "p.fcs", "canto", 4000, seed=63, n_events=8000, monocyte_fraction=0.004)
+    sample = hladr.read_fcs(tmp_path / "p.fcs")
+    true_count = int(np.isin(np.load(tmp_path / "p.labels.npy"), MONOCYTE_CODES).sum())
+    assert true_count < MIN_MONOCYTES
+    with pytest.raises(GatingError, match=r"only \d+ monocytes \(at least 50 are needed") as info:
+        gate_monocytes(sample, resolve_panel(sample))
+    assert "p.fcs" in str(info.value)
+
+
+def test_gates_that_disagree_beyond_the_interval_are_flagged(tmp_path):
+    simulate_blood(tmp_path / "p.fcs", "canto", 6000, seed=64, n_events=40_000)
+    sample = hladr.read_fcs(tmp_path / "p.fcs")
+    panel = resolve_panel(sample)
+    gating = gate_monocytes(sample, panel)
+    pe = gating.compensated[panel["HLA-DR"]]
+    mfi = float(np.median(pe[gating.monocytes]))
+    interval = statistic_ci95(pe[gating.monocytes], "median")
+    low_half = gating.monocytes & (pe < mfi)  # a gate that lost the upper half: median at the 25th percentile
+    gating.alternatives = {"same": gating.monocytes.copy(), "low": low_half}
+    flags = gates_disagree(gating, panel["HLA-DR"], "median", mfi, interval)
+    expected = np.median(pe[low_half]) / mfi - 1
+    assert flags == [f"gates_disagree:low {expected:+.1%}"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 
 import flowio
 import numpy as np
@@ -15,6 +16,8 @@ from hladr.simulate import (
     INSTRUMENTS,
     MONOCYTE_CODES,
     QUANTIBRITE_96597,
+    SEVERE_SEPSIS_RANGES,
+    draw_severe_sepsis,
     simulate_beads,
     simulate_blood,
     simulate_run,
@@ -146,3 +149,56 @@ def test_sample_fcs_regenerates_bit_for_bit(tmp_path):
         "truth.csv",
     ]:
         assert _digest(tmp_path / name) == _digest(SAMPLE_DIR / name), name
+
+
+def test_severe_sepsis_profiles_stay_in_their_ranges_and_are_realised(tmp_path):
+    """Every drawn parameter lies in its documented range; a tube written from one realises it."""
+    rng = np.random.default_rng(5)
+    profiles = [draw_severe_sepsis(rng, name) for name in sorted(INSTRUMENTS) for _ in range(12)]
+    for profile in profiles:
+        for key, (lo, hi) in SEVERE_SEPSIS_RANGES.items():
+            if hasattr(profile, key):
+                assert lo <= getattr(profile, key) <= hi, key
+    assert {p.panel for p in profiles} == {"2colour", "3colour"}
+    assert len({p.cd45_fluor for p in profiles}) >= 3  # CD45 on several fluors, or absent
+    assert any(p.clog_window for p in profiles) and not all(p.clog_window for p in profiles)
+
+    profile = draw_severe_sepsis(np.random.default_rng(11), "canto")
+    n = 120_000
+    truth = simulate_blood(tmp_path / "p.fcs", "canto", 3000, seed=6, n_events=n, severe=profile)
+    labels = np.load(tmp_path / "p.labels.npy")
+    counts = np.bincount(labels, minlength=15)
+    doublets = counts[12] + counts[13]
+    assert doublets == int(n * profile.doublet_fraction)
+    cells = counts[1:12].sum() + counts[14]  # singlet leukocytes (platelet complexes included)
+    monocytes = counts[8:12].sum()
+    expected = cells * profile.monocyte_fraction
+    assert abs(monocytes - expected) < 4 * np.sqrt(expected) + 5
+    assert abs(counts[11] / monocytes - profile.platelet_complexes) < 0.05
+    lymphocytes = counts[4:7].sum()
+    assert abs(lymphocytes / cells - profile.lymphocytes) < 0.01
+    # a CD45 off the instrument's usual fluor is written with markers, so a reader can find it
+    sample = hladr.read_fcs(tmp_path / "p.fcs")
+    if profile.cd45_fluor:
+        channel = INSTRUMENTS["canto"].detector(profile.cd45_fluor).channel
+        assert sample.markers[sample.index(channel)] == "CD45"
+    assert truth["severe"]["monocyte_fraction"] == profile.monocyte_fraction
+
+
+def test_severe_sepsis_monocytes_lose_cd14_down_to_the_profiles_floor(tmp_path):
+    profile = replace(draw_severe_sepsis(np.random.default_rng(3), "canto"), panel="3colour", cd45_fluor=None)
+    simulate_blood(tmp_path / "p.fcs", "canto", 3000, seed=7, n_events=150_000, severe=profile)
+    sample = hladr.read_fcs(tmp_path / "p.fcs")
+    labels = np.load(tmp_path / "p.labels.npy")
+    cd14 = sample.events[:, sample.index("PerCP-Cy5-5-A")]
+    classical = np.median(cd14[labels == 8])
+    # the continuum: a share of classical monocytes below a third of the classical median,
+    # none (beyond noise) below the floor cd14_max_loss x under the normal level
+    dim = np.mean(cd14[labels == 8] < classical / 3)
+    assert 0.2 * profile.cd14_dim_share < dim < profile.cd14_dim_share
+    assert np.percentile(cd14[labels == 8], 1) > classical / profile.cd14_max_loss / 2.5
+    # activated neutrophils reach the monocytes' SSC and CD14-dim levels
+    ssc = sample.events[:, sample.index("SSC-A")]
+    neutrophils = labels == 1
+    assert np.mean(ssc[neutrophils] < np.percentile(ssc[labels == 8], 90)) > 0.05
+    assert np.mean(cd14[neutrophils] > classical / profile.cd14_max_loss) > 0.01

@@ -78,6 +78,20 @@ def statistic_ci95(values: np.ndarray, statistic: str) -> tuple[float, float]:
     return float(10 ** (logs.mean() - half)), float(10 ** (logs.mean() + half))
 
 
+def gates_disagree(
+    gating: GatingResult, channel: str, statistic: str, mfi: float, mfi_ci: tuple[float, float]
+) -> list[str]:
+    """``gates_disagree:<gate> <difference>`` for each alternative gate whose monocytes' statistic
+    falls outside the result's 95 % interval: two gates that disagree by more than the result's
+    uncertainty are reported, not silently chosen between."""
+    out = []
+    for name, mask in gating.alternatives.items():
+        other = _statistic(gating.compensated[channel][mask], statistic)
+        if not mfi_ci[0] <= other <= mfi_ci[1]:
+            out.append(f"gates_disagree:{name} {other / mfi - 1:+.1%}")
+    return out
+
+
 def analyze(
     sample: Sample,
     calibration: Calibration,
@@ -135,7 +149,9 @@ def analyze(
     if not np.isfinite(mfi) or mfi <= 0:
         raise AnalysisError(f"monocyte HLA-DR statistic is {mfi:g}: not measurable", sample.path)
     abc = float(calibration.molecules(mfi))
-    ci = [float(calibration.molecules(v)) for v in statistic_ci95(pe, statistic)]
+    mfi_ci = statistic_ci95(pe, statistic)
+    ci = [float(calibration.molecules(v)) for v in mfi_ci]
+    flags += gates_disagree(gating, panel["HLA-DR"], statistic, mfi, mfi_ci)
 
     if n_mono < MIN_MONOCYTES_FAIL:
         flags.append(f"too_few_monocytes:{n_mono}")

@@ -26,7 +26,7 @@ from .errors import GatingError, PanelError
 from .fcs import Sample
 from .panel import Panel
 
-MIN_MONOCYTES_DENSITY = 100
+MIN_MONOCYTES = 50  # fewer: too few to measure, the tube is refused
 MONOCYTE_PERCENT_RANGE = (0.1, 50.0)
 
 
@@ -43,6 +43,7 @@ class GatingResult:
     gates: list[dict[str, Any]] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
     thresholds: dict[str, float] = field(default_factory=dict)
+    alternatives: dict[str, np.ndarray] = field(default_factory=dict)  # other gates' monocytes, to compare
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -108,6 +109,24 @@ def compensated_columns(sample: Sample, channels: Iterable[str]) -> tuple[dict[s
 def _log(x: np.ndarray) -> np.ndarray:
     """log10 of ``max(x, 1)`` for gating, in float32 (plenty for gates; half the memory traffic)."""
     return kernels.log10_at_least_1(x)
+
+
+class RoleLogs(dict):
+    """``logs[role]``: log10 of a role's channel over all events (compensated for fluorescence),
+    computed on first use and kept: the gates of one tube share them."""
+
+    def __init__(self, comp: Mapping[str, np.ndarray], sample: Sample, panel: Panel) -> None:
+        super().__init__()
+        self.comp, self.sample, self.panel = comp, sample, panel
+
+    def __missing__(self, role: str) -> np.ndarray:
+        channel = self.panel[role]
+        if channel in self.comp and role not in ("FSC-A", "FSC-H", "SSC-A", "DNA"):
+            values = self.comp[channel]
+        else:
+            values = self.sample.events[:, self.sample.index(channel)]
+        self[role] = _log(values)
+        return self[role]
 
 
 def _valley(
@@ -231,12 +250,16 @@ def debris_gate(sample: Sample, panel: Panel, keep: np.ndarray) -> tuple[np.ndar
 
 
 def leukocyte_gate(
-    comp: Mapping[str, np.ndarray], sample: Sample, panel: Panel, keep: np.ndarray
+    comp: Mapping[str, np.ndarray],
+    sample: Sample,
+    panel: Panel,
+    keep: np.ndarray,
+    logs: RoleLogs | None = None,
 ) -> tuple[np.ndarray, float]:
     """CD45+ events: above the valley between CD45-negative debris/RBC and leukocytes."""
     if not panel["CD45"]:
         return keep, float("nan")
-    cd45 = _log(comp[panel["CD45"]])
+    cd45 = (logs if logs is not None else RoleLogs(comp, sample, panel))["CD45"]
     kept = cd45[keep]
     lo, med = np.percentile(_thin(kept), [0.5, 50])
     pos, depth = _valley(kept, lo, med)
@@ -244,17 +267,31 @@ def leukocyte_gate(
     return keep & (cd45 > cut), float(10**cut)
 
 
+def cd14_valley(logs: RoleLogs, leuk: np.ndarray) -> tuple[float, float]:
+    """(log10 position, depth) of the CD14 valley of the leukocytes, searched from their median
+    + 0.2 decade to the 99.99th percentile (so a few hundred monocytes suffice); kept in ``logs``."""
+    key = ("cd14_valley", int(leuk.sum()))
+    if key not in logs:
+        cd14_leuk = logs["CD14"][leuk]
+        bulk, top = (float(v) for v in np.percentile(_thin(cd14_leuk), [50, 99.99]))
+        logs[key] = _valley(cd14_leuk, bulk + 0.2, top)
+    return logs[key]
+
+
 def monocyte_gate_density(
-    comp: Mapping[str, np.ndarray], sample: Sample, panel: Panel, leuk: np.ndarray
+    comp: Mapping[str, np.ndarray],
+    sample: Sample,
+    panel: Panel,
+    leuk: np.ndarray,
+    logs: RoleLogs | None = None,
 ) -> tuple[np.ndarray, dict]:
     """CD14+ (above the CD14 valley) with low-to-intermediate SSC and bright CD45.
 
     Without SSC (mass cytometry) the SSC criteria are left out: CD14+ and CD45-bright.
     """
-    cd14 = _log(comp[panel["CD14"]])
-    cd14_leuk = cd14[leuk]
-    bulk, top = (float(v) for v in np.percentile(_thin(cd14_leuk), [50, 99.99]))
-    pos, depth = _valley(cd14_leuk, bulk + 0.2, top)
+    logs = logs if logs is not None else RoleLogs(comp, sample, panel)
+    cd14 = logs["CD14"]
+    pos, depth = cd14_valley(logs, leuk)
     info: dict[str, Any] = {
         "cd14_valley": float(10**pos) if np.isfinite(pos) else None,
         "valley_depth": depth,
@@ -268,19 +305,14 @@ def monocyte_gate_density(
         return cd14_pos, info
     mono = cd14_pos
     if panel["SSC-A"]:  # low-to-intermediate SSC: drop CD14+ events in the granulocytes' SSC range
-        ssc = _log(sample.events[:, sample.index(panel["SSC-A"])])
+        ssc = logs["SSC-A"]
         m_ssc, s_ssc = _robust(ssc[cd14_pos])
         mono = cd14_pos & (ssc < m_ssc + 3 * s_ssc) & (ssc > m_ssc - 4 * s_ssc)
         info["ssc_max"] = float(10 ** (m_ssc + 3 * s_ssc))
     if panel["CD45"]:
-        cd45 = _log(comp[panel["CD45"]])
+        cd45 = logs["CD45"]
         m45, s45 = _robust(cd45[mono])
         mono &= cd45 > m45 - 4 * s45
-    if panel["SSC-A"] and mono.sum() and np.median(ssc[mono]) > granulocyte_ssc_limit(ssc, leuk):
-        if no_granulocytes(ssc, leuk, mono):
-            info["no_granulocytes"] = True  # e.g. PBMC: the monocytes are the top-SSC population
-        else:
-            info["failed"] = "the CD14+ events have granulocyte-like SSC"
     return mono, info
 
 
@@ -302,18 +334,32 @@ def granulocyte_ssc_limit(log_ssc: np.ndarray, leuk: np.ndarray) -> float:
     return float(np.percentile(_thin(log_ssc[leuk]), 90) + np.log10(0.8))
 
 
+def _granulocyte_like(logs: RoleLogs, leuk: np.ndarray, gated: np.ndarray) -> bool:
+    """True when the gated events' median SSC is granulocyte-like (the limit is kept in ``logs``)."""
+    key = ("ssc_limit", int(leuk.sum()))
+    if key not in logs:
+        logs[key] = granulocyte_ssc_limit(logs["SSC-A"], leuk)
+    return bool(np.median(logs["SSC-A"][_thin(np.flatnonzero(gated), 50_000)]) > logs[key])
+
+
 def monocyte_gate_gmm(
-    comp: Mapping[str, np.ndarray], sample: Sample, panel: Panel, leuk: np.ndarray, seed: int = 0
+    comp: Mapping[str, np.ndarray],
+    sample: Sample,
+    panel: Panel,
+    leuk: np.ndarray,
+    seed: int = 0,
+    logs: RoleLogs | None = None,
 ) -> np.ndarray:
     """Gaussian-mixture fallback over log CD14, log SSC (and log CD45): the CD14-bright components
     (without SSC in mass cytometry)."""
     from sklearn.mixture import GaussianMixture
 
-    cols = [_log(comp[panel["CD14"]])]
+    logs = logs if logs is not None else RoleLogs(comp, sample, panel)
+    cols = [logs["CD14"]]
     if panel["SSC-A"]:
-        cols.append(_log(sample.events[:, sample.index(panel["SSC-A"])]))
+        cols.append(logs["SSC-A"])
     if panel["CD45"]:
-        cols.append(_log(comp[panel["CD45"]]))
+        cols.append(logs["CD45"])
     x = np.column_stack(cols)
     idx = np.flatnonzero(leuk)
     if idx.size < 200:
@@ -338,11 +384,380 @@ def monocyte_gate_gmm(
     return mono
 
 
+@dataclass(frozen=True)
+class JointGate:
+    """Boundaries of the joint monocyte gate (:func:`monocyte_gate_joint`).
+
+    Perturbing them (e.g. to measure how much a result depends on its gate) re-gates the tube
+    with everything else unchanged.
+
+    Attributes
+    ----------
+    core_sd
+        CD14-bright monocytes: within this many robust SD of their median on every shape channel.
+    dim_reach
+        Decades below the core's median CD14 that CD14-dim monocytes may reach.
+    ellipse
+        CD14-dim candidates lie within this probability mass of the monocytes' Gaussian (scatter
+        and CD45): the Mahalanobis radius is its chi-square quantile.
+    posterior
+        Least posterior probability of "monocyte" (against the tube's other leukocytes).
+    background_events, background_components
+        The other leukocytes near the monocytes' CD14 are modelled by a Gaussian mixture of this
+        many components fitted to at most this many of them.
+    background_margin
+        Decades below the lowest monocyte CD14 from which that background is drawn.
+    slice_width
+        The monocytes' share of the candidates is estimated per CD14 slice of this many decades.
+    hladr_window
+        CD14-dim candidates must have an HLA-DR within this many robust SD of the CD14-bright
+        monocytes' median (a window symmetric in log HLA-DR).
+    valley_depth
+        Deepest acceptable CD14 valley (density at the valley / the lower neighbouring peak).
+    """
+
+    core_sd: float = 3.0
+    dim_reach: float = 1.2
+    ellipse: float = 0.999
+    posterior: float = 0.9999
+    background_events: int = 1000
+    background_components: int = 5
+    background_margin: float = 0.5
+    slice_width: float = 0.1
+    hladr_window: float = 2.0
+    valley_depth: float = 0.8
+
+
+def _asinh_decades(x: np.ndarray, cofactor: float) -> np.ndarray:
+    """``asinh(x / cofactor)`` in decades: log-like above the cofactor, linear through zero (so an
+    unstained channel's noise around 0 stays one smooth population)."""
+    return (np.arcsinh(x / np.float32(cofactor)) / np.float32(np.log(10))).astype(np.float32)
+
+
+def _cofactor(values: np.ndarray) -> float:
+    """Noise scale of a compensated channel: the depth of its most negative values (at least 1)."""
+    return max(1.0, -float(np.percentile(values, 1)))
+
+
+def _mahalanobis2(x: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    z = (x - mean) @ np.linalg.inv(np.linalg.cholesky(cov)).T
+    return np.einsum("ij,ij->i", z, z)
+
+
+def _gaussian_logpdf(x: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    chol = np.linalg.cholesky(cov)
+    z = (x - mean) @ np.linalg.inv(chol).T
+    log_det = 2 * np.log(np.diag(chol)).sum()
+    return -0.5 * (np.einsum("ij,ij->i", z, z) + log_det + x.shape[1] * np.log(2 * np.pi))
+
+
+def _mixture_logpdf(x: np.ndarray, weights: np.ndarray, means: np.ndarray, covs: np.ndarray) -> np.ndarray:
+    parts = np.stack([np.log(w) + _gaussian_logpdf(x, m, c) for w, m, c in zip(weights, means, covs)])
+    top = parts.max(axis=0)
+    return top + np.log(np.exp(parts - top).sum(axis=0))
+
+
+def _robust_gaussian(x: np.ndarray, mass: float = 0.975, rounds: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of the bulk of ``x`` (n x d), by trimming to the ``mass`` ellipse.
+
+    The covariance of a Gaussian cut to its ``q`` ellipse shrinks by ``P(chi2_{d+2} < q) /
+    P(chi2_d < q)``; dividing by it gives back the whole Gaussian's covariance.
+    """
+    from scipy.special import chdtri, gammainc
+
+    d = x.shape[1]
+    q = float(chdtri(d, 1 - mass))
+    shrink = float(gammainc(d / 2 + 1, q / 2) / gammainc(d / 2, q / 2))
+    mean, cov = np.median(x, axis=0), np.cov(x, rowvar=False).reshape(d, d) + 1e-6 * np.eye(d)
+    for _ in range(rounds):
+        keep = _mahalanobis2(x, mean, cov) <= q
+        if keep.sum() <= 2 * d:
+            break
+        mean = x[keep].mean(axis=0)
+        cov = np.cov(x[keep], rowvar=False).reshape(d, d) / shrink + 1e-6 * np.eye(d)
+    return mean, cov
+
+
+def monocyte_gate_joint(
+    comp: Mapping[str, np.ndarray],
+    sample: Sample,
+    panel: Panel,
+    leuk: np.ndarray,
+    *,
+    seed: int = 0,
+    bounds: JointGate = JointGate(),
+    logs: RoleLogs | None = None,
+) -> tuple[np.ndarray, dict]:
+    """Monocytes from every channel jointly: CD14, FSC-A, FSC-H, SSC-A, CD45 (those present), HLA-DR.
+
+    1. CD14-bright monocytes: the leukocytes above the CD14 valley within ``core_sd`` robust SD
+       of their median on every shape channel (FSC-A, FSC-H, SSC-A, CD45). A Gaussian fitted
+       (trimmed) to them is the monocytes' shape.
+    2. CD14-dim events (down to ``dim_reach`` decades below their CD14) inside the shape's
+       ``ellipse`` are CD14-dim monocytes or CD14-dim granulocytes. They must have an HLA-DR within
+       ``hladr_window`` robust SD of the bright monocytes' median (HLA-DR-negative granulocytes
+       out; the window is symmetric in log HLA-DR, so it does not pull the median), then a
+       two-class mixture decides: the monocytes (their shape, uniform in CD14) against the other
+       leukocytes around them (a Gaussian mixture over shape and CD14, fitted by EM jointly with
+       the monocytes' share of each CD14 slice, so it never has to explain the monocytes). Those
+       with a posterior of at least ``posterior`` are kept. A tube without granulocytes (PBMC)
+       skips this step: the model is built for, and verified on, CD14-dim granulocytes.
+
+    Deterministic for a given ``seed`` (the subsamples the mixture is fitted to).
+    """
+    scatter = [role for role in ("FSC-A", "FSC-H", "SSC-A") if panel[role]]
+    shape = [sample.events[:, sample.index(panel[role])] for role in scatter]
+    fluor = [comp[panel["CD45"]]] if panel["CD45"] else []
+    logs = logs if logs is not None else RoleLogs(comp, sample, panel)
+    if not shape and not fluor:
+        return monocyte_gate_density(comp, sample, panel, leuk, logs)
+    info: dict[str, Any] = {}
+    cd14 = logs["CD14"]
+    valley, depth = cd14_valley(logs, leuk)
+    info["valley_depth"] = depth
+    if not np.isfinite(valley) or depth > bounds.valley_depth:
+        info["failed"] = "no CD14 valley"
+        return np.zeros_like(leuk), info
+    leuk_sample = np.flatnonzero(leuk)[:: max(1, int(leuk.sum()) // 50_000)]  # for noise scales
+    cofactors = [_cofactor(column[leuk_sample]) for column in fluor]
+
+    def features(rows: np.ndarray) -> np.ndarray:
+        columns = [np.log10(np.maximum(column[rows], 1), dtype=np.float32) for column in shape]
+        columns += [_asinh_decades(column[rows], c) for column, c in zip(fluor, cofactors)]
+        return np.column_stack(columns)
+
+    bright = np.flatnonzero(leuk & (cd14 > valley))
+    x_bright = features(bright)
+    med = np.median(_thin(x_bright, 20_000), axis=0)
+    in_box = np.all(np.abs(x_bright - med) <= bounds.core_sd * _mad_sd(_thin(x_bright, 20_000), med), axis=1)
+    core = bright[in_box]
+    if core.size < 20:
+        info["failed"] = f"only {core.size} events in the CD14-bright core"
+        return np.zeros_like(leuk), info
+    mean, cov = _robust_gaussian(_thin(x_bright[in_box], 5_000))
+    low = min(float(np.median(cd14[core])) - bounds.dim_reach, valley)
+    high = max(float(np.percentile(cd14[core], 99.9)), low + 0.5)
+    from scipy.special import chdtri
+
+    mono = np.zeros_like(leuk)
+    mono[core] = True
+    in_range = np.flatnonzero(leuk & (cd14 >= low) & (cd14 <= valley))
+    x_range = features(in_range)
+    dim_in = _mahalanobis2(x_range, mean, cov) <= float(chdtri(mean.size, 1 - bounds.ellipse))
+    info.update(cd14_valley=float(10**valley), cd14_low=float(10**low), core=int(core.size))
+    info.update(dim_candidates=int(dim_in.sum()), dim_kept=0)
+    if not dim_in.any():
+        return mono, info
+    if panel["SSC-A"] and _granulocyte_like(logs, leuk, mono) and no_granulocytes(logs["SSC-A"], leuk, mono):
+        # the monocytes are the top-SSC population (PBMC): no CD14-dim granulocytes to tell
+        # CD14-dim monocytes from, the CD14-bright ones only
+        info["dim_skipped"] = "no granulocytes"
+        return mono, info
+
+    # CD14-dim candidates whose HLA-DR is within `hladr_window` robust SD of the bright monocytes'
+    # median: HLA-DR-negative granulocytes out, and no pull on the monocytes' median (symmetric)
+    hladr = comp[panel["HLA-DR"]]
+    hladr_cofactor = _cofactor(hladr[leuk_sample])
+    centre, spread = _robust(_asinh_decades(hladr[core], hladr_cofactor))
+    dim_hladr = _asinh_decades(hladr[in_range[dim_in]], hladr_cofactor)
+    within = np.abs(dim_hladr - centre) <= bounds.hladr_window * spread
+    dim, x_dim_shape = in_range[dim_in][within], x_range[dim_in][within]
+    info["dim_in_hladr_window"] = int(dim.size)
+    if not dim.size:
+        return mono, info
+    x_dim = np.column_stack([x_dim_shape, cd14[dim]])
+    fit = _spread_sample(dim.size, bounds.background_events, seed)
+    # the other leukocytes around the candidates, from the evenly spread sample of leukocytes
+    taken = np.zeros(leuk.size, dtype=bool)
+    taken[core] = True
+    taken[in_range[dim_in]] = True
+    pool = leuk_sample[(cd14[leuk_sample] >= low - bounds.background_margin) & ~taken[leuk_sample]]
+    rest = pool[_spread_sample(pool.size, bounds.background_events, seed)]
+    pool_size = pool.size * int(leuk.sum()) / max(leuk_sample.size, 1)
+    posterior = _monocyte_posterior(
+        x_dim,
+        _gaussian_logpdf(x_dim_shape, mean, cov) - np.log(high - low),
+        np.minimum(((cd14[dim] - low) / bounds.slice_width).astype(np.int64), 1000),
+        fit,
+        np.column_stack([features(rest), cd14[rest]]),
+        dim.size / max(fit.size, 1),
+        pool_size / max(rest.size, 1),
+        bounds.background_components,
+        seed,
+    )
+    mono[dim[posterior >= bounds.posterior]] = True
+    info["dim_kept"] = int((posterior >= bounds.posterior).sum())
+    return mono, info
+
+
+def _spread_sample(n: int, size: int, seed: int) -> np.ndarray:
+    """At most ``size`` indices of ``range(n)``, evenly spread from a seeded offset (O(size))."""
+    step = max(1, n // size)
+    return np.arange(int(np.random.default_rng(seed).integers(step)), n, step)[:size]
+
+
+def _mad_sd(x: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """Per-column MAD-based SD of ``x`` around ``centre`` (at least 1e-3)."""
+    return 1.4826 * np.median(np.abs(x - centre), axis=0) + 1e-3
+
+
+def _increasing(y: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Weighted least-squares non-decreasing fit of ``y`` (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, length]
+    for v, wt in zip(y, weight):
+        blocks.append([float(v), float(wt), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, w2, n2 = blocks.pop()
+            m1, w1, n1 = blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return np.concatenate([np.full(int(n), m) for m, _, n in blocks])
+
+
+def _monocyte_posterior(
+    x_dim: np.ndarray,
+    log_mono: np.ndarray,
+    slices: np.ndarray,
+    fit: np.ndarray,
+    x_rest: np.ndarray,
+    weight_dim: float,
+    weight_rest: float,
+    components: int,
+    seed: int,
+    iterations: int = 20,
+) -> np.ndarray:
+    """P(monocyte) of each CD14-dim candidate, by EM over a two-class mixture.
+
+    The monocytes' density is given (``log_mono``); the other leukocytes are a mixture of
+    ``components`` full Gaussians fitted jointly (candidates ``x_dim[fit]`` and events outside the
+    monocytes' range ``x_rest``, each weighted by its subsampling), so the background never has to
+    explain the monocytes; the monocytes' share of the candidates is estimated per CD14 slice.
+    """
+    from sklearn.cluster import kmeans_plusplus
+
+    x = np.vstack([x_dim[fit], x_rest]).astype(np.float64)
+    w = np.concatenate([np.full(fit.size, weight_dim), np.full(len(x_rest), weight_rest)])
+    n_fit = fit.size
+    slice_fit = slices[fit]
+    n_slices = int(slices.max()) + 1
+    per_slice = np.bincount(slice_fit, minlength=n_slices) * weight_dim + 1e-9
+    means = kmeans_plusplus(x_rest if len(x_rest) >= components else x, components, random_state=seed)[0]
+    covs = np.repeat(np.cov(x, rowvar=False, aweights=w)[None], components, axis=0)
+    weights = np.full(components, 1.0 / components)
+    share = np.full(n_slices, 0.5)
+    ridge = 1e-4 * np.eye(x.shape[1])
+
+    def background(points: np.ndarray) -> np.ndarray:  # n x k log(weight * density)
+        parts = [np.log(wk) + _gaussian_logpdf(points, m, c) for wk, m, c in zip(weights, means, covs)]
+        return np.stack(parts, axis=1)
+
+    def p_mono(log_b: np.ndarray, log_m: np.ndarray, sl: np.ndarray) -> np.ndarray:
+        top = log_b.max(axis=1)
+        log_other = top + np.log(np.exp(log_b - top[:, None]).sum(axis=1))
+        log_odds = log_other + np.log1p(-share[sl]) - log_m - np.log(share[sl])
+        return 1 / (1 + np.exp(np.clip(log_odds, -50, 50)))
+
+    for _ in range(iterations):
+        before = share
+        log_b = background(x)
+        r_mono = np.zeros(x.shape[0])
+        r_mono[:n_fit] = p_mono(log_b[:n_fit], log_mono[fit], slice_fit)
+        resp = np.exp(log_b - log_b.max(axis=1, keepdims=True))
+        resp *= ((1 - r_mono) * w / resp.sum(axis=1))[:, None]
+        nk = resp.sum(axis=0) + 1e-9
+        weights = nk / nk.sum()
+        means = resp.T @ x / nk[:, None]
+        for j in range(components):
+            d = x - means[j]
+            covs[j] = (resp[:, j, None] * d).T @ d / nk[j] + ridge
+        share = np.bincount(slice_fit, r_mono[:n_fit] * w[:n_fit], n_slices) / per_slice
+        share = _increasing(share, per_slice)  # the monocytes' share does not grow as CD14 falls
+        share = np.clip(share, 1e-4, 1 - 1e-4)
+        if np.abs(share - before).max() < 1e-3:
+            break
+    return p_mono(background(x_dim.astype(np.float64)), log_mono, slices)
+
+
+
+def _problem(mono: np.ndarray, info: dict, logs: RoleLogs, leuk: np.ndarray) -> str | None:
+    """Why an automatic monocyte gate's answer cannot be used (None when it can).
+
+    Its own failure; fewer than :data:`MIN_MONOCYTES`; a fraction outside
+    :data:`MONOCYTE_PERCENT_RANGE`; a granulocyte-like SSC, unless the tube has no granulocytes
+    (then ``info["no_granulocytes"]`` is set).
+    """
+    if info.get("failed"):
+        return str(info["failed"])
+    n = int(mono.sum())
+    if n < MIN_MONOCYTES:
+        return f"only {n} monocytes (at least {MIN_MONOCYTES} are needed to measure their HLA-DR)"
+    percent = 100.0 * n / max(int(leuk.sum()), 1)
+    if not MONOCYTE_PERCENT_RANGE[0] <= percent <= MONOCYTE_PERCENT_RANGE[1]:
+        return f"implausible monocyte fraction {percent:.2f} %"
+    if logs.panel["SSC-A"] and _granulocyte_like(logs, leuk, mono):
+        if not no_granulocytes(logs["SSC-A"], leuk, mono):
+            return "the CD14+ events have granulocyte-like SSC"
+        info["no_granulocytes"] = True  # e.g. PBMC: the monocytes are the top-SSC population
+    return None
+
+
+def _automatic_monocytes(
+    comp: Mapping[str, np.ndarray],
+    sample: Sample,
+    panel: Panel,
+    leuk: np.ndarray,
+    seed: int,
+    bounds: JointGate,
+    logs: RoleLogs | None = None,
+) -> tuple[np.ndarray, str, dict, dict[str, np.ndarray]]:
+    """(monocytes, method, info, alternatives): the joint gate, checked against the density gate.
+
+    The joint gate answers when it passes :func:`_problem`; the density gate is then its
+    alternative (``alternatives``: the analysis flags a disagreement larger than the result's
+    uncertainty). When the joint gate fails, the density gate answers, then the Gaussian-mixture
+    clustering; when none has a usable answer the tube is refused (:class:`GatingError` with the
+    count and the reasons).
+    """
+    logs = RoleLogs(comp, sample, panel) if logs is None else logs
+    joint, joint_info = monocyte_gate_joint(comp, sample, panel, leuk, seed=seed, bounds=bounds, logs=logs)
+    density, density_info = monocyte_gate_density(comp, sample, panel, leuk, logs)
+    joint_problem = _problem(joint, joint_info, logs, leuk)
+    density_problem = _problem(density, density_info, logs, leuk)
+    if not joint_problem:
+        return joint, "joint", joint_info, ({} if density_problem else {"density": density})
+    if not density_problem:
+        return density, "density", {**density_info, "fallback_reason": joint_problem}, {}
+    reasons = f"joint gate: {joint_problem}; density gate: {density_problem}"
+    try:
+        clustered = monocyte_gate_gmm(comp, sample, panel, leuk, seed, logs)
+        clustered_problem = _problem(clustered, {}, logs, leuk)
+    except GatingError as exc:
+        clustered, clustered_problem = None, exc.message
+    if clustered is not None and not clustered_problem:
+        return clustered, "gmm-fallback", {"fallback_reason": reasons}, {}
+    message = f"no measurable monocyte population ({reasons}; clustering: {clustered_problem})"
+    if panel.sources.get("CD14") == "naming":
+        raise PanelError(
+            f"{message}; CD14 was taken as {panel['CD14']} from instrument naming only "
+            f"(no $PnS markers): give the CD14 channel with --cd14",
+            sample.path,
+        )
+    raise GatingError(message, sample.path)
+
+
 def gate_monocytes(
-    sample: Sample, panel: Panel, *, gates: str | os.PathLike | None = None, seed: int = 0,
+    sample: Sample,
+    panel: Panel,
+    *,
+    gates: str | os.PathLike | None = None,
+    seed: int = 0,
     gate_name: str | None = None,
+    bounds: JointGate = JointGate(),
 ) -> GatingResult:
-    """Run the whole gating sequence on a patient tube (``gates``/``gate_name``: see :func:`user_gate`)."""
+    """Run the whole gating sequence on a patient tube.
+
+    ``gates``/``gate_name``: a user gate (see :func:`user_gate`); ``bounds``: the automatic joint
+    gate's boundaries (:class:`JointGate`); ``seed``: its subsampling (results are deterministic).
+    """
     comp, notes = compensated_columns(sample, [panel["CD14"], panel["CD45"], panel["HLA-DR"]])
     flags: list[str] = []
     gate_log: list[dict[str, Any]] = []
@@ -360,7 +775,8 @@ def gate_monocytes(
     _record(gate_log, "debris", singlets, cells, **{size_key: debris_cut})
     if not panel["SSC-A"]:
         flags.append("no_scatter")  # mass cytometry: gated on DNA, CD45 and CD14 only
-    leuk, cd45_cut = leukocyte_gate(comp, sample, panel, cells)
+    logs = RoleLogs(comp, sample, panel)
+    leuk, cd45_cut = leukocyte_gate(comp, sample, panel, cells, logs)
     _record(
         gate_log,
         "CD45+ leukocytes" if panel["CD45"] else "leukocytes (no CD45)",
@@ -370,33 +786,15 @@ def gate_monocytes(
     )
     thresholds = {size_key: debris_cut, "cd45_min": cd45_cut}
 
+    alternatives: dict[str, np.ndarray] = {}
     if gates is not None:
         mono = user_gate(sample, gates, gate_name) & singlets
         method = f"user:{Path(gates).name}"
         _record(gate_log, "monocytes (user gate)", singlets, mono)
     else:
-        mono, info = monocyte_gate_density(comp, sample, panel, leuk)
-        percent = 100.0 * mono.sum() / max(leuk.sum(), 1)
-        problem = info.get("failed")
-        if not problem and mono.sum() < MIN_MONOCYTES_DENSITY:
-            problem = f"only {int(mono.sum())} monocytes"
-        if not problem and not MONOCYTE_PERCENT_RANGE[0] <= percent <= MONOCYTE_PERCENT_RANGE[1]:
-            problem = f"implausible monocyte fraction {percent:.2f} %"
-        method = "density"
-        if problem:
-            try:
-                mono = monocyte_gate_gmm(comp, sample, panel, leuk, seed)
-            except GatingError as exc:
-                if panel.sources.get("CD14") == "naming":
-                    raise PanelError(
-                        f"{exc.message}; CD14 was taken as {panel['CD14']} from instrument naming only "
-                        f"(no $PnS markers): give the CD14 channel with --cd14",
-                        sample.path,
-                    ) from None
-                raise
-            method = "gmm-fallback"
+        mono, method, info, alternatives = _automatic_monocytes(comp, sample, panel, leuk, seed, bounds, logs)
+        if method != "joint":
             flags.append("fallback_gating")
-            info["fallback_reason"] = problem
         _record(
             gate_log,
             "CD14+ monocytes",
@@ -405,13 +803,13 @@ def gate_monocytes(
             method=method,
             **{k: v for k, v in info.items() if k != "failed"},
         )
-        if info.get("no_granulocytes") and method == "density":
+        if info.get("no_granulocytes"):
             flags.append("no_granulocytes")
-        if info.get("cd14_valley"):
-            thresholds["cd14_min"] = info["cd14_valley"]
-        if info.get("ssc_max"):
-            thresholds["ssc_max"] = info["ssc_max"]
-    gr = GatingResult(mono, leuk, singlets, timed, comp, method, gate_log, flags, thresholds)
+        names = {"cd14_valley": "cd14_min", "cd14_low": "cd14_dim_min", "ssc_max": "ssc_max"}
+        for key, threshold in names.items():
+            if info.get(key):
+                thresholds[threshold] = info[key]
+    gr = GatingResult(mono, leuk, singlets, timed, comp, method, gate_log, flags, thresholds, alternatives)
     gr.gates.insert(0, {"gate": "compensation", "notes": notes})
     return gr
 

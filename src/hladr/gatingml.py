@@ -93,6 +93,8 @@ def _planes(panel: Panel) -> list[tuple[str, str, str]]:
         planes.append(("scatter", "FSC-A", "SSC-A"))
     if panel["CD45"] and panel["SSC-A"]:
         planes.append(("CD45", "CD45", "SSC-A"))
+    # the joint gate admits CD14-dim events only within an HLA-DR window: a CD14 x HLA-DR hull carries it
+    planes.append(("CD14_HLADR", "CD14", "HLA-DR"))
     if panel["SSC-A"]:
         planes.append((MONOCYTE_GATE, "CD14", "SSC-A"))
     elif panel["CD45"]:

@@ -474,6 +474,78 @@ _BLOOD = {
 }
 
 
+#: Ranges of the severe-sepsis profile (sources in docs/simulator.md): each tube draws one value
+#: per parameter uniformly in its range (:func:`draw_severe_sepsis`).
+SEVERE_SEPSIS_RANGES: dict[str, tuple[float, float]] = {
+    "monocyte_fraction": (0.003, 0.02),  # monocytes / leukocytes
+    "cd14_dim_share": (0.2, 0.6),  # share of monocytes on the CD14-loss continuum
+    "cd14_max_loss": (5.0, 10.0),  # deepest loss on that continuum, fold below the subset's CD14
+    "activated_neutrophils": (0.3, 0.7),  # share of neutrophils activated
+    "activated_ssc": (45_000.0, 80_000.0),  # their median SSC (monocytes ~40,000, neutrophils ~110,000)
+    "activated_cd14": (1_000.0, 4_000.0),  # their median CD14 (monocytes ~30,000; 5-10x loss: 3,000-6,000)
+    "immature_granulocytes": (0.05, 0.20),  # fraction of leukocytes
+    "ig_ssc": (50_000.0, 80_000.0),
+    "ig_cd14": (1_000.0, 3_000.0),
+    "lymphocytes": (0.03, 0.10),  # T + B + NK cells, fraction of leukocytes (lymphopenia)
+    "doublet_fraction": (0.05, 0.10),  # of all events
+    "monocyte_doublet_share": (0.02, 0.10),  # share of doublets that are monocyte + neutrophil
+    "unresolved_doublets": (0.1, 0.3),  # share of doublets whose FSC-H/FSC-A is near a singlet's
+    "platelet_complexes": (0.05, 0.25),  # share of monocytes carrying platelets
+    "clog_probability": (0.5, 0.5),
+    "two_colour_probability": (0.3, 0.3),
+}
+
+
+@dataclass(frozen=True)
+class SevereSepsis:
+    """One severe-sepsis tube's biology and panel, drawn by :func:`draw_severe_sepsis`."""
+
+    monocyte_fraction: float
+    cd14_dim_share: float
+    cd14_max_loss: float
+    activated_neutrophils: float
+    activated_ssc: float
+    activated_cd14: float
+    immature_granulocytes: float
+    ig_ssc: float
+    ig_cd14: float
+    lymphocytes: float
+    doublet_fraction: float
+    monocyte_doublet_share: float
+    unresolved_doublets: float
+    platelet_complexes: float
+    clog_window: tuple[float, float] | None  # fractions of the acquisition
+    panel: str  # "3colour" | "2colour"
+    cd45_fluor: str | None  # None: the instrument's usual CD45 fluor
+    with_markers: bool
+
+
+def draw_severe_sepsis(rng: np.random.Generator, instrument: str | Instrument = "canto") -> SevereSepsis:
+    """A severe-sepsis tube drawn from :data:`SEVERE_SEPSIS_RANGES`.
+
+    CD45 goes on any free fluor of the instrument (not PE, not CD14's); a CD45 off the instrument's
+    usual fluor is written with ``$PnS`` markers, as no reader could otherwise know where it is.
+    """
+    inst = get_instrument(instrument)
+    r = {k: float(rng.uniform(lo, hi)) for k, (lo, hi) in SEVERE_SEPSIS_RANGES.items()}
+    clog = bool(rng.random() < r.pop("clog_probability"))
+    start, width = rng.uniform(0.1, 0.8), rng.uniform(0.04, 0.10)
+    two_colour = bool(rng.random() < r.pop("two_colour_probability"))
+    free = [d.fluor for d in inst.detectors if d.fluor not in ("PE", inst.markers["CD14"])]
+    cd45_fluor = None if two_colour else str(rng.choice(free))
+    usual = cd45_fluor in (None, inst.markers["CD45"])
+    # naming finds CD14 only on PerCP-Cy5.5 and CD45 only on its usual fluor: elsewhere, markers
+    needs_markers = not usual or inst.markers["CD14"] != "PerCP-Cy5.5"
+    with_markers = True if needs_markers else bool(rng.random() < 0.5)
+    return SevereSepsis(
+        **r,
+        clog_window=(float(start), float(start + width)) if clog else None,
+        panel="2colour" if two_colour else "3colour",
+        cd45_fluor=None if usual else cd45_fluor,
+        with_markers=with_markers,
+    )
+
+
 def simulate_blood(
     path: str | os.PathLike,
     instrument: str | Instrument = "canto",
@@ -488,6 +560,7 @@ def simulate_blood(
     abc_sigma: float = 0.4,
     with_markers: bool | None = None,
     acquired_at: datetime | None = None,
+    severe: SevereSepsis | None = None,
 ) -> dict:
     """Write a lysed-whole-blood patient tube stained with HLA-DR-PE, CD14 and (3-colour) CD45.
 
@@ -506,6 +579,9 @@ def simulate_blood(
         ``"3colour"`` (HLA-DR, CD14, CD45) or ``"2colour"`` (no CD45 stain).
     acquired_at
         Acquisition start written as ``$DATE``/``$BTIM`` (default: a time derived from the seed).
+    severe
+        A severe-sepsis tube (:func:`draw_severe_sepsis`): its monocyte fraction, clog, panel and
+        markers replace ``monocyte_fraction``, ``clog``, ``panel``, ``with_markers`` and ``septic``.
 
     Returns
     -------
@@ -513,6 +589,9 @@ def simulate_blood(
         Truth: ``abc_true`` (median over true monocytes of HLA-DR + PE autofluorescence
         molecules), ``abc_specific``, monocyte count, every parameter.
     """
+    if severe is not None:
+        monocyte_fraction, panel, with_markers = severe.monocyte_fraction, severe.panel, severe.with_markers
+        septic, clog = True, severe.clog_window is not None
     if panel not in ("3colour", "2colour"):
         raise SimulationError(f"panel must be '3colour' or '2colour', not {panel!r}")
     if not 0 < monocyte_fraction < 0.5:
@@ -538,6 +617,19 @@ def simulate_blood(
             nk_cell=0.015,
             dead_cell=0.03,
         )
+    if severe is not None:  # lymphopenia; the neutrophils fill what the others leave
+        lymph, ig = severe.lymphocytes, severe.immature_granulocytes
+        fractions.update(
+            immature_granulocyte=ig,
+            eosinophil=0.01,
+            t_cell=0.75 * lymph,
+            b_cell=0.12 * lymph,
+            nk_cell=0.13 * lymph,
+            dendritic_cell=0.002,
+            dead_cell=0.03,
+        )
+        others = sum(v for k, v in fractions.items() if k != "neutrophil")
+        fractions["neutrophil"] = 1 - monocyte_fraction - others
     mono_split = (0.70, 0.15, 0.15) if septic else (0.86, 0.06, 0.08)
     others = sum(fractions.values())
     fractions = {k: v * (1 - monocyte_fraction) / others for k, v in fractions.items()}
@@ -547,7 +639,7 @@ def simulate_blood(
         fractions[name] = monocyte_fraction * share
 
     n_debris = int(n_events * (0.04 if clog else 0.03))
-    n_doublets = int(n_events * 0.02)
+    n_doublets = int(n_events * (severe.doublet_fraction if severe is not None else 0.02))
     n_cells = n_events - n_debris - n_doublets
     names = list(fractions)
     p = np.array([fractions[k] for k in names])
@@ -558,7 +650,20 @@ def simulate_blood(
         sel = which == idx
         k = int(sel.sum())
         code, fm, fs, sm, ss, c45, c14, dr, a = _BLOOD[name]
-        if septic and name == "neutrophil":
+        if severe is not None and name == "neutrophil":
+            activated = rng.random(k) < severe.activated_neutrophils
+            sm_k = np.where(activated, severe.activated_ssc, sm)
+            c14_k = np.where(activated, severe.activated_cd14, c14)
+        elif severe is not None and name == "immature_granulocyte":
+            sm_k, c14_k = severe.ig_ssc, severe.ig_cd14
+        elif severe is not None and code in MONOCYTE_CODES:
+            # a continuum of CD14 loss in a share of them, down to `cd14_max_loss` below the normal
+            # (classical) level; CD14-dim non-classical monocytes already sit there
+            dim = rng.random(k) < severe.cd14_dim_share
+            loss = 10 ** rng.uniform(0.0, np.log10(severe.cd14_max_loss), k)
+            floor = _BLOOD["monocyte_classical"][6] / severe.cd14_max_loss
+            sm_k, c14_k = sm, np.where(dim, np.maximum(c14 / loss, min(floor, c14)), c14)
+        elif septic and name == "neutrophil":
             activated = rng.random(k) < 0.35
             sm_k = np.where(activated, 75_000, sm)
             c14_k = np.where(activated, 1_800, c14)
@@ -576,7 +681,7 @@ def simulate_blood(
         codes[sel] = code
     # monocyte-platelet complexes: monocytes with slightly more scatter, still singlets
     mono = np.isin(codes, MONOCYTE_CODES)
-    mpc = mono & (rng.random(n_cells) < 0.05)
+    mpc = mono & (rng.random(n_cells) < (severe.platelet_complexes if severe is not None else 0.05))
     codes[mpc] = 11
     fsc[mpc] *= 1.08
     ssc[mpc] *= 1.12
@@ -587,12 +692,15 @@ def simulate_blood(
     b = rng.integers(0, n_cells, n_doublets)
     mono_idx = np.flatnonzero(mono)
     neut_idx = np.flatnonzero(codes == 1)
-    half = n_doublets // 2
+    half = n_doublets // 2 if severe is None else int(n_doublets * severe.monocyte_doublet_share)
     if mono_idx.size and neut_idx.size:
         a[:half] = rng.choice(mono_idx, half)
         b[:half] = rng.choice(neut_idx, half)
     d_fsc = fsc[a] + fsc[b]
     d_ratio = np.maximum(fsc[a], fsc[b]) / d_fsc * rng.normal(0.95, 0.04, n_doublets)
+    if severe is not None:  # partners one behind the other: FSC-H/FSC-A near a singlet's
+        aligned = rng.random(n_doublets) < severe.unresolved_doublets
+        d_ratio[aligned] = rng.uniform(0.70, 0.85, int(aligned.sum()))
     d_codes = np.where(np.arange(n_doublets) < half, 12, 13)
 
     # debris (and the burst during a clog)
@@ -616,8 +724,8 @@ def simulate_blood(
     order = rng.permutation(n)
     clog_window = None
     if clog:
-        clog_window = (0.55, 0.63)
-        lo, hi = int(0.55 * n), int(0.63 * n)
+        clog_window = (0.55, 0.63) if severe is None else severe.clog_window
+        lo, hi = int(clog_window[0] * n), int(clog_window[1] * n)
         is_debris = codes_all[order] == 0
         debris_pos = np.flatnonzero(is_debris)
         burst = debris_pos[: n_debris // 2]  # half the debris goes into the clog window
@@ -630,7 +738,8 @@ def simulate_blood(
         sag[lo:hi] = 0.6 + 0.4 * np.abs(np.linspace(-1, 1, hi - lo))
 
     molecules = {"PE": hladr_all + af_all * FLUOR_AF["PE"]}
-    cd14_fluor, cd45_fluor = inst.markers["CD14"], inst.markers["CD45"]
+    cd14_fluor = inst.markers["CD14"]
+    cd45_fluor = (severe.cd45_fluor if severe is not None else None) or inst.markers["CD45"]
     for det in inst.detectors:
         if det.fluor == "PE":
             continue
@@ -676,10 +785,39 @@ def simulate_blood(
         "clog_window": clog_window,
         "panel": panel,
         "abc_sigma": abc_sigma,
+        "severe": asdict(severe) if severe is not None else None,
         "channels": {m: inst.detector(f).channel for m, f in markers.items()},
         "with_markers": instrument_markers(inst, with_markers),
         "population_counts": {POPULATIONS[int(c)]: int(np.sum(ev.labels == c)) for c in np.unique(ev.labels)},
     }
+
+
+def severe_sepsis_cohort(n: int = 200, seed: int = 16) -> list[dict]:
+    """``n`` severe-sepsis tube specifications: ``simulate_blood(path, **case)`` writes each.
+
+    All presets in turn; AB/C log-uniform in 1,000-40,000 except a third near 5,000 (+-19 %);
+    80,000-200,000 events (about 250-4,000 monocytes), except one tube in 25 with 8,000-20,000
+    events, which may hold too few monocytes to measure.
+    """
+    rng = np.random.default_rng(seed)
+    names = sorted(INSTRUMENTS)
+    cases = []
+    for i in range(n):
+        name = names[i % len(names)]
+        near = rng.random() < 1 / 3
+        abc = 5000 * rng.uniform(0.81, 1.19) if near else np.exp(rng.uniform(np.log(1000), np.log(40000)))
+        small = i % 25 == 24
+        events = rng.integers(8_000, 20_000) if small else rng.integers(80_000, 200_000)
+        cases.append(
+            {
+                "instrument": name,
+                "abc_median": float(abc),
+                "seed": seed * 10_000 + i,
+                "n_events": int(events),
+                "severe": draw_severe_sepsis(rng, name),
+            }
+        )
+    return cases
 
 
 def instrument_markers(inst: Instrument, with_markers: bool | None) -> bool:
