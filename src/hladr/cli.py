@@ -136,6 +136,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_main(args)
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    from .service import token_main
+
+    return token_main(args)
+
+
 # --- parser ---------------------------------------------------------------------------
 def _add_bead_values(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group(required=False)
@@ -250,11 +256,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--db", default="hladr.sqlite", help="SQLite database path")
-    p.add_argument("--tokens", metavar="FILE", help="file of bearer tokens, one per line")
+    p.add_argument("--tokens", metavar="FILE", help="tokens file (see hladr token)")
+    p.add_argument("--data-dir", metavar="DIR", help="folder of uploads (default: next to --db)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--queue", type=int, default=8, help="analyses waiting beyond the workers before 503")
     p.add_argument("--upload-limit", type=int, default=256 * 1024 * 1024, help="bytes per uploaded file")
+    p.add_argument("--max-uploads", type=int, default=8, help="uploads received at once before 503")
+    p.add_argument("--read-timeout", type=float, default=30.0, help="seconds a client may stall an upload")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds running jobs get at shutdown")
+    p.add_argument("--max-attempts", type=int, default=3, help="runs of a job whose worker dies")
+    p.add_argument("--job-timeout", type=float, default=600.0, help="seconds before a job's worker is killed")
+    p.add_argument("--docs", action="store_true", help="serve /openapi.json and /docs")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("token", help="add a bearer token for a tenant to a tokens file (prints it once)")
+    p.add_argument("tenant")
+    p.add_argument("--tokens", metavar="FILE", required=True)
+    p.add_argument("--admin", action="store_true", help="the token may see every tenant")
+    p.set_defaults(func=cmd_token)
     return parser
 
 

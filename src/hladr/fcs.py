@@ -783,7 +783,8 @@ def write_fcs(
         if datatype == "I":
             kw[f"$P{i}R"] = str(2 ** widths[i - 1])
         else:
-            top = float(np.nanmax(events[:, i - 1])) if n else 1.0
+            finite = events[:, i - 1][np.isfinite(events[:, i - 1])]
+            top = float(finite.max()) if finite.size else 1.0
             kw[f"$P{i}R"] = str(int(max(top, 1.0)) + 1)
         if markers and markers[i - 1]:
             kw[f"$P{i}S"] = markers[i - 1]

@@ -27,6 +27,7 @@ from .fcs import Sample
 from .panel import Panel
 
 MIN_MONOCYTES = 50  # fewer: too few to measure, the tube is refused
+MAX_NONFINITE_FRACTION = 0.05  # events holding NaN/Inf: dropped with a flag up to this share, else refused
 MONOCYTE_PERCENT_RANGE = (0.1, 50.0)
 
 
@@ -190,6 +191,14 @@ def margin_gate(sample: Sample, panel: Panel) -> np.ndarray:
         top = sample.ranges.get(panel[role]) or np.inf
         keep &= (ev[:, idx] > 0) & (ev[:, idx] < 0.999 * top)
     return keep
+
+
+def nonfinite_events(sample: Sample) -> int:
+    """Events holding a NaN or infinite value in any channel (the margin gate drops them)."""
+    ev = sample.events
+    if ev.dtype.kind != "f" or not ev.shape[0]:
+        return 0
+    return int(ev.shape[0] - kernels.finite_rows(np.ascontiguousarray(ev)).sum())
 
 
 def time_gate(sample: Sample, panel: Panel, keep: np.ndarray, bins: int = 100) -> tuple[np.ndarray, dict]:
@@ -763,7 +772,18 @@ def gate_monocytes(
     gate_log: list[dict[str, Any]] = []
     all_events = np.ones(sample.n_events, dtype=bool)
     margin = margin_gate(sample, panel)
-    _record(gate_log, "margins", all_events, margin)
+    nonfinite = nonfinite_events(sample)
+    _record(gate_log, "margins", all_events, margin, nonfinite=nonfinite)
+    if nonfinite > MAX_NONFINITE_FRACTION * sample.n_events:
+        raise GatingError(
+            f"{nonfinite:,} of {sample.n_events:,} events hold NaN or infinite values "
+            f"(more than {MAX_NONFINITE_FRACTION:.0%}): the file is refused",
+            sample.path,
+        )
+    if nonfinite:
+        flags.append(f"nonfinite_events:{nonfinite}")
+    if not margin.any():
+        raise GatingError("no event is inside the scatter margins", sample.path)
     timed, time_info = time_gate(sample, panel, margin)
     _record(gate_log, "time", margin, timed, **time_info)
     if margin.sum() and (margin.sum() - timed.sum()) / margin.sum() > 0.1:

@@ -1,0 +1,79 @@
+"""``hladr serve``: the HTTP service for callers that are not Python (``pip install 'hladr[service]'``).
+
+Endpoints (under ``/v1``; all but ``/v1/health`` need ``Authorization: Bearer <token>``, and a
+caller sees only its own tenant's objects unless its token is an admin's):
+
+- ``GET  /v1/health``                     workers alive, queue depth, oldest queued job (503: unhealthy)
+- ``POST /v1/calibrations``  multipart ``beads`` + ``lot`` (a shipped lot's name) or ``bead_values``
+- ``GET  /v1/calibrations[/{id}]``       list / one
+- ``POST /v1/analyses``                  multipart ``sample`` + ``beads`` (+ ``lot``/``bead_values``),
+                                         or ``sample`` + ``calibration_id``
+- ``GET  /v1/analyses/{id}``             status (queued, running, done, failed) and the Result when done
+- ``POST /v1/analyses/{id}/retry``       a failed analysis queued again
+- ``POST /v1/stratifications``           JSON ``{analysis_id | abc, ferritin, ferritin_unit}`` -> decision
+- ``GET  /v1/audit``                     the access log (admin)
+
+Modules: :mod:`.auth` (tokens, tenants, the header gate), :mod:`.uploads` (streamed, capped
+multipart), :mod:`.db` (the job queue and everything stored), :mod:`.workers` (supervised worker
+processes), :mod:`.app` (the routes). See ``docs/service.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..errors import HladrError
+from .app import DEFAULT_UPLOAD_LIMIT, create_app, shipped_lot
+from .auth import TOKENS_ENV, TokenRegistry, add_token
+
+__all__ = [
+    "DEFAULT_UPLOAD_LIMIT",
+    "TOKENS_ENV",
+    "TokenRegistry",
+    "add_token",
+    "create_app",
+    "main",
+    "shipped_lot",
+]
+
+
+def main(args: argparse.Namespace) -> int:
+    """``hladr serve``: run the service until SIGTERM/SIGINT (running jobs get ``--grace`` seconds)."""
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError:
+        raise HladrError("hladr serve needs the service extra: pip install 'hladr[service]'") from None
+    os.umask(0o077)  # every file the service creates is 0600, every folder 0700
+    app = create_app(
+        args.db,
+        TokenRegistry(args.tokens),
+        workers=args.workers,
+        queue_size=args.queue,
+        upload_limit=args.upload_limit,
+        data_dir=args.data_dir,
+        max_uploads=args.max_uploads,
+        read_timeout=args.read_timeout,
+        grace=args.grace,
+        max_attempts=args.max_attempts,
+        job_timeout=args.job_timeout,
+        docs=args.docs,
+    )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        timeout_graceful_shutdown=args.grace,
+        timeout_keep_alive=5,
+        limit_concurrency=max(64, 4 * args.max_uploads),
+    )
+    return 0
+
+
+def token_main(args: argparse.Namespace) -> int:
+    """``hladr token TENANT --tokens FILE [--admin]``: add a token; print it (only its hash is kept)."""
+    print(add_token(args.tokens, args.tenant, admin=args.admin))
+    return 0

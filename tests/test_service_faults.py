@@ -1,0 +1,351 @@
+"""Fault injection against a real `hladr serve` on loopback.
+
+Workers killed mid-job, SIGTERM with a backlog, a ``kill -9`` of the server and a restart, a full
+upload disk, hostile uploads (2 GiB without a token, oversized, slow), concurrent large uploads
+(server RSS, health latency). After each: every accepted job ends ``done`` or ``failed`` with a
+reason and retryable, none is lost or stuck, no process outlives the server, and the database
+passes ``PRAGMA integrity_check``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import select
+import signal
+import socket
+import subprocess
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from hladr.fcs import read_fcs, write_fcs  # noqa: E402
+from tests.conftest import SAMPLE_DIR  # noqa: E402
+from tests.service_server import (  # noqa: E402
+    AUTH,
+    TOKEN,
+    Server,
+    calibrate,
+    descendants,
+    submit,
+    wait_finished,
+    wait_gone,
+    wait_status,
+)
+
+STOPPED = (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down gracefully
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def tubes(tmp_path_factory) -> dict[str, Path]:
+    """Distinct patient tubes: ``big``, ``b0``..``b2`` (600k events, about 0.5 s of analysis each)
+    and ``t0``, ``t1`` (60k events)."""
+    folder = tmp_path_factory.mktemp("tubes")
+    source = read_fcs(SAMPLE_DIR / "patient_01.fcs")
+    ranges = {f"$P{i}R": str(int(source.ranges[c])) for i, c in enumerate(source.channels, 1)}
+    rng = np.random.default_rng(7)
+    out = {}
+    for name, copies in [("big", 20)] + [(f"b{i}", 20) for i in range(3)] + [(f"t{i}", 2) for i in range(2)]:
+        events = np.tile(source.events, (copies, 1))
+        events = events[np.sort(rng.choice(len(events), len(events) - 1 - len(out), replace=False))]
+        out[name] = write_fcs(folder / f"{name}.fcs", events, source.channels, source.markers, ranges,
+                              spillover=source.spillover)  # fmt: skip
+    return out
+
+
+def _integrity(server: Server) -> str:
+    return server.rows("PRAGMA integrity_check")[0][0]
+
+
+def _states(server: Server) -> dict[str, int]:
+    rows = server.rows("SELECT status, COUNT(*) AS n FROM analyses GROUP BY status")
+    return {r["status"]: r["n"] for r in rows}
+
+
+def test_a_killed_worker_is_replaced_and_its_job_retried_then_failed_as_worker_died(tmp_path, tubes):
+    srv = Server(tmp_path / "db.sqlite", "--workers", "1", "--max-attempts", "2", ready="ok")
+    try:
+        cal = calibrate(srv, SAMPLE_DIR / "beads.fcs")
+        job = submit(srv, tubes["big"], cal).json()["id"]
+        for attempt in (1, 2):  # kill -9 the worker in the middle of each of its two runs
+            row = wait_status(srv, job, "running")
+            assert row["attempts"] == attempt
+            os.kill(row["worker"], signal.SIGKILL)
+            wait_gone({row["worker"]})
+        failed = wait_finished(srv, job)
+        assert failed["status"] == "failed" and failed["error_type"] == "WorkerDied", failed
+        assert "signal 9" in failed["error"] and failed["retryable"]
+        health = srv.wait_health("ok")  # a replacement worker serves
+        assert health["workers"]["restarts"] == 2 and health["workers"]["alive"] == 1
+        retried = httpx.post(f"{srv.url}/v1/analyses/{job}/retry", headers=AUTH)
+        assert retried.status_code == 202 and retried.json()["status"] in ("queued", "running")
+        done = wait_finished(srv, job)
+        assert done["status"] == "done" and done["attempts"] == 1 and done["error"] is None
+        assert httpx.post(f"{srv.url}/v1/analyses/{job}/retry", headers=AUTH).status_code == 409
+        workers = srv.worker_pids()
+    finally:
+        assert srv.stop() in STOPPED
+    assert not wait_gone(workers)
+    assert _integrity(srv) == "ok"
+
+
+def _running(server: Server, limit: float = 60) -> str:
+    """The id of an analysis running now (polled every 5 ms)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        rows = server.rows("SELECT id FROM analyses WHERE status = 'running'")
+        if rows:
+            return rows[0]["id"]
+        time.sleep(0.005)
+    raise AssertionError("no analysis ran")
+
+
+def test_sigterm_lets_the_running_job_finish_and_keeps_the_backlog_for_the_next_start(tmp_path, tubes):
+    db = tmp_path / "db.sqlite"
+    srv = Server(db, "--workers", "1", "--queue", "10", "--grace", "30", ready="ok")
+    cal = calibrate(srv, SAMPLE_DIR / "beads.fcs")
+    jobs = [submit(srv, tubes[name], cal).json()["id"] for name in ["big", "b0", "b1", "b2"]]
+    running = _running(srv)
+    workers = srv.worker_pids()
+    started = time.monotonic()
+    assert srv.stop(signal.SIGTERM) in STOPPED
+    assert time.monotonic() - started < 30
+    assert not wait_gone(workers | descendants(srv.proc.pid), 5)
+    states = _states(srv)
+    assert states.get("running", 0) == 0 and states.get("failed", 0) == 0, states
+    finished = srv.rows("SELECT status, attempts FROM analyses WHERE id = ?", (running,))[0]
+    assert finished["status"] == "done"  # the running job finished within the grace period
+    assert states["queued"] >= 1 and sum(states.values()) == len(jobs)
+    assert _integrity(srv) == "ok"
+
+    again = Server(db, "--workers", "1")
+    try:
+        outcomes = [wait_finished(again, job) for job in jobs]
+    finally:
+        again.stop()
+    assert [o["status"] for o in outcomes] == ["done"] * len(jobs)
+    assert [o["attempts"] for o in outcomes] == [1] * len(jobs)  # no run counted twice
+
+
+@pytest.mark.slow
+def test_sigterm_after_the_grace_period_queues_the_running_job_again(tmp_path, tubes):
+    db = tmp_path / "db.sqlite"
+    srv = Server(db, "--workers", "1", "--grace", "0.2", ready="ok")
+    cal = calibrate(srv, SAMPLE_DIR / "beads.fcs")
+    job = submit(srv, tubes["big"], cal).json()["id"]
+    wait_status(srv, job, "running")
+    workers = srv.worker_pids()
+    assert srv.stop(signal.SIGTERM) in STOPPED
+    assert not wait_gone(workers, 5)
+    row = srv.rows("SELECT status, attempts FROM analyses WHERE id = ?", (job,))[0]
+    assert (row["status"], row["attempts"]) in {("queued", 0), ("done", 1)}  # never failed
+    again = Server(db, "--workers", "1")
+    try:
+        assert wait_finished(again, job)["status"] == "done"
+    finally:
+        again.stop()
+
+
+def test_kill_9_of_the_server_leaves_no_process_and_a_restart_serves_at_once_and_drains(tmp_path, tubes):
+    db = tmp_path / "db.sqlite"
+    srv = Server(db, "--workers", "1", "--queue", "10", ready="ok")
+    cal = calibrate(srv, SAMPLE_DIR / "beads.fcs")
+    jobs = [submit(srv, tubes[name], cal).json()["id"] for name in ["big", "b0", "b1"]]
+    _running(srv)
+    children = descendants(srv.proc.pid)
+    assert children
+    srv.stop(signal.SIGKILL)
+    assert not wait_gone(children, 5), "processes outlived a kill -9 of the server"
+    assert _integrity(srv) == "ok"
+    assert _states(srv).get("running", 0) <= 1  # the one killed mid-run stays "running" until a start
+
+    again = Server(db, "--workers", "1")  # returns at the first answer of /v1/health
+    first = again.health().json()
+    answered = time.monotonic() - again.started
+    try:
+        waiting = first["queue"]["queued"] + first["queue"]["running"]
+        assert waiting == len(jobs) - _states(again).get("done", 0)
+        assert answered < 15
+        outcomes = [wait_finished(again, job) for job in jobs]
+        assert [o["status"] for o in outcomes] == ["done"] * len(jobs)
+        assert [o["attempts"] for o in outcomes] == [1] * len(jobs)
+        assert list(db.with_suffix(".files").iterdir()) == []  # uploads deleted once done
+    finally:
+        again.stop()
+    assert _integrity(again) == "ok"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs as the upload folder (needs root; skipped elsewhere)."""
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(folder)],
+                             capture_output=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (not root)")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_upload_disk_is_refused_with_507_and_nothing_is_lost(tmp_path, tubes, small_disk):
+    srv = Server(tmp_path / "db.sqlite", "--workers", "1", "--data-dir", str(small_disk), ready="ok")
+    try:
+        cal = calibrate(srv, SAMPLE_DIR / "beads.fcs")
+        first = submit(srv, SAMPLE_DIR / "patient_01.fcs", cal)
+        assert first.status_code == 202
+        full = submit(srv, tubes["t0"], cal)  # 2.2 MB: does not fit
+        assert full.status_code == 507 and "no space" in full.json()["detail"], full.text
+        assert full.headers["Retry-After"]
+        assert wait_finished(srv, first.json()["id"])["status"] == "done"
+        assert list(small_disk.iterdir()) == []  # the partial upload was deleted, the done one too
+        after = submit(srv, SAMPLE_DIR / "patient_02.fcs", cal)
+        assert after.status_code == 202 and wait_finished(srv, after.json()["id"])["status"] == "done"
+        assert srv.health().json()["status"] == "ok"
+    finally:
+        srv.stop()
+    assert _integrity(srv) == "ok"
+
+
+def _raw_upload(port: int, headers: list[str], total: int, chunk: int = 1 << 20, stall: float = 0.0) -> dict:
+    """Send a request of ``total`` body bytes until the server answers; what was sent, when, the status."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    started = time.monotonic()
+    head = "\r\n".join(["POST /v1/analyses HTTP/1.1", "Host: 127.0.0.1", *headers, "", ""])
+    sock.sendall(head.encode("latin-1"))
+    preamble = b"--b\r\nContent-Disposition: form-data; name=sample; filename=a.fcs\r\n\r\n"
+    sock.sendall(preamble)
+    sent, block = len(preamble), b"\0" * chunk
+    if stall:
+        time.sleep(stall)
+    sock.setblocking(False)
+    while sent < total:
+        readable, writable, _ = select.select([sock], [sock], [], 5)
+        if readable:
+            break
+        if writable:
+            try:
+                sent += sock.send(block[: min(chunk, total - sent)])
+            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                break
+    sock.setblocking(True)
+    sock.settimeout(10)
+    try:
+        answer = sock.recv(4096)
+    except (ConnectionResetError, TimeoutError):
+        answer = b""
+    elapsed = time.monotonic() - started
+    sock.close()
+    status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1") else None
+    return {"status": status, "sent": sent, "seconds": elapsed, "answer": answer}
+
+
+@pytest.fixture(scope="module")
+def upload_server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uploads")
+    srv = Server(tmp / "db.sqlite", "--workers", "1", "--upload-limit", str(8 * MiB), "--read-timeout", "1",
+                 ready="ok")  # fmt: skip
+    yield srv
+    srv.stop()
+
+
+def test_a_2_gib_upload_without_a_token_is_refused_at_once(upload_server):
+    length = [f"Content-Length: {2 * GiB}", "Content-Type: multipart/form-data; boundary=b"]
+    refused = _raw_upload(upload_server.port, length, 2 * GiB)
+    assert refused["status"] == 401 and refused["seconds"] < 1 and refused["sent"] < 16 * MiB, refused
+    sized = _raw_upload(upload_server.port, [f"Authorization: Bearer {TOKEN}", *length], 2 * GiB)
+    assert sized["status"] == 413 and sized["seconds"] < 1 and sized["sent"] < 16 * MiB, sized
+    wrong = _raw_upload(upload_server.port, ["Authorization: Bearer \xe9" * 3, *length], 2 * GiB)
+    assert wrong["status"] == 401 and wrong["seconds"] < 1 and wrong["sent"] < 16 * MiB, wrong
+    assert list(upload_server.db.with_suffix(".files").iterdir()) == []
+
+
+def test_a_streamed_body_is_cut_at_the_limit_and_a_stalled_client_times_out(upload_server):
+    auth = f"Authorization: Bearer {TOKEN}"
+    body = [auth, "Content-Type: multipart/form-data; boundary=b", "Transfer-Encoding: chunked"]
+    # a chunked body: each send is one chunk of 64 KiB
+    sock = socket.create_connection(("127.0.0.1", upload_server.port))
+    head = "\r\n".join(["POST /v1/analyses HTTP/1.1", "Host: x", *body, "", ""]).encode()
+    sock.sendall(head)
+    piece = b"--b\r\nContent-Disposition: form-data; name=sample; filename=a.fcs\r\n\r\n" + b"\0" * 65536
+    sent, started = 0, time.monotonic()
+    sock.setblocking(False)
+    answer = b""
+    while sent < 64 * MiB:
+        readable, writable, _ = select.select([sock], [sock], [], 5)
+        if readable:
+            sock.setblocking(True)
+            answer = sock.recv(4096)
+            break
+        try:
+            sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            sent += len(piece)
+        except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+            break
+        piece = b"\0" * 65536
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert sent < 8 * MiB + 16 * MiB and time.monotonic() - started < 5
+
+    stalled = [auth, "Content-Length: 5000000", "Content-Type: multipart/form-data; boundary=b"]
+    slow = _raw_upload(upload_server.port, stalled, 5_000_000, stall=3)
+    assert slow["status"] == 408, slow
+    assert list(upload_server.db.with_suffix(".files").iterdir()) == []
+
+
+def _rss_mib(pid: int, key: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _concurrent_uploads(tmp_path, size: int, clients: int = 6) -> dict:
+    srv = Server(tmp_path / "db.sqlite", "--workers", "1", "--upload-limit", str(256 * MiB), ready="ok")
+    latencies: list[float] = []
+    try:
+        baseline = _rss_mib(srv.proc.pid)
+        headers = [f"Authorization: Bearer {TOKEN}", f"Content-Length: {size + 200}",
+                   "Content-Type: multipart/form-data; boundary=b"]  # fmt: skip
+        # the uploads come from other processes, so that they do not slow this one's health requests
+        with ProcessPoolExecutor(clients, mp_context=multiprocessing.get_context("fork")) as uploaders:
+            futures = [uploaders.submit(_raw_upload, srv.port, headers, size + 200) for _ in range(clients)]
+            with httpx.Client() as client:  # one connection: what is timed is the server's answer
+                while not all(f.done() for f in futures):
+                    t0 = time.perf_counter()
+                    assert client.get(f"{srv.url}/v1/health").status_code == 200
+                    latencies.append(time.perf_counter() - t0)
+                    time.sleep(0.05)
+            results = [f.result() for f in futures]
+        peak = _rss_mib(srv.proc.pid, "VmHWM")
+        leftovers = list(srv.db.with_suffix(".files").iterdir())
+    finally:
+        srv.stop()
+    return {"baseline": baseline, "peak": peak, "latencies": latencies, "results": results, "left": leftovers}
+
+
+def test_concurrent_large_uploads_keep_memory_flat_and_health_fast(tmp_path):
+    out = _concurrent_uploads(tmp_path, 48 * MiB)
+    assert all(r["status"] == 422 for r in out["results"]), out["results"]  # received whole, then not FCS
+    assert out["peak"] - out["baseline"] < 100, out  # MiB: the uploads are streamed to disk, not held
+    # on a machine shared with other work: the median as the issue asks, the worst case with room
+    assert np.median(out["latencies"]) < 0.1 and max(out["latencies"]) < 0.5, out["latencies"]
+    assert out["left"] == []
+
+
+@pytest.mark.slow
+def test_six_concurrent_250_mib_uploads(tmp_path):
+    """The issue's figure: six 250 MiB uploads at once, server RSS under 600 MB, health under 100 ms."""
+    out = _concurrent_uploads(tmp_path, 250 * MiB)
+    print(f"RSS {out['baseline']:.0f} -> {out['peak']:.0f} MiB; health max {max(out['latencies']):.3f} s")
+    assert out["peak"] < 600 and max(out["latencies"]) < 0.1 and out["left"] == []
