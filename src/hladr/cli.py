@@ -267,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=int, default=3, help="runs of a job whose worker dies")
     p.add_argument("--job-timeout", type=float, default=600.0, help="seconds before a job's worker is killed")
     p.add_argument("--docs", action="store_true", help="serve /openapi.json and /docs")
+    p.add_argument("--store", metavar="PATH",
+                   help="also file every result, calibration and decision in this results store")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("token", help="add a bearer token for a tenant to a tokens file (prints it once)")
