@@ -148,12 +148,14 @@ def wait_finished(server: Server, analysis_id: str, headers: dict = AUTH, limit:
     raise AssertionError(f"analysis {analysis_id} did not finish: {json.dumps(body)[:300]}")
 
 
-def wait_status(server: Server, analysis_id: str, status: str, limit: float = 60) -> sqlite3.Row:
-    """Poll the database (every 5 ms) until the analysis has ``status``; its row."""
+def wait_status(
+    server: Server, analysis_id: str, status: str, attempts: int | None = None, limit: float = 60
+) -> sqlite3.Row:
+    """Poll the database (every 5 ms) until the analysis has ``status`` (and ``attempts``); its row."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         rows = server.rows("SELECT * FROM analyses WHERE id = ?", (analysis_id,))
-        if rows and rows[0]["status"] == status:
+        if rows and rows[0]["status"] == status and attempts in (None, rows[0]["attempts"]):
             return rows[0]
         time.sleep(0.005)
     raise AssertionError(f"analysis {analysis_id} never {status}")
