@@ -268,6 +268,16 @@ def create_app(
     def audit(caller: Caller, action: str, kind: str, object_id: str | None, status: int) -> None:
         db.audit(caller.tenant, caller.token_id, action, kind, object_id, status)
 
+    def audited_read(caller: Caller, kind: str, object_id: str, fetch: Any) -> Any:
+        """``fetch(caller, object_id)``, with the read (found or not) written to the audit log."""
+        try:
+            row = fetch(caller, object_id)
+        except HTTPException as exc:
+            audit(caller, "read", kind, object_id, exc.status_code)
+            raise
+        audit(caller, "read", kind, object_id, 200)
+        return row
+
     def refuse(status: int, detail: str, headers: dict[str, str] | None = None) -> HTTPException:
         return HTTPException(status, detail, headers=headers)
 
@@ -442,14 +452,7 @@ def create_app(
     )
     def get_calibration(request: Request, cal_id: str = PathParam(max_length=64)) -> dict[str, Any]:
         """One stored calibration."""
-        caller = caller_of(request)
-        try:
-            row = calibration_row(caller, cal_id)
-        except HTTPException:
-            audit(caller, "read", "calibration", cal_id, 404)
-            raise
-        audit(caller, "read", "calibration", cal_id, 200)
-        return calibration_out(row)
+        return calibration_out(audited_read(caller_of(request), "calibration", cal_id, calibration_row))
 
     @app.post(
         "/v1/analyses",
@@ -505,14 +508,7 @@ def create_app(
     )
     def get_analysis(request: Request, analysis_id: str = PathParam(max_length=64)) -> dict[str, Any]:
         """Status of an analysis and, when done, its Result."""
-        caller = caller_of(request)
-        try:
-            row = analysis_row(caller, analysis_id)
-        except HTTPException:
-            audit(caller, "read", "analysis", analysis_id, 404)
-            raise
-        audit(caller, "read", "analysis", analysis_id, 200)
-        return analysis_out(row)
+        return analysis_out(audited_read(caller_of(request), "analysis", analysis_id, analysis_row))
 
     @app.post(
         "/v1/analyses/{analysis_id}/retry",
@@ -586,8 +582,6 @@ def create_app(
         max_body=2 * upload_limit + (1 << 20),
         public={"/v1/health"} | ({"/docs", "/openapi.json"} if docs else set()),
     )
-    gated.fastapi = app  # for tests and tools that want the routes
-    gated.pool, gated.db = pool, db
     return gated
 
 
