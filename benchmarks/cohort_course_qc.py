@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-LOT = ROOT / "calibration" / "bd-quantibrite-pe-96597.json"
+LOT = "96597"
 
 
 def designed_first_flag(factors: list[float], n_ref: int) -> int:

@@ -24,13 +24,21 @@ CHANNELS = ["FSC-A", "SSC-A", "PE-A", "PerCP-Cy5-5-A"]
 
 
 def _tube(folder: Path, name: str, *, cyt="FACSCanto II", serial="V1", day="12-MAR-2026", btim="08:00:00",
-          pe_volts=450, markers=("", "", "HLA-DR", "CD14"), extra=None, seed=0) -> Path:
+          pe_volts=450, markers=("", "", "HLA-DR", "CD14"), extra=None, seed=0, beads=False) -> Path:
     """A tiny FCS file whose TEXT segment says what discovery and pairing look at."""
     folder.mkdir(parents=True, exist_ok=True)
     keywords = {"$CYT": cyt, "$CYTSN": serial, "$DATE": day, "$BTIM": btim, "$FIL": name,
                 "$P1V": "300", "$P2V": "400", "$P3V": str(pe_volts), "$P4V": "600"}
     keywords.update(extra or {})
-    events = np.random.default_rng(seed).uniform(1, 1000, size=(50, len(CHANNELS)))
+    rng = np.random.default_rng(seed)
+    if beads:  # tight scatter and four narrow PE levels: what discovery recognises as a bead tube
+        n = 800
+        level = rng.integers(0, 4, n)
+        pe = np.array([700.0, 7000.0, 30000.0, 70000.0])[level] * rng.lognormal(0, 0.04, n)
+        scatter = [rng.normal(50000, 800, n), rng.normal(20000, 500, n)]
+        events = np.column_stack([*scatter, pe, rng.normal(100, 10, n)])
+    else:  # scatter spread over decades, as blood
+        events = 10 ** rng.uniform(2, 5, size=(400, len(CHANNELS)))
     return write_fcs(folder / name, events, CHANNELS, list(markers), keywords)
 
 
@@ -38,9 +46,11 @@ def _tube(folder: Path, name: str, *, cyt="FACSCanto II", serial="V1", day="12-M
 def export(tmp_path: Path) -> Path:
     root = tmp_path / "export"
     day1 = root / "2026-03-12" / "canto"
-    _tube(day1, "QB beads 0800.fcs", btim="08:00:00", markers=("", "", "", ""))
+    _tube(day1, "QB beads 0800.fcs", btim="08:00:00", markers=("", "", "", ""), beads=True)
     _tube(day1, "patient_A.fcs", btim="09:00:00")
-    _tube(day1, "Quantibrite_1200.fcs", btim="12:00:00", markers=("", "", "HLA-DR", "CD14"))
+    _tube(day1, "Quantibrite_1200.fcs", btim="12:00:00", markers=("", "", "HLA-DR", "CD14"), beads=True)
+    _tube(day1, "Rainbow_ICU_patient_12.fcs", btim="15:00:00")
+    _tube(day1, "PT13_FMO_check.fcs", btim="15:30:00")
     _tube(day1, "patient_B.fcs", btim="13:00:00")
     _tube(day1, "patient_early.fcs", btim="07:00:00")
     _tube(day1, "patient_volts.fcs", btim="14:00:00", pe_volts=480)
@@ -60,7 +70,10 @@ def test_discovery_roles_and_corrupt_file(export: Path):
     tubes = {Path(t.rel).name: t for t in discover(export)}
     assert "notes.txt" not in tubes
     assert tubes["QB beads 0800.fcs"].role == "beads"
-    assert tubes["Quantibrite_1200.fcs"].role == "beads"  # the name wins over the panel's markers
+    assert tubes["Quantibrite_1200.fcs"].role == "beads"  # content wins over the panel's markers
+    rainbow = tubes["Rainbow_ICU_patient_12.fcs"]  # named like beads, markers and content of cells
+    assert rainbow.role == "patient" and rainbow.role_reason.startswith("content: cells")
+    assert tubes["PT13_FMO_check.fcs"].role == "ignore"
     assert tubes["patient_A.fcs"].role == "patient"
     assert tubes["Compensation Controls_PE Stained Control.fcs"].role == "ignore"
     broken = tubes["broken.fcs"]
@@ -71,13 +84,30 @@ def test_discovery_roles_and_corrupt_file(export: Path):
     assert a.sha256 == batch.sha256_file(a.path)
 
 
+def test_every_tube_ends_in_results_errors_or_ignored(export: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    run_batch(export, out, jobs=1, progress=False, plots=False, tasks=FAKES, **FAKE_LOT)
+    tubes = {t.rel for t in discover(export)}
+    results = {r["file"] for r in _read_csv(out / "results.csv")}
+    errors = {r["file"] for r in _read_csv(out / "errors.csv")}
+    ignored = {r["file"]: r for r in _read_csv(out / "ignored.csv")}
+    bead_tubes = {t for t in tubes if "beads" in t or "Quantibrite" in t}  # in calibrations.csv
+    assert tubes == results | errors | set(ignored) | bead_tubes
+    fmo = next(r for f, r in ignored.items() if f.endswith("PT13_FMO_check.fcs"))
+    assert "control" in fmo["reason"]
+    rows = _read_csv(out / "results.csv")
+    rainbow = next(r for r in rows if r["file"].endswith("Rainbow_ICU_patient_12.fcs"))
+    assert rainbow["role"].startswith("content: cells")
+
+
 def test_pairing_rules_and_reasons(export: Path):
     jobs = _by_name(pair(discover(export)))
     assert set(jobs) == {"patient_A.fcs", "patient_B.fcs", "patient_early.fcs", "patient_volts.fcs",
-                         "patient_lyric.fcs", "patient_day2.fcs"}
+                         "patient_lyric.fcs", "patient_day2.fcs", "Rainbow_ICU_patient_12.fcs"}
     # the closest earlier bead tube of the same instrument and day
     assert Path(jobs["patient_A.fcs"].bead.rel).name == "QB beads 0800.fcs"
     assert Path(jobs["patient_B.fcs"].bead.rel).name == "Quantibrite_1200.fcs"
+    assert Path(jobs["Rainbow_ICU_patient_12.fcs"].bead.rel).name == "Quantibrite_1200.fcs"
     reasons = {name: job.reason for name, job in jobs.items() if job.bead is None}
     assert set(reasons) == {"patient_early.fcs", "patient_volts.fcs", "patient_lyric.fcs", "patient_day2.fcs"}
     assert "before every bead tube" in reasons["patient_early.fcs"]
@@ -88,8 +118,8 @@ def test_pairing_rules_and_reasons(export: Path):
 
 def test_pairing_falls_back_to_an_older_bead_tube_with_the_same_settings(tmp_path: Path):
     root = tmp_path / "e"
-    _tube(root, "beads_a.fcs", btim="08:00:00", pe_volts=480)
-    _tube(root, "beads_b.fcs", btim="09:00:00", pe_volts=450)
+    _tube(root, "beads_a.fcs", btim="08:00:00", pe_volts=480, beads=True)
+    _tube(root, "beads_b.fcs", btim="09:00:00", pe_volts=450, beads=True)
     _tube(root, "p.fcs", btim="10:00:00", pe_volts=480)
     (job,) = pair(discover(root))
     assert job.bead.rel == "beads_a.fcs"
@@ -225,10 +255,10 @@ def _expected_abc(patient: Path, beads: Path) -> float:
 @pytest.fixture
 def engine_export(tmp_path: Path) -> Path:
     root = tmp_path / "engine"
-    _tube(root / "d1", "beads.fcs", btim="08:00:00", seed=100)
+    _tube(root / "d1", "beads.fcs", btim="08:00:00", seed=100, beads=True)
     for i in range(12):
         _tube(root / "d1", f"p{i:02d}.fcs", btim=f"09:{i:02d}:00", seed=i + 1)
-    _tube(root / "d2", "beads fails.fcs", day="13-MAR-2026", btim="08:00:00", seed=200)
+    _tube(root / "d2", "beads fails.fcs", day="13-MAR-2026", btim="08:00:00", seed=200, beads=True)
     _tube(root / "d2", "q01.fcs", day="13-MAR-2026", btim="09:00:00", seed=300)
     return root
 
@@ -463,10 +493,10 @@ def test_simulated_export_pairs_errors_and_values(sim_export, sim_reference):
     assert errors["2026-03-12/canto/patient_truncated.fcs"]["error_type"].startswith("FCS")
     assert errors["2026-03-13/canto/patient_early.fcs"]["stage"] == "pairing"
     assert "before every bead tube" in errors["2026-03-13/canto/patient_early.fcs"]["reason"]
-    bad = errors[BAD_BEADS]
-    assert (bad["stage"], bad["error_type"]) == ("calibration", "CalibrationError")
+    bad = errors[BAD_BEADS]  # blood named "QB beads.fcs": its content makes it a patient tube
+    assert (bad["stage"], bad["role"]) == ("pairing", "patient")
     for name in bad_patients:
-        assert errors[name]["stage"] == "calibration" and BAD_BEADS in errors[name]["reason"]
+        assert errors[name]["stage"] == "pairing" and "no bead tube acquired" in errors[name]["reason"]
     # the batch's numbers are exactly those of the Python API on the same pair
     for name in sorted(results)[::4]:
         cal = calibrate(read_fcs(root / Path(name).parent / "QB beads.fcs"), values=QB)
@@ -484,7 +514,7 @@ def test_simulated_export_pairs_errors_and_values(sim_export, sim_reference):
     assert results["2026-03-12/canto/patient_01.fcs"]["stratification"]["category"] == "MALS"
     report = (out / "report.html").read_text()
     assert "5,000 AB/C" in report and BAD_BEADS in report
-    assert len(_read_csv(out / "calibrations.csv")) == 4
+    assert len(_read_csv(out / "calibrations.csv")) == 3  # the blood "QB beads.fcs" is a patient
 
 
 def test_simulated_export_identical_with_jobs_1_and_dask(sim_export, sim_reference, sim_manifest,

@@ -15,7 +15,7 @@ from hladr.course import COURSE_RULES, CoursePoint, differs
 from hladr.simulate import QUANTIBRITE_96597, bead_gain_factors, simulate_cohort
 from hladr.store import Store
 
-LOT = str(Path(__file__).resolve().parents[1] / "calibration" / "bd-quantibrite-pe-96597.json")
+LOT = "96597"
 NEW_LOT = (712.0, 7600.0, 34200.0, 74100.0)
 STEEP = (1.03) ** 7 - 1  # one reference SD (3 %) per day: the drift reaches a Westgard rule within days
 

@@ -19,7 +19,7 @@ from hladr.panel import resolve_panel
 from hladr.simulate import simulate_beads, simulate_blood
 from tests.conftest import REAL_DIR, require_real
 
-LOT = str(Path(__file__).resolve().parents[1] / "calibration" / "bd-quantibrite-pe-96597.json")
+LOT = "96597"
 
 
 @pytest.fixture(scope="module")

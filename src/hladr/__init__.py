@@ -2,7 +2,7 @@
 
 >>> import hladr
 >>> sample = hladr.read_fcs("patient.fcs")
->>> cal = hladr.calibrate(hladr.read_fcs("beads.fcs"), lot="calibration/bd-quantibrite-pe-96597.json")
+>>> cal = hladr.calibrate(hladr.read_fcs("beads.fcs"), lot="96597")
 >>> res = hladr.analyze(sample, cal)
 >>> hladr.stratify(res, ferritin=3200.0)
 

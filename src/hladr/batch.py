@@ -213,7 +213,12 @@ def _settings(keywords: Mapping[str, str], channels: list[str]) -> dict[str, flo
 
 
 def classify_role(name: str, keywords: Mapping[str, str], markers: Iterable[str]) -> tuple[str, str]:
-    """Bead tube, patient tube or control, from names and markers.
+    """Bead tube, patient tube or control, from the TEXT alone (markers first, then names).
+
+    A control name (FMO, unstained, compensation, CS&T) makes a control; cell-antigen markers
+    (CD14, CD45, HLA-DR) say patient whatever the name says; else a bead-like name says beads.
+    This is only the TEXT's view: :func:`_describe` lets the tube's content decide
+    (:func:`hladr.beads.tube_evidence`) and keeps this as evidence.
 
     Returns
     -------
@@ -222,16 +227,38 @@ def classify_role(name: str, keywords: Mapping[str, str], markers: Iterable[str]
         compensation controls); ``reason`` says what decided it.
     """
     names = [name] + [keywords[k] for k in NAME_KEYWORDS if keywords.get(k)]
-    for text in names:
-        if BEAD_PATTERN.search(text):
-            return "beads", f"name {text!r} says beads"
+    found = sorted({m for m in markers if m and PATIENT_MARKER_PATTERN.search(m)})
     for text in names:
         if CONTROL_PATTERN.search(text):
             return "ignore", f"name {text!r} says set-up/compensation control"
-    found = sorted({m for m in markers if m and PATIENT_MARKER_PATTERN.search(m)})
     if found:
         return "patient", f"markers {', '.join(found)}"
+    for text in names:
+        if BEAD_PATTERN.search(text):
+            return "beads", f"name {text!r} says beads"
     return "patient", "not named as beads or a control"
+
+
+def _content_role(path: Path, role: str, reason: str) -> tuple[str, str]:
+    """The role the tube's content shows (beads or cells), with the TEXT's evidence beside it.
+
+    Content decides: a bead tube acquired in the lab's HLA-DR template carries the panel's markers,
+    and a patient tube may be named anything. An unreadable file keeps the TEXT's role (the
+    analysis reports what is wrong with it).
+    """
+    from .beads import tube_evidence
+    from .fcs import read_fcs
+
+    try:
+        evidence = tube_evidence(read_fcs(path, lenient=True))
+    except HladrError:
+        return role, reason
+    if evidence.is_beads:
+        found = (f"content: beads (scatter spread {evidence.scatter_iqr:.2f} decades, "
+                 f"{evidence.narrow_share:.0%} in narrow populations)")
+        return "beads", found if role == "beads" else f"{found}; TEXT said patient ({reason})"
+    found = f"content: cells ({evidence.summary()})"
+    return "patient", found if role == "patient" else f"{found}; TEXT said beads ({reason})"
 
 
 def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
@@ -346,6 +373,8 @@ def _describe(path: Path, root: Path) -> Tube:
     except ValueError:
         tube.n_events = 0
     tube.role, tube.role_reason = classify_role(path.name, keywords, markers)
+    if tube.role != "ignore":
+        tube.role, tube.role_reason = _content_role(path, tube.role, tube.role_reason)
     return tube
 
 
@@ -1087,6 +1116,7 @@ class _Run:
         """Rewrite the tables from what is finished so far (atomically)."""
         self.last_flush = time.monotonic()
         write_tables(self.out, *self.collect())
+        write_atomic(self.out / "ignored.csv", _csv_text(self.ignored(), ("file", "role", "reason")))
 
     def collect(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
         """Results, errors and calibrations of this run's plan, from the finished records."""
@@ -1127,6 +1157,11 @@ class _Run:
         errors.sort(key=lambda e: e["file"])
         return results, errors, calibrations
 
+    def ignored(self) -> list[dict[str, Any]]:
+        """Every tube left out of the analysis (controls, files the manifest skips), with the reason."""
+        return [{"file": t.rel, "role": t.role, "reason": t.role_reason}
+                for t in self.tubes if t.role == "ignore" and t.error is None]
+
 
 def _now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
@@ -1143,7 +1178,8 @@ def _result_row(record: dict[str, Any], job: Job) -> dict[str, Any]:
     from .classify import stratify
 
     row = dict(record["result"])
-    row.update(file=job.tube.rel, bead_file=job.bead.rel, patient_id=job.patient_id,
+    row.update(file=job.tube.rel, role=job.tube.role_reason, bead_file=job.bead.rel,
+               patient_id=job.patient_id,
                collected_at=job.collected_at, lot=job.lot.label, qc_png=record.get("qc_png"))
     if record.get("plot_error"):
         row["qc_png_error"] = record["plot_error"]

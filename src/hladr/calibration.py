@@ -2,24 +2,27 @@
 
 Steps (see ``docs/calibration.md``):
 
-1. singlet beads on FSC/SSC by density (doublets, debris, margin events out);
-2. peaks of the PE channel in log space (smoothed histogram, numba);
-3. peaks matched to the lot's values by the best log-log fit over contiguous runs of
-   peaks and ordered subsets of levels (so a missing or saturated level is skipped);
-4. ``log10(molecules) = slope * log10(MFI) + intercept`` fitted on the matched peaks,
-   with the chosen statistic (median by default, geometric mean as an option);
-5. QC rules, each a named flag; failing ones make :func:`calibrate` raise.
+1. the tube's content (:mod:`hladr.beads`): singlet beads, the populations of the PE channel
+   (counted, so that merged levels are split and doublet bumps are never a level), and the
+   evidence that it is a bead tube at all (a cell sample is refused);
+2. the populations assigned to the lot's levels by one offset, chosen by the lot's own spacing
+   (the log-log fit), a slope near 1 on linear channels, and every level and population
+   accounted for (a missing level is explained as saturated or below the noise floor, or fails);
+3. ``log10(molecules) = slope * log10(MFI) + intercept`` fitted on the assigned levels, with the
+   chosen statistic (median by default, geometric mean as an option);
+4. QC rules, each a named flag; failing ones make :func:`calibrate` raise.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
+from datetime import date, datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +30,10 @@ import numpy as np
 
 from . import kernels
 from .atomic import atomic_write
+from .beads import NARROW_LOG_SD, Population, bead_evidence, bead_gate, find_populations, saturation_level
 from .errors import CalibrationError, LotFileError
 from .fcs import Sample
-
-REPO_LOT_DIR = Path(__file__).resolve().parents[2] / "calibration"
+from .panel import channel_dye
 
 #: QC thresholds (documented in docs/calibration.md).
 MIN_R2 = 0.99
@@ -38,9 +41,24 @@ SLOPE_RANGE = (0.85, 1.15)
 MAX_PEAK_CV = 0.35
 MIN_BEAD_EVENTS = 1000
 MIN_PEAKS = 3
-UNRESOLVED_CV_FACTOR = 2.5
+#: A level's population with a robust CV above this spans the noise floor: reported, not fitted.
+NOISE_CV = 0.5
+#: A level closer than this factor to the blank bead is compressed by bead autofluorescence.
+AUTOFLUORESCENCE_FACTOR = 3.0
+#: Two assignments whose scores (rms decades + penalties) differ by less than this are ambiguous.
+AMBIGUITY_MARGIN = 0.01
+MAX_ASSIGNMENT_RMS = 0.04
 #: Flags that make a calibration fail; the others only warn.
-FAILING_FLAGS = {"too_few_peaks", "low_r2", "slope_out_of_range", "too_few_bead_events"}
+FAILING_FLAGS = {
+    "too_few_peaks",
+    "low_r2",
+    "slope_out_of_range",
+    "too_few_bead_events",
+    "missing_level",
+    "unassigned_population",
+    "ambiguous_assignment",
+    "lot_expired",
+}
 
 _PE_NAME = re.compile(r"^(pe|fl2|fl-2)([-_ ]?(a|h|area|height|int|log|lin|peak))?$", re.IGNORECASE)
 _PE_MARKER = re.compile(r"(^|[^a-z])pe($|[^a-z-])|^pe$", re.IGNORECASE)
@@ -58,6 +76,7 @@ class Lot:
     unit: str = "PE molecules per bead"
     expiry: str | None = None
     source: str = ""
+    catalog: str | None = None
     path: str | None = None
 
     @property
@@ -85,15 +104,36 @@ def validate_values(values: Any, where: str | None = None) -> tuple[float, ...]:
     return vals
 
 
-def load_lot(path_or_name: str | os.PathLike) -> Lot:
-    """Load and validate a lot file (a path, or a lot's file name/number in ``calibration/``)."""
+def lot_dirs(extra: str | os.PathLike | None = None) -> list[Path]:
+    """Folders searched for lot files by name: ``extra``, then ``$HLADR_LOT_DIR`` (``os.pathsep``
+    separated), then the lots shipped inside the package."""
+    dirs = [Path(extra)] if extra else []
+    dirs += [Path(d) for d in os.environ.get("HLADR_LOT_DIR", "").split(os.pathsep) if d]
+    dirs.append(Path(str(resources.files("hladr") / "lots")))
+    return dirs
+
+
+def _lot_files(extra: str | os.PathLike | None = None) -> list[Path]:
+    files: list[Path] = []
+    for folder in lot_dirs(extra):
+        if folder.is_dir():
+            files += sorted(folder.glob("*.json"))
+    return files
+
+
+def load_lot(path_or_name: str | os.PathLike, lot_dir: str | os.PathLike | None = None) -> Lot:
+    """Load and validate a lot file: a path, or a lot number / file stem found in :func:`lot_dirs`."""
     path = Path(path_or_name)
     if not path.is_file():
-        candidates = [p for p in _lot_files() if path.name in (p.name, p.stem) or str(path_or_name) in p.stem]
+        name = str(path_or_name)
+        files = _lot_files(lot_dir)
+        candidates = [p for p in files if name in (p.name, p.stem) or p.stem.endswith("-" + name)]
+        if not candidates:
+            candidates = [p for p in files if name in p.stem]
         if len(candidates) != 1:
-            raise LotFileError(
-                "no such lot file; shipped lots: " + ", ".join(p.name for p in _lot_files()), path
-            )
+            shipped = ", ".join(sorted({p.stem for p in files})) or "none"
+            what = "no such lot" if not candidates else "more than one lot matches"
+            raise LotFileError(f"{what}; lots available: {shipped}", name)
         path = candidates[0]
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -104,26 +144,54 @@ def load_lot(path_or_name: str | os.PathLike) -> Lot:
     missing = [k for k in ("kit", "lot", "fluorochrome", "values") if k not in data]
     if missing:
         raise LotFileError(f"missing key(s) {', '.join(missing)}", path)
+    expiry = data.get("expiry")
+    if expiry is not None:
+        try:
+            date.fromisoformat(str(expiry))
+        except ValueError:
+            raise LotFileError(f"expiry must be a date YYYY-MM-DD, got {expiry!r}", path) from None
     return Lot(
         kit=str(data["kit"]),
         lot=str(data["lot"]),
         fluorochrome=str(data["fluorochrome"]),
         values=validate_values(data["values"], path),
         unit=str(data.get("unit", "PE molecules per bead")),
-        expiry=data.get("expiry"),
+        expiry=None if expiry is None else str(expiry),
         source=str(data.get("source", "")),
+        catalog=None if data.get("catalog") is None else str(data["catalog"]),
         path=str(path),
     )
 
 
-def _lot_files() -> list[Path]:
-    folder = Path(os.environ.get("HLADR_LOT_DIR", REPO_LOT_DIR))
-    return sorted(folder.glob("*.json")) if folder.is_dir() else []
+def list_lots(lot_dir: str | os.PathLike | None = None) -> list[Lot]:
+    """The lots found in :func:`lot_dirs`."""
+    return [load_lot(p) for p in _lot_files(lot_dir)]
 
 
-def list_lots() -> list[Lot]:
-    """The lots shipped in ``calibration/`` (or ``$HLADR_LOT_DIR``)."""
-    return [load_lot(p) for p in _lot_files()]
+def check_lot(lot: Lot, beads: Sample, channel: str) -> list[str]:
+    """Check a lot against the bead tube: the dye must match the channel's, and the lot must not
+    have expired by the acquisition date (a ``lot_expired`` flag, which fails QC)."""
+    idx = beads.index(channel)
+    dye = channel_dye(channel, beads.markers[idx])
+    if dye is not None and dye.upper() != lot.fluorochrome.upper():
+        raise CalibrationError(
+            f"lot {lot.name} is for {lot.fluorochrome}, but channel {channel} records {dye}", beads.path
+        )
+    flags = []
+    acquired = _acquisition_date(beads)
+    if lot.expiry and acquired and acquired > date.fromisoformat(lot.expiry):
+        flags.append(f"lot_expired:{lot.expiry} (beads acquired {acquired.isoformat()})")
+    return flags
+
+
+def _acquisition_date(sample: Sample) -> date | None:
+    text = (sample.keywords.get("$DATE") or "").strip()
+    for fmt in ("%d-%b-%Y", "%Y-%m-%d", "%d-%b-%y", "%m/%d/%Y", "%d.%m.%Y"):
+        try:
+            return datetime.strptime(text.title() if "%b" in fmt else text, fmt).date()
+        except ValueError:
+            continue
+    return None
 
 
 # --- the calibration -------------------------------------------------------------------
@@ -151,6 +219,8 @@ class Calibration:
     excluded: dict[str, str] = field(default_factory=dict)
     qc: dict[str, Any] = field(default_factory=lambda: {"passed": False, "flags": []})
     lot: str | None = None
+    unit: str = "PE molecules per bead"
+    evidence: dict[str, Any] = field(default_factory=dict)
     bead_file: str | None = None
     bead_sha256: str | None = None
     voltages: dict[str, float | None] = field(default_factory=dict)
@@ -248,7 +318,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(type(value))
 
 
-# --- channel and bead gate ----------------------------------------------------------------
+# --- channel ---------------------------------------------------------------------------
 def pe_channel(sample: Sample, channel: str | None = None) -> str:
     """The PE channel: explicit, else by ``$PnS`` marker, else by instrument naming."""
     if channel:
@@ -269,135 +339,30 @@ def pe_channel(sample: Sample, channel: str | None = None) -> str:
     raise CalibrationError(f"no PE channel found (give --channel); channels: {listing}", sample.path)
 
 
-def _scatter(sample: Sample) -> tuple[int | None, int | None]:
-    def find(*patterns: str) -> int | None:
-        for pat in patterns:
-            for i, ch in enumerate(sample.channels):
-                if re.fullmatch(pat, ch.strip(), re.IGNORECASE):
-                    return i
-        return None
-
-    fsc = find(r"fsc[-_ ]a", r"fs[-_ ]?int", r"fsc", r"fsc[-_ ]?h", r"fs[-_ ]?(lin|peak)?", r"fsc.*")
-    ssc = find(r"ssc[-_ ]a", r"ss[-_ ]?int", r"ssc", r"ssc[-_ ]?h", r"ss[-_ ]?(lin|log)?", r"ssc.*", r"ss .*")
-    return fsc, ssc
-
-
-def bead_gate(sample: Sample, pe: int, gate_fraction: float = 0.85) -> tuple[np.ndarray, list[str]]:
-    """Mask of singlet beads: finite, inside the scatter margins, in the densest FSC/SSC region.
-
-    The region is the densest part of the smoothed log FSC/SSC histogram holding
-    ``gate_fraction`` of the events: doublets and debris, sparse, fall outside.
-    """
-    notes = []
-    ev = sample.events
-    keep = np.all(np.isfinite(ev), axis=1)
-    fsc, ssc = _scatter(sample)
-    for idx in (fsc, ssc):
-        if idx is not None:
-            col = ev[:, idx]
-            keep &= (col > 0) & (col < 0.999 * saturation_level(sample, idx))
-    if fsc is None or ssc is None:
-        notes.append("no FSC/SSC pair: scatter gate skipped")
-        return keep, notes
-    if keep.sum() < 50:
-        return keep, notes
-    x, y = np.log10(np.maximum(ev[:, fsc], 1.0)), np.log10(np.maximum(ev[:, ssc], 1.0))
-    bounds = [np.percentile(x[keep], [0.5, 99.5]), np.percentile(y[keep], [0.5, 99.5])]
-    bins = 64
-    hist, xe, ye = np.histogram2d(x[keep], y[keep], bins=bins, range=bounds)
-    smooth = kernels.gaussian_smooth(hist.ravel(), 1.5).reshape(hist.shape)
-    smooth = kernels.gaussian_smooth(np.ascontiguousarray(smooth.T).ravel(), 1.5).reshape(hist.shape).T
-    ix = np.clip(np.searchsorted(xe, x, side="right") - 1, 0, bins - 1)
-    iy = np.clip(np.searchsorted(ye, y, side="right") - 1, 0, bins - 1)
-    inside = (x >= xe[0]) & (x <= xe[-1]) & (y >= ye[0]) & (y <= ye[-1])
-    density = np.where(inside, smooth[ix, iy], 0.0)
-    threshold = np.quantile(density[keep], 1.0 - gate_fraction)
-    singlets = keep & (density >= threshold) & (density > 0)
-    notes.append(f"scatter gate kept {int(singlets.sum())} of {int(keep.sum())} events")
-    return singlets, notes
-
-
-def saturation_level(sample: Sample, idx: int) -> float:
-    """The largest value a channel can hold: ``$PnR``, or ``f2 * 10**f1`` for a log-amplified channel."""
-    pne = sample.keywords.get(f"$P{idx + 1}E", "0,0")
-    try:
-        f1, f2 = (float(v) for v in pne.split(",")[:2])
-    except ValueError:
-        f1, f2 = 0.0, 0.0
-    if f1 > 0:
-        return (f2 if f2 > 0 else 1.0) * 10**f1
-    top = sample.ranges.get(sample.channels[idx])
-    return float(top) if top else np.inf
-
-
-# --- peaks -------------------------------------------------------------------------------
+# --- assignment of populations to lot levels ----------------------------------------------
 @dataclass
-class Peak:
-    mfi: float
-    count: int
-    cv: float
-    saturated: bool
+class Assignment:
+    """Populations matched to lot levels: population ``j`` is level ``j + offset`` (one gap allowed)."""
 
+    offset: int
+    pairs: list[tuple[int, int]]  # (population index, level index)
+    fitted: list[tuple[int, int]]  # the lit pairs that enter the fit
+    slope: float
+    intercept: float
+    rms: float
+    unassigned: list[int]  # populations above the top level or between levels: fail
+    missing: list[int]  # lit levels without a population, not explained: fail
+    below_noise: list[int]  # lit levels predicted below the noise floor: warn
+    saturated: list[int]  # lit levels predicted at/above the channel's maximum: warn
+    score: float = math.inf
 
-def find_peaks(
-    pe: np.ndarray,
-    saturation: float | None,
-    statistic: str = "median",
-    bins: int = 512,
-    sigma_decades: float = 0.02,
-    valley_ratio: float = 0.7,
-) -> tuple[list[Peak], dict[str, Any]]:
-    """Peaks of the PE histogram in log space; events split at the valleys between peaks."""
-    pos = pe[pe > 0]
-    if pos.size == 0:
-        return [], {}
-    lo, hi = np.log10(np.percentile(pos, 0.05)) - 0.05, np.log10(pos.max()) + 0.05
-    counts = kernels.log_histogram(np.ascontiguousarray(pos, dtype=np.float64), lo, hi, bins)
-    width = (hi - lo) / bins
-    smooth = kernels.gaussian_smooth(counts, max(sigma_decades / width, 1.0))
-    top = smooth.max()
-    maxima = [
-        k
-        for k in range(1, bins - 1)
-        if smooth[k] >= smooth[k - 1] and smooth[k] > smooth[k + 1] and smooth[k] > 0.01 * top
-    ]
-    # merge maxima not separated by a real valley (< 70 % of the lower maximum)
-    merged: list[int] = []
-    for k in maxima:
-        if merged:
-            a = merged[-1]
-            valley = smooth[a : k + 1].min()
-            if valley > valley_ratio * min(smooth[a], smooth[k]):
-                merged[-1] = a if smooth[a] >= smooth[k] else k
-                continue
-        merged.append(k)
-    edges = (
-        [lo]
-        + [lo + width * (a + int(np.argmin(smooth[a : b + 1]))) for a, b in zip(merged, merged[1:])]
-        + [hi]
-    )
-    logs = np.log10(pos)
-    peaks = []
-    sat_level = saturation * 0.995 if saturation else np.inf
-    for k in range(len(merged)):
-        sel = (
-            pos[(logs >= edges[k]) & (logs < edges[k + 1])] if k < len(merged) - 1 else pos[logs >= edges[k]]
-        )
-        if sel.size < max(20, 0.005 * pos.size):
-            continue
-        stat = float(np.median(sel)) if statistic == "median" else float(10 ** np.mean(np.log10(sel)))
-        mad_cv = float(1.4826 * np.median(np.abs(sel - np.median(sel))) / np.median(sel))
-        saturated = bool(np.mean(sel >= sat_level) > 0.2)
-        peaks.append(Peak(stat, int(sel.size), mad_cv, saturated))
-    return peaks, {
-        "lo": float(lo),
-        "hi": float(hi),
-        "counts": counts.tolist(),
-        "edges": [float(e) for e in edges],
-    }
+    def describe(self, pops: list[Population], values: list[float]) -> str:
+        return ", ".join(f"{pops[j].mfi:,.0f}->{values[i]:,.0f}" for j, i in self.pairs if values[i] > 0)
 
 
 def _fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, np.ndarray]:
+    # np.polyfit, not scipy.stats.linregress: the assignment fits up to a few hundred candidate
+    # lines per tube, and linregress's argument handling cost 1.5 ms a call (bench_calibrate)
     slope, intercept = np.polyfit(x, y, 1)
     resid = y - (slope * x + intercept)
     ss = float(np.sum((y - y.mean()) ** 2))
@@ -405,30 +370,121 @@ def _fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, np.ndarray]
     return float(slope), float(intercept), r2, resid
 
 
-def match_peaks(peak_mfi: list[float], values: list[float]) -> tuple[list[int], list[int]]:
-    """Best log-log assignment of a contiguous run of peaks to an ordered subset of lit levels.
+def _not_fitted(pop: Population, blank_mfi: float | None, model: str) -> str | None:
+    """Why a level's population does not enter the log-log fit (``None``: it does)."""
+    if pop.cv > NOISE_CV:
+        return f"spans the noise floor (CV {pop.cv:.0%} > {NOISE_CV:.0%}): not fitted"
+    if model == "loglog" and blank_mfi and pop.mfi < AUTOFLUORESCENCE_FACTOR * blank_mfi:
+        return (
+            f"within {AUTOFLUORESCENCE_FACTOR:g}x of the blank (MFI {blank_mfi:,.0f}): compressed by bead "
+            "autofluorescence, not fitted (model='autofluorescence' fits it)"
+        )
+    return None
 
-    Returns (peak indices, level indices). More matched points win when their fit is
-    good (rms residual < 0.04 decade) and the slope is plausible (0.5-2).
+
+def assign_levels(
+    pops: list[Population], values: list[float], *, top: float, linear: bool
+) -> list[Assignment]:
+    """The possible assignments of the level candidates to the lot's levels, best first.
+
+    The candidates (populations of a level's size, not saturated) are taken in order and matched
+    to levels in order: population ``j`` is level ``j + offset``, with at most one level skipped.
+    The lot's own spacing decides (the log-log fit's residuals), with a slope near 1 expected on
+    linear channels. Levels left without a population must be explained: below the noise floor
+    (predicted under twice the MFI of the lowest population) or above the channel's maximum;
+    populations left without a level are penalised (they fail QC), except one population below
+    the first level of a lot that has no blank (an unstained bead or the noise floor).
     """
-    lit = [i for i, v in enumerate(values) if v > 0]
-    best: tuple[float, list[int], list[int]] | None = None
-    for m in range(min(len(peak_mfi), len(lit)), MIN_PEAKS - 1, -1):
-        for start in range(len(peak_mfi) - m + 1):
-            px = np.log10(peak_mfi[start : start + m])
-            for levels in itertools.combinations(lit, m):
-                y = np.log10([values[i] for i in levels])
-                slope, _, _, resid = _fit(px, y)
-                if not 0.5 < slope < 2.0:
-                    continue
-                rms = float(np.sqrt(np.mean(resid**2))) + abs(math.log10(slope)) * 0.05
-                if best is None or rms < best[0]:
-                    best = (rms, list(range(start, start + m)), list(levels))
-        if best is not None and best[0] < 0.04:
-            return best[1], best[2]
-    if best is None:
-        return [], []
-    return best[1], best[2]
+    best: dict[tuple, Assignment] = {}
+    for offset in range(-len(pops) + 1, len(values)):
+        for gap in range(len(pops)):  # populations from ``gap`` on sit one level higher (0: no gap)
+            levels = [j + offset + (gap > 0 and j >= gap) for j in range(len(pops))]
+            a = _assignment(pops, values, levels, offset, top, linear)
+            key = tuple(a.pairs) if a is not None else None
+            if a is not None and (key not in best or a.score < best[key].score):
+                best[key] = a
+    ranked = sorted(best.values(), key=lambda a: a.score)
+    # among assignments that agree, the one that finds the most levels comes first
+    if ranked:
+        top = ranked[0]
+        agreeing = [
+            a
+            for a in ranked
+            if a.score - top.score < AMBIGUITY_MARGIN
+            and a.rms < MAX_ASSIGNMENT_RMS
+            and not (a.unassigned or a.missing)
+            and all(dict(a.fitted).get(j, i) == i for j, i in top.fitted)
+        ]
+        if agreeing:
+            first = max(agreeing, key=lambda a: (len(a.fitted), -a.score))
+            ranked.remove(first)
+            ranked.insert(0, first)
+    return ranked
+
+
+def _assignment(
+    pops: list[Population],
+    values: list[float],
+    levels: list[int],
+    offset: int,
+    top: float,
+    linear: bool,
+) -> Assignment | None:
+    """Score one assignment (population ``j`` -> level ``levels[j]``); ``None`` when it cannot be fitted."""
+    n = len(values)
+    pairs = [(j, i) for j, i in enumerate(levels) if 0 <= i < n]
+    blank = [pops[j].mfi for j, i in pairs if values[i] <= 0]
+    blank_mfi = blank[-1] if blank else None
+    fitted = [(j, i) for j, i in pairs if values[i] > 0 and _not_fitted(pops[j], blank_mfi, "loglog") is None]
+    if len(fitted) < MIN_PEAKS:
+        return None
+    x = np.log10([pops[j].mfi for j, _ in fitted])
+    y = np.log10([values[i] for _, i in fitted])
+    slope, intercept, _, resid = _fit(x, y)
+    if not slope > 0:
+        return None
+    rms = float(np.sqrt(np.mean(resid**2)))
+    below = [j for j, i in enumerate(levels) if i < 0]
+    above = [j for j, i in enumerate(levels) if i >= n]
+    # below the lot's blank nothing is expected; below the first level of a lot without a blank
+    # lie unstained beads and the noise floor
+    unassigned = above + (below if values[0] <= 0 else [])
+    floor = 2.0 * pops[0].mfi
+    matched = {i for _, i in pairs}
+    missing, below_noise, saturated = [], [], []
+    for i, v in enumerate(values):
+        if v <= 0 or i in matched:
+            continue
+        predicted = 10 ** ((math.log10(v) - intercept) / slope)
+        if predicted >= top:
+            saturated.append(i)
+        elif predicted < floor and i < min(matched):
+            below_noise.append(i)
+        else:
+            missing.append(i)
+    # a level explained away (below the noise floor) costs a little: finding it is better
+    penalties = 0.1 * (len(unassigned) + len(missing)) + 0.005 * len(below_noise)
+    score = rms + 0.05 * abs(math.log10(slope)) + penalties
+    if linear and not SLOPE_RANGE[0] <= slope <= SLOPE_RANGE[1]:
+        score += 0.2
+    return Assignment(
+        offset, pairs, fitted, slope, intercept, rms, unassigned, missing, below_noise, saturated, score
+    )
+
+
+def _ambiguous(ranked: list[Assignment]) -> Assignment | None:
+    """A runner-up that fits almost as well as the best, cleanly, and puts a population on another level."""
+    if len(ranked) < 2:
+        return None
+    best = ranked[0]
+    ours = dict(best.fitted)
+    for other in ranked[1:]:
+        if other.score - best.score >= AMBIGUITY_MARGIN:
+            return None
+        clean = not (other.unassigned or other.missing) and other.rms < MAX_ASSIGNMENT_RMS
+        if clean and any(ours.get(j, i) != i for j, i in other.fitted):
+            return other
+    return None
 
 
 def calibrate(
@@ -459,69 +515,128 @@ def calibrate(
     strict
         Raise :class:`CalibrationError` when QC fails (default); otherwise return the failed
         calibration (for plots and reports).
+
+    Raises
+    ------
+    CalibrationError
+        Always when the tube is not a bead tube (``looks like a cell sample``), the lot does not
+        fit the channel, or the lot has fewer values than the populations found; when QC fails
+        and ``strict``.
     """
     if statistic not in ("median", "geomean"):
         raise CalibrationError(f"statistic must be 'median' or 'geomean', not {statistic!r}")
+    if model not in ("loglog", "autofluorescence"):
+        raise CalibrationError(f"model must be 'loglog' or 'autofluorescence', not {model!r}")
     if (lot is None) == (values is None):
         raise CalibrationError("give either a lot file or the bead values", beads.path)
     lot_obj = lot if isinstance(lot, Lot) else (load_lot(lot) if lot is not None else None)
     vals = list(lot_obj.values if lot_obj else validate_values(values))
     ch = pe_channel(beads, channel)
     idx = beads.index(ch)
-    gate, notes = bead_gate(beads, idx)
-    pe = beads.events[gate, idx].astype(np.float64)
-    peaks, histogram = find_peaks(pe, saturation_level(beads, idx), statistic)
     flags: list[str] = []
+    if lot_obj is not None:
+        flags += check_lot(lot_obj, beads, ch)
+    gate, notes = bead_gate(beads)
+    pe = beads.events[gate, idx].astype(np.float64)
+    top = saturation_level(beads, idx)
+    linear = not is_log_amplified(beads, idx)
+    if not linear:  # channel 0 of a log amplifier holds everything below its first decade
+        bottom = pe <= 1.0001 * float(beads.keywords.get(f"$P{idx + 1}E", "0,1").split(",")[1] or 1)
+        if bottom.any():
+            notes.append(f"{int(bottom.sum())} bead events at the log amplifier's floor: not used")
+            pe = pe[~bottom]
+    pops, histogram = find_populations(pe, top, statistic)
+    evidence = bead_evidence(beads, gate, pops)
+    if not evidence.is_beads:
+        raise CalibrationError(f"not a bead tube: looks like a cell sample: {evidence.summary()}", beads.path)
     n_beads = int(gate.sum())
     if n_beads < MIN_BEAD_EVENTS:
         flags.append(f"too_few_bead_events:{n_beads}")
 
-    usable = [p for p in peaks if not p.saturated]
-    if len(usable) >= MIN_PEAKS:
-        # a peak far wider than the others is several unresolved populations: not a level
-        typical_cv = float(np.median([p.cv for p in usable]))
-        wide = [p for p in usable if p.cv > max(UNRESOLVED_CV_FACTOR * typical_cv, 0.2)]
-        for p in wide:
-            notes.append(f"peak at MFI {p.mfi:,.0f} (CV {p.cv:.0%}) looks unresolved: not matched")
-        usable = [p for p in usable if p not in wide]
-    pidx, levels = match_peaks([p.mfi for p in usable], vals)
+    candidates = [p for p in pops if p.kind == "population"]
+    ranked = assign_levels(candidates, vals, top=top, linear=linear)
     n_lit = sum(v > 0 for v in vals)
+    # narrow populations clear of the lowest one (a blank, an unstained bead or the noise floor)
+    # must each have a level
+    floor = 2.0 * candidates[0].mfi if candidates else 0.0
+    narrow = [p for p in candidates if p.log_sd < NARROW_LOG_SD and p.mfi >= floor]
+    if len(narrow) > n_lit:
+        raise CalibrationError(
+            f"the lot has {n_lit} levels but {len(narrow)} bead populations were found "
+            f"(MFI {', '.join(f'{p.mfi:,.0f}' for p in narrow)}): is it the right lot?",
+            beads.path,
+        )
+    if candidates and not ranked and len(candidates) > len(vals):
+        raise CalibrationError(
+            f"the lot has {len(vals)} values but {len(candidates)} bead populations were found "
+            f"(MFI {', '.join(f'{p.mfi:,.0f}' for p in candidates)}): is it the right lot?",
+            beads.path,
+        )
+    best = ranked[0] if ranked else None
     mfi: list[float | None] = [None] * len(vals)
     cvs: list[float | None] = [None] * len(vals)
     counts = [0] * len(vals)
     excluded: dict[str, str] = {}
-    for pi, li in zip(pidx, levels):
-        mfi[li], cvs[li], counts[li] = usable[pi].mfi, usable[pi].cv, usable[pi].count
-    for li, v in enumerate(vals):
-        if v <= 0:
-            excluded[str(li)] = "blank level (not fitted)"
-        elif mfi[li] is None:
-            above = levels and li > max(levels)
-            excluded[str(li)] = (
-                "saturated at $PnR" if above and any(p.saturated for p in peaks) else "no peak found"
-            )
+    levels: list[int] = []
+    if best is not None:
+        blank = [candidates[j].mfi for j, i in best.pairs if vals[i] <= 0]
+        for j, i in best.pairs:
+            p = candidates[j]
+            mfi[i], cvs[i], counts[i] = p.mfi, p.cv, p.count
+            blank_mfi = blank[-1] if blank else None
+            why = "blank level (not fitted)" if vals[i] <= 0 else _not_fitted(p, blank_mfi, model)
+            if why:
+                excluded[str(i)] = why
+                if vals[i] > 0:
+                    flags.append(f"level_not_fitted:L{i + 1}")
+            elif vals[i] > 0:
+                levels.append(i)
+        for i in best.below_noise:
+            excluded[str(i)] = "below the noise floor"
+            flags.append(f"level_below_noise:L{i + 1}")
+        for i in best.saturated:
+            excluded[str(i)] = "above the channel's maximum (saturated)"
+            flags.append(f"level_saturated:L{i + 1}")
+        for i in best.missing:
+            excluded[str(i)] = "no population found"
+            flags.append(f"missing_level:L{i + 1}")
+        for j in best.unassigned:
+            flags.append(f"unassigned_population:{candidates[j].mfi:.0f}")
+        runner_up = _ambiguous(ranked)
+        if runner_up is not None:
+            either = f"{best.describe(candidates, vals)} or {runner_up.describe(candidates, vals)}"
+            flags.append(f"ambiguous_assignment:{either}")
+    for p in pops:
+        if p.kind == "saturated":
+            notes.append(f"population at MFI {p.mfi:,.0f} is at the channel's maximum: not fitted")
+        elif p.kind == "minor":
+            notes.append(f"minor population at MFI {p.mfi:,.0f} ({p.count} events: doublets or debris)")
+    for i in range(len(vals)):
+        if vals[i] <= 0 and mfi[i] is None:
+            excluded[str(i)] = "blank level (not fitted)"
 
-    lot_name = lot_obj.name if lot_obj else None
     common = dict(
         channel=ch,
         values=vals,
         statistic=statistic,
         model=model,
-        lot=lot_name,
+        lot=lot_obj.name if lot_obj else None,
+        unit=lot_obj.unit if lot_obj else "PE molecules per bead",
         bead_file=os.fspath(beads.path),
         bead_sha256=beads.sha256,
         voltages=beads.voltages,
         gains=beads.gains,
         instrument=beads.instrument,
         n_beads=n_beads,
-        histogram={**histogram, "peaks": [p.mfi for p in peaks]},
+        histogram=histogram,
         notes=notes,
         cvs=cvs,
         counts=counts,
         excluded=excluded,
+        evidence=evidence.to_dict(),
     )
     if len(levels) < MIN_PEAKS:
-        found = ", ".join(f"{p.mfi:,.0f}{' (saturated)' if p.saturated else ''}" for p in peaks) or "none"
+        found = ", ".join(f"{p.mfi:,.0f} ({p.kind})" for p in pops if p.kind != "minor") or "none"
         cal = Calibration(
             mfi=mfi,
             peaks_used=levels,
@@ -533,8 +648,8 @@ def calibrate(
         )
         if strict:
             raise CalibrationError(
-                f"only {len(levels)} bead peak(s) could be matched to {n_lit} lot values "
-                f"(need {MIN_PEAKS}); peaks found at MFI {found}",
+                f"only {len(levels)} bead level(s) could be matched to {n_lit} lot values "
+                f"(need {MIN_PEAKS}); populations found at MFI {found}",
                 beads.path,
             )
         return cal
@@ -549,20 +664,15 @@ def calibrate(
         pred = np.log10(10 ** (slope * x + intercept) - offset)
         resid = y - pred
         r2 = 1.0 - float(np.sum(resid**2)) / float(np.sum((y - y.mean()) ** 2))
-    elif model == "loglog":
-        slope, intercept, r2, resid = _fit(x, y)
     else:
-        raise CalibrationError(f"model must be 'loglog' or 'autofluorescence', not {model!r}")
+        slope, intercept, r2, resid = _fit(x, y)
     residuals: list[float | None] = [None] * len(vals)
     for li, r in zip(levels, resid):
         residuals[li] = float(10 ** (-r) - 1)  # relative error of the curve at this level
 
-    if len(levels) < n_lit:
-        flags.append(f"fewer_peaks_than_levels:{len(levels)}/{n_lit}")
     if r2 < MIN_R2:
         flags.append(f"low_r2:{r2:.4f}")
-    pe_log_amp = _is_log_amplified(beads, idx)
-    if model == "loglog" and not pe_log_amp and not SLOPE_RANGE[0] <= slope <= SLOPE_RANGE[1]:
+    if model == "loglog" and linear and not SLOPE_RANGE[0] <= slope <= SLOPE_RANGE[1]:
         flags.append(f"slope_out_of_range:{slope:.3f}")
     for li in levels:
         if cvs[li] is not None and cvs[li] > MAX_PEAK_CV and li != levels[0]:
@@ -584,7 +694,8 @@ def calibrate(
     return cal
 
 
-def _is_log_amplified(sample: Sample, idx: int) -> bool:
+def is_log_amplified(sample: Sample, idx: int) -> bool:
+    """True when ``$PnE`` says the channel was recorded through a log amplifier."""
     pne = sample.keywords.get(f"$P{idx + 1}E", "0,0")
     try:
         return float(pne.split(",")[0]) > 0
@@ -663,7 +774,7 @@ def describe(cal: Calibration) -> str:
             f"{'' if r is None else f'{r:+7.2%}':>9} {why}"
         )
     lines.append(
-        f"curve:     log10(PE molecules) = {cal.slope:.4f} * log10(MFI) + {cal.intercept:.4f}"
+        f"curve:     log10(PE molecules) = {cal.slope:.4f} * log10(MFI) {cal.intercept:+.4f}"
         f"   r2 = {cal.r2:.5f}" + (f"   bead AF = {cal.offset:.0f}" if cal.offset else "")
     )
     lines.append(

@@ -145,7 +145,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------
 def _add_bead_values(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group(required=False)
-    group.add_argument("--lot", help="bead lot file (see calibration/ and --list-lots)")
+    group.add_argument("--lot", help="bead lot: a lot number or name from --list-lots, or a lot file")
     group.add_argument(
         "--bead-values",
         type=_values,

@@ -67,6 +67,33 @@ _NAMES = {
         r"krome[-_ ]?orange.*",
     ],
 }
+#: dyes named in channel names or markers, tandems first (``PE-Cy7`` is not ``PE``)
+_DYES = [
+    ("PE-Cy7", r"pe[-_ ]?cy[-_ ]?7"),
+    ("PE-Cy5.5", r"pe[-_ ]?cy[-_ ]?5[-_.]?5"),
+    ("PE-Cy5", r"pe[-_ ]?cy[-_ ]?5"),
+    ("PE-Texas Red", r"pe[-_ ]?(texas[-_ ]?red|tx[-_ ]?red|dazzle|cf594)|ecd"),
+    ("PerCP-Cy5.5", r"percp[-_ ]?cy[-_ ]?5[-_.]?5|pc5[-_.]?5"),
+    ("PerCP", r"percp"),
+    ("APC-Cy7", r"apc[-_ ]?(cy|h)[-_ ]?7"),
+    ("APC", r"apc"),
+    ("FITC", r"fitc|alexa[-_ ]?(fluor[-_ ]?)?488"),
+    ("PE", r"pe"),
+]
+
+
+def channel_dye(name: str, marker: str | None = None) -> str | None:
+    """The fluorochrome a channel records, when its name or ``$PnS`` marker says it (else ``None``).
+
+    ``FL2-H`` or ``Y2-A`` name no dye; ``PE-A``, ``PE-Tx-Red-YG-A`` and a marker ``HLA-DR PE`` do.
+    """
+    for text in (marker or "", name):
+        for dye, pattern in _DYES:
+            if re.search(rf"(?<![a-z]){pattern}(?![a-z])", text, re.IGNORECASE):
+                return dye
+    return None
+
+
 _TIME = re.compile(r"time", re.IGNORECASE)
 
 

@@ -33,7 +33,10 @@ def save_figure(fig: Any, path: str | os.PathLike) -> None:
 def plot_calibration(
     cal: Any, axes: Any = None, path: str | os.PathLike | None = None, sample_mfi: float | None = None
 ) -> Any:
-    """Bead histogram with the peaks found, and the standard curve with its residuals.
+    """Bead histogram with every population found, and the standard curve with its residuals.
+
+    Levels used in the fit are red, levels found but not fitted orange, saturated or unassigned
+    populations purple, minor populations (doublets, debris) a grey tick on the axis.
 
     Parameters
     ----------
@@ -57,10 +60,22 @@ def plot_calibration(
         centers = 10 ** np.linspace(hist["lo"], hist["hi"], counts.size, endpoint=False)
         ax_hist.fill_between(centers, counts, step="mid", color="0.6")
         ax_hist.set_xscale("log")
-        for i, m in enumerate(cal.mfi):
-            if m is not None:
-                ax_hist.axvline(m, color="C3", lw=1)
-                ax_hist.text(m, counts.max() * 0.95, f"L{i + 1}", color="C3", ha="center", fontsize=8)
+        assigned = {round(m, 6): i for i, m in enumerate(cal.mfi) if m is not None}
+        top = counts.max()
+        for k, pop in enumerate(hist.get("populations", [])):  # every population found, assigned or not
+            level = assigned.get(round(pop["mfi"], 6))
+            if level is not None:
+                label = f"L{level + 1}" if cal.values[level] > 0 else "blank"
+                fitted = level in cal.peaks_used
+                color, text = ("C3", label) if fitted else ("C1", label)  # orange: found, not fitted
+            elif pop["kind"] == "minor":  # doublet bumps and debris: a tick, not a label
+                ax_hist.plot([pop["mfi"]], [0], marker="^", color="0.35", ms=4, clip_on=False)
+                continue
+            else:
+                color, text = "C4", "saturated" if pop["kind"] == "saturated" else "unassigned"
+            ax_hist.axvline(pop["mfi"], color=color, lw=1, ls="-" if level is not None else ":")
+            y = top * (0.97 if k % 2 == 0 else 0.88)  # alternate heights: close populations stay legible
+            ax_hist.text(pop["mfi"], y, text, color=color, ha="center", va="top", fontsize=7)
     ax_hist.set(
         title=f"Bead {cal.channel} ({cal.n_beads} singlets)", xlabel=f"{cal.channel} (MFI)", ylabel="events"
     )
@@ -86,7 +101,7 @@ def plot_calibration(
     ax_curve.set(
         title="Standard curve" + ("" if cal.passed else " (QC FAILED)"),
         xlabel="MFI",
-        ylabel="PE molecules per bead",
+        ylabel=getattr(cal, "unit", None) or "PE molecules per bead",
     )
     if fig is not None and path is not None:
         save_figure(fig, path)

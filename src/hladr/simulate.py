@@ -107,6 +107,8 @@ class Instrument:
     scatter_scale: float = 1.0
     scatter_voltages: tuple[float, float] = (400.0, 450.0)
     with_markers: bool = True
+    log_decades: float = 0.0  # > 0: fluorescence through a log amplifier of this many decades ($PnE)
+    log_resolution: int = 1024  # channels of a log-amplified parameter ($PnR)
 
     def detector(self, fluor: str) -> Detector:
         for d in self.detectors:
@@ -201,6 +203,30 @@ INSTRUMENTS: dict[str, Instrument] = {
 }
 
 
+def log_amplified(instrument: str | Instrument, decades: float = 4.0, resolution: int = 1024) -> Instrument:
+    """The instrument with its fluorescence recorded through a log amplifier (FACSCalibur style).
+
+    Each detector's signal ``v`` is written as channel ``floor(resolution * log10(v) / decades)``
+    (``$PnE = decades,1``, ``$PnR = resolution``), so values below 1 pile up in channel 0 and the
+    dim end is coarse. Gains are scaled so that the linear instrument's full range maps onto the
+    ``decades`` (PMT voltages set for a log scale), noise with them.
+    """
+    inst = get_instrument(instrument)
+    factor = 10**decades / inst.range * 2.0
+    dets = tuple(replace(d, gain=d.gain * factor, noise=d.noise * factor) for d in inst.detectors)
+    name = f"{inst.name}-log{decades:g}"
+    return replace(
+        inst, name=name, detectors=dets, log_decades=decades, log_resolution=resolution, datatype="I", bits=32
+    )
+
+
+def with_noise(instrument: str | Instrument, factor: float) -> Instrument:
+    """The instrument with every detector's electronic noise multiplied by ``factor``."""
+    inst = get_instrument(instrument)
+    dets = tuple(replace(d, noise=d.noise * factor) for d in inst.detectors)
+    return replace(inst, name=f"{inst.name}-noise{factor:g}x", detectors=dets)
+
+
 def get_instrument(instrument: str | Instrument) -> Instrument:
     if isinstance(instrument, Instrument):
         return instrument
@@ -248,6 +274,10 @@ def _acquire(ev: _Events, instrument: Instrument, rng: np.random.Generator) -> n
         signal[:, k] = det.gain * rng.poisson(det.efficiency * np.maximum(molecules, 0.0))
     fluor = signal @ spillover_matrix(instrument).matrix
     fluor += rng.normal(0.0, [d.noise for d in instrument.detectors], size=fluor.shape)
+    if instrument.log_decades > 0:
+        res = instrument.log_resolution
+        level = res * np.log10(np.maximum(fluor, 1.0)) / instrument.log_decades
+        fluor = np.clip(np.floor(level), 0, res - 1)
     s = instrument.scatter_scale
     fsc_a = ev.fsc * s * sag
     fsc_h = fsc_a * ev.fsc_ratio
@@ -289,6 +319,11 @@ def _keywords(
     for i, v in enumerate(volts, start=1):
         kw[f"$P{i}V"] = f"{v:g}"
     kw[f"$P{len(instrument.channels)}R"] = str(int(max(instrument.range, 10 * duration / 0.01)))
+    if instrument.log_decades > 0:
+        for det in instrument.detectors:
+            i = instrument.channels.index(det.channel) + 1
+            kw[f"$P{i}E"] = f"{instrument.log_decades:g},1"
+            kw[f"$P{i}R"] = str(instrument.log_resolution)
     return kw
 
 
