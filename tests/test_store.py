@@ -191,7 +191,7 @@ def test_service_and_batch_share_one_store(tmp_path: Path):
     for name in ("beads.fcs", "patient_01.fcs", "patient_03.fcs"):
         shutil.copy(SAMPLE_DIR / name, export / name)
     shared = tmp_path / "shared" / "results.sqlite"
-    lot = str(Path(__file__).resolve().parents[1] / "calibration" / "bd-quantibrite-pe-96597.json")
+    lot = "96597"
     summary = run_batch(export, tmp_path / "out", jobs=1, lot=lot, progress=False, plots=False, store=shared)
     assert summary.ok == 2
     simulate_blood(tmp_path / "new.fcs", "canto", 6_000, seed=5, n_events=20_000)
