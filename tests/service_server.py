@@ -23,6 +23,15 @@ AUTH_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
 TOKENS_ENV = f"lab1:{TOKEN},lab2:{OTHER},root:admin:{ADMIN}"
 
 
+LIVE: set[Server] = set()  # servers started and not yet stopped
+
+
+def stop_all(keep: set[Server] = frozenset()) -> None:
+    """Kill every server but ``keep`` that a test left running (a failed assertion skips its ``stop``)."""
+    for server in list(LIVE - keep):
+        server.stop(signal.SIGKILL)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -40,7 +49,12 @@ class Server:
         cmd = [sys.executable, "-m", "hladr.cli", "serve", "--port", str(self.port), "--db", str(db), *extra]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.wait_health(ready)
+        LIVE.add(self)
+        try:
+            self.wait_health(ready)
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
 
     def health(self, timeout: float = 5) -> httpx.Response:
         return httpx.get(f"{self.url}/v1/health", timeout=timeout)
@@ -63,8 +77,13 @@ class Server:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=timeout)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
         self.proc.stderr.close()
+        LIVE.discard(self)
         return code
 
     def rows(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:

@@ -109,9 +109,10 @@ def test_pairing_rules_and_reasons(export: Path):
     assert Path(jobs["patient_B.fcs"].bead.rel).name == "Quantibrite_1200.fcs"
     assert Path(jobs["Rainbow_ICU_patient_12.fcs"].bead.rel).name == "Quantibrite_1200.fcs"
     reasons = {name: job.reason for name, job in jobs.items() if job.bead is None}
-    assert set(reasons) == {"patient_early.fcs", "patient_volts.fcs", "patient_lyric.fcs", "patient_day2.fcs"}
+    assert set(reasons) == {"patient_early.fcs", "patient_lyric.fcs", "patient_day2.fcs"}
     assert "before every bead tube" in reasons["patient_early.fcs"]
-    assert "PE-A 480 V vs 450 V" in reasons["patient_volts.fcs"]
+    # other settings: the closest earlier bead tube, and the analysis's QC policy judges the difference
+    assert Path(jobs["patient_volts.fcs"].bead.rel).name == "Quantibrite_1200.fcs"
     assert "no bead tube from FACSLyric serial L9" in reasons["patient_lyric.fcs"]
     assert "no bead tube acquired on 2026-03-13" in reasons["patient_day2.fcs"]
 
@@ -273,7 +274,7 @@ def _check_engine_outputs(root: Path, out: Path, summary) -> None:
     assert set(errors) == {"d2/beads fails.fcs", "d2/q01.fcs"}
     assert errors["d2/q01.fcs"]["stage"] == "calibration"
     assert "d2/beads fails.fcs failed calibration: stand-in QC failure" in errors["d2/q01.fcs"]["reason"]
-    assert summary.exit_code == batch.EXIT_PROBLEMS
+    assert summary.exit_code == batch.EXIT_NOT_REPORTABLE
     jsonl = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["file"] for r in jsonl] == sorted(rows) == [r["file"] for r in _read_csv(out / "results.csv")]
     assert "mHLA-DR batch report" in (out / "report.html").read_text()
@@ -303,10 +304,11 @@ def test_jobs_1_jobs_2_and_dask_give_identical_outputs(engine_export: Path, tmp_
 def test_a_clean_run_exits_0_and_a_flag_exits_3(engine_export: Path, tmp_path: Path):
     clean = run_batch(engine_export / "d1", tmp_path / "clean", jobs=1, progress=False, plots=False,
                       tasks=FAKES, **FAKE_LOT)
-    assert (clean.ok, clean.failed, clean.flagged, clean.exit_code) == (12, 0, 0, batch.EXIT_OK)
-    assert batch.is_flagged({"qc": {"passed": True, "flags": ["few_monocytes:1201"]}})
-    assert batch.is_flagged({"qc": {"passed": False, "flags": []}})
-    assert not batch.is_flagged({"qc": {"passed": True, "flags": []}})
+    assert (clean.ok, clean.failed, clean.not_reportable, clean.exit_code) == (12, 0, 0, batch.EXIT_OK)
+    assert batch.is_reportable({"qc": {"passed": True, "flags": [], "warnings": ["few_monocytes:1201"]}})
+    assert not batch.is_reportable({"qc": {"passed": False, "flags": []}})
+    v1_warning_only = {"schema": "hladr.result/1", "qc": {"passed": True, "flags": ["few_monocytes:1201"]}}
+    assert batch.is_reportable(v1_warning_only)
 
 
 def _journal(out: Path) -> list[dict]:
@@ -329,7 +331,7 @@ def test_workers_that_die_at_start_are_recorded_not_raised(engine_export: Path, 
     monkeypatch.setattr(batch, "_init_worker", worker_that_dies)
     summary = run_batch(engine_export, tmp_path / "out", jobs=2, progress=False, plots=False, tasks=FAKES,
                         **FAKE_LOT)
-    assert summary.ok == 0 and summary.exit_code == batch.EXIT_PROBLEMS
+    assert summary.ok == 0 and summary.exit_code == batch.EXIT_NOT_REPORTABLE
     with open(tmp_path / "out" / "errors.csv") as fh:
         errors = list(csv.DictReader(fh))
     assert errors and all(e["error_type"] == "WorkerDied" for e in errors if e["stage"] != "pairing")
@@ -478,13 +480,13 @@ def test_simulated_export_pairs_errors_and_values(sim_export, sim_reference):
     analyze = pytest.importorskip("hladr.analysis").analyze
     root, truth = sim_export
     out, code = sim_reference
-    assert code == batch.EXIT_PROBLEMS
+    assert code == batch.EXIT_NOT_REPORTABLE
     results = _results(out)
     good = {f for f in truth if not f.startswith("2026-03-13/lyric/")}
     assert set(results) == good
     for name, row in results.items():  # paired with the bead tube of its own run
         assert row["bead_file"] == str(Path(name).parent / "QB beads.fcs")
-        assert row["schema"] == "hladr.result/1" and row["sha256"] == batch.sha256_file(root / name)
+        assert row["schema"] == "hladr.result/2" and row["sha256"] == batch.sha256_file(root / name)
     errors = {e["file"]: e for e in _read_csv(out / "errors.csv")}
     bad_patients = {f for f in truth if f.startswith("2026-03-13/lyric/")}
     assert set(errors) == {"2026-03-12/lyric/corrupt.fcs", "2026-03-12/canto/patient_truncated.fcs",
@@ -505,7 +507,7 @@ def test_simulated_export_pairs_errors_and_values(sim_export, sim_reference):
     from hladr.schema import validate
 
     for name, row in results.items():
-        validate(row, "hladr.result/1")
+        validate(row, "hladr.result/2")
         if name in SIM_FERRITIN:
             validate(row["stratification"], "hladr.decision/1")
             assert row["stratification"] == stratify(row, SIM_FERRITIN[name]).to_dict()
@@ -563,7 +565,7 @@ def test_simulated_export_kill_9_and_resume(sim_export, sim_reference, tmp_path:
     assert set(resumed) == set(reference)
     for name in reference:
         assert resumed[name]["abc"] == reference[name]["abc"]
-    assert summary.exit_code == batch.EXIT_PROBLEMS
+    assert summary.exit_code == batch.EXIT_NOT_REPORTABLE
 
 
 def test_analyze_task_reuses_discoverys_sha256_only_for_an_unchanged_file(tmp_path: Path):

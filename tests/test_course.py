@@ -111,7 +111,11 @@ def test_drift_flags_reach_every_patient_result_of_that_run(cohort):
                       resume=True, progress=False, plots=False)
     flagged = {r["file"] for r in again.results if r["bead_flags"]}
     assert flagged == {s["file"] for s in truth["patients"][-1]["samples"] if s["date"] in flagged_days}
-    assert again.flagged >= len(flagged) > 0
+    assert again.not_reportable >= len(flagged) > 0
+    for row in again.results:  # a flagged bead run makes its results not reportable, with the reason
+        if row["file"] in flagged:
+            assert row["reportable"] is False and row["band"] is None
+            assert any(f.startswith("bead_run_flagged:") for f in row["qc"]["flags"])
 
 
 def test_beads_qc_with_a_reference_date_range(cohort, capsys):

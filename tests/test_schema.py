@@ -9,11 +9,11 @@ import pytest
 import hladr
 from hladr import schema
 from hladr.classify import stratify
-from hladr.result import SCHEMA, Result
+from hladr.result import SCHEMA, Result, upgrade
 
 #: The contract keys of each published Result schema version, frozen. Removing or renaming a key
 #: of the current version fails this test: bump the schema version (and add a frozen entry) instead.
-FROZEN_RESULT_KEYS = {
+FROZEN_RESULT_KEYS: dict[str, set[str]] = {
     "hladr.result/1": {
         "schema",
         "sample",
@@ -33,7 +33,15 @@ FROZEN_RESULT_KEYS = {
         "qc",
         "instrument",
         "hladr_version",
-    }
+    },
+}
+FROZEN_RESULT_KEYS["hladr.result/2"] = FROZEN_RESULT_KEYS["hladr.result/1"] | {
+    "reportable",
+    "reasons",
+    "uncertainty",
+    "patient_id",
+    "sample_id",
+    "acquired",
 }
 
 
@@ -57,7 +65,7 @@ def _result(**changes) -> Result:
             "r2": 0.999,
             "peaks_used": [0, 1, 3],
         },
-        qc={"passed": True, "flags": []},
+        qc={"passed": True, "flags": [], "warnings": []},
         instrument={"cytometer": "FACSCanto II"},
         hladr_version=hladr.__version__,
     )
@@ -101,3 +109,48 @@ def test_result_fields_are_documented():
 def test_unknown_schema_is_a_clear_error():
     with pytest.raises(schema.SchemaError, match="unknown schema"):
         schema.load("hladr.result/99")
+
+
+def test_a_failed_result_has_no_class_and_says_why():
+    failed = _result(qc={"passed": False, "flags": ["too_few_monocytes:312"], "warnings": []},
+                     reasons=["too_few_monocytes:312 (fewer than 500 monocytes)"])
+    data = failed.to_dict()
+    assert data["reportable"] is False and data["reasons"]
+    assert data["band"] is None and data["immunoparalysis"] is None and data["borderline"] is None
+    schema.validate(data)
+    row = failed.to_row()
+    assert row["band"] == row["immunoparalysis"] == row["borderline"] == "" and row["reportable"] is False
+    assert stratify(data, 100).refused
+    lying = data | {"band": "normal"}  # the schema itself refuses a class on a non-reportable result
+    with pytest.raises(schema.SchemaError, match="band"):
+        schema.validate(lying)
+
+
+def test_version_1_documents_are_mapped():
+    """A hladr.result/1 document (mixed flags, a class despite failed QC) read by the current code."""
+    v1 = _result(schema="hladr.result/1").to_dict()
+    v1.update(schema="hladr.result/1", band="normal", immunoparalysis=False, borderline=False,
+              qc={"passed": False, "flags": ["few_monocytes:1201", "hladr_saturated:7.0%"],
+                  "failing_flags": ["hladr_saturated"]})
+    for key in ("reportable", "reasons", "uncertainty", "patient_id", "sample_id", "acquired"):
+        v1.pop(key)
+    schema.validate(v1, "hladr.result/1")
+    up = upgrade(v1)
+    assert up["schema"] == SCHEMA and up["reportable"] is False and up["band"] is None
+    assert up["qc"]["flags"] == ["hladr_saturated:7.0%"] and up["qc"]["warnings"] == ["few_monocytes:1201"]
+    assert "failing_flags" not in up["qc"]
+    schema.validate(up)
+    assert Result.from_dict(v1).band is None
+    assert stratify(v1, 100).refused and stratify(v1, 9000).category == "MALS"
+    passed_v1 = v1 | {"qc": {"passed": True, "flags": ["few_monocytes:1201"]}}
+    up = upgrade(passed_v1)
+    assert up["reportable"] is True and up["qc"]["flags"] == []
+    assert up["qc"]["warnings"] == ["few_monocytes:1201"]
+    schema.validate(up)
+
+
+def test_the_documented_qc_table_is_the_policy():
+    from hladr.qc import markdown_table
+    from tests.conftest import ROOT
+
+    assert markdown_table() in (ROOT / "docs" / "result.md").read_text()

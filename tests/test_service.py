@@ -24,14 +24,23 @@ from tests.service_server import (  # noqa: E402
     AUTH,
     AUTH_ADMIN,
     AUTH_OTHER,
+    LIVE,
     TOKEN,
     Server,
     calibrate,
     descendants,
+    stop_all,
     submit,
     wait_finished,
     wait_gone,
 )
+
+
+@pytest.fixture(autouse=True)
+def _no_server_outlives_its_test():
+    before = set(LIVE)  # servers of wider-scoped fixtures
+    yield
+    stop_all(keep=before)
 
 
 @pytest.fixture
@@ -354,3 +363,27 @@ def test_contract_schemathesis_finds_no_server_error_and_no_mismatch(server, tmp
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:]
     assert " passed" in run.stdout and "failures" not in run.stdout.split("SUMMARY")[-1].lower()
+
+
+def test_a_result_stored_by_schema_1_is_served_in_schema_2(server):
+    """A result an older hladr stored (failed QC, yet a class): served now, it has none and says why."""
+    import json
+    import sqlite3
+
+    cal_id = calibrate(server, SAMPLE_DIR / "beads.fcs")
+    analysis_id = submit(server, SAMPLE_DIR / "patient_01.fcs", cal_id).json()["id"]
+    current = wait_finished(server, analysis_id)["result"]
+    assert current["schema"] == "hladr.result/2" and current["reportable"] is True
+    old = {k: v for k, v in current.items()
+           if k not in ("reportable", "reasons", "uncertainty", "patient_id", "sample_id", "acquired")}
+    old.update(schema="hladr.result/1", band="normal", immunoparalysis=False, borderline=False,
+               qc={"passed": False, "flags": ["too_few_monocytes:300", "few_monocytes:300"]})
+    with sqlite3.connect(server.db, timeout=30) as con:
+        con.execute("UPDATE analyses SET result = ? WHERE id = ?", (json.dumps(old), analysis_id))
+    result = httpx.get(f"{server.url}/v1/analyses/{analysis_id}", headers=AUTH).json()["result"]
+    schema.validate(result)
+    assert result["schema"] == "hladr.result/2" and result["reportable"] is False
+    assert result["band"] is None and result["qc"]["flags"] == ["too_few_monocytes:300"]
+    decision = httpx.post(f"{server.url}/v1/stratifications", headers=AUTH,
+                          json={"analysis_id": analysis_id, "ferritin": 900}).json()["decision"]
+    assert decision["category"] == "refused"

@@ -30,10 +30,12 @@ from hladr.fcs import read_fcs, write_fcs  # noqa: E402
 from tests.conftest import SAMPLE_DIR  # noqa: E402
 from tests.service_server import (  # noqa: E402
     AUTH,
+    LIVE,
     TOKEN,
     Server,
     calibrate,
     descendants,
+    stop_all,
     submit,
     wait_finished,
     wait_gone,
@@ -43,6 +45,13 @@ from tests.service_server import (  # noqa: E402
 STOPPED = (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down gracefully
 GiB = 1 << 30
 MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def _no_server_outlives_its_test():
+    before = set(LIVE)  # servers of wider-scoped fixtures
+    yield
+    stop_all(keep=before)
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,9 @@
 
 ``analyze`` resolves the panel, gates the monocytes (``gating``), takes the monocytes'
 compensated linear HLA-DR PE statistic (the calibration's statistic: median by default),
-sends it through the bead curve (PE molecules = AB/C for a 1:1 conjugate), bootstraps a 95 %
-interval and sets the QC flags. Which flags fail QC is listed in :data:`FAILING_FLAGS` and in
-``docs/gating.md``.
+sends it through the bead curve (PE molecules = AB/C for a 1:1 conjugate), gives a 95 %
+interval combining sampling, bead curve and gate (``uncertainty``) and sorts the QC flags
+with the QC policy (``qc``): a Result that fails it is not reportable and carries no class.
 """
 
 from __future__ import annotations
@@ -18,28 +18,14 @@ import threading
 
 import numpy as np
 
+from . import uncertainty
 from .calibration import Calibration
 from .errors import AnalysisError
 from .fcs import Sample
 from .gating import GatingResult, gate_monocytes
 from .panel import Panel, resolve_panel
+from .qc import DEFAULT_POLICY, QCPolicy
 from .result import Result
-
-MIN_MONOCYTES = 3_000  # below: flag "few_monocytes" (warning)
-MIN_MONOCYTES_FAIL = 500  # below: flag "too_few_monocytes" (fails QC)
-SATURATION_FAIL = 0.05  # fraction of monocytes at the HLA-DR channel's maximum that fails QC
-
-#: Flag codes (the part before ':') that make ``qc.passed`` false; all others only warn.
-FAILING_FLAGS = {
-    "too_few_monocytes",
-    "hladr_saturated",
-    "voltage_mismatch",
-    "gain_mismatch",
-    "channel_missing",
-    "channel_mismatch",  # HLA-DR read on another detector than the beads: the curve does not apply
-    "calibration_failed",
-    "outside_bead_range_far",
-}
 
 
 def _statistic(values: np.ndarray, statistic: str) -> float:
@@ -104,6 +90,7 @@ def analyze(
     seed: int = 0,
     panel: Panel | None = None,
     gating: GatingResult | None = None,
+    policy: QCPolicy = DEFAULT_POLICY,
 ) -> Result:
     """mHLA-DR of one patient tube.
 
@@ -120,7 +107,11 @@ def analyze(
     gates
         A GatingML 2.0 file or FlowJo workspace whose monocyte gate replaces the automatic one.
     seed
-        Seed of the bootstrap and the clustering fallback (results are reproducible).
+        Seed of the clustering fallback (results are reproducible).
+    panel, gating
+        An already resolved panel and gating of this tube (they are computed otherwise).
+    policy
+        The QC policy (thresholds and severities), recorded in ``provenance.qc_policy``.
     """
     statistic = statistic or calibration.statistic
     if statistic != calibration.statistic:
@@ -134,49 +125,42 @@ def analyze(
     hashing.start()  # hashlib releases the GIL: the file's SHA-256 is computed while gating runs
     gating = gating or gate_monocytes(sample, panel, gates=gates, seed=seed)
     flags: list[str] = list(panel.warnings and ["panel_from_naming"]) + list(gating.flags)
-    flags += calibration.check_compatible(sample)
-    if panel["HLA-DR"] != calibration.channel:
-        flags.append(f"channel_mismatch:HLA-DR on {panel['HLA-DR']}, beads on {calibration.channel}")
+    flags += _compatibility_flags(sample, calibration, panel, policy)
     if not calibration.passed:
         flags.append("calibration_failed")
 
     n_mono = int(gating.monocytes.sum())
     if n_mono < 20:
         raise AnalysisError(f"only {n_mono} monocytes found: no HLA-DR value can be given", sample.path)
-    idx = sample.index(panel["HLA-DR"])
-    pe = gating.compensated[panel["HLA-DR"]][gating.monocytes]
+    pe_all = gating.compensated[panel["HLA-DR"]]
+    pe = pe_all[gating.monocytes]
     mfi = _statistic(pe, statistic)
     if not np.isfinite(mfi) or mfi <= 0:
         raise AnalysisError(f"monocyte HLA-DR statistic is {mfi:g}: not measurable", sample.path)
     abc = float(calibration.molecules(mfi))
-    mfi_ci = statistic_ci95(pe, statistic)
-    ci = [float(calibration.molecules(v)) for v in mfi_ci]
-    flags += gates_disagree(gating, panel["HLA-DR"], statistic, mfi, mfi_ci)
 
-    if n_mono < MIN_MONOCYTES_FAIL:
-        flags.append(f"too_few_monocytes:{n_mono}")
-    elif n_mono < MIN_MONOCYTES:
-        flags.append(f"few_monocytes:{n_mono}")
     top = sample.ranges.get(panel["HLA-DR"])
+    saturated = None
     if top:
-        saturated = float(np.mean(sample.events[gating.monocytes, idx] >= 0.999 * top))
-        if saturated > SATURATION_FAIL:
-            flags.append(f"hladr_saturated:{saturated:.1%}")
-        elif saturated > 0.005:
-            flags.append(f"hladr_some_saturated:{saturated:.1%}")
-    lo, hi = calibration.mfi_range
-    if mfi < lo or mfi > hi:
-        # below the lowest level the class is not in doubt (the 5,000 threshold lies inside the
-        # bead range), so only a far extrapolation above the brightest level fails
-        far = mfi > hi * 2
-        flags.append(f"outside_bead_range{'_far' if far else ''}:MFI {mfi:,.0f} vs beads {lo:,.0f}-{hi:,.0f}")
-    passed = not any(f.split(":")[0] in FAILING_FLAGS for f in flags)
+        raw = sample.events[gating.monocytes, sample.index(panel["HLA-DR"])]
+        saturated = float(np.mean(raw >= 0.999 * top))
+    flags += policy.monocyte_flags(n_mono, saturated)
+    flags += policy.bead_range_flags(mfi, calibration.mfi_range)
+
+    spread = _uncertainty(sample, calibration, panel, gating, pe_all, pe, statistic, mfi)
+    ci = spread.interval(abc)
+    half_mfi = 10 ** (spread.total / calibration.slope) if calibration.slope > 0 else np.inf  # in MFI units
+    flags += gates_disagree(gating, panel["HLA-DR"], statistic, mfi, (mfi / half_mfi, mfi * half_mfi))
+    if 100 * (10**spread.total - 1) > policy.wide_interval_pct:
+        flags.append(f"wide_interval:+-{100 * (10**spread.total - 1):.0f}%")
+    outcome = policy.evaluate(flags)
 
     leuk = int(gating.leukocytes.sum())
     from . import __version__
 
     hashing.join()
-
+    identity = sample.identity
+    acquired = sample.acquired
     return Result(
         sample=os.fspath(sample.path),
         sha256=sample.sha256,
@@ -188,15 +172,16 @@ def analyze(
         gate_method=gating.method,
         calibration=calibration.summary(),
         channels={k: v for k, v in panel.channels.items()},
-        qc={
-            "passed": passed,
-            "flags": flags,
-            "warnings": panel.warnings,
-            "failing_flags": sorted(FAILING_FLAGS),
-        },
+        qc=outcome.to_dict(),
         instrument=sample.instrument,
         hladr_version=__version__,
         mfi=mfi,
+        reasons=[_reason(flag, policy) for flag in outcome.flags],
+        uncertainty=spread.to_dict(),
+        patient_id=identity["patient_id"][0] if identity["patient_id"] else None,
+        sample_id=identity["sample_id"][0] if identity["sample_id"] else None,
+        identity_source={k: v[1] if v else None for k, v in identity.items()},
+        acquired=acquired.isoformat() if acquired else None,
         gates=gating.gates,
         provenance={
             "repairs": list(sample.repairs),
@@ -205,9 +190,73 @@ def analyze(
             "seed": seed,
             "versions": dict(_versions()),
             "panel_sources": panel.sources,
+            "panel_notes": list(panel.warnings),
             "thresholds": gating.thresholds,
+            "qc_policy": policy.to_dict(),
         },
     )
+
+
+def _compatibility_flags(
+    sample: Sample, calibration: Calibration, panel: Panel, policy: QCPolicy
+) -> list[str]:
+    """What differs between the bead tube and the patient tube, for the channels the measurement uses."""
+    flags = []
+    if calibration.channel not in sample.channels:
+        flags.append(f"channel_missing:{calibration.channel}")
+    if panel["HLA-DR"] != calibration.channel:
+        flags.append(f"channel_mismatch:HLA-DR on {panel['HLA-DR']}, beads on {calibration.channel}")
+    gating_channels = [panel[role] for role in ("CD14", "CD45", "FSC-A", "FSC-H", "SSC-A") if panel[role]]
+    flags += policy.settings_flags(
+        {"voltage": calibration.voltages, "gain": calibration.gains},
+        {"voltage": sample.voltages, "gain": sample.gains},
+        calibration.channel,
+        gating_channels,
+    )
+    for key in ("cytometer", "serial"):
+        a, b = calibration.instrument.get(key), sample.instrument.get(key)
+        if a and b and a != b:
+            flags.append(f"{key}_mismatch:{a} beads vs {b} sample")
+    return flags
+
+
+def _uncertainty(
+    sample: Sample,
+    calibration: Calibration,
+    panel: Panel,
+    gating: GatingResult,
+    pe_all: np.ndarray,
+    pe: np.ndarray,
+    statistic: str,
+    mfi: float,
+) -> uncertainty.Uncertainty:
+    """Sampling, bead-curve and gate parts of the 95 % interval (``hladr.uncertainty``)."""
+    abc = float(calibration.molecules(mfi))
+    lo, hi = (float(calibration.molecules(v)) for v in statistic_ci95(pe, statistic))
+    sampling = max(np.log10(abc / lo), np.log10(hi / abc)) if lo > 0 and hi > 0 else np.nan
+    columns = [gating.compensated[panel["CD14"]]]
+    for role in ("SSC-A", "CD45"):
+        if panel[role]:
+            column = gating.compensated.get(panel[role])
+            columns.append(column if column is not None else sample.events[:, sample.index(panel[role])])
+    gate = uncertainty.gate_halfwidth(
+        columns,
+        pe_all,
+        gating.monocytes,
+        gating.leukocytes | gating.monocytes,
+        lambda values: float(calibration.molecules(_statistic(values, statistic))),
+    )
+    return uncertainty.Uncertainty(
+        sampling=float(sampling),
+        calibration=uncertainty.calibration_halfwidth(calibration, mfi),
+        gating=gate,
+    )
+
+
+def _reason(flag: str, policy: QCPolicy) -> str:
+    """A failing flag with its rule in words, for the reader of a non-reportable result."""
+    rule = policy.explain(flag)
+    return f"{flag} ({rule})" if rule else flag
 
 
 def _hash_quietly(sample: Sample) -> None:
@@ -233,27 +282,42 @@ def _versions() -> dict[str, str]:
 
 def describe(result: Result) -> str:
     """The human-readable report ``hladr analyze`` prints."""
-    verdict = "IMMUNOPARALYSIS (< 5,000 AB/C)" if result.immunoparalysis else f"{result.band}"
-    if not result.passed:  # never state a class for a value that failed QC
-        verdict = f"NOT REPORTABLE: QC failed (the value alone would read {verdict.split(' (')[0].lower()})"
+    lo, hi = result.abc_ci95
+    if result.reportable:
+        verdict = "IMMUNOPARALYSIS (< 5,000 AB/C)" if result.immunoparalysis else f"{result.band}"
+        verdict += "  [borderline: the interval straddles 5,000]" if result.borderline else ""
+    else:  # never state a class for a value that failed QC
+        verdict = "NOT REPORTABLE"
+    parts = result.uncertainty or {}
     lines = [
         f"sample:     {result.sample}",
-        f"mHLA-DR:    {result.abc:,.0f} AB/C  (95 % CI {result.abc_ci95[0]:,.0f}-{result.abc_ci95[1]:,.0f})"
-        f"  -> {verdict}{'  [borderline]' if result.borderline else ''}",
+        f"patient:    {result.patient_id or '-'}  sample {result.sample_id or '-'}  "
+        f"acquired {result.acquired or '-'}",
+        f"mHLA-DR:    {result.abc:,.0f} AB/C  (95 % CI {lo:,.0f}-{hi:,.0f})  -> {verdict}",
+        "interval:   +-{} % (sampling {}, bead curve {}, gate {})".format(
+            *(_pct(parts.get(k)) for k in ("total_pct", "sampling_pct", "calibration_pct", "gating_pct"))
+        ),
         f"monocytes:  {result.monocytes:,} ({result.monocyte_percent:.1f} % of leukocytes), "
         f"gating: {result.gate_method}",
         "channels:   " + ", ".join(f"{k}={v}" for k, v in result.channels.items() if v),
         f"beads:      {result.calibration.get('lot') or 'values given'}, "
         f"slope {result.calibration['slope']:.3f}, r2 {result.calibration['r2']:.4f}",
-        f"QC:         {'passed' if result.passed else 'FAILED'}"
-        + (f"  flags: {', '.join(result.qc['flags'])}" if result.qc["flags"] else ""),
+        f"QC:         {'passed' if result.reportable else 'FAILED: ' + '; '.join(result.reasons)}",
     ]
+    for kind in ("warnings", "info"):
+        if result.qc.get(kind):
+            lines.append(f"{kind + ':':<11} {'; '.join(result.qc[kind])}")
     return "\n".join(lines)
 
 
+def _pct(value: float | None) -> str:
+    return "?" if value is None else f"{value:.1f}"
+
+
 def main(args: argparse.Namespace) -> int:
-    """The ``hladr analyze`` command."""
+    """The ``hladr analyze`` command: 0 when reportable, 3 when not (:mod:`hladr.cli`)."""
     from .calibration import calibrate
+    from .cli import EXIT_NOT_REPORTABLE, EXIT_OK
     from .errors import CalibrationError
     from .fcs import read_fcs
 
@@ -267,12 +331,9 @@ def main(args: argparse.Namespace) -> int:
     panel = resolve_panel(sample, hladr=args.hladr, cd14=args.cd14, cd45=args.cd45)
     gating = gate_monocytes(sample, panel, gates=args.gates, gate_name=getattr(args, "gate_name", None))
     result = analyze(sample, cal, statistic=args.statistic, panel=panel, gating=gating, gates=args.gates)
-    if args.plot:
+    print(json.dumps(result.to_dict()) if args.json else describe(result), flush=True)
+    if args.plot:  # after the result is printed: a figure that cannot be written never loses it
         from .plots import plot_analysis
 
         plot_analysis(sample, result, cal, path=args.plot, gating=gating, panel=panel)
-    if args.json:
-        print(json.dumps(result.to_dict()))
-    else:
-        print(describe(result))
-    return 0 if result.passed else 3
+    return EXIT_OK if result.reportable else EXIT_NOT_REPORTABLE

@@ -18,10 +18,9 @@ The work is done in four steps:
    ``calibrations.csv``, ``qc/*.png`` and ``report.html``, all written
    atomically (temp file in the same folder + ``os.replace``).
 
-Exit codes of ``hladr batch`` (:data:`EXIT_OK`, :data:`EXIT_PROBLEMS`,
-:data:`EXIT_USAGE`): 0 when every patient tube gave a Result without QC flags,
-3 when some tube failed or some Result carries QC flags, 2 when the arguments
-are unusable (nothing was run). See ``docs/batch.md``.
+Exit codes of ``hladr batch`` (defined in :mod:`hladr.cli`): 0 when every patient
+tube gave a reportable Result (warnings or not), 3 when some tube is not reportable
+or failed, 2 when the arguments are unusable (nothing was run). See ``docs/batch.md``.
 """
 
 from __future__ import annotations
@@ -49,14 +48,11 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write
+from .cli import EXIT_NOT_REPORTABLE, EXIT_OK, EXIT_USAGE  # the exit codes' one place
 from .errors import BatchError, HladrError
-from .fcs import sha256_file
+from .fcs import acquisition, sha256_file
 
 log = logging.getLogger("hladr.batch")
-
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_PROBLEMS = 3
 
 JOURNAL = "journal.jsonl"
 STORE = "hladr.sqlite"
@@ -148,53 +144,6 @@ def _read_text(path: Path) -> tuple[dict[str, str], list[str], list[str]]:
     meta = read_metadata(path, lenient=True)
     keywords = {str(k).upper(): str(v) for k, v in dict(meta.keywords).items()}
     return keywords, list(meta.channels), list(meta.markers)
-
-
-_DATE_FORMATS = ("%d-%b-%Y", "%d-%b-%y", "%Y-%m-%d", "%d-%m-%Y", "%m/%d/%Y", "%d.%m.%Y", "%Y%m%d", "%Y/%m/%d")
-
-
-def parse_date(text: str | None) -> date | None:
-    """An FCS ``$DATE`` (``dd-mmm-yyyy`` and the common variants) as a date, or None."""
-    if not text:
-        return None
-    text = text.strip()
-    for fmt in _DATE_FORMATS:
-        try:
-            return datetime.strptime(text, fmt).date()
-        except ValueError:
-            continue
-    return None
-
-
-def parse_time(text: str | None) -> tuple[int, int, float] | None:
-    """An FCS ``$BTIM`` (``hh:mm:ss[.cc]`` or FCS 2.0's ``hh:mm:ss:tt``) as (h, m, s), or None."""
-    if not text:
-        return None
-    match = re.match(r"\s*(\d{1,2}):(\d{2})(?::(\d{2})(?:[.:](\d+))?)?", text)
-    if not match:
-        return None
-    hours, minutes = int(match.group(1)), int(match.group(2))
-    seconds = float(match.group(3) or 0)
-    if hours > 23 or minutes > 59 or seconds > 60:
-        return None
-    return hours, minutes, seconds
-
-
-def _acquired(keywords: Mapping[str, str]) -> tuple[date | None, datetime | None]:
-    """Acquisition day and start time from ``$BEGINDATETIME`` or ``$DATE`` + ``$BTIM``."""
-    iso = keywords.get("$BEGINDATETIME")
-    if iso:
-        try:
-            stamp = datetime.fromisoformat(iso.strip().replace("Z", "+00:00")).replace(tzinfo=None)
-            return stamp.date(), stamp
-        except ValueError:
-            pass
-    day = parse_date(keywords.get("$DATE"))
-    hms = parse_time(keywords.get("$BTIM"))
-    if day is None or hms is None:
-        return day, None
-    h, m, s = hms
-    return day, datetime(day.year, day.month, day.day, h, m, int(s), int(round((s % 1) * 1e6)) % 1_000_000)
 
 
 def _settings(keywords: Mapping[str, str], channels: list[str]) -> dict[str, float]:
@@ -365,7 +314,9 @@ def _describe(path: Path, root: Path) -> Tube:
         return tube
     tube.cytometer = keywords.get("$CYT")
     tube.serial = keywords.get("$CYTSN")
-    tube.day, tube.acquired = _acquired(keywords)
+    tube.day, tube.acquired = acquisition(keywords)
+    if tube.acquired is not None:  # pairing compares local times: an offset in $BEGINDATETIME is dropped
+        tube.acquired = tube.acquired.replace(tzinfo=None)
     tube.settings = _settings(keywords, channels)
     tube.n_channels = len(channels)
     try:
@@ -560,12 +511,9 @@ def _closest_bead(patient: Tube, beads: list[Tube]) -> tuple[Tube | None, str | 
             times = ", ".join(f"{b.rel} at {b.acquired:%H:%M:%S}" for b in same_day)
             return None, (f"acquired at {patient.acquired:%H:%M:%S}, before every bead tube of that day "
                           f"on {patient.instrument_label} ({times})")
-    fitting = [b for b in earlier if not _settings_differences(patient, b)]
-    if not fitting:
-        closest = max(earlier, key=lambda b: (b.acquired or datetime.min, b.rel))
-        diffs = _settings_differences(patient, closest)
-        return None, (f"detector settings differ from the closest earlier bead tube {closest.rel}: "
-                      f"{'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}")
+    # the closest with the same detector settings; else the closest, and the analysis's QC policy
+    # judges the differences on the channels the measurement uses (HLA-DR fails, gating warns)
+    fitting = [b for b in earlier if not _settings_differences(patient, b)] or earlier
     return max(fitting, key=lambda b: (b.acquired or datetime.min, b.rel)), None
 
 
@@ -817,7 +765,8 @@ class BatchSummary:
     bead_tubes: int = 0
     patient_tubes: int = 0
     ok: int = 0
-    flagged: int = 0
+    not_reportable: int = 0
+    warned: int = 0
     failed: int = 0
     computed: int = 0
     reused: int = 0
@@ -832,18 +781,21 @@ class BatchSummary:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_PROBLEMS if (self.failed or self.flagged) else EXIT_OK
+        """0 when every patient tube is reportable, else 3 (warnings never count)."""
+        return EXIT_NOT_REPORTABLE if (self.failed or self.not_reportable) else EXIT_OK
 
     def line(self) -> str:
         return (f"{self.patient_tubes} patient tube(s), {self.bead_tubes} bead tube(s): {self.ok} analysed "
-                f"({self.flagged} flagged), {self.failed} failed; {self.computed} computed, "
+                f"({self.ok - self.not_reportable} reportable, {self.not_reportable} not reportable, "
+                f"{self.warned} with warnings), {self.failed} failed; {self.computed} computed, "
                 f"{self.reused} reused in {self.seconds:.1f} s -> {self.out}")
 
 
-def is_flagged(result: Mapping[str, Any]) -> bool:
-    """A Result needs review: its QC failed or carries flags, or its bead run broke a Westgard rule."""
-    qc = result.get("qc") or {}
-    return not qc.get("passed", False) or bool(qc.get("flags")) or bool(result.get("bead_flags"))
+def is_reportable(result: Mapping[str, Any]) -> bool:
+    """A Result (either schema version) may be reported: its QC passed."""
+    from .result import is_reportable as reportable
+
+    return reportable(dict(result))
 
 
 @dataclass
@@ -1176,57 +1128,89 @@ def _error_row(file: str, role: str, stage: str, error_type: str, reason: str,
 def _result_row(record: dict[str, Any], job: Job) -> dict[str, Any]:
     """The Result of a finished record plus the batch's own keys (and stratification with ferritin)."""
     from .classify import stratify
+    from .result import upgrade
 
-    row = dict(record["result"])
+    row = upgrade(dict(record["result"]))  # a journal of an older run may hold hladr.result/1
     row.update(file=job.tube.rel, role=job.tube.role_reason, bead_file=job.bead.rel,
-               patient_id=job.patient_id,
-               collected_at=job.collected_at, lot=job.lot.label, qc_png=record.get("qc_png"))
+               collected_at=job.collected_at, lot_spec=job.lot.label, qc_png=record.get("qc_png"))
+    if job.patient_id:  # the manifest's id wins over the file's keywords
+        row["patient_id"] = job.patient_id
+        row["identity_source"] = {**(row.get("identity_source") or {}), "patient_id": "manifest"}
     if record.get("plot_error"):
         row["qc_png_error"] = record["plot_error"]
     if job.ferritin is not None:
         row["ferritin"] = job.ferritin
-        row["stratification"] = stratify(record["result"], job.ferritin).to_dict()
+        row["stratification"] = stratify(row, job.ferritin).to_dict()
     return row
 
 
-#: Columns that lead results.csv, in this order; the rest follow in first-seen order.
-LEADING_COLUMNS = ("file", "patient_id", "abc", "immunoparalysis", "band", "borderline", "abc_ci95",
-                   "qc.passed", "qc.flags", "bead_flags", "stratification.category", "stratification.reason",
-                   "ferritin", "monocytes", "monocyte_percent", "bead_file", "lot", "collected_at", "qc_png")
+#: Batch columns of results.csv around the Result's own (``hladr.result.CSV_COLUMNS``).
+BATCH_COLUMNS = ("file", "role", "bead_file", "lot_spec", "bead_flags", "ferritin", "stratification",
+                 "stratification_reason", "collected_at", "qc_png")
 ERROR_COLUMNS = ("file", "role", "stage", "error_type", "reason", "bead_file", "patient_id")
-CALIBRATION_COLUMNS = ("file", "lot", "status", "slope", "intercept", "r2", "qc.passed", "qc.flags",
-                       "peaks_used", "values", "mfi", "channel", "reason")
+#: Columns of calibrations.csv: (column, key path in the record, digits); ``calibration.*`` is the fit.
+CALIBRATION_COLUMNS: tuple[tuple[str, str, int | None], ...] = (
+    ("file", "file", None), ("lot", "calibration.lot", None),
+    ("expiry", "calibration.lot_details.expiry", None), ("lot_spec", "lot", None),
+    ("status", "status", None), ("reason", "reason", None),
+    ("channel", "calibration.channel", None), ("statistic", "calibration.statistic", None),
+    ("slope", "calibration.slope", 4), ("intercept", "calibration.intercept", 4), ("r2", "calibration.r2", 5),
+    ("qc_passed", "calibration.qc.passed", None), ("qc_flags", "calibration.qc.flags", None),
+    ("levels_used", "calibration.peaks_used", None), ("values", "calibration.values", 0),
+    ("mfi", "calibration.mfi", 0), ("n_beads", "calibration.n_beads", 0),
+    ("bead_sha256", "calibration.bead_sha256", None),
+)
 
 
-def _csv_text(rows: list[dict[str, Any]], leading: Iterable[str]) -> str:
-    columns: list[str] = []
-    for row in rows:
-        for name in row:
-            if name not in columns:
-                columns.append(name)
-    ordered = [c for c in leading if c in columns or not rows] + [c for c in columns if c not in leading]
+def _csv_text(rows: list[dict[str, Any]], columns: Iterable[str]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=ordered, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if v is None else v for k, v in row.items()})
     return buffer.getvalue()
 
 
+def _results_csv_row(result: dict[str, Any]) -> dict[str, Any]:
+    from .result import csv_row
+
+    strat = result.get("stratification") or {}
+    batch = {k: "; ".join(map(str, v)) if isinstance(v, list) else v
+             for k, v in ((k, result.get(k)) for k in BATCH_COLUMNS)}
+    return {**batch, **csv_row(result),
+            "stratification": strat.get("category"), "stratification_reason": strat.get("reason")}
+
+
+def _calibration_csv_row(record: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for column, path, digits in CALIBRATION_COLUMNS:
+        value: Any = record
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, list):
+            value = "; ".join("" if v is None else str(_rounded(v, digits)) for v in value)
+        row[column] = _rounded(value, digits)
+    return row
+
+
+def _rounded(value: Any, digits: int | None) -> Any:
+    if digits is None or not isinstance(value, float) or not math.isfinite(value):
+        return value
+    return int(round(value)) if digits == 0 else round(value, digits)
+
+
 def write_tables(out: Path, results: list[dict], errors: list[dict], calibrations: list[dict]) -> None:
-    """results.csv, results.jsonl, errors.csv and calibrations.csv, each atomically."""
-    from .result import flatten
+    """results.jsonl (every detail), and the flat, rounded results.csv, errors.csv and calibrations.csv
+    (no histogram, no nested JSON in a cell), each atomically."""
+    from .result import CSV_COLUMNS
 
     write_atomic(out / "results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in results))
-    write_atomic(out / "results.csv", _csv_text([flatten(r) for r in results], LEADING_COLUMNS))
+    columns = [BATCH_COLUMNS[0], *(c for c, _, _ in CSV_COLUMNS), *BATCH_COLUMNS[1:], "stratification_reason"]
+    columns = list(dict.fromkeys(columns))
+    write_atomic(out / "results.csv", _csv_text([_results_csv_row(r) for r in results], columns))
     write_atomic(out / "errors.csv", _csv_text(errors, ERROR_COLUMNS))
-    cal_rows = []
-    for record in calibrations:
-        row = flatten(record.get("calibration") or {})
-        row.update(file=record["file"], lot=record.get("lot"), status=record["status"],
-                   reason=record.get("reason"))
-        cal_rows.append(row)
-    write_atomic(out / "calibrations.csv", _csv_text(cal_rows, CALIBRATION_COLUMNS))
+    write_atomic(out / "calibrations.csv", _csv_text([_calibration_csv_row(r) for r in calibrations],
+                                                     [c for c, _, _ in CALIBRATION_COLUMNS]))
 
 
 def run_batch(
@@ -1369,13 +1353,16 @@ def run_batch(
         write_tables(out_path, results, errors, calibrations)
         summary.results, summary.errors, summary.calibrations = results, errors, calibrations
         summary.ok = len(results)
-        summary.flagged = sum(is_flagged(r) for r in results)
+        summary.not_reportable = sum(not is_reportable(r) for r in results)
+        summary.warned = sum(bool((r.get("qc") or {}).get("warnings")) for r in results)
         summary.failed = len(errors)
         summary.reused = run.reused
         results_store.finish_run(run_id, {k: getattr(summary, k) for k in (
-            "tubes", "bead_tubes", "patient_tubes", "ok", "flagged", "failed", "computed", "reused")})
+            "tubes", "bead_tubes", "patient_tubes", "ok", "not_reportable", "warned", "failed", "computed",
+            "reused")})
         from .report import write_report
 
+        summary.seconds = time.perf_counter() - started  # the report states the run's time
         write_report(out_path / "report.html", summary, figures=plots)
     finally:
         closing.join()
@@ -1388,6 +1375,8 @@ def _bead_qc(store: Any, results: list[dict[str, Any]]) -> list[Any]:
     """Levey-Jennings over every bead run in the store (:func:`hladr.beadqc.evaluate_store`); each
     result row gets ``bead_flags``: the Westgard flags of the calibration it used."""
     from .beadqc import evaluate_store
+    from .classify import stratify
+    from .result import add_flags
     from .store import values_key
 
     series = evaluate_store(store)
@@ -1395,6 +1384,10 @@ def _bead_qc(store: Any, results: list[dict[str, Any]]) -> list[Any]:
     for row in results:
         calibration = row.get("calibration") or {}
         row["bead_flags"] = flags.get((calibration.get("bead_sha256") or "", values_key(calibration)), [])
+        if row["bead_flags"]:
+            add_flags(row, [f"bead_run_flagged:{flag}" for flag in row["bead_flags"]])
+            if row.get("ferritin") is not None:  # decided again: the HLA-DR value may no longer count
+                row["stratification"] = stratify(row, row["ferritin"]).to_dict()
     return series
 
 
@@ -1490,7 +1483,7 @@ def _progress_bar(total: int, enabled: bool) -> Any:
 # CLI
 # =====================================================================================
 def main(args: argparse.Namespace) -> int:
-    """``hladr batch``: returns 0 (all fine), 3 (failed or flagged tubes) or 2 (unusable arguments)."""
+    """``hladr batch``: 0 (all reportable), 3 (some not reportable or failed), 2 (unusable arguments)."""
     try:
         summary = run_batch(
             args.export_dir, args.out, manifest=args.manifest, jobs=args.jobs, scheduler=args.scheduler,

@@ -189,14 +189,14 @@ def _segments(logs: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, list[
 
 
 def _split(
-    values: np.ndarray, logs: np.ndarray, k: int, seed: int = 0
+    values: np.ndarray, logs: np.ndarray, k: int, typical: float, seed: int = 0
 ) -> tuple[list[np.ndarray], np.ndarray] | None:
     """Split one segment into ``k`` populations with a 1-D Gaussian mixture in log space.
 
     Initialised at equal-count quantiles, as FlowCal's ``mef`` does, and run to convergence (a
     plateau of merged levels has a flat likelihood); ``None`` when one Gaussian explains the
     segment better (BIC), two components' centres lie within one SD of each other (a skewed or
-    quantised population, not two levels), or a component holds less than a third of an equal share.
+    quantised population, not two levels), or a component holds less than half a level's count.
     """
     x = logs.reshape(-1, 1)
     means = np.quantile(logs, (np.arange(k) + 0.5) / k).reshape(-1, 1)
@@ -209,7 +209,7 @@ def _split(
         return None
     labels = gmm.predict(x)
     parts = [values[labels == j] for j in order]
-    if any(p.size < values.size / (3 * k) for p in parts):
+    if any(p.size < 0.5 * typical for p in parts):  # each merged level holds about a level's count
         return None
     return parts, 10 ** gmm.means_.ravel()[order]
 
@@ -259,7 +259,7 @@ def find_populations(
         k = max(2, int(round(values.size / typical)))
         parts = None
         if values.size >= SPLIT_SHARE * typical and _robust_log_sd(lg) > 1.5 * narrow:
-            parts = _split(values, lg, k)
+            parts = _split(values, lg, k, typical)
         if parts is None:
             populations.append(_describe(values, lg, statistic, top))
             continue

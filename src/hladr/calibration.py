@@ -219,6 +219,7 @@ class Calibration:
     excluded: dict[str, str] = field(default_factory=dict)
     qc: dict[str, Any] = field(default_factory=lambda: {"passed": False, "flags": []})
     lot: str | None = None
+    lot_details: dict[str, Any] = field(default_factory=dict)  # kit, lot, expiry of the lot file used
     unit: str = "PE molecules per bead"
     evidence: dict[str, Any] = field(default_factory=dict)
     bead_file: str | None = None
@@ -247,27 +248,32 @@ class Calibration:
         out = kernels.loglog_apply(flat, self.slope, self.intercept, self.offset).reshape(arr.shape)
         return float(out) if out.ndim == 0 else out
 
-    def check_compatible(self, sample: Sample) -> list[str]:
-        """Flags where a patient tube's settings differ from the bead tube's."""
-        flags = []
-        for name, theirs in (("voltage", sample.voltages), ("gain", sample.gains)):
-            ours = self.voltages if name == "voltage" else self.gains
-            for ch, v in ours.items():
-                w = theirs.get(ch)
-                if v is not None and w is not None and not math.isclose(v, w, rel_tol=1e-6, abs_tol=1e-9):
-                    flags.append(f"{name}_mismatch:{ch} ({v:g} beads vs {w:g} sample)")
-        if self.channel not in sample.channels:
-            flags.append(f"channel_missing:{self.channel}")
-        for key in ("cytometer", "serial"):
-            a, b = self.instrument.get(key), sample.instrument.get(key)
-            if a and b and a != b:
-                flags.append(f"{key}_mismatch ({a} beads vs {b} sample)")
-        return flags
+    def prediction_se(self, mfi: float) -> tuple[float, int]:
+        """Standard error of the curve's prediction at ``mfi``, in log10 molecules, and its degrees
+        of freedom.
+
+        The regression prediction error of a new point, ``s * sqrt(1 + 1/n + (x0 - xbar)**2 / Sxx)``
+        with ``x = log10(MFI)`` of the n levels fitted and ``s`` the residual SD of the fit
+        (``n - 2`` degrees of freedom; ``n - 3`` for the autofluorescence model). A 95 % half-width
+        is ``scipy.stats.t.ppf(0.975, df) * se``. NaN and 0 when no residual degree of freedom is left.
+        """
+        used = [i for i in self.peaks_used if self.mfi[i] and i < len(self.residuals)]
+        resid = [self.residuals[i] for i in used]
+        df = len(used) - (3 if self.model == "autofluorescence" else 2)
+        if df < 1 or any(r is None for r in resid) or not mfi > 0:
+            return math.nan, 0
+        x = np.log10([self.mfi[i] for i in used])
+        r = -np.log10(1.0 + np.asarray(resid, dtype=float))  # log10 residuals (stored as relative errors)
+        s = math.sqrt(float(np.sum(r**2)) / df)
+        sxx = float(np.sum((x - x.mean()) ** 2))
+        x0 = math.log10(mfi)
+        return s * math.sqrt(1.0 + 1.0 / len(used) + (x0 - x.mean()) ** 2 / sxx), df
 
     def summary(self) -> dict[str, Any]:
         """The Result contract's ``calibration`` entry."""
         return {
             "lot": self.lot,
+            "lot_details": self.lot_details,
             "values": self.values,
             "mfi": self.mfi,
             "slope": self.slope,
@@ -621,6 +627,7 @@ def calibrate(
         statistic=statistic,
         model=model,
         lot=lot_obj.name if lot_obj else None,
+        lot_details={"kit": lot_obj.kit, "lot": lot_obj.lot, "expiry": lot_obj.expiry} if lot_obj else {},
         unit=lot_obj.unit if lot_obj else "PE molecules per bead",
         bead_file=os.fspath(beads.path),
         bead_sha256=beads.sha256,
@@ -744,14 +751,11 @@ def main(args: argparse.Namespace) -> int:
         statistic=args.statistic,
         strict=False,
     )
-    if args.plot:
+    print(cal.to_json() if args.json else describe(cal), flush=True)
+    if args.plot:  # after the printout: a figure that cannot be written never loses it
         from .plots import plot_calibration
 
         plot_calibration(cal, path=args.plot)
-    if args.json:
-        print(cal.to_json())
-    else:
-        print(describe(cal))
     if not cal.passed:
         raise CalibrationError(cal.failure_message(), beads.path)
     return 0

@@ -11,9 +11,9 @@ band                      AB/C
 ``immunoparalysis``       < 5,000
 ========================  =====================
 
-Inter-laboratory CV of the assay is 15-25 %, so a value within
-``BORDERLINE_FRACTION`` of the 5,000 threshold, or whose 95 % interval
-straddles it, carries a ``borderline`` flag.
+A value whose 95 % interval (sampling, bead curve and gate: ``hladr.uncertainty``)
+straddles the 5,000 threshold is ``borderline``; without an interval, a value
+within ``BORDERLINE_FRACTION`` of it (the assay's inter-laboratory CV is 15-25 %).
 
 ImmunoSep rule (``RULE_VERSION``): ferritin > 4,420 ng/mL -> ``MALS``
 (macrophage activation-like syndrome); otherwise mHLA-DR < 5,000 AB/C ->
@@ -54,10 +54,11 @@ def band(abc: float) -> str:
 
 
 def is_borderline(abc: float, ci95: tuple[float, float] | None = None) -> bool:
-    """True when ``abc`` is near the threshold or its interval straddles it."""
-    near = abs(abc / THRESHOLD - 1.0) <= BORDERLINE_FRACTION
-    straddles = ci95 is not None and ci95[0] < THRESHOLD <= ci95[1]
-    return bool(near or straddles)
+    """True when the 95 % interval ``ci95`` straddles the threshold (without one: ``abc`` within
+    ``BORDERLINE_FRACTION`` of it)."""
+    if ci95 is None or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in ci95):
+        return bool(abs(abc / THRESHOLD - 1.0) <= BORDERLINE_FRACTION)
+    return bool(ci95[0] < THRESHOLD <= ci95[1])
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,8 @@ def stratify(
     Parameters
     ----------
     result
-        A :class:`hladr.Result`, its ``to_dict()`` form, or a bare AB/C number.
+        A :class:`hladr.Result`, its ``to_dict()`` form (``hladr.result/1`` or ``/2``: a
+        non-reportable one gets no HLA-DR-based class), or a bare AB/C number.
     ferritin
         Serum ferritin, in ``ferritin_unit``.
     abc, qc_passed
@@ -131,9 +133,11 @@ def stratify(
         ``category="refused"`` with the reason.
     """
     if result is not None and not isinstance(result, (int, float, str)):
-        data = result if isinstance(result, Mapping) else result.to_dict()
+        from .result import is_reportable
+
+        data = dict(result) if isinstance(result, Mapping) else result.to_dict()
         abc = data.get("abc")
-        qc_passed = bool((data.get("qc") or {}).get("passed", False))
+        qc_passed = is_reportable(data)
     elif result is not None:
         abc = result
     inputs: dict[str, Any] = {"ferritin_raw": ferritin, "ferritin_unit": ferritin_unit}

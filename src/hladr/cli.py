@@ -1,9 +1,27 @@
 """The ``hladr`` command.
 
 Every sub-command is a thin wrapper around the Python API. Errors that hladr
-raises on purpose (:class:`hladr.HladrError`) are printed as one line on stderr
-with exit code 1; anything else is an internal error (exit 70), also one line
-unless ``HLADR_DEBUG=1`` is set.
+raises on purpose (:class:`hladr.HladrError`) and filesystem faults (a missing
+or read-only folder, a full disk) are printed as one line on stderr naming the
+path, with exit code 1; anything else is an internal error (exit 70), also one
+line unless ``HLADR_DEBUG=1`` is set.
+
+Exit codes (the one place they are defined):
+
+====  ========================================================================
+code  meaning
+====  ========================================================================
+0     ``analyze``: the result is reportable (warnings or not);
+      ``batch``: every patient tube gave a reportable result; other commands: done
+1     an error: the file, folder or value named on stderr is unusable
+2     usage: invalid arguments (argparse), or a batch that cannot start
+3     ``analyze``: the result is not reportable (QC failed: no class is given);
+      ``batch``: some tube is not reportable or failed
+70    an internal error (a bug: please report it)
+130   interrupted; 141: stdout closed by the reader (``| head``)
+====  ========================================================================
+
+Warnings alone never change an exit code.
 """
 
 from __future__ import annotations
@@ -18,7 +36,24 @@ from .errors import HladrError
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_NOT_REPORTABLE = 3
 EXIT_INTERNAL = 70
+
+
+def _count(minimum: int) -> type:
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 def _values(text: str) -> list[float]:
@@ -166,13 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="describe an FCS file")
     p.add_argument("file")
-    p.add_argument("--dataset", type=int, default=None, help="data set index (default: best)")
+    p.add_argument("--dataset", type=_count(0), default=None, help="data set index (default: best)")
     p.add_argument("--strict", action="store_true", help="refuse non-compliant files")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("simulate", help="write simulated bead and blood tubes with ground truth")
     p.add_argument("out_dir")
-    p.add_argument("--n", type=int, default=4, help="number of patient tubes")
+    p.add_argument("--n", type=_count(1), default=4, help="number of patient tubes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--instrument", default="canto", help="instrument preset")
     p.add_argument("--cohort", action="store_true",
@@ -208,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("export_dir")
     p.add_argument("--out", required=True)
     p.add_argument("--manifest", metavar="CSV")
-    p.add_argument("--jobs", type=int, default=None)
+    p.add_argument("--jobs", type=_count(1), default=None, help="local worker processes")
     p.add_argument("--scheduler", metavar="ADDRESS", help="Dask distributed scheduler")
     p.add_argument("--resume", action="store_true")
     _add_bead_values(p)
@@ -254,17 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="HTTP service (needs hladr[service])")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_count(0), default=8000)
     p.add_argument("--db", default="hladr.sqlite", help="SQLite database path")
     p.add_argument("--tokens", metavar="FILE", help="tokens file (see hladr token)")
     p.add_argument("--data-dir", metavar="DIR", help="folder of uploads (default: next to --db)")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--queue", type=int, default=8, help="analyses waiting beyond the workers before 503")
-    p.add_argument("--upload-limit", type=int, default=256 * 1024 * 1024, help="bytes per uploaded file")
-    p.add_argument("--max-uploads", type=int, default=8, help="uploads received at once before 503")
+    p.add_argument("--workers", type=_count(1), default=2)
+    p.add_argument("--queue", type=_count(0), default=8,
+                   help="analyses waiting beyond the workers before 503")
+    p.add_argument("--upload-limit", type=_count(1), default=256 * 1024 * 1024,
+                   help="bytes per uploaded file")
+    p.add_argument("--max-uploads", type=_count(1), default=8, help="uploads received at once before 503")
     p.add_argument("--read-timeout", type=float, default=30.0, help="seconds a client may stall an upload")
     p.add_argument("--grace", type=float, default=30.0, help="seconds running jobs get at shutdown")
-    p.add_argument("--max-attempts", type=int, default=3, help="runs of a job whose worker dies")
+    p.add_argument("--max-attempts", type=_count(1), default=3, help="runs of a job whose worker dies")
     p.add_argument("--job-timeout", type=float, default=600.0, help="seconds before a job's worker is killed")
     p.add_argument("--docs", action="store_true", help="serve /openapi.json and /docs")
     p.add_argument("--store", metavar="PATH",
@@ -281,7 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage error (2, message printed) or --help/--version (0): a return value
+        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
     try:
         return int(args.func(args) or 0)
     except HladrError as exc:
@@ -290,14 +330,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hladr: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader went away (`hladr inspect F | head`): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return 141
+    except OSError as exc:  # a filesystem fault: name the path, not a traceback
+        if isinstance(exc, BrokenPipeError):  # the reader went away (`hladr inspect F | head`): quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            return 141
+        print(f"hladr: error: {_os_error(exc)}", file=sys.stderr)
+        return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - one line, no traceback, for any fault
         if os.environ.get("HLADR_DEBUG"):
             raise
         print(f"hladr: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _os_error(exc: OSError) -> str:
+    """``path: what is wrong`` for a filesystem fault (errno's words, not Python's)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    path = exc.filename if exc.filename is not None else exc.filename2
+    return f"{os.fsdecode(path)}: {reason}" if path is not None else reason
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,9 @@ import hashlib
 import mmap
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ __all__ = [
     "REPAIRS",
     "Sample",
     "Spillover",
+    "acquisition",
     "describe",
     "read_fcs",
     "read_metadata",
@@ -147,11 +150,82 @@ class Sample:
             "etim": k.get("$ETIM"),
         }
 
+    @property
+    def acquired(self) -> datetime | None:
+        """Acquisition start: ``$BEGINDATETIME`` (FCS 3.2), else ``$DATE`` + ``$BTIM``; None if unknown."""
+        return acquisition(self.keywords)[1]
+
+    @property
+    def identity(self) -> dict[str, tuple[str, str] | None]:
+        """``{"patient_id": (value, keyword), "sample_id": (value, keyword)}`` from the keywords labs
+        use (:data:`PATIENT_ID_KEYWORDS`, :data:`SAMPLE_ID_KEYWORDS`, first non-empty wins); None
+        where no keyword holds one."""
+        def first(names: tuple[str, ...]) -> tuple[str, str] | None:
+            for name in names:
+                value = (self.keywords.get(name) or "").strip()
+                if value:
+                    return value, name
+            return None
+
+        return {"patient_id": first(PATIENT_ID_KEYWORDS), "sample_id": first(SAMPLE_ID_KEYWORDS)}
+
     def __repr__(self) -> str:
         return (
             f"Sample({os.fspath(self.path)!r}, FCS{self.version}, data set {self.dataset}, "
             f"{self.n_events} events x {len(self.channels)} channels)"
         )
+
+
+#: Keywords holding a patient id, in the order they are trusted (``$SRC``: "source of the specimen").
+PATIENT_ID_KEYWORDS = ("PATIENT ID", "PATIENT_ID", "PATIENTID", "$SRC")
+#: Keywords holding a specimen or tube id, in the order they are trusted.
+SAMPLE_ID_KEYWORDS = ("$SMNO", "SAMPLE ID", "SAMPLE_ID", "TUBE NAME", "TUBE_NAME", "$FIL")
+_DATE_FORMATS = ("%d-%b-%Y", "%d-%b-%y", "%Y-%m-%d", "%d-%m-%Y", "%m/%d/%Y", "%d.%m.%Y", "%Y%m%d", "%Y/%m/%d")
+
+
+def parse_date(text: str | None) -> date | None:
+    """An FCS ``$DATE`` (``dd-mmm-yyyy`` and the common variants) as a date, or None."""
+    if not text:
+        return None
+    text = text.strip()
+    for fmt in _DATE_FORMATS:
+        try:
+            return datetime.strptime(text, fmt).date()
+        except ValueError:
+            continue
+    return None
+
+
+def parse_time(text: str | None) -> tuple[int, int, float] | None:
+    """An FCS ``$BTIM`` (``hh:mm:ss[.cc]`` or FCS 2.0's ``hh:mm:ss:tt``) as (h, m, s), or None."""
+    if not text:
+        return None
+    match = re.match(r"\s*(\d{1,2}):(\d{2})(?::(\d{2})(?:[.:](\d+))?)?", text)
+    if not match:
+        return None
+    hours, minutes = int(match.group(1)), int(match.group(2))
+    seconds = float(match.group(3) or 0)
+    if hours > 23 or minutes > 59 or seconds > 60:
+        return None
+    return hours, minutes, seconds
+
+
+def acquisition(keywords: Mapping[str, str]) -> tuple[date | None, datetime | None]:
+    """Acquisition day and start from ``$BEGINDATETIME`` (FCS 3.2; its UTC offset kept) or
+    ``$DATE`` + ``$BTIM`` (local time); None where the keywords do not tell."""
+    iso = keywords.get("$BEGINDATETIME")
+    if iso:
+        try:
+            stamp = datetime.fromisoformat(iso.strip().replace("Z", "+00:00"))
+            return stamp.date(), stamp
+        except ValueError:
+            pass
+    day = parse_date(keywords.get("$DATE"))
+    hms = parse_time(keywords.get("$BTIM"))
+    if day is None or hms is None:
+        return day, None
+    h, m, s = hms
+    return day, datetime(day.year, day.month, day.day, h, m, min(int(s), 59))
 
 
 def _sha256_get(self: Sample) -> str:

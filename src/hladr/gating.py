@@ -114,7 +114,7 @@ def _log(x: np.ndarray) -> np.ndarray:
 
 class RoleLogs(dict):
     """``logs[role]``: log10 of a role's channel over all events (compensated for fluorescence),
-    computed on first use and kept: the gates of one tube share them."""
+    computed on first use and kept: the gates of one tube (one leukocyte mask) share them."""
 
     def __init__(self, comp: Mapping[str, np.ndarray], sample: Sample, panel: Panel) -> None:
         super().__init__()
@@ -279,7 +279,7 @@ def leukocyte_gate(
 def cd14_valley(logs: RoleLogs, leuk: np.ndarray) -> tuple[float, float]:
     """(log10 position, depth) of the CD14 valley of the leukocytes, searched from their median
     + 0.2 decade to the 99.99th percentile (so a few hundred monocytes suffice); kept in ``logs``."""
-    key = ("cd14_valley", int(leuk.sum()))
+    key = ("cd14_valley", id(leuk))
     if key not in logs:
         cd14_leuk = logs["CD14"][leuk]
         bulk, top = (float(v) for v in np.percentile(_thin(cd14_leuk), [50, 99.99]))
@@ -343,12 +343,13 @@ def granulocyte_ssc_limit(log_ssc: np.ndarray, leuk: np.ndarray) -> float:
     return float(np.percentile(_thin(log_ssc[leuk]), 90) + np.log10(0.8))
 
 
-def _granulocyte_like(logs: RoleLogs, leuk: np.ndarray, gated: np.ndarray) -> bool:
-    """True when the gated events' median SSC is granulocyte-like (the limit is kept in ``logs``)."""
-    key = ("ssc_limit", int(leuk.sum()))
+def _granulocyte_like(logs: RoleLogs, leuk: np.ndarray, rows: np.ndarray) -> bool:
+    """True when the median SSC of the events ``rows`` is granulocyte-like (the limit for these
+    leukocytes is kept in ``logs``)."""
+    key = ("ssc_limit", id(leuk))
     if key not in logs:
         logs[key] = granulocyte_ssc_limit(logs["SSC-A"], leuk)
-    return bool(np.median(logs["SSC-A"][_thin(np.flatnonzero(gated), 50_000)]) > logs[key])
+    return bool(np.median(logs["SSC-A"][_thin(rows, 50_000)]) > logs[key])
 
 
 def monocyte_gate_gmm(
@@ -527,7 +528,8 @@ def monocyte_gate_joint(
     if not np.isfinite(valley) or depth > bounds.valley_depth:
         info["failed"] = "no CD14 valley"
         return np.zeros_like(leuk), info
-    leuk_sample = np.flatnonzero(leuk)[:: max(1, int(leuk.sum()) // 50_000)]  # for noise scales
+    spread_events = _spread_sample(leuk.size, 60_000, seed)
+    leuk_sample = spread_events[leuk[spread_events]]  # for noise scales and the background
     cofactors = [_cofactor(column[leuk_sample]) for column in fluor]
 
     def features(rows: np.ndarray) -> np.ndarray:
@@ -557,7 +559,7 @@ def monocyte_gate_joint(
     info.update(dim_candidates=int(dim_in.sum()), dim_kept=0)
     if not dim_in.any():
         return mono, info
-    if panel["SSC-A"] and _granulocyte_like(logs, leuk, mono) and no_granulocytes(logs["SSC-A"], leuk, mono):
+    if panel["SSC-A"] and _granulocyte_like(logs, leuk, core) and no_granulocytes(logs["SSC-A"], leuk, mono):
         # the monocytes are the top-SSC population (PBMC): no CD14-dim granulocytes to tell
         # CD14-dim monocytes from, the CD14-bright ones only
         info["dim_skipped"] = "no granulocytes"
@@ -574,21 +576,33 @@ def monocyte_gate_joint(
     info["dim_in_hladr_window"] = int(dim.size)
     if not dim.size:
         return mono, info
-    x_dim = np.column_stack([x_dim_shape, cd14[dim]])
-    fit = _spread_sample(dim.size, bounds.background_events, seed)
     # the other leukocytes around the candidates, from the evenly spread sample of leukocytes
     taken = np.zeros(leuk.size, dtype=bool)
     taken[core] = True
     taken[in_range[dim_in]] = True
     pool = leuk_sample[(cd14[leuk_sample] >= low - bounds.background_margin) & ~taken[leuk_sample]]
     rest = pool[_spread_sample(pool.size, bounds.background_events, seed)]
-    pool_size = pool.size * int(leuk.sum()) / max(leuk_sample.size, 1)
+    x_rest = features(rest)
+    # nothing to tell apart when none of the leukocytes just below the CD14 range has a monocyte's
+    # shape and HLA-DR: the candidates are then all kept (e.g. blood without activated granulocytes)
+    below = cd14[rest] < low
+    radius2 = float(chdtri(mean.size, 1 - bounds.ellipse))
+    lookalike = below & (_mahalanobis2(x_rest, mean, cov) <= radius2)
+    lookalike &= np.abs(_asinh_decades(hladr[rest], hladr_cofactor) - centre) <= bounds.hladr_window * spread
+    info["background_lookalikes"] = int(lookalike.sum())
+    if not lookalike.any() and below.sum() >= 100:
+        mono[dim] = True
+        info["dim_kept"] = int(dim.size)
+        return mono, info
+    x_dim = np.column_stack([x_dim_shape, cd14[dim]])
+    fit = _spread_sample(dim.size, bounds.background_events, seed)
+    pool_size = pool.size * leuk.size / max(spread_events.size, 1)
     posterior = _monocyte_posterior(
         x_dim,
         _gaussian_logpdf(x_dim_shape, mean, cov) - np.log(high - low),
         np.minimum(((cd14[dim] - low) / bounds.slice_width).astype(np.int64), 1000),
         fit,
-        np.column_stack([features(rest), cd14[rest]]),
+        np.column_stack([x_rest, cd14[rest]]),
         dim.size / max(fit.size, 1),
         pool_size / max(rest.size, 1),
         bounds.background_components,
@@ -702,7 +716,7 @@ def _problem(mono: np.ndarray, info: dict, logs: RoleLogs, leuk: np.ndarray) -> 
     percent = 100.0 * n / max(int(leuk.sum()), 1)
     if not MONOCYTE_PERCENT_RANGE[0] <= percent <= MONOCYTE_PERCENT_RANGE[1]:
         return f"implausible monocyte fraction {percent:.2f} %"
-    if logs.panel["SSC-A"] and _granulocyte_like(logs, leuk, mono):
+    if logs.panel["SSC-A"] and _granulocyte_like(logs, leuk, np.flatnonzero(mono)):
         if not no_granulocytes(logs["SSC-A"], leuk, mono):
             return "the CD14+ events have granulocyte-like SSC"
         info["no_granulocytes"] = True  # e.g. PBMC: the monocytes are the top-SSC population

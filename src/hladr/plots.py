@@ -206,13 +206,18 @@ def plot_analysis(
         ax.hist(np.log10(abc_cells), bins=80, color="C0")
     ax.axvline(np.log10(5000), color="k", ls="--", label="5,000 AB/C")
     ax.axvline(np.log10(data["abc"]), color="C3", label=f"median {data['abc']:,.0f}")
+    ci = [v for v in data.get("abc_ci95") or [] if v and v > 0]
+    if len(ci) == 2:
+        ax.axvspan(np.log10(ci[0]), np.log10(ci[1]), color="C3", alpha=0.2,
+                   label=f"95 % interval {ci[0]:,.0f}-{ci[1]:,.0f}")
     ax.set(title=f"Monocyte HLA-DR ({data['monocytes']:,} cells)", xlabel="log10 AB/C", ylabel="cells")
     ax.legend(fontsize=8)
     plot_calibration(calibration, axes=[axes[1, 1], axes[1, 2]], sample_mfi=data.get("mfi"))
-    status = "QC passed" if data["qc"]["passed"] else "QC FAILED"
-    verdict = data["band"] if data["qc"]["passed"] else "not reportable"
-    title = f"{Path(data['sample']).name}: {data['abc']:,.0f} AB/C ({verdict}), {status}" + (
-        f" - {', '.join(data['qc']['flags'])}" if data["qc"]["flags"] else ""
+    reportable = data.get("reportable", data["qc"]["passed"])
+    verdict = data["band"] if reportable else "NOT REPORTABLE: " + ", ".join(data["qc"]["flags"])
+    who = " ".join(str(v) for v in (data.get("patient_id"), data.get("acquired")) if v)
+    title = f"{Path(data['sample']).name}{f' ({who})' if who else ''}: {data['abc']:,.0f} AB/C, {verdict}" + (
+        f"; warnings: {', '.join(data['qc']['warnings'])}" if data["qc"].get("warnings") else ""
     )
     fig.suptitle(textwrap.fill(title, 160), fontsize=11)
     # fixed margins: tight_layout measured every tick label and was a third of a batch's figure time

@@ -2,7 +2,11 @@
 
 It consumes what a batch produced (Result dicts, error rows, calibration
 records) and never measures anything itself. Figures are drawn with
-matplotlib's object API (no pyplot state) and embedded as base64 PNG.
+matplotlib's object API (no pyplot state) and, like each sample's QC figure,
+embedded as base64 PNG: the page loads nothing else. Each patient has a
+printable sign-out sheet (id, acquisition time, AB/C with its interval,
+reportable or not and why, the class, bead lot with kit and expiry, bead tube,
+QC figure); a result that is not reportable shows no class.
 """
 
 from __future__ import annotations
@@ -25,10 +29,16 @@ table{border-collapse:collapse;font-size:13px;margin-bottom:1.5em}
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}
 th{background:#f0f0f0}
 tr.immuno td.abc{background:#f8d0d0;font-weight:bold}
-tr.flagged td.flags{background:#fff0b0}
+tr.not-reportable td{color:#666}
+tr.not-reportable td.verdict{background:#fff0b0;color:#222;font-weight:bold}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .ok{color:#176117}.bad{color:#a11}
 figure{display:inline-block;margin:0 1em 1em 0}
+section.signout{border-top:2px solid #333;margin-top:2em;padding-top:.5em}
+section.signout table{font-size:14px}
+section.signout img{max-width:100%}
+.sign{margin-top:1em;font-size:14px}
+@media print{.no-print{display:none}section.signout{page-break-before:always;border:none}}
 """
 
 
@@ -114,72 +124,151 @@ def bead_figure(record: Mapping[str, Any]) -> Any:
     return figure
 
 
-def _results_table(results: Sequence[Mapping[str, Any]], report_dir: Path) -> str:
-    head = ("file", "patient", "instrument", "date", "bead tube", "AB/C", "95 % CI", "band", "< 5,000",
-            "borderline", "stratification", "monocytes", "QC flags", "figure")
+def _class(r: Mapping[str, Any]) -> str:
+    """The class a lab may report, or why there is none."""
+    if not r.get("reportable", False):
+        return "NOT REPORTABLE"
+    text = str(r.get("band") or "")
+    if r.get("immunoparalysis"):
+        text = "IMMUNOPARALYSIS (< 5,000)"
+    return text + (" – borderline (interval straddles 5,000)" if r.get("borderline") else "")
+
+
+def _interval(r: Mapping[str, Any]) -> str:
+    ci = r.get("abc_ci95") or []
+    total = (r.get("uncertainty") or {}).get("total_pct")
+    text = f"{_fmt(ci[0])} – {_fmt(ci[1])}" if len(ci) == 2 else "–"
+    return text + (f" (±{total:.1f} %)" if isinstance(total, (int, float)) else "")
+
+
+def _embedded_png(report_dir: Path, relative: str | None) -> str | None:
+    """A QC PNG of the run as a data URI (the report is one self-contained file)."""
+    if not relative:
+        return None
+    try:
+        data = (report_dir / relative).read_bytes()
+    except OSError:
+        return None
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _lot_text(cal: Mapping[str, Any]) -> str:
+    details = cal.get("lot_details") or {}
+    if details:
+        expiry = details.get("expiry") or "expiry not given in the lot file"
+        return f"{details.get('kit')}, lot {details.get('lot')}, expires {expiry}"
+    return str(cal.get("lot") or "bead values given on the command line (no lot file)")
+
+
+def _results_table(results: Sequence[Mapping[str, Any]]) -> str:
+    head = ("patient", "sample", "acquired", "AB/C", "95 % CI", "class", "< 5,000", "borderline",
+            "stratification", "monocytes", "not reportable because", "warnings", "file", "sign-out")
     rows = []
-    for r in results:
+    for i, r in enumerate(results):
+        reportable = bool(r.get("reportable", False))
         qc = r.get("qc") or {}
-        flags = list(qc.get("flags") or [])
-        if not qc.get("passed", False):
-            flags.insert(0, "QC failed")
-        css = " ".join(c for c, on in (("immuno", r.get("immunoparalysis")), ("flagged", flags)) if on)
-        inst = r.get("instrument") or {}
-        ci = r.get("abc_ci95") or []
+        css = ("immuno" if r.get("immunoparalysis") else "") if reportable else "not-reportable"
         strat = r.get("stratification") or {}
-        png = r.get("qc_png")
-        link = f'<a href="{html.escape(png)}">PNG</a>' if png and (report_dir / png).exists() else "–"
+        yes_no = {True: "yes", False: "no", None: "–"}
         cells = [
-            html.escape(str(r.get("file", ""))),
-            html.escape(str(r.get("patient_id") or "")),
-            html.escape(f"{inst.get('cytometer') or ''} {inst.get('serial') or ''}".strip()),
-            html.escape(str(inst.get("date") or "")),
-            html.escape(str(r.get("bead_file") or "")),
+            html.escape(str(r.get("patient_id") or "–")),
+            html.escape(str(r.get("sample_id") or "–")),
+            html.escape(str(r.get("acquired") or "–")),
             f'<td class="num abc">{_fmt(r.get("abc"))}',
-            html.escape(f"{_fmt(ci[0])} – {_fmt(ci[1])}" if len(ci) == 2 else "–"),
-            html.escape(str(r.get("band", ""))),
-            "yes" if r.get("immunoparalysis") else "no",
-            "yes" if r.get("borderline") else "",
+            html.escape(_interval(r)),
+            f'<td class="verdict">{html.escape(_class(r))}',
+            yes_no[r.get("immunoparalysis")],
+            yes_no[r.get("borderline")],
             html.escape(f"{strat.get('category', '')}: {strat.get('reason', '')}" if strat else ""),
             f'<td class="num">{_fmt(r.get("monocytes"))}',
-            f'<td class="flags">{html.escape("; ".join(map(str, flags)))}',
-            link,
+            html.escape("; ".join(map(str, r.get("reasons") or qc.get("flags") or []))),
+            html.escape("; ".join(map(str, qc.get("warnings") or []))),
+            html.escape(str(r.get("file", ""))),
+            f'<a href="#signout-{i + 1}">sheet</a>',
         ]
         tds = "".join(c if c.startswith("<td") else f"<td>{c}" for c in cells)
         rows.append(f'<tr class="{css}">{tds}</tr>')
     header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    return f"<table><tr>{header}</tr>{''.join(rows)}</table>"
+    return f"<table id='results'><tr>{header}</tr>{''.join(rows)}</table>"
 
 
-def _plain_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+def _signout(index: int, r: Mapping[str, Any], report_dir: Path) -> str:
+    """One patient's printable sign-out sheet."""
+    cal = r.get("calibration") or {}
+    inst = r.get("instrument") or {}
+    reportable = bool(r.get("reportable", False))
+    why = "; ".join(map(str, r.get("reasons") or (r.get("qc") or {}).get("flags") or [])) or "QC failed"
+    parts = r.get("uncertainty") or {}
+    names = (("sampling", "sampling_pct"), ("bead curve", "calibration_pct"), ("gate", "gating_pct"))
+    spread = ", ".join(f"{name} ±{parts[key]:.1f} %" for name, key in names
+                       if isinstance(parts.get(key), (int, float)))
+    source = r.get("identity_source") or {}
+    rows = [
+        ("Patient", f"{r.get('patient_id') or '–'}"
+                    + (f" (from {source['patient_id']})" if source.get("patient_id") else "")),
+        ("Sample", f"{r.get('sample_id') or '–'}"
+                   + (f" (from {source['sample_id']})" if source.get("sample_id") else "")),
+        ("Acquired", str(r.get("acquired") or "–")),
+        ("mHLA-DR", f"{_fmt(r.get('abc'))} AB/C"),
+        ("95 % interval", _interval(r) + (f"; {spread}" if spread else "")),
+        ("Reportable", "yes" if reportable else f"NO: {why}"),
+        ("Class", _class(r) if reportable else "– (not reportable: no class is given)"),
+        ("Warnings", "; ".join(map(str, (r.get("qc") or {}).get("warnings") or [])) or "none"),
+        ("Monocytes", f"{_fmt(r.get('monocytes'))} ({_fmt(r.get('monocyte_percent'), 1)} % of leukocytes), "
+                      f"gating {r.get('gate_method', '')}"),
+        ("Bead lot", _lot_text(cal)),
+        ("Bead tube", f"{r.get('bead_file') or cal.get('bead_file') or '–'} "
+                      f"(slope {_fmt(cal.get('slope'), 3)}, r² {_fmt(cal.get('r2'), 5)})"),
+        ("Cytometer", f"{inst.get('cytometer') or '–'} serial {inst.get('serial') or '–'}"),
+        ("File", f"{r.get('file') or r.get('sample', '')} (SHA-256 {str(r.get('sha256', ''))[:16]}…)"),
+    ]
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td class='field-{html.escape(k.split()[0].lower())}'>"
+                   f"{html.escape(v)}</td></tr>" for k, v in rows)
+    image = _embedded_png(report_dir, r.get("qc_png"))
+    figure = (f"<img alt='QC figure of {html.escape(str(r.get('file', '')))}' src='{image}'>" if image
+              else "<p>No QC figure (run without --no-plots to draw it).</p>")
+    return (f"<section class='signout' id='signout-{index}'><h2>Sign-out {index}: "
+            f"{html.escape(str(r.get('patient_id') or r.get('file') or ''))}</h2>"
+            f"<table>{body}</table>{figure}"
+            "<p class='sign'>Reviewed by: ______________________ &nbsp; Date: ____________</p></section>")
+
+
+def _plain_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
+                 digits: Mapping[str, int] | None = None) -> str:
+    digits = digits or {}
     header = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(c)))}</td>" for c in columns) + "</tr>"
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(c), digits.get(c, 0)))}</td>" for c in columns)
+        + "</tr>"
         for row in rows
     )
     return f"<table><tr>{header}</tr>{body}</table>"
 
 
 def render(summary: Any, report_dir: Path, figures: bool = True) -> str:
-    """The report as an HTML string (see :func:`write_report`)."""
+    """The report as one self-contained HTML string (see :func:`write_report`)."""
     from . import __version__
 
     results, errors, calibrations = summary.results, summary.errors, summary.calibrations
+    reportable = sum(bool(r.get("reportable")) for r in results)
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>hladr batch report</title>",
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>hladr batch report</title>",
         f"<style>{_STYLE}</style></head><body>",
+        "<div class='no-print'>",
         "<h1>mHLA-DR batch report</h1>",
         f"<p>{html.escape(summary.line())}<br>hladr {html.escape(__version__)} · "
         f"{datetime.now().astimezone():%Y-%m-%d %H:%M %Z} · immunoparalysis threshold "
-        f"{THRESHOLD:,.0f} AB/C</p>",
-        f"<p class='{'ok' if summary.exit_code == 0 else 'bad'}'>"
-        f"{summary.ok} result(s), {summary.flagged} flagged for review, {summary.failed} failed file(s).</p>",
+        f"{THRESHOLD:,.0f} AB/C · run time {summary.seconds:.1f} s</p>",
+        f"<p id='verdict' class='{'ok' if summary.exit_code == 0 else 'bad'}'>"
+        f"{summary.ok} result(s): {reportable} reportable, {summary.ok - reportable} not reportable "
+        f"(no class given); {summary.failed} failed file(s).</p>",
     ]
     if figures:
-        parts.append("<h2>AB/C distribution</h2>")
-        parts.append(f"<img alt='AB/C distribution' src='data:image/png;base64,{_png(abc_figure(results))}'>")
+        parts.append("<h2>AB/C distribution (reportable results)</h2>")
+        shown = [r for r in results if r.get("reportable")]
+        parts.append(f"<img alt='AB/C distribution' src='data:image/png;base64,{_png(abc_figure(shown))}'>")
     parts.append("<h2>Samples</h2>")
-    parts.append(_results_table(results, report_dir) if results else "<p>No sample was analysed.</p>")
+    parts.append(_results_table(results) if results else "<p>No sample was analysed.</p>")
     parts.append("<h2>Failed files</h2>")
     parts.append(_plain_table(errors, ("file", "role", "stage", "error_type", "reason", "bead_file"))
                  if errors else "<p>None.</p>")
@@ -193,12 +282,15 @@ def render(summary: Any, report_dir: Path, figures: bool = True) -> str:
     for record in calibrations:
         cal = record.get("calibration") or {}
         qc = cal.get("qc") or {}
-        rows.append({"file": record.get("file"), "lot": record.get("lot"), "status": record.get("status"),
-                     "slope": cal.get("slope"), "r2": cal.get("r2"),
+        rows.append({"file": record.get("file"), "lot": _lot_text(cal) if cal else record.get("lot"),
+                     "status": record.get("status"), "slope": cal.get("slope"), "r²": cal.get("r2"),
                      "QC flags": "; ".join(map(str, qc.get("flags") or [])) or record.get("reason")})
-    parts.append(_plain_table(rows, ("file", "lot", "status", "slope", "r2", "QC flags"))
-                 if rows else "<p>No bead tube.</p>")
+    parts.append(_plain_table(rows, ("file", "lot", "status", "slope", "r²", "QC flags"),
+                              {"slope": 4, "r²": 5}) if rows else "<p>No bead tube.</p>")
     parts.append(course_and_bead_sections(summary, figures))
+    parts.append("</div>")
+    parts.append("<h2 class='no-print'>Sign-out sheets (one printed page per patient)</h2>")
+    parts.extend(_signout(i + 1, r, report_dir) for i, r in enumerate(results))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -271,7 +363,7 @@ def write_report(path: str | os.PathLike, summary: Any, figures: bool = True) ->
     Parameters
     ----------
     path
-        Where to write; QC PNG links are relative to its folder.
+        Where to write; the run's QC PNGs (paths relative to its folder) are embedded.
     summary
         A :class:`hladr.batch.BatchSummary` (results, errors, calibrations, counts).
     figures

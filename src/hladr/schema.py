@@ -1,6 +1,7 @@
 """The published JSON Schemas of hladr's outputs, shipped inside the package.
 
-``hladr.result/1`` (:func:`result_schema`) is the contract of :class:`hladr.Result`;
+``hladr.result/2`` (:func:`result_schema`) is the contract of :class:`hladr.Result`
+(``hladr.result/1``, its predecessor, stays published: ``hladr.result.upgrade`` maps it);
 ``hladr.decision/1`` that of :class:`hladr.Decision`. ``validate`` needs the
 ``jsonschema`` package (in the ``test`` and ``service`` extras).
 """
@@ -14,7 +15,11 @@ from typing import Any
 
 from .errors import HladrError
 
-SCHEMAS = {"hladr.result/1": "result-1.json", "hladr.decision/1": "decision-1.json"}
+SCHEMAS = {
+    "hladr.result/1": "result-1.json",
+    "hladr.result/2": "result-2.json",
+    "hladr.decision/1": "decision-1.json",
+}
 
 
 class SchemaError(HladrError):
@@ -32,7 +37,9 @@ def load(name: str) -> dict[str, Any]:
 
 
 def result_schema() -> dict[str, Any]:
-    return load("hladr.result/1")
+    from .result import SCHEMA
+
+    return load(SCHEMA)
 
 
 def decision_schema() -> dict[str, Any]:

@@ -308,9 +308,12 @@ def _keywords(
         "$SRC": "hladr.simulate",
         "$FIL": f"{tube}.fcs",
         "TUBE NAME": tube,
+        "$SMNO": f"{tube}-{seed}",
         "HLADR_SIM_KIND": kind,
         "HLADR_SIM_SEED": str(seed),
     }
+    if kind != "beads":
+        kw["PATIENT ID"] = f"SIM-{seed:06d}"
     for i in range(1, len(instrument.channels) + 1):
         kw[f"$P{i}R"] = str(int(instrument.range))
         kw[f"$P{i}G"] = "1"

@@ -108,17 +108,17 @@ def values_key(calibration: Mapping[str, Any]) -> str:
 
 
 def is_reportable(result: Mapping[str, Any]) -> bool:
-    """``reportable`` where the Result states it (schema 2), else whether its QC passed."""
-    if result.get("reportable") is not None:
-        return bool(result["reportable"])
-    return bool((result.get("qc") or {}).get("passed", False))
+    """``reportable`` of a Result of either schema version (:func:`hladr.result.is_reportable`)."""
+    from .result import is_reportable as reportable
+
+    return reportable(dict(result))
 
 
 def acquisition_time(instrument: Mapping[str, Any] | None) -> str | None:
     """ISO date-time of acquisition from a Result's or Calibration's ``instrument`` ($DATE, $BTIM)."""
     if not instrument:
         return None
-    from .batch import parse_date, parse_time
+    from .fcs import parse_date, parse_time
 
     day = parse_date(instrument.get("date"))
     if day is None:

@@ -109,6 +109,7 @@ def create_app(
     from .. import __version__
     from ..calibration import Calibration, validate_values
     from ..classify import stratify
+    from ..result import upgrade
 
     db = ServiceDB(db_path)
     folder = private_dir(Path(data_dir) if data_dir else Path(db_path).with_suffix(".files"))
@@ -367,7 +368,7 @@ def create_app(
             "sample_sha256": row["sample_sha256"],
             "calibration_id": row["calibration_id"],
             "attempts": row["attempts"],
-            "result": json.loads(row["result"]) if row["result"] else None,
+            "result": upgrade(json.loads(row["result"])) if row["result"] else None,
             "error": row["error"],
             "error_type": row["error_type"],
             "retryable": row["status"] == "failed",
