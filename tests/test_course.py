@@ -244,3 +244,19 @@ def test_default_cohort_courses_rules_and_drift(tmp_path):
                 expected = [d for d in patient["expected_rules"][rule.name] if d in reportable]
                 fired = [d.isoformat() for d in course.fired(rule.name)]
                 assert fired == expected, (patient["patient_id"], rule.name)
+
+
+def test_a_cohort_too_short_for_its_courses_is_refused(tmp_path):
+    from hladr.errors import SimulationError
+
+    with pytest.raises(SimulationError, match="6 days are too few for the courses: they span 10 days"):
+        simulate_cohort(tmp_path / "short", reference_days=3, drift_days=3)
+
+
+@pytest.mark.slow
+def test_simulate_cohort_cli(tmp_path, capsys):
+    assert cli.main(["simulate", str(tmp_path / "c"), "--cohort", "--seed", "1"]) == 0
+    assert "68 bead tubes and 31 patient tubes of 5 patients over 34 days" in capsys.readouterr().out
+    header, first = (tmp_path / "c" / "manifest.csv").read_text().splitlines()[:2]
+    assert header == "file,role,patient_id,lot,collected_at"
+    assert first.endswith(",beads,,638;6930;31008;67601,")

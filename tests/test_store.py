@@ -173,3 +173,52 @@ def test_a_results_own_patient_id_and_acquisition_time_are_used_without_a_manife
         store.add_result(_result("c" * 64, 9100.0), patient_id="P7", collected_at="2026-03-13T09:00:00")
         assert [r["store"]["collected_at"] for r in store.results("P7")] == [
             "2026-03-12T09:41:00", "2026-03-13T09:00:00"]
+
+
+def test_service_and_batch_share_one_store(tmp_path: Path):
+    """A batch and `hladr serve --store` file into the same database; the same tube through the same
+    bead tube is one result whichever of them analysed it."""
+    import shutil
+
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from hladr.simulate import simulate_blood
+    from tests.conftest import SAMPLE_DIR
+    from tests.service_server import AUTH, Server, calibrate, submit, wait_finished
+
+    export = tmp_path / "export"
+    export.mkdir()
+    for name in ("beads.fcs", "patient_01.fcs", "patient_03.fcs"):
+        shutil.copy(SAMPLE_DIR / name, export / name)
+    shared = tmp_path / "shared" / "results.sqlite"
+    lot = "96597"
+    summary = run_batch(export, tmp_path / "out", jobs=1, lot=lot, progress=False, plots=False, store=shared)
+    assert summary.ok == 2
+    simulate_blood(tmp_path / "new.fcs", "canto", 6_000, seed=5, n_events=20_000)
+    server = Server(tmp_path / "service" / "hladr.sqlite", "--workers", "1", "--store", str(shared))
+    try:
+        cal = calibrate(server, SAMPLE_DIR / "beads.fcs")
+        done = {}
+        for sample in (SAMPLE_DIR / "patient_03.fcs", tmp_path / "new.fcs"):
+            answer = submit(server, sample, cal)
+            assert answer.status_code == 202, answer.text
+            done[sample.name] = wait_finished(server, answer.json()["id"])
+            assert done[sample.name]["status"] == "done"
+        decision = httpx.post(f"{server.url}/v1/stratifications", headers=AUTH,
+                              json={"analysis_id": answer.json()["id"], "ferritin": 900}, timeout=30)
+        assert decision.status_code == 201, decision.text
+    finally:
+        server.stop()
+    with Store(shared) as store:
+        assert store.integrity_check() == "ok"
+        runs = [r["kind"] for r in store.query("SELECT kind FROM runs ORDER BY id")]
+        assert runs == ["batch", "service"]
+        results = {Path(r["store"]["file"] or "").name: r for r in store.results()}
+        assert sorted(results) == ["new.fcs", "patient_01.fcs", "patient_03.fcs"]  # patient_03 once
+        assert store.counts()["calibrations"] == 1  # the same bead tube and lot from batch and service
+        assert results["new.fcs"]["abc"] == pytest.approx(done["new.fcs"]["result"]["abc"])
+        assert results["patient_03.fcs"]["abc"] == pytest.approx(done["patient_03.fcs"]["result"]["abc"])
+        decisions = store.query("SELECT category, result_id FROM decisions")
+        assert [(d["category"], d["result_id"]) for d in decisions] == [
+            ("unclassified", results["new.fcs"]["store"]["id"])]
+    _no_duplicates(shared)

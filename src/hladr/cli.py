@@ -76,6 +76,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    if args.cohort:
+        from .simulate import cohort_main
+
+        return cohort_main(args)
     from .simulate import main as simulate_main
 
     return simulate_main(args)
@@ -212,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_count(1), default=4, help="number of patient tubes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--instrument", default="canto", help="instrument preset")
+    p.add_argument("--cohort", action="store_true",
+                   help="a multi-day cohort instead: 2 instruments x 34 days of bead tubes (one drifting), "
+                        "5 patient courses, manifest.csv")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("calibrate", help="fit a bead standard curve (PE molecules vs MFI)")
@@ -309,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=_count(1), default=3, help="runs of a job whose worker dies")
     p.add_argument("--job-timeout", type=float, default=600.0, help="seconds before a job's worker is killed")
     p.add_argument("--docs", action="store_true", help="serve /openapi.json and /docs")
+    p.add_argument("--store", metavar="PATH",
+                   help="also file every result, calibration and decision in this results store")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("token", help="add a bearer token for a tenant to a tokens file (prints it once)")

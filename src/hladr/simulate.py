@@ -1088,3 +1088,15 @@ def _designed_rules(samples: list[dict]) -> dict[str, list[str]]:
         if prev and s["design_abc"] != prev["design_abc"]:
             fired["significant_change"].append(s["date"])
     return fired
+
+
+def cohort_main(args: argparse.Namespace) -> int:
+    """``hladr simulate OUT_DIR --cohort [--seed S]``: :func:`simulate_cohort` with its defaults."""
+    cohort = simulate_cohort(args.out_dir, seed=args.seed)
+    n_patients = sum(len(p["samples"]) for p in cohort["patients"])
+    print(f"wrote {len(cohort['beads'])} bead tubes and {n_patients} patient tubes of "
+          f"{len(cohort['patients'])} patients over {cohort['reference_days'] + cohort['drift_days']} days "
+          f"to {args.out_dir} (the {cohort['drift_instrument']}'s PE drifts "
+          f"{cohort['drift_per_week']:.1%}/week after {cohort['reference_days']} days)")
+    print("  manifest.csv (patient_id, collected_at, bead lots), cohort.json (truth)")
+    return 0

@@ -405,7 +405,7 @@ class Store:
         """Stored results (one patient's, or all), oldest first.
 
         Each is the Result dict plus ``store`` = {id, patient_id, collected_at, reportable,
-        calibration_id, bead_flags}: ``bead_flags`` are the flags on the calibration it used.
+        calibration_id, bead_flags, run_id, file}: ``bead_flags`` are the flags on the calibration it used.
         """
         where, args = ("WHERE patient_id = ?", (patient_id,)) if patient_id is not None else ("", ())
         rows = self.query(f"SELECT * FROM results {where} ORDER BY collected_at, id", args)
@@ -424,6 +424,7 @@ class Store:
                 "calibration_id": cal_id,
                 "bead_flags": flags[cal_id],
                 "run_id": row["run_id"],
+                "file": row["file"],
             }
             out.append(body)
         return out

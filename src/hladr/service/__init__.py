@@ -60,6 +60,7 @@ def main(args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts,
         job_timeout=args.job_timeout,
         docs=args.docs,
+        results_store=getattr(args, "store", None),
     )
     uvicorn.run(
         app,

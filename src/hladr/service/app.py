@@ -6,6 +6,7 @@ Imported only with the service extra installed (FastAPI resolves the route annot
 import asyncio
 import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from .auth import Caller, Gate, TokenRegistry
 from .db import ServiceDB, private_dir
 from .uploads import Form, Refused, UploadedFile, read_form, sweep
 from .workers import ShuttingDown, WorkerDied, WorkerPool
+
+log = logging.getLogger("hladr.service")
 
 DEFAULT_UPLOAD_LIMIT = 256 * 1024 * 1024
 CALIBRATION_TIMEOUT_S = 300.0
@@ -48,6 +51,39 @@ def _scrub(text: str, folder: Path) -> str:
     return text.replace(f"{folder}{os.sep}", "").replace(str(folder), "")
 
 
+class SharedResults:
+    """The service's side of the shared results store: one ``service`` run, results filed as they finish.
+
+    A failure to write there is logged and never costs the caller the analysis (the service's own
+    database holds it).
+    """
+
+    def __init__(self, path: str | os.PathLike, source: str):
+        from ..store import Store
+
+        self.store = Store(path)
+        self.run_id = self.store.start_run("service", source)
+
+    def add(self, result: dict[str, Any], calibration: dict[str, Any], sample_name: str,
+            decision: dict[str, Any] | None = None) -> None:
+        import sqlite3
+
+        try:
+            with self.store.transaction():
+                cal_id = self.store.add_calibration(calibration, run_id=self.run_id)
+                result_id = self.store.add_result(result, calibration_id=cal_id, run_id=self.run_id,
+                                                  file=sample_name)
+                if decision is not None:
+                    self.store.add_decision(result_id, decision)
+        except (HladrError, sqlite3.Error) as exc:
+            log.error("results store %s: %s (the analysis stays in the service database)",
+                      self.store.path, exc)
+
+    def close(self) -> None:
+        self.store.finish_run(self.run_id)
+        self.store.close()
+
+
 def create_app(
     db_path: str | os.PathLike,
     tokens: TokenRegistry,
@@ -62,8 +98,14 @@ def create_app(
     max_attempts: int = 3,
     job_timeout: float = 600.0,
     docs: bool = False,
+    results_store: str | os.PathLike | None = None,
 ) -> Any:
-    """The FastAPI application (see :mod:`hladr.service` for the endpoints)."""
+    """The FastAPI application (see :mod:`hladr.service` for the endpoints).
+
+    ``results_store``: the results database the batch and the API use (:class:`hladr.Store`); every
+    finished analysis (with its calibration) and every stratification of one is also filed there, so
+    that the service and the batch keep one record (``hladr serve --store``).
+    """
     from .. import __version__
     from ..calibration import Calibration, validate_values
     from ..classify import stratify
@@ -71,6 +113,7 @@ def create_app(
 
     db = ServiceDB(db_path)
     folder = private_dir(Path(data_dir) if data_dir else Path(db_path).with_suffix(".files"))
+    shared = SharedResults(results_store, source=str(db_path)) if results_store else None
 
     def upload_path(sha256: str) -> Path:
         return folder / f"{sha256}.fcs"
@@ -80,6 +123,8 @@ def create_app(
             result = json.loads(_scrub(json.dumps(out["result"]), folder))
             result["sample"] = row["sample_name"]
             db.finish(row["id"], result, None, None)
+            if shared is not None:
+                shared.add(result, json.loads(row["calibration"]), row["sample_name"])
         else:
             reason = _scrub(str(out.get("reason")), folder)
             db.finish(row["id"], None, reason, out.get("error_type") or "Error")
@@ -104,6 +149,8 @@ def create_app(
         yield
         await asyncio.to_thread(pool.stop, grace)
         db.close()
+        if shared is not None:
+            shared.close()
 
     app = FastAPI(
         title="hladr",
@@ -508,6 +555,9 @@ def create_app(
             )
         out = decision.to_dict()
         decision_id = db.add_decision(caller.tenant, body.analysis_id, out)
+        if shared is not None and body.analysis_id is not None and row["result"]:
+            calibration = db.query("SELECT body FROM calibrations WHERE id = ?", (row["calibration_id"],))
+            shared.add(json.loads(row["result"]), json.loads(calibration[0]["body"]), row["sample_name"], out)
         audit(caller, "stratify", "analysis" if body.analysis_id else "value", body.analysis_id, 201)
         return {"id": decision_id, "decision": out}
 
