@@ -30,7 +30,7 @@ import numpy as np
 from . import kernels
 from .atomic import atomic_write
 from .beads import NARROW_LOG_SD, Population, bead_evidence, bead_gate, find_populations, saturation_level
-from .datafiles import json_files, search_dirs
+from .datafiles import find_named, json_files, read_json_object, search_dirs
 from .errors import CalibrationError, LotFileError
 from .fcs import Sample
 from .panel import channel_dye
@@ -120,20 +120,13 @@ def load_lot(path_or_name: str | os.PathLike, lot_dir: str | os.PathLike | None 
     if not path.is_file():
         name = str(path_or_name)
         files = _lot_files(lot_dir)
-        candidates = [p for p in files if name in (p.name, p.stem) or p.stem.endswith("-" + name)]
-        if not candidates:
-            candidates = [p for p in files if name in p.stem]
+        candidates = find_named(name, files)
         if len(candidates) != 1:
             shipped = ", ".join(sorted({p.stem for p in files})) or "none"
             what = "no such lot" if not candidates else "more than one lot matches"
             raise LotFileError(f"{what}; lots available: {shipped}", name)
         path = candidates[0]
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LotFileError(f"cannot read lot file: {exc}", path) from None
-    if not isinstance(data, dict):
-        raise LotFileError("a lot file holds one JSON object", path)
+    data = read_json_object(path, LotFileError, "lot")
     missing = [k for k in ("kit", "lot", "fluorochrome", "values") if k not in data]
     if missing:
         raise LotFileError(f"missing key(s) {', '.join(missing)}", path)

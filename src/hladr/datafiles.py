@@ -8,9 +8,13 @@ the package.
 
 from __future__ import annotations
 
+import json
 import os
 from importlib import resources
 from pathlib import Path
+from typing import Any
+
+from .errors import HladrError
 
 
 def search_dirs(env_var: str, package_folder: str, extra: str | os.PathLike | None = None) -> list[Path]:
@@ -41,3 +45,14 @@ def find_named(name: str, files: list[Path]) -> list[Path]:
             first = found[0].parent
             return [p for p in found if p.parent == first]
     return []
+
+
+def read_json_object(path: Path, error: type[HladrError], what: str) -> dict[str, Any]:
+    """The one JSON object of a ``what`` file, or ``error`` naming the file and the problem."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"cannot read {what} file: {exc}", path) from None
+    if not isinstance(data, dict):
+        raise error(f"a {what} file holds one JSON object", path)
+    return data

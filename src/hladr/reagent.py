@@ -11,14 +11,13 @@ in ``$HLADR_REAGENT_DIR`` then in the files shipped in ``hladr/reagents/``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .datafiles import find_named, json_files, search_dirs
+from .datafiles import find_named, json_files, read_json_object, search_dirs
 from .errors import ReagentFileError
 
 #: The reagent a Result assumes when none is given: BD Quantibrite anti-HLA-DR PE (1:1).
@@ -113,12 +112,7 @@ def load_reagent(path_or_name: str | os.PathLike, reagent_dir: str | os.PathLike
             what = "ambiguous reagent name" if found else "no such reagent file"
             raise ReagentFileError(f"{what}; reagents found: {known}", path)
         path = found[0]
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ReagentFileError(f"cannot read reagent file: {exc}", path) from None
-    if not isinstance(data, dict):
-        raise ReagentFileError("a reagent file holds one JSON object", path)
+    data = read_json_object(path, ReagentFileError, "reagent")
     missing = [k for k in REQUIRED_KEYS if data.get(k) in (None, "")]
     if missing:
         raise ReagentFileError(f"missing key(s) {', '.join(missing)}", path)
