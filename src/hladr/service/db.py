@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HladrError
+from ..store import connect
 
 #: SQL taking the schema from version i to i + 1. Append, never edit.
 MIGRATIONS: tuple[str, ...] = (
@@ -43,7 +44,6 @@ MIGRATIONS: tuple[str, ...] = (
         action TEXT NOT NULL, kind TEXT NOT NULL, object_id TEXT, status INTEGER NOT NULL);
     """,
 )
-BUSY_TIMEOUT_S = 30.0
 #: Analyses in these states still need their uploaded file.
 PENDING = ("queued", "running", "failed")
 
@@ -76,13 +76,7 @@ class ServiceDB:
                 private_dir(self.path.parent)
             if not self.path.exists():
                 os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-            self._db = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-            )
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db = connect(self.path)
             self._migrate()
         except sqlite3.Error as exc:
             raise ServiceDBError(f"cannot open the service database: {exc}", self.path) from None
