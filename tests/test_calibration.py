@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import hladr
-from hladr.calibration import Calibration, calibrate, describe, list_lots, load_lot
+from hladr.calibration import Calibration, calibrate, list_lots, load_lot
 from hladr.cli import main as cli_main
+from hladr.cli.render import describe_calibration
 from hladr.errors import CalibrationError, HladrError, LotFileError
 from hladr.fcs import Sample
 from hladr.simulate import INSTRUMENTS, MONOCYTE_CODES, QUANTIBRITE_96597, simulate_beads, simulate_blood
@@ -220,7 +221,7 @@ def test_same_bead_populations_as_flowcal_mef():
             f"{cal.residuals[level]:>+12.2%} {ours['autofluorescence'].residuals[level]:>+10.2%} "
             f"{flowcal_fit / values[level] - 1:>+13.2%}"
         )
-    print(describe(cal))
+    print(describe_calibration(cal))
 
 
 @pytest.mark.parametrize(

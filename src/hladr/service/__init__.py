@@ -72,9 +72,3 @@ def main(args: argparse.Namespace) -> int:
         limit_concurrency=max(64, 4 * args.max_uploads),
     )
     return 0
-
-
-def token_main(args: argparse.Namespace) -> int:
-    """``hladr token TENANT --tokens FILE [--admin]``: add a token; print it (only its hash is kept)."""
-    print(add_token(args.tokens, args.tenant, admin=args.admin))
-    return 0
