@@ -34,6 +34,14 @@ def test_measuring_modules_import_neither_plots_nor_the_cli():
     assert not unwanted
 
 
+def test_the_batch_and_the_report_do_not_import_the_cli():
+    """The CLI calls the batch, never the other way round (no import cycle)."""
+    code = "import json, sys, hladr.batch, hladr.report; print(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(json.loads(done.stdout))
+    assert "hladr.batch" in loaded and not {m for m in loaded if m.startswith("hladr.cli")}
+
+
 @pytest.mark.parametrize("name", MEASURING)
 def test_measuring_modules_hold_no_command_line_code(name):
     """No argparse, no print, no sys.exit, no import of plots or the CLI, even inside a function."""

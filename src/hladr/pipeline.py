@@ -17,13 +17,12 @@ import os
 import platform
 import threading
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from . import uncertainty
 from .calibration import Calibration
-from .errors import AnalysisError, HladrError, OptionsError
+from .errors import AnalysisError, Failure, OptionsError
 from .fcs import Sample, read_fcs
 from .gating import GatingResult, gate_monocytes
 from .panel import Panel, resolve_panel
@@ -115,32 +114,6 @@ class Analysis:
     sample: Sample
     panel: Panel
     gating: GatingResult
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A tube that gave no Result, recorded instead of raised (batch, service).
-
-    ``internal`` is True for a fault hladr did not raise on purpose (a bug), not a
-    :class:`~hladr.errors.HladrError`.
-    """
-
-    error_type: str
-    reason: str
-    internal: bool
-
-    @classmethod
-    def of(cls, exc: BaseException) -> Failure:
-        known = isinstance(exc, HladrError)
-        return cls(type(exc).__name__, exc.message if known else f"{type(exc).__name__}: {exc}", not known)
-
-    def to_dict(self) -> dict[str, Any]:
-        """``{"status": "error" | "internal", "error_type", "reason"}``."""
-        return {
-            "status": "internal" if self.internal else "error",
-            "error_type": self.error_type,
-            "reason": self.reason,
-        }
 
 
 def run_analysis(
@@ -281,8 +254,8 @@ def try_analysis(
     *,
     sha256: str | None = None,
 ) -> Analysis | Failure:
-    """:func:`run_analysis`, with any failure returned as a :class:`Failure` instead of raised: a
-    batch or a service records it and goes on."""
+    """:func:`run_analysis`, with any failure returned as a :class:`~hladr.errors.Failure` instead of
+    raised: a batch or a service records it and goes on."""
     try:
         return run_analysis(tube, calibration, options, sha256=sha256)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, none stops the caller

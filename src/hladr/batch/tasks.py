@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import HladrError
+from ..errors import Failure
 from .discover import _identity
 from .outputs import _qc_png
 
@@ -63,13 +63,7 @@ def warm_up() -> None:
 
 
 def _failure(exc: BaseException, started: float) -> dict[str, Any]:
-    known = isinstance(exc, HladrError)
-    return {
-        "status": "error" if known else "internal",
-        "error_type": type(exc).__name__,
-        "reason": exc.message if known else f"{type(exc).__name__}: {exc}",
-        "seconds": time.perf_counter() - started,
-    }
+    return {**Failure.of(exc).to_dict(), "seconds": time.perf_counter() - started}
 
 
 def calibrate_task(path: str, lot: str | None, values: list[float] | None) -> dict[str, Any]:
@@ -92,39 +86,36 @@ def analyze_task(
     gates: str | None = None, gate_name: str | None = None, gates_out: bool = False,
     reagent: Any = None, preanalytics: Any = None,
 ) -> dict[str, Any]:
-    """Analyse one patient tube; returns the Result dict (and QC PNG bytes) or the failure.
+    """Analyse one patient tube (:func:`hladr.pipeline.run_analysis`); returns the Result dict (and QC
+    PNG bytes) or the failure.
 
     ``known`` is discovery's ``{"sha256", "identity": (size, mtime_ns)}``: when the file still has
     that size and modification time its SHA-256 is not computed again. ``gates``/``gate_name``: a
     GatingML file or FlowJo workspace whose gate replaces the automatic monocyte gate;
     ``gates_out``: also return the gates as GatingML 2.0 text (``gatingml``) and its agreement.
     ``reagent``/``preanalytics``: the tube's :class:`~hladr.reagent.Reagent` and
-    :class:`~hladr.preanalytics.PreAnalytics` (see :func:`hladr.analyze`).
+    :class:`~hladr.preanalytics.PreAnalytics` (see :class:`hladr.pipeline.AnalysisOptions`).
     """
     started = time.perf_counter()
     try:
-        from ..analysis import analyze
         from ..calibration import Calibration
-        from ..fcs import read_fcs
-        from ..gating import gate_monocytes
-        from ..panel import resolve_panel
+        from ..pipeline import AnalysisOptions, run_analysis
 
-        sample = read_fcs(path, lenient=True)
-        if known and known.get("identity") and tuple(known["identity"]) == _identity(path):
-            sample.sha256 = known["sha256"]
+        unchanged = known and known.get("identity") and tuple(known["identity"]) == _identity(path)
         cal = Calibration.from_dict(calibration)
+        options = AnalysisOptions(gates=gates, gate_name=gate_name, reagent=reagent,
+                                  preanalytics=preanalytics)
         with _single_threaded():
-            panel = resolve_panel(sample)
-            gating = gate_monocytes(sample, panel, gates=gates, gate_name=gate_name)  # once, for all uses
-            result = analyze(sample, cal, panel=panel, gating=gating, reagent=reagent,
-                             preanalytics=preanalytics)
-        out: dict[str, Any] = {"status": "ok", "result": result.to_dict()}
+            analysis = run_analysis(path, cal, options, sha256=known["sha256"] if unchanged else None)
+        out: dict[str, Any] = {"status": "ok", "result": analysis.result.to_dict()}
         if gates_out:
             from ..gatingml import export_gates
 
-            out["gatingml"], out["gatingml_agreement"] = export_gates(sample, gating, panel)
+            out["gatingml"], out["gatingml_agreement"] = export_gates(analysis.sample, analysis.gating,
+                                                                      analysis.panel)
         if plot:
-            out["png"], out["plot_error"] = _qc_png(sample, result, cal, gating, panel)
+            out["png"], out["plot_error"] = _qc_png(analysis.sample, analysis.result, cal, analysis.gating,
+                                                    analysis.panel)
         out["seconds"] = time.perf_counter() - started
         return out
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, none stops the batch

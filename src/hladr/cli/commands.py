@@ -13,7 +13,7 @@ import sys
 
 from ..errors import CalibrationError, HladrError
 from . import render
-from .exit_codes import EXIT_NOT_REPORTABLE, EXIT_OK
+from .exit_codes import EXIT_NOT_REPORTABLE, EXIT_OK, EXIT_USAGE
 
 
 def require_bead_values(args: argparse.Namespace) -> None:
@@ -56,7 +56,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..fcs import read_fcs
 
     if args.list_lots:
-        print(render.describe_lots(list_lots()))
+        lots = list_lots()
+        if lots:
+            print(render.describe_lots(lots))
         return EXIT_OK
     if not args.beads:
         raise CalibrationError("give a bead tube (or --list-lots)")
@@ -116,9 +118,33 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from ..batch import main as batch_main
+    """``hladr batch``: 0 (all reportable), 3 (some not reportable or failed), 2 (unusable arguments)."""
+    from ..batch import run_batch
+    from ..errors import BatchError
 
-    return batch_main(args)
+    try:
+        summary = run_batch(
+            args.export_dir,
+            args.out,
+            manifest=args.manifest,
+            jobs=args.jobs,
+            scheduler=args.scheduler,
+            resume=args.resume,
+            progress=not args.quiet,
+            lot=args.lot,
+            bead_values=args.bead_values,
+            plots=not args.no_plots,
+            store=args.store,
+            gates=args.gates,
+            gate_name=args.gate_name,
+            gates_out=args.gates_out,
+            reagent=args.reagent,
+        )
+    except BatchError as exc:
+        print(f"hladr: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(summary.line(), file=sys.stderr)
+    return EXIT_OK if summary.all_reportable else EXIT_NOT_REPORTABLE
 
 
 def cmd_export(args: argparse.Namespace) -> int:
