@@ -84,6 +84,16 @@ def _add_bead_values(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_patient_tube(parser: argparse.ArgumentParser) -> None:
+    """SAMPLE, its bead tube and the bead values, and the channel roles (``analyze``, ``export``)."""
+    parser.add_argument("sample")
+    parser.add_argument("--beads", required=True, help="bead tube of the same run")
+    _add_bead_values(parser)
+    parser.add_argument("--hladr", metavar="CH", help="HLA-DR (PE) channel")
+    parser.add_argument("--cd14", metavar="CH", help="CD14 channel")
+    parser.add_argument("--cd45", metavar="CH", help="CD45 channel")
+
+
 def _add_reagent(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reagent",
@@ -133,12 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("analyze", help="mHLA-DR AB/C of a patient tube")
-    p.add_argument("sample")
-    p.add_argument("--beads", required=True, help="bead tube of the same run")
-    _add_bead_values(p)
-    p.add_argument("--hladr", metavar="CH", help="HLA-DR (PE) channel")
-    p.add_argument("--cd14", metavar="CH", help="CD14 channel")
-    p.add_argument("--cd45", metavar="CH", help="CD45 channel")
+    _add_patient_tube(p)
     p.add_argument("--statistic", choices=["median", "geomean"], default="median")
     p.add_argument("--gates", metavar="FILE", help="GatingML 2.0 file or FlowJo workspace")
     p.add_argument("--gate-name", metavar="NAME", help="the monocyte gate's name in --gates")
@@ -177,17 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("export", help="calibrated events (FCS 3.1, CSV) and the gates (GatingML 2.0)")
-    p.add_argument("sample")
-    p.add_argument("--beads", required=True, help="bead tube of the same run")
-    _add_bead_values(p)
+    _add_patient_tube(p)
     p.add_argument("--fcs", metavar="OUT.fcs", help="FCS 3.1: channels + 'HLA-DR AB/C' + gates")
     p.add_argument("--csv", metavar="OUT.csv", help="the per-event table (gates, HLA-DR AB/C)")
     p.add_argument("--gates-out", metavar="OUT.xml", help="the automatic gates as GatingML 2.0")
     p.add_argument("--gates", metavar="FILE", help="GatingML 2.0 or FlowJo workspace to gate with")
     p.add_argument("--gate-name", metavar="NAME", help="the monocyte gate's name in --gates")
-    p.add_argument("--hladr", metavar="CH", help="HLA-DR (PE) channel")
-    p.add_argument("--cd14", metavar="CH", help="CD14 channel")
-    p.add_argument("--cd45", metavar="CH", help="CD45 channel")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("patient", help="a patient's mHLA-DR course from the results database")
