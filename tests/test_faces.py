@@ -87,7 +87,7 @@ def test_bead_values_are_asked_for_before_any_file_is_read(argv, capsys):
     assert main(argv) == EXIT_ERROR
     err = capsys.readouterr().err
     assert (
-        err == "hladr: error: give --lot FILE or --bead-values V1,V2,V3,V4 (the values printed on your kit)\n"
+        err == "hladr: error: give --lot FILE or --bead-values V1,V2,... (the values printed on your kit)\n"
     )
 
 

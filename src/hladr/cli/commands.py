@@ -20,7 +20,7 @@ def require_bead_values(args: argparse.Namespace) -> None:
     """Raise unless ``--lot`` or ``--bead-values`` is given (checked before any file is read)."""
     if args.lot is None and args.bead_values is None:
         raise CalibrationError(
-            "give --lot FILE or --bead-values V1,V2,V3,V4 (the values printed on your kit)"
+            "give --lot FILE or --bead-values V1,V2,... (the values printed on your kit)"
         )
 
 
