@@ -103,7 +103,9 @@ class AnalysisOptions:
             if value is not None
         ]
         if gating is not None and given:
-            raise OptionsError(f"an already computed gating ignores {', '.join(given)}: give either")
+            raise OptionsError(
+                f"an already computed gating ignores {', '.join(given)}: give one or the other"
+            )
 
 
 @dataclass
