@@ -21,6 +21,7 @@ from hladr.simulate import (
     simulate_beads,
     simulate_blood,
     simulate_run,
+    spillover_matrix,
 )
 from tests.conftest import SAMPLE_DIR
 
@@ -63,7 +64,9 @@ def test_files_round_trip_through_hladr_and_flowio(tmp_path, name):
     np.testing.assert_allclose(sample.events[:, :-1], theirs[:, :-1], rtol=1e-6)
     assert sample.channels == INSTRUMENTS[name].channels
     assert sample.keywords["$CYT"] == INSTRUMENTS[name].cytometer
-    assert sample.spillover is not None or "$SPILLOVER" in sample.keywords
+    written = spillover_matrix(INSTRUMENTS[name])  # the matrix the simulator acquired the events with
+    assert sample.spillover.channels == written.channels
+    np.testing.assert_allclose(sample.spillover.matrix, written.matrix, rtol=1e-12)
 
 
 def test_bead_and_patient_tubes_of_a_run_share_settings(tmp_path):
