@@ -224,7 +224,8 @@ def test_real_mass_cytometry_monocytes_are_cd33_bright_and_hladr_positive(name):
     require_real()
     sample = hladr.read_fcs(REAL_DIR / name, lenient=True)
     panel = resolve_panel(sample)
-    assert panel.mass_cytometry and panel["SSC-A"] is None and panel["DNA"]
+    assert panel.mass_cytometry and panel["SSC-A"] is None
+    assert "Ir191" in panel["DNA"] and sample.markers[sample.index(panel["DNA"])] == "DNA1"  # iridium 191
     gating = gate_monocytes(sample, panel)
     mono, others = gating.monocytes, gating.leukocytes & ~gating.monocytes
     assert "no_scatter" in gating.flags

@@ -247,6 +247,12 @@ def test_batch_exits_0_when_all_are_reportable_and_3_when_one_is_not(real_batch)
     assert jsonl["patient_01.fcs"]["patient_id"] == "MRN-1"
     assert jsonl["patient_01.fcs"]["identity_source"]["patient_id"] == "manifest"
     assert jsonl["patient_02.fcs"]["identity_source"]["patient_id"] == "PATIENT ID"
+    export = real_batch[0]
+    truth = {t["file"]: t for t in json.loads((export / "run" / "truth.json").read_text())["tubes"]}
+    for name, row in jsonl.items():  # the simulator's truth, not the library's own number
+        assert row["abc"] == pytest.approx(truth[name]["abc_true"], rel=0.05), name
+        if abs(truth[name]["abc_true"] / 5000 - 1) > 0.15:
+            assert row["immunoparalysis"] is (truth[name]["abc_true"] < 5000), name
 
 
 def test_a_failed_result_has_no_class_in_json_csv_and_html(real_batch):
