@@ -249,8 +249,10 @@ def test_batch_exits_0_when_all_are_reportable_and_3_when_one_is_not(real_batch)
     assert jsonl["patient_02.fcs"]["identity_source"]["patient_id"] == "PATIENT ID"
     export = real_batch[0]
     truth = {t["file"]: t for t in json.loads((export / "run" / "truth.json").read_text())["tubes"]}
-    for name, row in jsonl.items():  # the simulator's truth, not the library's own number
-        assert row["abc"] == pytest.approx(truth[name]["abc_true"], rel=0.05), name
+    # the simulator's truth, not the library's own number: ~2,200 monocytes with a 0.4 log-SD put the
+    # median's sampling error near 1 %; 3 % (today 0.3-1.0 %) still fails a 4 % bias of the bead curve
+    for name, row in jsonl.items():
+        assert row["abc"] == pytest.approx(truth[name]["abc_true"], rel=0.03), name
         if abs(truth[name]["abc_true"] / 5000 - 1) > 0.15:
             assert row["immunoparalysis"] is (truth[name]["abc_true"] < 5000), name
 
