@@ -88,3 +88,12 @@ def real_batch(tmp_path_factory):
     good_code = cli_main(["batch", str(export), "--out", str(good), "--jobs", "1", "--bead-values", values,
                           "--quiet", "--no-plots", "--manifest", str(manifest)])
     return export, out, code, good, good_code
+
+
+@pytest.fixture
+def engine_export(tmp_path) -> Path:
+    """A tiny export for the batch engine with stand-in tasks (tests/batch_fakes.py): 12 patients and
+    their bead tube on day 1, a failing bead tube and its patient on day 2."""
+    from tests.batch_fakes import write_engine_export
+
+    return write_engine_export(tmp_path / "engine")
