@@ -82,6 +82,24 @@ _DYES = [
 ]
 
 
+#: Scatter channels of a bead tube, most specific first (full match, case-insensitive). Broader than
+#: the patient roles' FSC-A/SSC-A names: any forward and side scatter does for beads.
+BEAD_SCATTER_NAMES = {
+    "FSC": [r"fsc[-_ ]a", r"fs[-_ ]?int", r"fsc", r"fsc[-_ ]?h", r"fs[-_ ]?(lin|peak)?", r"fsc.*"],
+    "SSC": [r"ssc[-_ ]a", r"ss[-_ ]?int", r"ssc", r"ssc[-_ ]?h", r"ss[-_ ]?(lin|log)?", r"ssc.*", r"ss .*"],
+}
+#: A channel name that is no fluorescence detector (time, scatter, pulse width).
+NOT_FLUORESCENCE = re.compile(r"time|fsc|ssc|fs |ss |width|-w$", re.IGNORECASE)
+#: A bead tube's PE channel by instrument name (full match): PE or FL2, with an -A/-H/area/log... suffix.
+PE_CHANNEL_NAME = re.compile(r"^(pe|fl2|fl-2)([-_ ]?(a|h|area|height|int|log|lin|peak))?$", re.IGNORECASE)
+#: A ``$PnS`` marker naming the PE dye (``PE``, ``HLA-DR PE``)...
+PE_MARKER = re.compile(r"(^|[^a-z])pe($|[^a-z-])|^pe$", re.IGNORECASE)
+#: ... unless it names a PE tandem (``PE-Cy7``, ``PE-Texas Red``, ``PE-Dazzle``, ``PE-CF594``).
+PE_TANDEM_MARKER = re.compile(r"pe[- ]?(cy|texas|dazzle|cf)", re.IGNORECASE)
+#: ``$PnS`` markers that name a cell antigen or a viability dye: evidence that a tube holds cells.
+CELL_MARKER = re.compile(r"\b(CD\d+[a-z]?|HLA[- ]?DR|MHC ?II|live/dead|viability)\b", re.IGNORECASE)
+
+
 def channel_dye(name: str, marker: str | None = None) -> str | None:
     """The fluorochrome a channel records, when its name or ``$PnS`` marker says it (else ``None``).
 
