@@ -351,7 +351,9 @@ def compatibility_flags(
     if panel["HLA-DR"] != calibration.channel:
         flags.append(f"channel_mismatch:HLA-DR on {panel['HLA-DR']}, beads on {calibration.channel}")
     gating_channels = [panel[role] for role in ("CD14", "CD45", "FSC-A", "FSC-H", "SSC-A") if panel[role]]
-    flags += policy.settings_flags(calibration.settings, sample.settings, calibration.channel, gating_channels)
+    flags += policy.settings_flags(
+        calibration.settings, sample.settings, calibration.channel, gating_channels
+    )
     for key in ("cytometer", "serial"):
         a, b = calibration.instrument.get(key), sample.instrument.get(key)
         if a and b and a != b:
