@@ -309,3 +309,19 @@ def test_gating_asks_the_sample_for_its_spillover(tmp_path):
     assert names == list(sample.spillover.channels) and np.array_equal(matrix, sample.spillover.matrix)
     sample.spillover = None  # a file without one (or one dropped by a repair): nothing to compensate
     assert gating_spillover(sample) is None
+
+
+# --- naming tables (hladr.panel) ----------------------------------------------------------------
+def test_panel_markers_name_the_panels_antigens_only():
+    from hladr.panel import panel_markers
+
+    markers = ["CD14 PerCP-Cy5.5", "HLA-DR PE", "MHC II", "CD45", "CD140b", "CD45RA", "CD3", "", "HLA-DR PE"]
+    assert panel_markers(markers) == ["CD14 PerCP-Cy5.5", "CD45", "HLA-DR PE", "MHC II"]
+
+
+def test_store_acquisition_time_reads_the_instrument_keywords():
+    from hladr.store import acquisition_time
+
+    assert acquisition_time({"date": "08-Sep-06", "btim": "14:02:11:50"}) == "2006-09-08T14:02:11"
+    assert acquisition_time({"date": "21 Dec 2010", "btim": None}) == "2010-12-21"
+    assert acquisition_time({"date": "", "btim": "10:00:00"}) is None

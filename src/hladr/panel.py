@@ -12,6 +12,7 @@ Mass cytometry (CyTOF) files have no scatter: there the DNA intercalator channel
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .errors import PanelError
@@ -113,6 +114,23 @@ def channel_dye(name: str, marker: str | None = None) -> str | None:
 
 
 _TIME = re.compile(r"time", re.IGNORECASE)
+
+# --- tube names: how the batch tells bead tubes, patient tubes and controls apart ----------------
+#: Tube names that mean a PE bead tube.
+BEAD_TUBE_NAME = re.compile(r"bead|quanti[\s_-]*brite|(?<![a-z])qb(?![a-z])|calibrat|rainbow|sphero", re.I)
+#: Tube names of set-up and compensation controls, which are neither beads nor patients.
+CONTROL_TUBE_NAME = re.compile(
+    r"cs\s*&\s*t|(?<![a-z])cst(?![a-z])|compensation|unstained|(?<![a-z])fmo(?![a-z])", re.I
+)
+#: Keywords that name the tube (besides the file name).
+TUBE_NAME_KEYWORDS = ("TUBE NAME", "$SRC", "$SMNO", "SAMPLE ID", "$FIL", "TUBE_NAME", "SAMPLE_ID")
+
+
+def panel_markers(markers: Iterable[str]) -> list[str]:
+    """The ``$PnS`` markers naming an antigen of the panel (HLA-DR, CD14, CD45), sorted and unique:
+    a tube carrying one holds stained cells."""
+    roles = ("HLA-DR", "CD14", "CD45")
+    return sorted({m for m in markers if m and any(_MARKERS[r].search(m) for r in roles)})
 
 
 @dataclass
