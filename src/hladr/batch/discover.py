@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import preanalytics
 from ..errors import BatchError, HladrError
-from ..fcs import acquisition, sha256_file
+from ..fcs import acquisition, read_fcs, read_metadata, sha256_file
 
 FCS_SUFFIXES = {".fcs", ".lmd"}
 
@@ -114,8 +114,6 @@ def _norm(text: str | None) -> str:
 
 def _read_text(path: Path) -> tuple[dict[str, str], list[str], list[str]]:
     """TEXT keywords, ``$PnN`` and ``$PnS`` of an FCS file (DATA not decoded where possible)."""
-    from ..fcs import read_metadata
-
     meta = read_metadata(path, lenient=True)
     keywords = {str(k).upper(): str(v) for k, v in dict(meta.keywords).items()}
     return keywords, list(meta.channels), list(meta.markers)
@@ -170,8 +168,7 @@ def _content_role(path: Path, role: str, reason: str) -> tuple[str, str]:
     and a patient tube may be named anything. An unreadable file keeps the TEXT's role (the
     analysis reports what is wrong with it).
     """
-    from ..beads import tube_evidence
-    from ..fcs import read_fcs
+    from ..beads import tube_evidence  # scikit-learn loads here, after the batch's workers have started
 
     try:
         evidence = tube_evidence(read_fcs(path, lenient=True))
