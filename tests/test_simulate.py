@@ -202,3 +202,24 @@ def test_severe_sepsis_monocytes_lose_cd14_down_to_the_profiles_floor(tmp_path):
     neutrophils = labels == 1
     assert np.mean(ssc[neutrophils] < np.percentile(ssc[labels == 8], 90)) > 0.05
     assert np.mean(cd14[neutrophils] > classical / profile.cd14_max_loss) > 0.01
+
+
+def test_composition_of_a_wider_tube(tmp_path):
+    """The bench's second tube shape: 10 channels, the requested shares of all events (counted from
+    the per-event labels, each within 4 binomial SDs), and the added detector in flowio's reading."""
+    from hladr.simulate import Detector, with_detector
+
+    n = 60_000
+    inst = with_detector("canto", Detector("PE-Cy7-A", "PE-Cy7", 0.05, 16.0, 15.0, 520))
+    simulate_blood(tmp_path / "p.fcs", inst, 4000, seed=5, n_events=n, monocyte_fraction=0.07 / 0.85,
+                   granulocyte_fraction=0.53 / 0.85, debris_fraction=0.10, doublet_fraction=0.05)
+    labels = np.load(tmp_path / "p.labels.npy")
+    shares = {"monocytes": (np.isin(labels, (*MONOCYTE_CODES, 11)), 0.07),
+              "granulocytes": (np.isin(labels, (1, 2, 3)), 0.53),
+              "debris": (labels == 0, 0.10), "doublets": (np.isin(labels, (12, 13)), 0.05)}
+    for name, (mask, share) in shares.items():
+        assert abs(mask.mean() - share) < 4 * np.sqrt(share * (1 - share) / n), name
+    flow = flowio.FlowData(str(tmp_path / "p.fcs"))
+    assert flow.channel_count == 10 and flow.pnn_labels[8] == "PE-Cy7-A"
+    with pytest.raises(SimulationError, match="granulocyte_fraction"):
+        simulate_blood(tmp_path / "q.fcs", "canto", seed=1, n_events=1000, granulocyte_fraction=0.95)
