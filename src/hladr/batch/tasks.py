@@ -12,11 +12,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from threadpoolctl import threadpool_limits
+
 from ..errors import Failure
+from ..fcs import read_fcs
 from .discover import _identity
 from .outputs import _qc_png
 
+# The measuring modules (calibration, pipeline, gating, gatingml) load numba's kernels: the tasks import
+# them when they run, so that the main process of a batch (discovery, pairing, outputs) never loads numba.
+
 log = logging.getLogger("hladr.batch")
+#: A tiny bead tube and patient tube (simulated Quantibrite lot 96597 beads, 1,500 events, and blood,
+#: 2,500 events, FACSCanto II) that a fresh worker calibrates and analyses before its first task.
+WARM_UP_TUBES = Path(__file__).parent / "warmup"
 
 #: set in worker processes of our own pool, where one BLAS/OpenMP thread holds for the process's life
 _PROCESS_LIMITS: Any = None
@@ -27,8 +36,6 @@ def _single_threaded() -> Any:
     executor (inline, processes, Dask threads or processes) then computes in the same order."""
     if _PROCESS_LIMITS is not None:
         return contextlib.nullcontext()  # already limited for the whole process
-    from threadpoolctl import threadpool_limits
-
     return threadpool_limits(1)
 
 
@@ -36,8 +43,6 @@ def init_worker(workers: int) -> None:
     """Process-pool initializer (numba is imported in the workers only, not in the main process):
     numba's share of the cores, one BLAS/OpenMP thread for the process's life."""
     global _PROCESS_LIMITS
-    from threadpoolctl import threadpool_limits
-
     from ..kernels import share_cores
 
     share_cores(workers)
@@ -45,24 +50,18 @@ def init_worker(workers: int) -> None:
 
 
 def warm_up() -> None:
-    """Calibrate and analyse a tiny simulated run in a fresh worker: the imports and numba's cached
-    kernels (about 0.7 s a worker) load while discovery reads the export, not in the first tasks."""
-    import tempfile
-
-    from ..simulate import QUANTIBRITE_96597, simulate_beads, simulate_blood
-
+    """Calibrate and analyse the packaged tiny tubes (:data:`WARM_UP_TUBES`) in a fresh worker: the
+    imports and numba's cached kernels (about 0.7 s a worker) load while discovery reads the export,
+    not in the first tasks."""
     try:
-        with tempfile.TemporaryDirectory(prefix="hladr-warm-up-") as tmp:
-            beads, patient = Path(tmp) / "beads.fcs", Path(tmp) / "patient.fcs"
-            simulate_beads(beads, "canto", seed=0, n_events=3000)
-            simulate_blood(patient, "canto", 5000.0, seed=0, n_events=4000)
-            calibrated = calibrate_task(str(beads), None, list(QUANTIBRITE_96597))  # the tasks' own code
-            analyze_task(str(patient), calibrated["calibration"], False)
+        calibrated = calibrate_task(str(WARM_UP_TUBES / "beads.fcs"), "96597", None)  # the tasks' own code
+        analyze_task(str(WARM_UP_TUBES / "patient.fcs"), calibrated["calibration"], False)
     except Exception:  # noqa: BLE001 - a warm-up never stops a batch; the real tasks report errors
         log.debug("worker warm-up failed", exc_info=True)
 
 
 def _failure(exc: BaseException, started: float) -> dict[str, Any]:
+    """A task's failure: :class:`hladr.errors.Failure` and the seconds it took."""
     return {**Failure.of(exc).to_dict(), "seconds": time.perf_counter() - started}
 
 
@@ -71,7 +70,6 @@ def calibrate_task(path: str, lot: str | None, values: list[float] | None) -> di
     started = time.perf_counter()
     try:
         from ..calibration import calibrate
-        from ..fcs import read_fcs
 
         with _single_threaded():
             calibration = calibrate(read_fcs(path, lenient=True), lot=lot, values=values)
