@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .app import create_app
+        from .app import Server, create_app
     except ImportError:
         raise HladrError("hladr serve needs the service extra: pip install 'hladr[service]'") from None
     os.umask(0o077)  # every file the service creates is 0600, every folder 0700
@@ -62,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
         docs=args.docs,
         results_store=getattr(args, "store", None),
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
@@ -71,6 +71,7 @@ def main(args: argparse.Namespace) -> int:
         timeout_keep_alive=5,
         limit_concurrency=max(64, 4 * args.max_uploads),
     )
+    Server(config).run()
     return 0
 
 

@@ -9,8 +9,10 @@ import json
 import logging
 import os
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -577,13 +579,28 @@ def create_app(
         def api_docs() -> HTMLResponse:
             return HTMLResponse(_docs_page(app.openapi()))
 
-    gated = Gate(
-        app,
-        tokens,
+    app.add_middleware(
+        Gate,
+        tokens=tokens,
         max_body=2 * upload_limit + (1 << 20),
         public={"/v1/health"} | ({"/docs", "/openapi.json"} if docs else set()),
     )
-    return gated
+    app.state.pool, app.state.grace = pool, grace
+    return app
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server for :func:`create_app`'s app: at SIGTERM/SIGINT, the worker pool starts no
+    more jobs before anything else happens.
+
+    uvicorn reaches the app's lifespan shutdown only once its connections have closed (up to the
+    grace period); until then the pool would go on starting queued jobs.
+    """
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        state = self.config.app.state
+        state.pool.stop_taking_work(state.grace)
+        super().handle_exit(sig, frame)
 
 
 def _security(bearer: Any) -> Any:

@@ -191,17 +191,30 @@ class WorkerPool:
             "restarts": self.restarts,
         }
 
-    def stop(self, grace: float) -> None:
-        """Stop taking jobs; wait up to ``grace`` s for running ones; queue the rest for the next start."""
-        self._grace_deadline = time.monotonic() + grace
+    def stop_taking_work(self, grace: float) -> None:
+        """Start no job from now on; running ones get ``grace`` s (counted from the first call).
+
+        Returns at once, and is safe in a signal handler: it sets a deadline and an event and writes
+        one byte to the supervisor's wake-up pipe. The backlog stays ``queued`` for the next start.
+        """
+        self._grace_deadline = min(self._grace_deadline, time.monotonic() + grace)
         self._stopping.set()
         self.wake()
+
+    def stop(self, grace: float) -> None:
+        """Stop taking jobs; wait up to ``grace`` s for running ones; queue the rest for the next start."""
+        self.stop_taking_work(grace)
         if self._thread.is_alive():
             self._thread.join(grace + 30)
+        self._refuse_waiting_tasks()
+
+    def _refuse_waiting_tasks(self) -> None:
+        """Interactive tasks not yet handed to a worker end with :class:`ShuttingDown` (a 503)."""
         with self._lock:
             tasks, self._tasks = list(self._tasks), collections.deque()
         for task in tasks:
-            task.future.set_exception(ShuttingDown("the service is stopping"))
+            if task.future.set_running_or_notify_cancel():
+                task.future.set_exception(ShuttingDown("the service is stopping"))
 
     # --- the supervisor thread -----------------------------------------------------------------
     def _run(self) -> None:
@@ -249,6 +262,8 @@ class WorkerPool:
 
     def _dispatch(self) -> None:
         for w in self._workers:
+            if self._stopping.is_set():  # the signal may arrive while jobs are being handed out
+                return
             if not w.ready or w.job is not None or not w.process.is_alive():
                 continue
             with self._lock:
@@ -352,6 +367,7 @@ class WorkerPool:
 
     def _stop_step(self) -> bool:
         """One step of stopping: idle workers are told to exit; busy ones get until the deadline."""
+        self._refuse_waiting_tasks()
         for w in self._workers:
             if w.job is None:
                 with contextlib.suppress(OSError):
