@@ -37,3 +37,23 @@ def require_real() -> Path:
 @pytest.fixture
 def real_dir() -> Path:
     return require_real()
+
+
+# --- hladr serve on loopback (tests/service_server.py) -----------------------------------------------
+@pytest.fixture
+def serve(tmp_path):
+    """Start ``hladr serve`` subprocesses: ``serve(*options, db=..., env=..., ready=...)`` gives a
+    running :class:`tests.service_server.Server` (database ``tmp_path/hladr.sqlite`` unless ``db``).
+    Every server the test started is stopped after it, also when the test failed."""
+    from tests.service_server import Server
+
+    started: list[Server] = []
+
+    def start(*options: str, db: Path | None = None, **kwargs) -> Server:
+        server = Server(db or tmp_path / "hladr.sqlite", *options, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

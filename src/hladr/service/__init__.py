@@ -15,27 +15,30 @@ caller sees only its own tenant's objects unless its token is an admin's):
 
 Modules: :mod:`.auth` (tokens, tenants, the header gate), :mod:`.uploads` (streamed, capped
 multipart), :mod:`.db` (the job queue and everything stored), :mod:`.workers` (supervised worker
-processes), :mod:`.app` (the routes). See ``docs/service.md``.
+processes), :mod:`.core` (one running service: what the routes work on), :mod:`.models` (the
+shapes of answers), :mod:`.routes` (the routes), :mod:`.app` (the app factory and the server).
+See ``docs/service.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from ..errors import HladrError
-from .app import DEFAULT_UPLOAD_LIMIT, create_app, shipped_lot
 from .auth import TOKENS_ENV, TokenRegistry, add_token
 
-__all__ = [
-    "DEFAULT_UPLOAD_LIMIT",
-    "TOKENS_ENV",
-    "TokenRegistry",
-    "add_token",
-    "create_app",
-    "main",
-    "shipped_lot",
-]
+__all__ = ["TOKENS_ENV", "TokenRegistry", "add_token", "create_app", "main"]
+
+
+def __getattr__(name: str) -> Any:
+    """``create_app`` (and the rest of the app) needs the service extra: imported when asked for."""
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
+    raise AttributeError(name)
 
 
 def main(args: argparse.Namespace) -> int:
