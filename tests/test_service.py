@@ -3,13 +3,16 @@ malformed files, persistence, and the OpenAPI contract (schemathesis). Faults: t
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import os
 import stat
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -274,6 +277,13 @@ def test_analysis_happy_path_restart_and_concurrency(tmp_path, serve):
     assert done["status"] == "done", done
     schema.validate(done["result"])
     assert done["result"]["sample"] == "patient_03.fcs"
+    # the simulator's truth lies in the reported interval, and the number is the batch's (one pipeline)
+    truth = {row["file"]: row for row in csv.DictReader((SAMPLE_DIR / "truth.csv").open())}["patient_03.fcs"]
+    lo, hi = done["result"]["abc_ci95"]
+    assert lo <= float(truth["abc_true"]) <= hi, (truth["abc_true"], lo, hi)
+    pinned = json.loads((Path(__file__).parent / "data" / "pinned_results.json").read_text())
+    batch = {row["file"]: row for row in pinned["batch_sample_fcs"]}["patient_03.fcs"]
+    assert f"{done['result']['abc']:.0f}" == batch["abc"] and f"{lo:.0f}" == batch["abc_ci95_lo"]
     assert str(tmp_path) not in str(done)  # no server path in what a caller sees
     dup = submit(srv, SAMPLE_DIR / "patient_03.fcs", cal)
     assert dup.status_code == 200 and dup.json()["duplicate"] and dup.json()["id"] == first.json()["id"]
@@ -336,7 +346,6 @@ def test_contract_schemathesis_finds_no_server_error_and_no_mismatch(server, tmp
 
 def test_a_result_stored_by_schema_1_is_served_in_schema_2(server):
     """A result an older hladr stored (failed QC, yet a class): served now, it has none and says why."""
-    import json
     import sqlite3
 
     cal_id = calibrate(server, SAMPLE_DIR / "beads.fcs")
