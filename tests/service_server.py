@@ -52,7 +52,7 @@ class Server:
     def health(self, timeout: float = 5) -> httpx.Response:
         return httpx.get(f"{self.url}/v1/health", timeout=timeout)
 
-    def wait_health(self, ready: str = "any", limit: float = 90) -> dict:
+    def wait_health(self, ready: str = "any", limit: float = 240) -> dict:
         """Until health answers (``ready="any"``) or reports ``ready`` as its status."""
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:

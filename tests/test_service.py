@@ -365,3 +365,42 @@ def test_a_result_stored_by_schema_1_is_served_in_schema_2(server):
     decision = httpx.post(f"{server.url}/v1/stratifications", headers=AUTH,
                           json={"analysis_id": analysis_id, "ferritin": 900}).json()["decision"]
     assert decision["category"] == "refused"
+
+
+def test_uploads_of_failed_analyses_are_kept_for_the_retention_period_only(tmp_path):
+    """A failed analysis keeps its upload (for a retry) for ``keep_failed`` s, then the file goes and the
+    analysis stays failed; a file that a queued analysis still needs is never deleted."""
+    import sqlite3
+
+    from hladr.service.core import Service
+
+    service = Service(tmp_path / "db.sqlite", keep_failed=3600)
+    cal = service.db.add_calibration("lab1", "b" * 64, "lot:96597", {"slope": 1.0})
+
+    def queue(tenant: str, sha: str) -> str:
+        analysis_id, _, _ = service.db.submit_analysis(
+            tenant, sha, "x.fcs", cal, lambda: service.upload_path(sha).write_bytes(b"FCS3.0")
+        )
+        return analysis_id
+
+    def fail(analysis_id: str, hours_ago: float) -> None:
+        assert service.db.claim_next(1)["id"] == analysis_id
+        service.db.finish(analysis_id, None, "only 3 monocytes found", "AnalysisError")
+        with sqlite3.connect(tmp_path / "db.sqlite") as con:
+            earlier = "UPDATE analyses SET finished = finished - ? WHERE id = ?"
+            con.execute(earlier, (3600 * hours_ago, analysis_id))
+
+    recent, old, shared = queue("lab1", "1" * 64), queue("lab1", "2" * 64), queue("lab1", "3" * 64)
+    fail(recent, 0.5)
+    fail(old, 2)
+    fail(shared, 2)
+    queue("lab2", "3" * 64)  # another tenant's queued analysis of the same file
+    try:
+        assert service.expire_failed_uploads() == 1
+        assert [service.upload_path(c * 64).exists() for c in "123"] == [True, False, True]
+        statuses = {r["id"]: r["status"] for r in service.db.query("SELECT id, status FROM analyses")}
+        assert statuses[old] == "failed" and statuses[recent] == "failed"
+        assert service.db.needed_files(failed_since=0) == {"1" * 64, "2" * 64, "3" * 64}  # no limit
+        assert service.expire_failed_uploads() == 0
+    finally:
+        service.db.close()

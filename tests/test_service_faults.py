@@ -176,7 +176,9 @@ def test_kill_9_of_the_server_leaves_no_process_and_a_restart_serves_at_once_and
     answered = time.monotonic() - again.started
     waiting = first["queue"]["queued"] + first["queue"]["running"]
     assert waiting == len(jobs) - _states(again).get("done", 0)
-    assert answered < 15
+    # it answers before the backlog drains (the port stayed closed for it before); a time bound would
+    # measure the machine's load (17 s seen at a load average of 14)
+    assert waiting >= 1, (first, answered)
     outcomes = [wait_finished(again, job) for job in jobs]
     assert [o["status"] for o in outcomes] == ["done"] * len(jobs)
     assert [o["attempts"] for o in outcomes] == [1] * len(jobs)
@@ -315,6 +317,24 @@ def test_a_streamed_body_is_cut_at_the_limit_and_a_stalled_client_times_out(uplo
     slow = _raw_upload(upload_server.port, stalled, 5_000_000, stall=3)
     assert slow["status"] == 408, slow
     assert list(upload_server.db.with_suffix(".files").iterdir()) == []
+
+
+def test_a_client_slow_to_send_its_headers_is_disconnected(upload_server):
+    """uvicorn has no timeout for request headers; the service closes a connection whose headers are
+    not complete 10 s after it opened, however often bytes trickle in."""
+    sock = socket.create_connection(("127.0.0.1", upload_server.port))
+    started = time.monotonic()
+    sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+    closed = None
+    while time.monotonic() - started < 30:
+        if select.select([sock], [], [], 0.5)[0]:
+            closed = sock.recv(4096) == b""
+            break
+        sock.send(b"x")  # one byte every half second: never a whole request
+    elapsed = time.monotonic() - started
+    sock.close()
+    assert closed and 8 < elapsed < 20, (closed, elapsed)
+    assert upload_server.health().status_code == 200  # complete requests are served
 
 
 def _rss_mib(pid: int, key: str = "VmRSS") -> float:

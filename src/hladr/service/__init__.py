@@ -46,7 +46,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .app import Server, create_app
+        from .app import HeaderTimeout, Server, create_app
+        from .core import KEEP_FAILED_S
     except ImportError:
         raise HladrError("hladr serve needs the service extra: pip install 'hladr[service]'") from None
     os.umask(0o077)  # every file the service creates is 0600, every folder 0700
@@ -62,6 +63,7 @@ def main(args: argparse.Namespace) -> int:
         grace=args.grace,
         max_attempts=args.max_attempts,
         job_timeout=args.job_timeout,
+        keep_failed=getattr(args, "keep_failed", KEEP_FAILED_S),
         docs=args.docs,
         results_store=getattr(args, "store", None),
     )
@@ -72,6 +74,7 @@ def main(args: argparse.Namespace) -> int:
         log_level="info",
         timeout_graceful_shutdown=args.grace,
         timeout_keep_alive=5,
+        http=HeaderTimeout.after(getattr(args, "header_timeout", HeaderTimeout.header_timeout)),
         limit_concurrency=max(64, 4 * args.max_uploads),
     )
     Server(config).run()

@@ -5,84 +5,54 @@ jobs at the signal.
 Imported only with the service extra installed.
 """
 
+import asyncio
 import contextlib
 import os
 from html import escape
 from types import FrameType
+from typing import Any
 
+import h11
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .auth import Gate, TokenRegistry
-from .core import DEFAULT_UPLOAD_LIMIT, Service
+from .core import Service
 from .routes import public, router
 
 
 def create_app(
-    db_path: str | os.PathLike,
-    tokens: TokenRegistry,
-    *,
-    workers: int = 2,
-    queue_size: int = 8,
-    upload_limit: int = DEFAULT_UPLOAD_LIMIT,
-    data_dir: str | os.PathLike | None = None,
-    max_uploads: int = 8,
-    read_timeout: float = 30.0,
-    grace: float = 30.0,
-    max_attempts: int = 3,
-    job_timeout: float = 600.0,
-    docs: bool = False,
-    results_store: str | os.PathLike | None = None,
+    db_path: str | os.PathLike, tokens: TokenRegistry, *, docs: bool = False, **settings: Any
 ) -> FastAPI:
-    """The FastAPI application (see :mod:`hladr.service` for the endpoints); its
-    :class:`~.core.Service` is ``app.state.service``.
+    """The FastAPI application (see :mod:`hladr.service` for the endpoints).
 
     Parameters
     ----------
     db_path
-        The service's job database (SQLite); uploads wait beside it (``<db>.files``) or in ``data_dir``.
+        The service's job database (SQLite); uploads wait beside it (``<db>.files``) unless
+        ``data_dir`` is given.
     tokens
         The callers' tokens (:class:`~.auth.TokenRegistry`).
-    workers, queue_size
-        Worker processes; analyses that may wait beyond them (more: 503).
-    upload_limit, max_uploads, read_timeout
-        Largest file part in bytes; uploads received at once (more: 503); seconds a client may
-        stay silent while sending (408).
-    grace, max_attempts, job_timeout
-        Seconds running jobs get at shutdown; runs of an analysis whose worker dies before it is
-        ``failed``; seconds a job may run.
     docs
         Serve ``/docs`` and ``/openapi.json`` (without a token).
-    results_store
-        The results database the batch and the API use (:class:`hladr.Store`); every finished
-        analysis (with its calibration) and every stratification of one is also filed there, so
-        that the service and the batch keep one record (``hladr serve --store``).
+    **settings
+        The service's limits and stores (``workers``, ``queue_size``, ``upload_limit``, ...): the
+        keyword arguments of :class:`~.core.Service`, which the app keeps as ``app.state.service``.
     """
     from .. import __version__
 
-    service = Service(
-        db_path,
-        workers=workers,
-        queue_size=queue_size,
-        upload_limit=upload_limit,
-        data_dir=data_dir,
-        max_uploads=max_uploads,
-        read_timeout=read_timeout,
-        grace=grace,
-        max_attempts=max_attempts,
-        job_timeout=job_timeout,
-        results_store=results_store,
-    )
+    service = Service(db_path, **settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
-        import asyncio
-
         service.start()
+        housekeeping = asyncio.create_task(service.expire_failed_uploads_periodically())
         yield
+        housekeeping.cancel()
         await asyncio.to_thread(service.stop)
 
     app = FastAPI(
@@ -104,10 +74,53 @@ def create_app(
     app.add_middleware(  # outermost of the app's own middleware: nothing is read before it
         Gate,
         tokens=tokens,
-        max_body=2 * upload_limit + (1 << 20),
+        max_body=2 * service.upload_limit + (1 << 20),
         public={"/v1/health"} | ({"/docs", "/openapi.json"} if docs else set()),
     )
     return app
+
+
+class HeaderTimeout(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request headers have not all arrived
+    :attr:`header_timeout` s after it opened (or after its last request's first byte). uvicorn has
+    no such limit: a client sending nothing, or a header a byte a minute, held a connection."""
+
+    header_timeout = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_headers()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._await_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
+        super().connection_lost(exc)
+
+    def _await_headers(self) -> None:
+        """A timer while a request's headers are due (h11: the client is IDLE); none otherwise."""
+        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+            self._stop_timer()
+        elif self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def _stop_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+    @classmethod
+    def after(cls, seconds: float) -> type["HeaderTimeout"]:
+        """This protocol with ``header_timeout = seconds`` (uvicorn's ``http`` setting takes a class)."""
+        return type(cls.__name__, (cls,), {"header_timeout": seconds})
 
 
 class Server(uvicorn.Server):

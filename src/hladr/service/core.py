@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from .workers import ShuttingDown, WorkerDied, WorkerPool
 log = logging.getLogger("hladr.service")
 
 DEFAULT_UPLOAD_LIMIT = 256 * 1024 * 1024
+#: seconds the upload of a failed analysis is kept for a retry
+KEEP_FAILED_S = 7 * 24 * 3600.0
 CALIBRATION_TIMEOUT_S = 300.0
 
 
@@ -97,8 +100,28 @@ class SharedResults:
 class Service:
     """One running service: its database, upload folder, worker pool and limits.
 
-    Parameters are those of :func:`hladr.service.create_app`. :meth:`start` and :meth:`stop` are
-    the app's lifespan; :meth:`stop_taking_work` is called at SIGTERM/SIGINT.
+    :meth:`start` and :meth:`stop` are the app's lifespan; :meth:`stop_taking_work` is called at
+    SIGTERM/SIGINT.
+
+    Parameters
+    ----------
+    db_path
+        The service's job database (SQLite).
+    workers, queue_size
+        Worker processes; analyses that may wait beyond them (more: 503).
+    upload_limit, data_dir, max_uploads, read_timeout
+        Largest file part in bytes; the upload folder (default: ``<db>.files``); uploads received
+        at once (more: 503); seconds a client may stay silent while sending (408).
+    grace, max_attempts, job_timeout
+        Seconds running jobs get at shutdown; runs of an analysis whose worker dies before it is
+        ``failed``; seconds a job may run.
+    keep_failed
+        Seconds the upload of a failed analysis is kept for a retry (then deleted; the analysis
+        stays ``failed``, and a retry asks for the file again).
+    results_store
+        The results database the batch and the API use (:class:`hladr.Store`); every finished
+        analysis (with its calibration) and every stratification of one is also filed there, so
+        that the service and the batch keep one record (``hladr serve --store``).
     """
 
     def __init__(
@@ -114,6 +137,7 @@ class Service:
         grace: float = 30.0,
         max_attempts: int = 3,
         job_timeout: float = 600.0,
+        keep_failed: float = KEEP_FAILED_S,
         results_store: str | os.PathLike | None = None,
     ):
         self.db = ServiceDB(db_path)
@@ -129,12 +153,13 @@ class Service:
         )
         self.capacity = max(1, workers) + queue_size
         self.upload_limit, self.read_timeout, self.grace = upload_limit, read_timeout, grace
+        self.keep_failed = keep_failed
         self._upload_slots = asyncio.Semaphore(max_uploads)
 
     # --- life ------------------------------------------------------------------------------------
     def start(self) -> None:
         """Delete uploads no job needs; start the workers (the backlog drains in the background)."""
-        sweep(self.folder, self.db.needed_files())
+        sweep(self.folder, self.db.needed_files(failed_since=time.time() - self.keep_failed))
         self.pool.start()
 
     def stop_taking_work(self) -> None:
@@ -170,6 +195,32 @@ class Service:
             self.db.finish(row["id"], None, reason, out.get("error_type") or "Error")
         sha = row["sample_sha256"]
         self.db.release_file(sha, lambda: self.upload_path(sha).unlink(missing_ok=True))
+
+    def expire_failed_uploads(self) -> int:
+        """Delete the uploads of analyses failed longer than ``keep_failed`` s ago (they stay
+        ``failed``; a retry then asks for the file again); how many were deleted."""
+        cutoff = time.time() - self.keep_failed
+        deleted = 0
+        for sha in self.db.failed_before(cutoff):
+            path = self.upload_path(sha)
+            if path.exists():
+                self.db.release_file(sha, lambda path=path: path.unlink(missing_ok=True), failed_since=cutoff)
+                deleted += not path.exists()
+        return deleted
+
+    async def expire_failed_uploads_periodically(self) -> None:
+        """:meth:`expire_failed_uploads` every tenth of the retention period (1 s to 1 h), for ever."""
+        while True:
+            await asyncio.sleep(min(3600.0, max(1.0, self.keep_failed / 10)))
+            try:
+                deleted = await asyncio.to_thread(self.expire_failed_uploads)
+            except (OSError, sqlite3.Error) as exc:
+                log.error("deleting the uploads of old failed analyses: %s", exc)
+                continue
+            if deleted:
+                log.info(
+                    "deleted the uploads of %d analyses failed over %.0f s ago", deleted, self.keep_failed
+                )
 
     def check_capacity(self) -> None:
         """503 when the queue is full."""
