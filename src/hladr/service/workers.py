@@ -63,9 +63,10 @@ def _die_with(parent: int) -> None:
 
 def analyze(path: str, calibration: dict[str, Any]) -> dict[str, Any]:
     """The pipeline on one uploaded tube: ``{"status": "ok", "result": {...}}``, or the failure
-    (:meth:`hladr.pipeline.Failure.to_dict`)."""
+    (:meth:`hladr.errors.Failure.to_dict`)."""
     from ..calibration import Calibration
-    from ..pipeline import Failure, try_analysis
+    from ..errors import Failure
+    from ..pipeline import try_analysis
 
     try:
         bead_curve = Calibration.from_dict(calibration)
