@@ -138,7 +138,7 @@ def test_flowkit_applies_the_exported_gates_and_finds_the_same_monocytes(
     assert agreement(flowkit, gating.monocytes) >= 0.99
     assert agreement(flowkit, gating.monocytes) == pytest.approx(ours, abs=1e-3)
     # fed back as user gates, the same monocytes come out (a cytometrist's round trip)
-    assert agreement(user_gate(sample, tmp_path / "g.xml") & gating.singlets, gating.monocytes) >= 0.99
+    assert agreement(user_gate(sample, tmp_path / "g.xml").mask & gating.singlets, gating.monocytes) >= 0.99
 
 
 def test_real_a2004_exported_gates_reproduce_its_monocytes_in_flowkit(tmp_path):
@@ -156,9 +156,9 @@ def test_gate_name_chooses_the_gate_and_unknown_names_are_clear_errors(run, tmp_
     panel = resolve_panel(sample)
     gating = gate_monocytes(sample, panel)
     write_gatingml(tmp_path / "g.xml", sample, gating, panel)
-    scatter = user_gate(sample, tmp_path / "g.xml", gate_name="scatter")
+    scatter = user_gate(sample, tmp_path / "g.xml", gate_name="scatter").mask
     assert scatter.sum() > gating.monocytes.sum() and not (gating.monocytes & ~scatter).any()
-    assert np.array_equal(user_gate(sample, tmp_path / "g.xml", gate_name="singlets/scatter"), scatter)
+    assert np.array_equal(user_gate(sample, tmp_path / "g.xml", gate_name="singlets/scatter").mask, scatter)
     with pytest.raises(
         GatingError,
         match="no gate named 'Lymphocytes' in g.xml; gates: singlets, "
@@ -184,7 +184,7 @@ def test_a_workspace_that_names_the_tube_is_applied_to_it():
     require_real()
     folder = REAL_DIR / "FlowKit" / "synthetic"
     sample = hladr.read_fcs(folder / "data_set_simple_line_100.fcs", lenient=True)
-    membership = user_gate(sample, folder / "simple_poly_and_rect.wsp", gate_name="rect1")
+    membership = user_gate(sample, folder / "simple_poly_and_rect.wsp", gate_name="rect1").mask
     assert membership.dtype == bool and membership.shape == (sample.n_events,)
     with pytest.raises(
         GatingError, match="no monocyte gate in simple_poly_and_rect.wsp .*; gates: poly1, rect1"

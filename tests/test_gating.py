@@ -13,8 +13,9 @@ import hladr
 from hladr.analysis import analyze, gates_disagree, statistic_ci95
 from hladr.calibration import calibrate
 from hladr.errors import GatingError
-from hladr.gating import MIN_MONOCYTES, JointGate, gate_monocytes, user_gate
+from hladr.gating import JointGate, gate_monocytes, user_gate
 from hladr.panel import resolve_panel
+from hladr.qc import DEFAULT_POLICY
 from hladr.simulate import MONOCYTE_CODES, POPULATIONS, draw_severe_sepsis, simulate_beads, simulate_blood
 from tests.conftest import REAL_DIR, require_real
 
@@ -63,7 +64,7 @@ def test_gatingml_polygon_gate_is_applied_exactly_and_measures_truth(tmp_path, c
     gml = _gatingml(tmp_path / "gates.xml", "PerCP-Cy5-5-A", "SSC-A", polygon)
 
     expected = PolygonPath(polygon).contains_points(sample.events[:, [cd14, ssc]])
-    np.testing.assert_array_equal(user_gate(sample, gml), expected)
+    np.testing.assert_array_equal(user_gate(sample, gml).mask, expected)
 
     result = analyze(sample, canto_beads, gates=gml)
     assert result.gate_method == "user:gates.xml"
@@ -87,7 +88,7 @@ def test_flowkit_reference_gatingml_has_no_monocyte_gate():
     gml = REAL_DIR / "FlowKit" / "gatingml" / "gml_all_gates.xml"
     with pytest.raises(GatingError, match="gml_all_gates.xml"):
         user_gate(sample, gml)
-    assert user_gate(sample, gml, gate_name="Rectangle1").dtype == bool
+    assert user_gate(sample, gml, gate_name="Rectangle1").mask.dtype == bool
 
 
 def test_flowjo_9_workspace_is_a_clear_error():
@@ -233,7 +234,7 @@ def test_too_few_monocytes_are_refused_with_the_count(tmp_path):
     simulate_blood(tmp_path / "p.fcs", "canto", 4000, seed=63, n_events=8000, monocyte_fraction=0.004)
     sample = hladr.read_fcs(tmp_path / "p.fcs")
     true_count = int(np.isin(np.load(tmp_path / "p.labels.npy"), MONOCYTE_CODES).sum())
-    assert true_count < MIN_MONOCYTES
+    assert true_count < DEFAULT_POLICY.min_monocytes_gate
     with pytest.raises(GatingError, match=r"only \d+ monocytes \(at least 50 are needed") as info:
         gate_monocytes(sample, resolve_panel(sample))
     assert "p.fcs" in str(info.value)

@@ -134,7 +134,7 @@ def analyze(
     panel = panel or resolve_panel(sample, hladr=hladr, cd14=cd14, cd45=cd45)
     hashing = threading.Thread(target=_hash_quietly, args=(sample,), daemon=True)
     hashing.start()  # hashlib releases the GIL: the file's SHA-256 is computed while gating runs
-    gating = gating or gate_monocytes(sample, panel, gates=gates, seed=seed)
+    gating = gating or gate_monocytes(sample, panel, gates=gates, seed=seed, policy=policy)
     flags: list[str] = list(panel.warnings and ["panel_from_naming"]) + list(gating.flags)
     flags += _compatibility_flags(sample, calibration, panel, policy)
     if not calibration.passed:
@@ -209,6 +209,7 @@ def analyze(
             "panel_sources": panel.sources,
             "panel_notes": list(panel.warnings),
             "thresholds": gating.thresholds,
+            "gating_sequence": gating.sequence,
             "qc_policy": policy.to_dict(),
         },
     )

@@ -88,18 +88,29 @@ def compensate_columns(
 
 
 @njit(cache=True, parallel=True)
-def finite_rows(events: np.ndarray) -> np.ndarray:
-    """True for each row of ``events`` without NaN or infinity."""
+def finite_and_inside(
+    events: np.ndarray, columns: np.ndarray, tops: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of ``events``: no NaN or infinity in any column; and ``0 < value < tops[k]`` in
+    each column ``columns[k]`` (one pass over the events)."""
     n, p = events.shape
-    out = np.empty(n, dtype=np.bool_)
+    finite = np.empty(n, dtype=np.bool_)
+    inside = np.empty(n, dtype=np.bool_)
     for i in prange(n):
         ok = True
         for j in range(p):
             if not np.isfinite(events[i, j]):
                 ok = False
                 break
-        out[i] = ok
-    return out
+        finite[i] = ok
+        within = True
+        for k in range(columns.size):
+            v = events[i, columns[k]]
+            if not (v > 0 and v < tops[k]):
+                within = False
+                break
+        inside[i] = within
+    return finite, inside
 
 
 #: Fixed work split of the parallel accumulating kernels: sums do not depend on the core count.

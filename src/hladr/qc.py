@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
+from .classify import THRESHOLD
 from .preanalytics import STABILITY_WINDOWS, STORAGE_WORDS, PreAnalytics, StabilityWindow, preanalytic_flags
 
 Severity = Literal["fail", "warn", "info"]
@@ -58,8 +59,9 @@ RULES: tuple[Rule, ...] = tuple(Rule(code, severity, rule) for code, severity, r
     ("wide_interval", "warn", "the 95 % interval is wider than `wide_interval_pct` % either side"),
     ("fallback_gating", "warn", "the joint gate failed its checks: the density gate or clustering answered"),
     ("gates_disagree", "warn", "an alternative gate's monocytes give a value outside the 95 % interval"),
-    ("nonfinite_events", "warn", "events with NaN or infinite values dropped (over 5 % refuse the file)"),
-    ("time_gate_removed", "warn", "more than 10 % of events dropped by the time gate (a clog)"),
+    ("nonfinite_events", "warn", "events with NaN or infinite values dropped (over `max_nonfinite_fraction` "
+     "refuse the file)"),
+    ("time_gate_removed", "warn", "more than `time_gate_warn` of events dropped by the time gate (a clog)"),
     ("no_granulocytes", "warn", "no granulocyte population (PBMC rather than lysed whole blood?)"),
     ("panel_from_naming", "warn", "a channel role came from instrument naming, not `$PnS` markers"),
     ("no_scatter", "info", "mass cytometry: gated on DNA, CD45 and CD14 only"),
@@ -105,6 +107,8 @@ class QCPolicy:
 
     Attributes
     ----------
+    threshold
+        AB/C below which a reportable value is immunoparalysis (:data:`hladr.classify.THRESHOLD`).
     min_monocytes, min_monocytes_fail
         Monocytes below which ``few_monocytes`` warns / ``too_few_monocytes`` fails.
     saturated_warn, saturated_fail
@@ -117,6 +121,16 @@ class QCPolicy:
         Relative difference above which a voltage or gain counts as different.
     reference_protocol
         The lab's declared staining protocol; another one warns ``protocol_differs``.
+    min_monocytes_gate
+        An automatic monocyte gate finding fewer monocytes is not used; when no gate finds more, the
+        tube is refused (too few to measure).
+    monocyte_percent_range
+        Plausible monocytes, in % of the leukocytes: an automatic gate's answer outside it is not used.
+    max_nonfinite_fraction
+        Events holding NaN or infinite values are dropped (``nonfinite_events`` warns) up to this
+        share of the tube; more refuse the file.
+    time_gate_warn
+        A time gate removing more than this share of the events warns (``time_gate_removed``).
     stability_windows
         How long after collection each tube type (and storage) may be stained
         (:data:`hladr.preanalytics.STABILITY_WINDOWS`, sources in docs/reagents.md).
@@ -125,6 +139,7 @@ class QCPolicy:
     """
 
     version: str = "qc/1"
+    threshold: float = THRESHOLD
     min_monocytes: int = 3_000
     min_monocytes_fail: int = 500
     saturated_warn: float = 0.005
@@ -133,6 +148,10 @@ class QCPolicy:
     wide_interval_pct: float = 25.0
     settings_rel_tol: float = 1e-6
     reference_protocol: str = "lyse-wash"
+    min_monocytes_gate: int = 50
+    monocyte_percent_range: tuple[float, float] = (0.1, 50.0)
+    max_nonfinite_fraction: float = 0.05
+    time_gate_warn: float = 0.10
     stability_windows: tuple[StabilityWindow, ...] = STABILITY_WINDOWS
     rules: tuple[Rule, ...] = field(default=RULES)
 
@@ -227,6 +246,7 @@ class QCPolicy:
         """The policy as recorded in ``provenance.qc_policy``: thresholds and ``{code: severity}``."""
         skip = ("rules", "stability_windows")
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
+        out["monocyte_percent_range"] = list(self.monocyte_percent_range)  # its JSON form
         out["stability_windows"] = [asdict(w) for w in self.stability_windows]
         out["severities"] = {r.code: r.severity for r in self.rules}
         return out
@@ -234,9 +254,11 @@ class QCPolicy:
 
 def _shown(value: Any) -> str:
     """A threshold in a rule's words: fractions in %, windows as "tube storage: N h"."""
-    if isinstance(value, tuple):
+    if isinstance(value, tuple) and all(isinstance(w, StabilityWindow) for w in value):
         return ", ".join(f"{w.tube}{' ' + STORAGE_WORDS[w.storage] if w.storage else ''} {w.hours:g} h"
                          for w in value)
+    if isinstance(value, tuple):
+        return "-".join(f"{v:,g}" for v in value)
     if isinstance(value, str):
         return value
     return f"{100 * value:g} %" if isinstance(value, float) and value < 1 else f"{value:,g}"
