@@ -183,7 +183,7 @@ def test_real_files_as_patient_tubes_never_crash():
 
 @pytest.mark.parametrize("statistic", ["median", "geomean"])
 def test_exact_bootstrap_interval_matches_resampling(statistic):
-    from hladr.analysis import statistic_ci95
+    from hladr.pipeline import statistic_ci95
 
     rng = np.random.default_rng(0)
     values = rng.lognormal(8, 0.4, 2001)

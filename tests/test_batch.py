@@ -174,7 +174,7 @@ def test_malformed_manifest_is_a_batch_error(tmp_path: Path, text: str, message:
 def test_unusable_arguments_exit_2(export: Path, tmp_path: Path, capsys, monkeypatch):
     from hladr.cli import main
 
-    monkeypatch.setattr(batch, "DASK_CONNECT_TIMEOUT", "1s")
+    monkeypatch.setattr(batch.executors, "DASK_CONNECT_TIMEOUT", "1s")
     assert main(["batch", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == batch.EXIT_USAGE
     assert "export folder not found" in capsys.readouterr().err
     assert main(["batch", str(export), "--out", str(tmp_path / "o"), "--jobs", "0"]) == batch.EXIT_USAGE
@@ -203,7 +203,7 @@ def test_journal_ignores_a_torn_line_and_appends_on_a_new_one(tmp_path: Path):
 
 
 def test_local_workers_is_memory_aware(monkeypatch):
-    monkeypatch.setattr(batch, "available_memory", lambda: 2 * 2**30)
+    monkeypatch.setattr(batch.executors, "available_memory", lambda: 2 * 2**30)
     # 1M events x 12 channels x 8 bytes x EVENT_FACTOR + base: ~1.1 GB per worker: 1 fits in 80 % of 2 GB
     assert batch.local_workers(4, 1_000_000 * 12 * 8, 100) == 1
     assert batch.local_workers(4, 100_000 * 12 * 8, 100) == 3
@@ -328,7 +328,7 @@ def worker_that_dies(workers: int) -> None:
 
 def test_workers_that_die_at_start_are_recorded_not_raised(engine_export: Path, tmp_path: Path,
                                                             monkeypatch):
-    monkeypatch.setattr(batch, "_init_worker", worker_that_dies)
+    monkeypatch.setattr(batch.executors, "init_worker", worker_that_dies)
     summary = run_batch(engine_export, tmp_path / "out", jobs=2, progress=False, plots=False, tasks=FAKES,
                         **FAKE_LOT)
     assert summary.ok == 0 and summary.exit_code == batch.EXIT_NOT_REPORTABLE
@@ -569,7 +569,8 @@ def test_simulated_export_kill_9_and_resume(sim_export, sim_reference, tmp_path:
 
 
 def test_analyze_task_reuses_discoverys_sha256_only_for_an_unchanged_file(tmp_path: Path):
-    from hladr.batch import _identity, analyze_task, calibrate_task
+    from hladr.batch import analyze_task, calibrate_task
+    from hladr.batch.discover import _identity
 
     cal = calibrate_task(str(SAMPLE_DIR / "beads.fcs"), None, QB)["calibration"]
     patient = tmp_path / "p.fcs"

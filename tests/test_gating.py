@@ -10,11 +10,12 @@ import pytest
 from matplotlib.path import Path as PolygonPath
 
 import hladr
-from hladr.analysis import analyze, gates_disagree, statistic_ci95
+from hladr.analysis import analyze
 from hladr.calibration import calibrate
 from hladr.errors import GatingError
 from hladr.gating import JointGate, gate_monocytes, user_gate
 from hladr.panel import resolve_panel
+from hladr.pipeline import gates_disagree, statistic_ci95
 from hladr.qc import DEFAULT_POLICY
 from hladr.simulate import MONOCYTE_CODES, POPULATIONS, draw_severe_sepsis, simulate_beads, simulate_blood
 from tests.conftest import REAL_DIR, require_real

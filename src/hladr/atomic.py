@@ -7,13 +7,18 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str, encoding: str = "utf-8") -> Path:
+def atomic_write(
+    path: str | os.PathLike, data: bytes | str, encoding: str = "utf-8", *, parents: bool = False
+) -> Path:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part.
 
-    A filesystem fault (missing or read-only folder, full disk) raises ``OSError`` naming ``path``.
+    ``parents=True`` creates the missing folders above ``path`` first. A filesystem fault (missing
+    or read-only folder, full disk) raises ``OSError`` naming ``path``.
     """
     path = Path(path)
     try:
+        if parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         raise _naming(exc, path) from None

@@ -80,6 +80,10 @@ class AnalysisError(HladrError):
     """A patient tube cannot be analysed."""
 
 
+class OptionsError(HladrError):
+    """Analysis options contradict each other or hold an invalid value."""
+
+
 class SimulationError(HladrError):
     """The simulator was asked for something it cannot produce."""
 

@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write
 from .classify import NORMAL_MIN, SEVERE_MAX, THRESHOLD
 from .preanalytics import describe_handling
 from .reagent import describe_reagent
@@ -377,7 +378,5 @@ def write_report(path: str | os.PathLike, summary: Any, figures: bool = True) ->
     figures
         Draw the AB/C distribution and the bead curves.
     """
-    from .batch import write_atomic
-
     path = Path(path)
-    return write_atomic(path, render(summary, path.parent, figures))
+    return atomic_write(path, render(summary, path.parent, figures), parents=True)

@@ -3,7 +3,7 @@
 Each part is a 95 % half-width in log10 AB/C (the errors are multiplicative):
 
 ``sampling``
-    the exact bootstrap interval of the monocytes' statistic (:func:`hladr.analysis.statistic_ci95`),
+    the exact bootstrap interval of the monocytes' statistic (:func:`hladr.pipeline.statistic_ci95`),
     through the curve;
 ``calibration``
     the bead curve's regression prediction interval at the sample's MFI:

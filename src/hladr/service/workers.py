@@ -66,14 +66,14 @@ def _worker_main(conn: Connection, parent: int, workers: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when a running job stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.umask(0o077)
-    from ..batch import _init_worker, _warm_up, analyze_task, calibrate_task
+    from ..batch import analyze_task, calibrate_task, init_worker, warm_up
 
     tasks: dict[str, Callable[..., dict[str, Any]]] = {
         "analysis": lambda path, calibration: analyze_task(path, calibration, False),
         "calibration": calibrate_task,
     }
-    _init_worker(workers)
-    _warm_up()
+    init_worker(workers)
+    warm_up()
     conn.send(("ready",))
     while True:
         try:

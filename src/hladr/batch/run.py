@@ -1,0 +1,331 @@
+"""One batch run: plan the tasks (finished ones come from the journal), execute them (a finished
+calibration releases its patient tubes), record each in the journal and the results store, and
+collect the outputs."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import functools
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_write
+from ..fcs import sha256_file
+from .discover import Tube
+from .journal import Journal, _key
+from .outputs import _csv_text, _error_row, _now, _result_row, write_tables
+from .pairing import Job, LotSpec, calibrations_wanted
+
+
+@dataclass
+class _Task:
+    kind: str  # "calibration" | "sample"
+    key: str
+    args: tuple
+    job: Job | None = None
+    cal_key: str | None = None
+    bead: Tube | None = None
+    lot: LotSpec | None = None
+    crashes: int = 0
+
+
+def _handling_options(job: Job) -> dict[str, Any]:
+    """Keyword arguments of :func:`analyze_task` for the tube's reagent and pre-analytics (none when
+    the defaults apply)."""
+    options: dict[str, Any] = {}
+    if job.reagent is not None:
+        options["reagent"] = job.reagent
+    if job.preanalytics is not None:
+        options["preanalytics"] = job.preanalytics
+    return options
+
+
+@dataclass(frozen=True)
+class GatingOptions:
+    """How the batch gates: user gates (``gates``: one file for every tube, or a folder holding
+    ``<tube name>.xml`` / ``.wsp`` per tube), the gate's name, and whether to export the gates."""
+
+    gates: str | None = None
+    gate_name: str | None = None
+    gates_out: bool = False
+
+    def gates_for(self, tube: Tube) -> str | None:
+        """The gates file of one tube (a folder's missing file is returned, and reported by the worker)."""
+        if self.gates is None:
+            return None
+        folder = Path(self.gates)
+        if not folder.is_dir():
+            return str(folder.resolve())
+        stem = Path(tube.rel).stem
+        candidates = [folder / f"{stem}{suffix}" for suffix in (".xml", ".wsp", ".XML", ".WSP")]
+        return str(next((c for c in candidates if c.is_file()), candidates[0]).resolve())
+
+    def task_options(self, tube: Tube) -> dict[str, Any]:
+        """Keyword arguments of :func:`analyze_task` (none when the defaults apply)."""
+        options: dict[str, Any] = {}
+        if self.gates is not None:
+            options.update(gates=self.gates_for(tube), gate_name=self.gate_name)
+        if self.gates_out:
+            options["gates_out"] = True
+        return options
+
+    def key(self, tube: Tube) -> tuple:
+        """What of the gating enters a sample's journal key (nothing by default)."""
+        path = self.gates_for(tube)
+        if path is None:
+            return ()
+        return ("gates", path, _digest(path), self.gate_name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest(path: str) -> str:
+    """SHA-256 of a gates file ("missing" when absent), once per batch process."""
+    return sha256_file(path) if Path(path).is_file() else "missing"
+
+
+class _Run:
+    """One batch run: plan, execute, record, collect the outputs."""
+
+    def __init__(self, out: Path, plots: bool, journal: Journal, tubes: list[Tube], jobs: list[Job],
+                 default_lot: LotSpec, tasks: tuple[Callable[..., dict], Callable[..., dict]],
+                 store: Any = None, run_id: int | None = None, gating: GatingOptions | None = None):
+        from .. import __version__
+
+        self.store, self.run_id = store, run_id
+        self.gating = gating or GatingOptions()
+        self.store_calibration_ids: dict[str, int] = {}
+
+        self.out, self.plots, self.journal = out, plots, journal
+        self.calibrate_fn, self.analyze_fn = tasks
+        self.tubes, self.jobs, self.default_lot = tubes, jobs, default_lot
+        self.version = __version__
+        self.cal_records: dict[str, dict[str, Any]] = {}
+        self.sample_records: dict[str, dict[str, Any]] = {}
+        self.patients_of: dict[str, list[_Task]] = {}
+        self.reused = 0
+        self.dropped = 0
+        self.last_flush = 0.0
+
+    def cal_key(self, bead: Tube, lot: LotSpec) -> str:
+        return _key("calibration", bead.rel, bead.sha256, lot.lot, lot.values, self.version)
+
+    def sample_key(self, job: Job) -> str:
+        return _key("sample", job.tube.rel, job.tube.sha256, self.cal_key(job.bead, job.lot),
+                    *self.gating.key(job.tube), *sorted(_handling_options(job).items()))
+
+    # --- planning -------------------------------------------------------------------
+    def plan(self) -> tuple[list[_Task], list[_Task]]:
+        """Calibration and sample tasks still to compute; finished ones come from the journal."""
+        wanted = {self.cal_key(bead, lot): (bead, lot)
+                  for bead, lot in calibrations_wanted(self.tubes, self.jobs, self.default_lot)}
+        todo_cal: list[_Task] = []
+        for key, (bead, lot) in sorted(wanted.items(), key=lambda kv: (kv[1][0].rel, kv[1][1].label)):
+            record = self.journal.get(key)
+            if record is not None and record["status"] != "internal":
+                self.cal_records[key] = record
+                self.reused += 1
+                self._store(record, bead=bead)
+                continue
+            values = list(lot.values) if lot.values else None
+            todo_cal.append(_Task("calibration", key, (str(bead.path), lot.lot, values), bead=bead, lot=lot))
+        todo_samples: list[_Task] = []
+        for job in self.jobs:
+            if job.bead is None:
+                continue
+            key, cal_key = self.sample_key(job), self.cal_key(job.bead, job.lot)
+            record = self.journal.get(key)
+            if record is not None and record["status"] != "internal" and self._png_present(record):
+                self.sample_records[key] = record
+                self.reused += 1
+                self._store(record, job=job)
+                continue
+            known = {"sha256": job.tube.sha256, "identity": job.tube.identity}
+            task = _Task("sample", key, (str(job.tube.path), known), job=job, cal_key=cal_key)
+            self.patients_of.setdefault(cal_key, []).append(task)
+            if cal_key in self.cal_records and self.cal_records[cal_key]["status"] == "ok":
+                todo_samples.append(task)
+        return todo_cal, todo_samples
+
+    def _png_present(self, record: dict[str, Any]) -> bool:
+        if not self.plots or record["status"] != "ok":
+            return True
+        return bool(record.get("qc_png")) and (self.out / record["qc_png"]).exists() or bool(
+            record.get("plot_error"))
+
+    # --- execution ------------------------------------------------------------------
+    def execute(self, executor: cf.Executor, inflight_max: int, tasks: list[_Task], progress: Any,
+                make_executor: Callable[[], cf.Executor] | None) -> int:
+        """Run the tasks (a finished calibration releases its samples); returns how many ran."""
+        ready: deque[_Task] = deque(tasks)
+        inflight: dict[cf.Future, _Task] = {}
+        computed = 0
+        while ready or inflight:
+            while ready and len(inflight) < inflight_max:
+                task = ready.popleft()
+                try:
+                    inflight[self._submit(executor, task)] = task
+                except cf.process.BrokenProcessPool as exc:  # the pool broke before this task ran
+                    broken: cf.Future = cf.Future()
+                    broken.set_exception(exc)
+                    inflight[broken] = task  # handled below like a crash while running
+            done, _ = cf.wait(list(inflight), return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                if future not in inflight:  # requeued by a pool restart for an earlier future of `done`
+                    continue
+                task = inflight.pop(future)
+                try:
+                    outcome = future.result()
+                except cf.process.BrokenProcessPool:
+                    task.crashes += 1
+                    if make_executor is not None and task.crashes < 3:
+                        executor = self._restart(executor, make_executor, inflight, ready)
+                        ready.appendleft(task)
+                        continue
+                    outcome = {"status": "internal", "error_type": "WorkerDied", "reason":
+                               "the worker process died while working on this file (out of memory?)"}
+                except Exception as exc:  # noqa: BLE001 - e.g. a lost Dask worker; recorded, retried on resume
+                    outcome = {"status": "internal", "error_type": type(exc).__name__,
+                               "reason": f"{type(exc).__name__}: {exc}"}
+                dropped = self.dropped
+                ready.extend(self._record(task, outcome))
+                computed += 1
+                if self.dropped > dropped:  # a failed calibration: its patient tubes will not run
+                    progress.total -= self.dropped - dropped
+                progress.update(1)
+                if time.monotonic() - self.last_flush > 2.0:
+                    self.flush()
+        return computed
+
+    def _submit(self, executor: cf.Executor, task: _Task) -> cf.Future:
+        if task.kind == "calibration":
+            return executor.submit(self.calibrate_fn, *task.args)
+        calibration = self.cal_records[task.cal_key]["calibration"]
+        return executor.submit(self.analyze_fn, task.args[0], calibration, self.plots, task.args[1],
+                               **self.gating.task_options(task.job.tube), **_handling_options(task.job))
+
+    @staticmethod
+    def _restart(executor: cf.Executor, make_executor: Callable[[], cf.Executor],
+                 inflight: dict[cf.Future, _Task], ready: deque[_Task]) -> cf.Executor:
+        """A broken process pool: start a new one and requeue what was in flight."""
+        executor.shutdown(wait=False, cancel_futures=True)
+        for future, other in list(inflight.items()):
+            other.crashes += 1
+            ready.appendleft(other)
+            del inflight[future]
+        return make_executor()
+
+    def _record(self, task: _Task, outcome: dict[str, Any]) -> list[_Task]:
+        """Journal a finished task; returns the tasks it releases."""
+        record: dict[str, Any] = {"key": task.key, "kind": task.kind, "status": outcome["status"],
+                                  "seconds": outcome.get("seconds"), "finished": _now()}
+        for name in ("error_type", "reason", "calibration", "result", "plot_error", "gatingml_agreement"):
+            if outcome.get(name) is not None:
+                record[name] = outcome[name]
+        if task.kind == "calibration":
+            record.update(file=task.bead.rel, sha256=task.bead.sha256, lot=task.lot.label)
+            self.journal.add(record)
+            self._store(record, bead=task.bead)
+            self.cal_records[task.key] = record
+            patients = list(self.patients_of.get(task.key, []))
+            if record["status"] == "ok":
+                return patients
+            self.dropped += len(patients)
+            return []
+        record.update(file=task.job.tube.rel, sha256=task.job.tube.sha256)
+        if outcome.get("png"):
+            name = "qc/" + re.sub(r"[^\w.-]+", "_", task.job.tube.rel.replace("/", "__")) + ".png"
+            atomic_write(self.out / name, outcome["png"], parents=True)
+            record["qc_png"] = name
+        if outcome.get("gatingml"):
+            name = "gates/" + re.sub(r"[^\w.-]+", "_", task.job.tube.rel.replace("/", "__")) + ".xml"
+            atomic_write(self.out / name, outcome["gatingml"], parents=True)
+            record["gates_xml"] = name
+        self.journal.add(record)
+        self._store(record, job=task.job)
+        self.sample_records[task.key] = record
+        return []
+
+    def _store(self, record: dict[str, Any], bead: Tube | None = None, job: Job | None = None) -> None:
+        """Write a finished record to the results store (idempotent: keyed by the files' SHA-256)."""
+        if self.store is None:
+            return
+        tube = bead or job.tube
+        if record["status"] != "ok":
+            stage = "calibration" if bead is not None else "analysis"
+            self.store.add_failure(tube.sha256, stage, record.get("reason", ""), file=tube.rel,
+                                   error_type=record.get("error_type"), run_id=self.run_id)
+            return
+        if bead is not None:
+            self.store_calibration_ids[record["key"]] = self.store.add_calibration(
+                record["calibration"], run_id=self.run_id, file=bead.rel, lot=record.get("lot"),
+                bead_sha256=bead.sha256)
+            return
+        cal_key = self.cal_key(job.bead, job.lot)
+        if cal_key not in self.store_calibration_ids and cal_key in self.cal_records:
+            self._store(self.cal_records[cal_key], bead=job.bead)
+        collected = job.collected_at or (job.tube.acquired.isoformat() if job.tube.acquired else None)
+        with self.store.transaction():
+            result_id = self.store.add_result(
+                record["result"], calibration_id=self.store_calibration_ids.get(cal_key), file=job.tube.rel,
+                patient_id=job.patient_id, collected_at=collected, run_id=self.run_id)
+            if job.ferritin is not None:
+                from ..classify import stratify
+
+                self.store.add_decision(result_id, stratify(record["result"], job.ferritin))
+
+    # --- outputs --------------------------------------------------------------------
+    def flush(self) -> None:
+        """Rewrite the tables from what is finished so far (atomically)."""
+        self.last_flush = time.monotonic()
+        write_tables(self.out, *self.collect())
+        atomic_write(self.out / "ignored.csv", _csv_text(self.ignored(), ("file", "role", "reason")),
+                     parents=True)
+
+    def collect(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+        """Results, errors and calibrations of this run's plan, from the finished records."""
+        results: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        for tube in self.tubes:
+            if tube.error is not None:
+                stage = "manifest" if tube.error_type == "ManifestError" else "discovery"
+                errors.append(_error_row(tube.rel, tube.role or "unknown", stage, tube.error_type or "Error",
+                                         tube.error))
+        calibrations = sorted(self.cal_records.values(), key=lambda r: (r["file"], r.get("lot", "")))
+        for record in calibrations:
+            if record["status"] != "ok":
+                errors.append(_error_row(record["file"], "beads", "calibration", record.get("error_type", ""),
+                                         record.get("reason", "")))
+        for job in self.jobs:
+            pid = job.patient_id
+            if job.bead is None:
+                kind = "PairingError" if job.stage == "pairing" else "ManifestError"
+                errors.append(_error_row(job.tube.rel, "patient", job.stage, kind, job.reason or "",
+                                         None, pid))
+                continue
+            cal = self.cal_records.get(self.cal_key(job.bead, job.lot))
+            if cal is not None and cal["status"] != "ok":
+                errors.append(_error_row(
+                    job.tube.rel, "patient", "calibration", cal.get("error_type", ""),
+                    f"its bead tube {job.bead.rel} failed calibration: {cal.get('reason', '')}",
+                    job.bead.rel, pid))
+                continue
+            record = self.sample_records.get(self.sample_key(job))
+            if record is None:
+                continue
+            if record["status"] != "ok":
+                errors.append(_error_row(job.tube.rel, "patient", "analysis", record.get("error_type", ""),
+                                         record.get("reason", ""), job.bead.rel, pid))
+                continue
+            results.append(_result_row(record, job))
+        errors.sort(key=lambda e: e["file"])
+        return results, errors, calibrations
+
+    def ignored(self) -> list[dict[str, Any]]:
+        """Every tube left out of the analysis (controls, files the manifest skips), with the reason."""
+        return [{"file": t.rel, "role": t.role, "reason": t.role_reason}
+                for t in self.tubes if t.role == "ignore" and t.error is None]
