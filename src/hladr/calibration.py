@@ -34,6 +34,7 @@ from .datafiles import find_named, json_files, read_json_object, search_dirs
 from .errors import CalibrationError, LotFileError
 from .fcs import Sample
 from .panel import channel_dye
+from .qc import evaluate_calibration
 
 #: QC thresholds (documented in docs/calibration.md).
 MIN_R2 = 0.99
@@ -48,18 +49,6 @@ AUTOFLUORESCENCE_FACTOR = 3.0
 #: Two assignments whose scores (rms decades + penalties) differ by less than this are ambiguous.
 AMBIGUITY_MARGIN = 0.01
 MAX_ASSIGNMENT_RMS = 0.04
-#: Flags that make a calibration fail; the others only warn.
-FAILING_FLAGS = {
-    "too_few_peaks",
-    "low_r2",
-    "slope_out_of_range",
-    "too_few_bead_events",
-    "missing_level",
-    "unassigned_population",
-    "ambiguous_assignment",
-    "lot_expired",
-}
-
 _PE_NAME = re.compile(r"^(pe|fl2|fl-2)([-_ ]?(a|h|area|height|int|log|lin|peak))?$", re.IGNORECASE)
 _PE_MARKER = re.compile(r"(^|[^a-z])pe($|[^a-z-])|^pe$", re.IGNORECASE)
 
@@ -276,7 +265,7 @@ class Calibration:
         }
 
     def failure_message(self) -> str:
-        failing = [f for f in self.qc["flags"] if f.split(":")[0] in FAILING_FLAGS]
+        failing = evaluate_calibration(self.qc["flags"]).flags
         found = ", ".join(f"{m:,.0f}" for m in self.mfi if m is not None) or "none"
         return f"bead calibration failed QC ({'; '.join(failing)}); peak MFIs found: {found}"
 
@@ -670,7 +659,7 @@ def calibrate(
     for li in levels:
         if cvs[li] is not None and cvs[li] > MAX_PEAK_CV and li != levels[0]:
             flags.append(f"wide_peak_cv:level{li + 1}={cvs[li]:.2f}")
-    passed = not any(f.split(":")[0] in FAILING_FLAGS for f in flags)
+    passed = evaluate_calibration(flags).reportable
     cal = Calibration(
         mfi=mfi,
         peaks_used=levels,

@@ -257,6 +257,7 @@ def run_analysis(
         identity_source={k: v[1] if v else None for k, v in identity.items()},
         acquired=acquired.isoformat() if acquired else None,
         gates=gating.gates,
+        threshold=policy.threshold,
         reagent=reagent.to_dict(),
         preanalytics=preanalytics.to_dict(acquired) if preanalytics is not None else None,
         provenance={

@@ -79,6 +79,45 @@ RULES: tuple[Rule, ...] = tuple(Rule(code, severity, rule) for code, severity, r
 ))
 
 
+#: Every flag a bead calibration can carry (``Calibration.qc``; thresholds in :mod:`hladr.calibration`,
+#: docs/calibration.md): a failing one fails the calibration, and a failed calibration fails every
+#: patient tube measured with it (``calibration_failed``).
+CALIBRATION_RULES: tuple[Rule, ...] = tuple(Rule(code, severity, rule) for code, severity, rule in (
+    ("too_few_peaks", "fail", "fewer than MIN_PEAKS levels fitted"),
+    ("low_r2", "fail", "r² of the log-log fit below MIN_R2"),
+    ("slope_out_of_range", "fail", "slope outside SLOPE_RANGE on a linear channel (log-log model)"),
+    ("too_few_bead_events", "fail", "fewer than MIN_BEAD_EVENTS singlet beads"),
+    ("missing_level", "fail", "a lit level without a population, neither saturated nor below the noise"),
+    ("unassigned_population", "fail", "a population of a level's size left without a level"),
+    ("ambiguous_assignment", "fail", "another assignment scores within AMBIGUITY_MARGIN of the best"),
+    ("lot_expired", "fail", "the lot's expiry is before the bead tube's acquisition date"),
+    ("level_saturated", "warn", "a level the curve puts above the channel's maximum"),
+    ("level_below_noise", "warn", "a level the curve puts below the noise floor"),
+    ("level_not_fitted", "warn", "a level found but not fitted (noise floor, or close to the blank)"),
+    ("wide_peak_cv", "warn", "a fitted level (not the dimmest) with a CV over MAX_PEAK_CV"),
+))
+
+
+def _severity(rules: Iterable[Rule], flag: str) -> Severity:
+    """Severity of a flag (``code`` or ``code:detail``) under ``rules``; an unknown code warns."""
+    code = flag.split(":", 1)[0]
+    return next((rule.severity for rule in rules if rule.code == code), "warn")
+
+
+def _evaluate(rules: Iterable[Rule], flags: Iterable[str]) -> QCOutcome:
+    """Flags sorted by severity under ``rules`` (each kept once, in order)."""
+    rules = tuple(rules)
+    by: dict[str, list[str]] = {s: [] for s in SEVERITIES}
+    for flag in dict.fromkeys(flags):
+        by[_severity(rules, flag)].append(flag)
+    return QCOutcome(tuple(by["fail"]), tuple(by["warn"]), tuple(by["info"]))
+
+
+def evaluate_calibration(flags: Iterable[str]) -> QCOutcome:
+    """A bead calibration's flags sorted by :data:`CALIBRATION_RULES` (``reportable``: it passed)."""
+    return _evaluate(CALIBRATION_RULES, flags)
+
+
 @dataclass(frozen=True)
 class QCOutcome:
     """A tube's flags sorted by severity."""
@@ -157,11 +196,7 @@ class QCPolicy:
 
     def severity(self, flag: str) -> Severity:
         """Severity of a flag (``code`` or ``code:detail``); an unknown code warns."""
-        code = flag.split(":", 1)[0]
-        for rule in self.rules:
-            if rule.code == code:
-                return rule.severity
-        return "warn"
+        return _severity(self.rules, flag)
 
     def explain(self, flag: str) -> str:
         """The rule behind a flag in words, with this policy's thresholds filled in ("" if unknown)."""
@@ -180,10 +215,7 @@ class QCPolicy:
 
     def evaluate(self, flags: Iterable[str]) -> QCOutcome:
         """Sort flags by severity (each kept once, in order)."""
-        by: dict[str, list[str]] = {s: [] for s in SEVERITIES}
-        for flag in dict.fromkeys(flags):
-            by[self.severity(flag)].append(flag)
-        return QCOutcome(tuple(by["fail"]), tuple(by["warn"]), tuple(by["info"]))
+        return _evaluate(self.rules, flags)
 
     # --- the measurement's checks ------------------------------------------------------------
     def monocyte_flags(self, n_monocytes: int, saturated_fraction: float | None) -> list[str]:
