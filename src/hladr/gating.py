@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage, stats
 
 from . import kernels
 from .errors import GatingError, PanelError
@@ -406,7 +407,7 @@ def _valley(
     counts = kernels.histogram(values, lo, hi, bins)
     if counts.sum() < 50:
         return float("nan"), 1.0
-    smooth = kernels.gaussian_smooth(counts, sigma)
+    smooth = ndimage.gaussian_filter1d(counts, sigma, mode="constant", radius=int(4 * sigma) + 1)
     highest_before = np.maximum.accumulate(smooth)  # [k]: max of smooth[: k + 1]
     highest_after = np.maximum.accumulate(smooth[::-1])[::-1]  # [k]: max of smooth[k:]
     k = np.arange(2, bins - 2)
@@ -427,10 +428,10 @@ def _thin(x: np.ndarray, limit: int = 200_000) -> np.ndarray:
 
 
 def _robust(x: np.ndarray) -> tuple[float, float]:
-    """Median and MAD-based SD (of at most 200,000 values)."""
+    """Median and MAD-based SD (the MAD scaled to a normal SD; of at most 200,000 values)."""
     x = _thin(x)
     med = float(np.median(x))
-    return med, float(1.4826 * np.median(np.abs(x - med))) or 1e-3
+    return med, float(stats.median_abs_deviation(x, scale="normal")) or 1e-3
 
 
 # --- the gates (each a Gate: (tube, parent population) -> GateOutcome) ----------------------------
@@ -471,12 +472,11 @@ def time_gate(tube: Tube, keep: np.ndarray, bins: int = 100) -> GateOutcome:
         return GateOutcome(keep, {"note": "no time channel" if panel.time is None else "too few events"})
     t = sample.events[:, sample.index(panel.time)]
     n_bins = int(min(bins, max(10, keep.sum() // 400)))
-    kept_t = t[keep]
+    first, last = kernels.kept_range(t, keep)
+    lo, hi = float(first), float(last) + 1e-9
     signal_channel = panel["FSC-A"] or panel["DNA"]
     signal = sample.events[:, sample.index(signal_channel)] if signal_channel else np.ones_like(t)
-    which, rate, sums = kernels.time_bins(
-        t, signal, keep, float(kept_t.min()), float(kept_t.max()) + 1e-9, n_bins
-    )
+    rate, sums = kernels.time_bins(t, signal, keep, lo, hi, n_bins)
     level = np.where(rate > 5, 10 ** (sums / np.maximum(rate, 1)), np.nan)  # geometric mean signal per bin
     med_rate, med_level = np.median(rate), np.nanmedian(level)
     bad = (rate < 0.5 * med_rate) | (np.abs(level / med_level - 1) > 0.15)
@@ -487,7 +487,7 @@ def time_gate(tube: Tube, keep: np.ndarray, bins: int = 100) -> GateOutcome:
         bad = np.convolve(runs.astype(int), [1, 1, 1], mode="same") > 0
     else:
         bad[:] = False  # no stable baseline: do not gate on time
-    timed = keep & ~bad[which]
+    timed = kernels.outside_bins(t, keep, lo, hi, bad) if bad.any() else keep
     n_in = keep.sum()
     removed = (n_in - timed.sum()) / n_in if n_in else 0.0
     flags = (f"time_gate_removed:{removed:.0%}",) if removed > tube.policy.time_gate_warn else ()
@@ -736,7 +736,7 @@ def monocyte_gate_joint(tube: Tube, leuk: np.ndarray, bounds: JointGate | None =
     bright = np.flatnonzero(leuk & (cd14 > valley))
     x_bright = features(bright)
     med = np.median(_thin(x_bright, 20_000), axis=0)
-    in_box = np.all(np.abs(x_bright - med) <= bounds.core_sd * _mad_sd(_thin(x_bright, 20_000), med), axis=1)
+    in_box = np.all(np.abs(x_bright - med) <= bounds.core_sd * _mad_sd(_thin(x_bright, 20_000)), axis=1)
     core = bright[in_box]
     if core.size < 20:
         info["failed"] = f"only {core.size} events in the CD14-bright core"
@@ -815,9 +815,9 @@ def _spread_sample(n: int, size: int, seed: int) -> np.ndarray:
     return np.arange(int(np.random.default_rng(seed).integers(step)), n, step)[:size]
 
 
-def _mad_sd(x: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    """Per-column MAD-based SD of ``x`` around ``centre`` (at least 1e-3)."""
-    return 1.4826 * np.median(np.abs(x - centre), axis=0) + 1e-3
+def _mad_sd(x: np.ndarray) -> np.ndarray:
+    """Per-column MAD-based SD of ``x`` around the columns' medians (at least 1e-3)."""
+    return stats.median_abs_deviation(x, axis=0, scale="normal") + 1e-3
 
 
 def _increasing(y: np.ndarray, weight: np.ndarray) -> np.ndarray:
