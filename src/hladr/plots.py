@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_write
+from .classify import THRESHOLD
 
 
 def _pyplot():
@@ -91,7 +92,7 @@ def plot_calibration(
         ax_curve.loglog(x, y, "o", color="C3", label="bead levels")
         if sample_mfi is not None and sample_mfi > 0:
             ax_curve.plot([sample_mfi], [cal.molecules(sample_mfi)], "D", color="C2", label="sample")
-        ax_curve.axhline(5000, color="k", ls="--", lw=0.8)
+        ax_curve.axhline(THRESHOLD, color="k", ls="--", lw=0.8)
         ax_curve.legend(fontsize=8)
         if len(axes) > 2:
             res = [100 * (cal.residuals[i] or 0) for i in used]
@@ -133,8 +134,8 @@ def plot_analysis(
     """QC figure of one patient tube: the gating sequence, the monocytes' HLA-DR and the bead curve.
 
     Panels: singlets (FSC-A vs FSC-H), leukocytes (CD45 vs SSC), monocytes (CD14 vs SSC),
-    the monocytes' HLA-DR in AB/C with the 5,000 line, the bead histogram and the standard curve
-    with the sample's position on it.
+    the monocytes' HLA-DR in AB/C with the Result's threshold (5,000 by default), the bead
+    histogram and the standard curve with the sample's position on it.
     """
     from .gating import gate_monocytes
     from .panel import resolve_panel
@@ -204,7 +205,8 @@ def plot_analysis(
     ax = axes[1, 0]
     if abc_cells.size:
         ax.hist(np.log10(abc_cells), bins=80, color="C0")
-    ax.axvline(np.log10(5000), color="k", ls="--", label="5,000 AB/C")
+    threshold = data.get("threshold") or THRESHOLD
+    ax.axvline(np.log10(threshold), color="k", ls="--", label=f"{threshold:,.0f} AB/C")
     ax.axvline(np.log10(data["abc"]), color="C3", label=f"median {data['abc']:,.0f}")
     ci = [v for v in data.get("abc_ci95") or [] if v and v > 0]
     if len(ci) == 2:
@@ -236,7 +238,7 @@ def plot_course(course: Any, path: str | os.PathLike | None = None, ax: Any = No
     """
     from datetime import datetime
 
-    from .classify import NORMAL_MIN, SEVERE_MAX, THRESHOLD
+    from .classify import NORMAL_MIN, SEVERE_MAX
 
     plt = _pyplot()
     fig = None
