@@ -3,14 +3,28 @@
 hladr: read_fcs -> calibrate (bead tube) -> analyze (compensate, time/singlet/debris/CD45/CD14 gates,
 bootstrap, QC). flowkit, as a flowkit user would write it: Sample -> compensation from $SPILLOVER ->
 logicle on every channel -> a polygon monocyte gate on CD14 vs SSC -> median PE (no bead curve,
-no QC). Both on the same simulated 1M-event FACSCanto II tube; peak memory by tracemalloc.
+no QC). Both on the same simulated tube; best of ``--repeat`` wall-clock runs; peak memory by
+tracemalloc, as a multiple of the decoded event array.
 
-Run: python benchmarks/bench_analyze.py [--events 1000000] [--repeat 3]
+Tubes (``--tube``):
+
+* ``canto``: the FACSCanto II preset, 9 channels (float32), 7 % monocytes of leukocytes, 3 % debris,
+  2 % doublets;
+* ``canto10``: a realistic wider tube, 10 float32 channels (the preset plus PE-Cy7-A, unstained),
+  7 % monocytes, 53 % granulocytes, 10 % debris and 5 % doublets of all events.
+
+``--profile`` adds where hladr's time goes (cProfile of one analysis, by own time).
+
+Run: python benchmarks/bench_analyze.py [--tube canto|canto10] [--events 1000000] [--repeat 3] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import os
+import pstats
 import tempfile
 import time
 import tracemalloc
@@ -19,7 +33,19 @@ from pathlib import Path
 import numpy as np
 
 import hladr
-from hladr.simulate import simulate_beads, simulate_blood
+from hladr.simulate import Detector, simulate_beads, simulate_blood, with_detector
+
+#: simulate_blood arguments of each tube shape (fractions of leukocytes, debris/doublets of events)
+TUBES = {
+    "canto": dict(instrument="canto"),
+    "canto10": dict(
+        instrument=with_detector("canto", Detector("PE-Cy7-A", "PE-Cy7", 0.05, 16.0, 15.0, 520)),
+        monocyte_fraction=0.07 / 0.85,
+        granulocyte_fraction=0.53 / 0.85,
+        debris_fraction=0.10,
+        doublet_fraction=0.05,
+    ),
+}
 
 
 def run_hladr(patient: Path, beads: Path) -> float:
@@ -68,16 +94,31 @@ def measure(fn, *args, repeat: int) -> tuple[float, float, float]:
     return best, peak, value
 
 
+def profile(fn, *args, top: int = 25) -> str:
+    """cProfile of one call: the functions with the most own time, and the total."""
+    profiler = cProfile.Profile()
+    profiler.runcall(fn, *args)
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    return "\n".join(line.replace(os.getcwd() + "/", "") for line in out.getvalue().splitlines()
+                     if line.strip())
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tube", choices=sorted(TUBES), default="canto")
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="also print hladr's cProfile")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         patient, beads = Path(tmp) / "patient.fcs", Path(tmp) / "beads.fcs"
         simulate_beads(beads, "canto", seed=1, n_events=20_000)
-        truth = simulate_blood(patient, "canto", 4000, seed=2, n_events=args.events)
-        decoded = hladr.read_fcs(patient).events.nbytes
+        truth = simulate_blood(patient, abc_median=4000, seed=2, n_events=args.events, **TUBES[args.tube])
+        sample = hladr.read_fcs(patient)
+        decoded, shape = sample.events.nbytes, sample.events.shape
+        print(f"{os.getloadavg()[0]:.1f} load average (1 min) at the start")
         ours = measure(run_hladr, patient, beads, repeat=args.repeat)
         theirs = measure(run_flowkit, patient, beads, repeat=args.repeat)
         results = [
@@ -85,16 +126,20 @@ def main() -> None:
             ("flowkit pipeline (monocyte median PE)", theirs),
         ]
         print(
-            f"patient tube: {args.events:,} events x 9 channels (decoded array {decoded / 1e6:.0f} MB); "
-            f"true AB/C {truth['abc_true']:,.0f}"
+            f"patient tube {args.tube!r}: {shape[0]:,} events x {shape[1]} {sample.events.dtype} channels "
+            f"(decoded array {decoded / 1e6:.0f} MB); true AB/C {truth['abc_true']:,.0f}"
         )
         print(f"{'pipeline':<42}{'time (s)':>10}{'ratio':>8}{'peak MB':>10}{'x array':>9}")
         for name, (seconds, peak, _) in results:
             print(
                 f"{name:<42}{seconds:>10.3f}{seconds / ours[0]:>8.1f}"
-                f"{peak / 1e6:>10.0f}{peak / decoded:>9.1f}"
+                f"{peak / 1e6:>10.0f}{peak / decoded:>9.2f}"
             )
         print(f"hladr AB/C {ours[2]:,.0f}; flowkit monocyte median PE (MFI, no bead curve) {theirs[2]:,.0f}")
+        print(f"{os.getloadavg()[0]:.1f} load average (1 min) at the end")
+        if args.profile:
+            print("\nhladr, one run under cProfile (times inflated by the profiler):")
+            print(profile(run_hladr, patient, beads))
 
 
 if __name__ == "__main__":

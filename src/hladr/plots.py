@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import os
 import textwrap
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from .atomic import atomic_write
 from .classify import THRESHOLD
@@ -23,12 +26,24 @@ def _pyplot():
     return plt
 
 
-def save_figure(fig: Any, path: str | os.PathLike) -> None:
-    """Write a figure as PNG atomically and close it."""
+def png_bytes(figure: Any, dpi: float = 110, tight: bool = True) -> bytes:
+    """The figure as PNG bytes: the one PNG encoder of hladr (QC figures, report, files).
+
+    ``tight`` crops to the drawn content (one more layout pass); figures with fixed margins,
+    such as the QC figure, skip it. zlib level 1: a third faster than the default level 6, for
+    files about 10 % larger.
+    """
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight" if tight else None,
+                   pil_kwargs={"compress_level": 1})
+    return buffer.getvalue()
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: float = 110, tight: bool = True) -> None:
+    """Write a figure as PNG atomically and close it."""
+    data = png_bytes(fig, dpi=dpi, tight=tight)
     _pyplot().close(fig)
-    atomic_write(path, buffer.getvalue())
+    atomic_write(path, data)
 
 
 def plot_calibration(
@@ -109,18 +124,162 @@ def plot_calibration(
     return fig
 
 
-def _density(ax: Any, x: np.ndarray, y: np.ndarray, title: str, xlabel: str, ylabel: str) -> None:
-    """A log-log density plot (2D histogram) of positive events."""
+#: Decades shown below a channel's top in the QC densities (scatter, fluorescence); lower values
+#: are drawn in the first bin, as the gates see them (log10 of at least 1).
+DECADES = {"scatter": 3.0, "fluorescence": 4.5}
+BINS = 120
+
+
+def _log_range(sample: Any, channel: str, values: np.ndarray, kind: str) -> tuple[float, float]:
+    """(lo, hi) of a density axis in log10 units: up to the channel's ``$PnR`` (compensation's
+    overshoot of it is drawn in the last bin), or to the data's top for files whose values are
+    not on that scale (e.g. decoded log-amplifier channels); DECADES[kind] below it."""
+    top = sample.ranges.get(channel)
+    peak = float(values.max()) if values.size else 0.0
+    if not top or not top > 1 or peak > 1.5 * top:
+        top = 10 ** (np.ceil(2 * np.log10(max(peak, 10.0))) / 2)  # half decades: the same for similar tubes
+    hi = float(np.log10(top))
+    return hi - DECADES[kind], hi
+
+
+def _density_counts(x: np.ndarray, y: np.ndarray, xr: tuple[float, float], yr: tuple[float, float]) -> Any:
+    """BINS x BINS counts (rows: y) of the positive events in log10 units over the ranges, values
+    outside drawn in the edge bins; empty bins masked (left white)."""
     ok = (x > 0) & (y > 0)
-    if ok.sum() < 10:
-        ax.set(title=title + " (no events)")
-        return
-    counts, xe, ye = np.histogram2d(np.log10(x[ok]), np.log10(y[ok]), bins=120)
-    image = np.ma.masked_less(counts.T, 1)  # empty bins left white
-    # an image, not a mesh: drawn several times faster than hist2d's pcolormesh
-    ax.imshow(image, origin="lower", extent=(xe[0], xe[-1], ye[0], ye[-1]), aspect="auto",
-              cmap="viridis", interpolation="nearest")
-    ax.set(title=title, xlabel=f"log10 {xlabel}", ylabel=f"log10 {ylabel}")
+    index = []
+    for v, (lo, hi) in ((y[ok], yr), (x[ok], xr)):
+        k = (np.log10(v) - lo) * (BINS / (hi - lo))
+        index.append(np.clip(k, 0, BINS - 1).astype(np.intp))
+    counts = np.bincount(index[0] * BINS + index[1], minlength=BINS * BINS).reshape(BINS, BINS)
+    return np.ma.masked_less(counts, 1)
+
+
+def _thinned_logs(x: np.ndarray, y: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """log10 of every k-th positive event (at most ``limit``), for a red overlay of gated events."""
+    ok = (x > 0) & (y > 0)
+    x, y = x[ok], y[ok]
+    step = max(1, x.size // limit)
+    return np.log10(x[::step]), np.log10(y[::step])
+
+
+@dataclass
+class _Density:
+    """One density panel of the QC figure: log10 ranges, counts, red overlays of gated events
+    (alpha, log x, log y) and vertical cuts (log10 positions)."""
+
+    title: str
+    xlabel: str = ""
+    ylabel: str = ""
+    xrange: tuple[float, float] | None = None
+    yrange: tuple[float, float] | None = None
+    counts: Any = None
+    dots: list[tuple[float, np.ndarray, np.ndarray]] = field(default_factory=list)
+    cuts: list[float] = field(default_factory=list)
+
+    @property
+    def layout(self) -> tuple:
+        """What the panel's static pixels depend on."""
+        return (self.title, self.xlabel, self.ylabel, self.xrange, self.yrange,
+                tuple(alpha for alpha, _, _ in self.dots), len(self.cuts))
+
+
+class _QCFigure(Figure):
+    """The reusable QC figure of one thread (no pyplot state), on an Agg canvas.
+
+    Its static part (axes, ticks, titles, labels, the bead histogram and curve) depends only on
+    the tube's channels, its instrument's ranges and the bead calibration, the same for every
+    tube of a run: it is drawn once and kept as pixels. Each draw then restores those pixels and
+    draws only the tube's own artists over them: the three density images with their gated events
+    and cuts, the AB/C histogram panel, the sample on the bead curve and the title.
+    """
+
+    def __init__(self) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        super().__init__(figsize=(15, 9), dpi=90)
+        FigureCanvasAgg(self)
+        self.grid = np.array(self.subplots(2, 3))
+        # fixed margins: tight_layout measured every tick label and was a third of the figure time
+        self.subplots_adjust(left=0.05, right=0.98, bottom=0.06, top=0.88, wspace=0.28, hspace=0.32)
+        self.title = self.suptitle("", fontsize=11, animated=True)
+        abc = self.grid[1, 0]  # the AB/C histogram is drawn whole for each tube, its title and
+        abc.set_animated(True)  # labels at fixed places (no measuring of its tick labels)
+        abc.set_title("", y=1.0)
+        abc.xaxis.set_label_coords(0.5, -0.085)
+        abc.yaxis.set_label_coords(-0.13, 0.5)
+        self.layout: Any = None  # what the static artists show
+        self.background: Any = None  # their pixels, and the layout and canvas size they were drawn at
+        self.drawn_as: Any = None
+        self.slots: list[Any] = []  # per density panel: the tube's image, overlays and cuts (or None)
+        self.sample: Any = None  # the sample's point on the bead curve
+        self.sample_molecules: float | None = None
+
+    def static(
+        self, layout: tuple, densities: list[_Density], calibration: Any, sample_mfi: float | None
+    ) -> None:
+        """Build the static artists of ``layout`` (when it changed) and the slots of the tube's."""
+        if layout == self.layout and self._shows(sample_mfi):
+            return
+        for ax in self.grid.flat:
+            for artist in [*ax.lines, *ax.images, *ax.patches, *ax.collections, *ax.texts]:
+                artist.remove()
+            if ax.get_legend() is not None:
+                ax.get_legend().remove()
+            ax.set(title="", xlabel="", ylabel="", xscale="linear", yscale="linear")
+            ax.relim()
+            ax.set_xlim(0, 1, auto=True)
+            ax.set_ylim(0, 1, auto=True)
+        self.slots = []
+        for ax, density in zip(self.grid[0], densities):
+            ax.set_title(density.title)
+            if density.counts is None:
+                self.slots.append(None)
+                continue
+            (x0, x1), (y0, y1) = density.xrange, density.yrange
+            ax.set(xlim=(x0, x1), ylim=(y0, y1), xlabel=f"log10 {density.xlabel}",
+                   ylabel=f"log10 {density.ylabel}")
+            # an image, not a mesh: drawn several times faster than hist2d's pcolormesh
+            image = ax.imshow(np.ma.masked_all((BINS, BINS)), origin="lower", extent=(x0, x1, y0, y1),
+                              aspect="auto", cmap="viridis", interpolation="nearest", animated=True)
+            dots = [ax.plot([], [], ",", color="r", alpha=a, animated=True)[0] for a, _, _ in density.dots]
+            cuts = [ax.axvline(x0, color="r", lw=1, animated=True) for _ in density.cuts]
+            self.slots.append((image, dots, cuts))
+        plot_calibration(calibration, axes=[self.grid[1, 1], self.grid[1, 2]], sample_mfi=sample_mfi)
+        self.sample = next((line for line in self.grid[1, 2].lines if line.get_label() == "sample"), None)
+        if self.sample is not None:
+            self.sample.set_animated(True)
+        self.layout, self.background = layout, None
+
+    def _shows(self, sample_mfi: float | None) -> bool:
+        """Whether the bead curve's static limits show this sample (else they are drawn with it)."""
+        if self.sample is None or sample_mfi is None or not sample_mfi > 0:
+            return True  # nothing to show: the layout says whether there is a sample
+        (x0, x1), (y0, y1) = self.grid[1, 2].get_xlim(), self.grid[1, 2].get_ylim()
+        return x0 <= sample_mfi <= x1 and y0 <= (self.sample_molecules or 0) <= y1
+
+    def draw(self, renderer: Any) -> None:
+        """The static pixels (drawn first when the layout or the canvas changed), then the tube's."""
+        drawn_as = (self.layout, renderer.width, renderer.height, self.dpi)
+        if self.background is None or self.drawn_as != drawn_as:
+            super().draw(renderer)  # every artist but the animated ones, the tube's
+            self.background, self.drawn_as = renderer.copy_from_bbox(self.bbox), drawn_as
+        else:
+            renderer.restore_region(self.background)
+        for ax, slot in zip(self.grid[0], self.slots):
+            if slot is None:
+                continue
+            image, dots, cuts = slot
+            for artist in (image, *dots, *cuts):
+                artist.draw(renderer)
+            for spine in ax.spines.values():  # the image covers the spines' inner half
+                spine.draw(renderer)
+        self.grid[1, 0].draw(renderer)
+        if self.sample is not None:
+            self.sample.draw(renderer)
+        self.title.draw(renderer)
+
+
+_QC_FIGURES = threading.local()  # one QC figure per thread, drawn again for every tube
 
 
 def plot_analysis(
@@ -130,17 +289,22 @@ def plot_analysis(
     path: str | os.PathLike | None = None,
     gating: Any = None,
     panel: Any = None,
+    dpi: float = 90,
 ) -> Any:
     """QC figure of one patient tube: the gating sequence, the monocytes' HLA-DR and the bead curve.
 
-    Panels: singlets (FSC-A vs FSC-H), leukocytes (CD45 vs SSC), monocytes (CD14 vs SSC),
-    the monocytes' HLA-DR in AB/C with the Result's threshold (5,000 by default), the bead
-    histogram and the standard curve with the sample's position on it.
+    Panels: singlets (FSC-A vs FSC-H), leukocytes (CD45 vs SSC), monocytes (CD14 vs SSC), each a
+    density of log10 values over the instrument's range with the gated events in red and the
+    gate's cut; the monocytes' HLA-DR in AB/C with the Result's threshold; the bead histogram and the
+    standard curve with the sample's position on it.
+
+    The figure is the calling thread's reusable QC figure (drawn when saved, e.g. by
+    :func:`png_bytes` with ``tight=False``): it stays valid until the thread's next call. ``path``:
+    also write it there as PNG at ``dpi``.
     """
     from .gating import gate_monocytes
     from .panel import resolve_panel
 
-    plt = _pyplot()
     channels = result.channels if hasattr(result, "channels") else result["channels"]
     panel = panel or resolve_panel(
         sample, hladr=channels.get("HLA-DR"), cd14=channels.get("CD14"), cd45=channels.get("CD45")
@@ -148,64 +312,87 @@ def plot_analysis(
     gating = gating or gate_monocytes(sample, panel)
     ev, comp = sample.events, gating.compensated
 
-    def col(role: str, data: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        return ev[:, sample.index(panel[role])] if data is None else data[panel[role]]
+    def col(role: str, compensated: bool = False) -> np.ndarray:
+        return comp[panel[role]] if compensated else ev[:, sample.index(panel[role])]
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 9))
     side = next(r for r in ("SSC-A", "DNA", "HLA-DR") if panel[r])  # mass cytometry has no SSC
-    side_values = col(side)
-    if panel["FSC-H"]:
-        _density(
-            axes[0, 0], col("FSC-A")[gating.clean], col("FSC-H")[gating.clean], "Singlets", "FSC-A", "FSC-H"
+    scatter = ("FSC-A", "FSC-H", "SSC-A")
+
+    def density(title: str, x_role: str, y_role: str, base: np.ndarray, dots=(), cuts=()) -> _Density:
+        """x compensated unless scatter, y as stored; ``dots``: (mask, alpha, limit); ``cuts``: thresholds."""
+        x, y = col(x_role, compensated=x_role not in scatter), col(y_role)
+        xs, ys = x[base], y[base]
+        if ((xs > 0) & (ys > 0)).sum() < 10:
+            return _Density(title + " (no events)")
+        xr, yr = (_log_range(sample, panel[r], v, "scatter" if r in scatter else "fluorescence")
+                  for r, v in ((x_role, xs), (y_role, ys)))
+        cut_values = (gating.thresholds.get(key) for key in cuts)
+        return _Density(
+            title, *(panel[r] if r in scatter else r for r in (x_role, y_role)), xr, yr,
+            _density_counts(xs, ys, xr, yr),
+            [(alpha, *_thinned_logs(x[mask], y[mask], limit)) for mask, alpha, limit in dots],
+            [float(np.log10(c)) for c in cut_values if c and np.isfinite(c) and c > 0],
         )
-        fa, fh = col("FSC-A")[gating.singlets], col("FSC-H")[gating.singlets]
-        axes[0, 0].plot(np.log10(fa[fa > 0][:3000]), np.log10(fh[fa > 0][:3000]), ",", color="r", alpha=0.3)
-    else:
-        axes[0, 0].set(title="Singlets: no FSC-H")
-    if panel["CD45"]:
-        _density(
-            axes[0, 1],
-            col("CD45", comp)[gating.singlets],
-            side_values[gating.singlets],
-            "CD45+ leukocytes",
-            "CD45",
-            side,
-        )
-        cut = gating.thresholds.get("cd45_min")
-        if cut and np.isfinite(cut):
-            axes[0, 1].axvline(np.log10(cut), color="r", lw=1)
-    elif panel["FSC-A"]:
-        _density(
-            axes[0, 1],
-            col("FSC-A")[gating.singlets],
-            side_values[gating.singlets],
-            "Leukocytes (no CD45)",
-            "FSC-A",
-            side,
-        )
-    else:
-        axes[0, 1].set(title="Leukocytes: no CD45, no scatter")
-    _density(
-        axes[0, 2],
-        col("CD14", comp)[gating.leukocytes],
-        side_values[gating.leukocytes],
-        "CD14+ monocytes",
-        "CD14",
-        side,
-    )
-    mono_x, mono_y = col("CD14", comp)[gating.monocytes], side_values[gating.monocytes]
-    ok = (mono_x > 0) & (mono_y > 0)
-    axes[0, 2].plot(np.log10(mono_x[ok]), np.log10(mono_y[ok]), ",", color="r", alpha=0.5)
-    if "cd14_min" in gating.thresholds:
-        axes[0, 2].axvline(np.log10(gating.thresholds["cd14_min"]), color="r", lw=1)
+
+    densities = [
+        density("Singlets", "FSC-A", "FSC-H", gating.clean, dots=[(gating.singlets, 0.3, 3_000)])
+        if panel["FSC-H"] else _Density("Singlets: no FSC-H"),
+        density("CD45+ leukocytes", "CD45", side, gating.singlets, cuts=["cd45_min"]) if panel["CD45"]
+        else density("Leukocytes (no CD45)", "FSC-A", side, gating.singlets) if panel["FSC-A"]
+        else _Density("Leukocytes: no CD45, no scatter"),
+        density("CD14+ monocytes", "CD14", side, gating.leukocytes, dots=[(gating.monocytes, 0.5, 5_000)],
+                cuts=["cd14_min"]),
+    ]
 
     data = result.to_dict() if hasattr(result, "to_dict") else result
-    abc_cells = calibration.molecules(col("HLA-DR", comp)[gating.monocytes])
+    qc = getattr(_QC_FIGURES, "figure", None) or _QCFigure()
+    _QC_FIGURES.figure = qc
+    sample_mfi = data.get("mfi")
+    has_sample = sample_mfi is not None and sample_mfi > 0
+    qc.sample_molecules = float(calibration.molecules(sample_mfi)) if has_sample else None
+    layout = (tuple(d.layout for d in densities), repr(calibration.to_dict()), has_sample)
+    qc.static(layout, densities, calibration, sample_mfi)
+
+    # the tube's own artists
+    for density, slot in zip(densities, qc.slots):
+        if slot is None:
+            continue
+        image, dots, cuts = slot
+        image.set_data(density.counts)
+        image.autoscale()
+        for artist, (_, lx, ly) in zip(dots, density.dots):
+            artist.set_data(lx, ly)
+        for artist, at in zip(cuts, density.cuts):
+            artist.set_xdata([at, at])
+    if qc.sample is not None:
+        qc.sample.set_data([sample_mfi], [qc.sample_molecules])
+    _abc_histogram(qc.grid[1, 0], calibration.molecules(col("HLA-DR", True)[gating.monocytes]), data)
+    reportable = data.get("reportable", data["qc"]["passed"])
+    verdict = data["band"] if reportable else "NOT REPORTABLE: " + ", ".join(data["qc"]["flags"])
+    who = " ".join(str(v) for v in (data.get("patient_id"), data.get("acquired")) if v)
+    title = f"{Path(data['sample']).name}{f' ({who})' if who else ''}: {data['abc']:,.0f} AB/C, {verdict}" + (
+        f"; warnings: {', '.join(data['qc']['warnings'])}" if data["qc"].get("warnings") else ""
+    )
+    qc.title.set_text(textwrap.fill(title, 160))
+    if path is not None:
+        atomic_write(path, png_bytes(qc, dpi=dpi, tight=False))
+    return qc
+
+
+def _abc_histogram(ax: Any, abc_cells: np.ndarray, data: dict) -> None:
+    """The monocytes' AB/C histogram (log10), the Result's threshold, the median and its 95 % interval."""
+    for artist in [*ax.lines, *ax.patches, *ax.collections]:
+        artist.remove()
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+    ax.relim()
+    ax.set_xlim(0, 1, auto=True)
+    ax.set_ylim(0, 1, auto=True)
     abc_cells = abc_cells[np.isfinite(abc_cells) & (abc_cells > 0)]
-    ax = axes[1, 0]
     if abc_cells.size:
-        ax.hist(np.log10(abc_cells), bins=80, color="C0")
-    threshold = data.get("threshold") or THRESHOLD
+        counts, edges = np.histogram(np.log10(abc_cells), bins=80)
+        ax.stairs(counts, edges, fill=True, color="C0")  # one patch, not 80 bars
+    threshold = data.get("threshold") or THRESHOLD  # the Result's (its QC policy's)
     ax.axvline(np.log10(threshold), color="k", ls="--", label=f"{threshold:,.0f} AB/C")
     ax.axvline(np.log10(data["abc"]), color="C3", label=f"median {data['abc']:,.0f}")
     ci = [v for v in data.get("abc_ci95") or [] if v and v > 0]
@@ -214,19 +401,6 @@ def plot_analysis(
                    label=f"95 % interval {ci[0]:,.0f}-{ci[1]:,.0f}")
     ax.set(title=f"Monocyte HLA-DR ({data['monocytes']:,} cells)", xlabel="log10 AB/C", ylabel="cells")
     ax.legend(fontsize=8)
-    plot_calibration(calibration, axes=[axes[1, 1], axes[1, 2]], sample_mfi=data.get("mfi"))
-    reportable = data.get("reportable", data["qc"]["passed"])
-    verdict = data["band"] if reportable else "NOT REPORTABLE: " + ", ".join(data["qc"]["flags"])
-    who = " ".join(str(v) for v in (data.get("patient_id"), data.get("acquired")) if v)
-    title = f"{Path(data['sample']).name}{f' ({who})' if who else ''}: {data['abc']:,.0f} AB/C, {verdict}" + (
-        f"; warnings: {', '.join(data['qc']['warnings'])}" if data["qc"].get("warnings") else ""
-    )
-    fig.suptitle(textwrap.fill(title, 160), fontsize=11)
-    # fixed margins: tight_layout measured every tick label and was a third of a batch's figure time
-    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.06, top=0.88, wspace=0.28, hspace=0.32)
-    if path is not None:
-        save_figure(fig, path)
-    return fig
 
 
 # --- patient course and bead Levey-Jennings charts (issue 13) --------------------------------------

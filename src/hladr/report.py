@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -54,9 +53,9 @@ def _fmt(value: Any, digits: int = 0) -> str:
 
 
 def _png(figure: Any) -> str:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    from .plots import png_bytes
+
+    return base64.b64encode(png_bytes(figure, dpi=90)).decode("ascii")
 
 
 def abc_figure(results: Sequence[Mapping[str, Any]]) -> Any:

@@ -58,7 +58,7 @@ POPULATIONS = {
 #: Codes counted as monocytes by the ground truth.
 MONOCYTE_CODES = (8, 9, 10)
 
-FLUOR_AF = {"FITC": 1.0, "PE": 0.5, "PerCP-Cy5.5": 0.2, "V500": 0.6, "APC": 0.05, "KO": 0.6}
+FLUOR_AF = {"FITC": 1.0, "PE": 0.5, "PerCP-Cy5.5": 0.2, "V500": 0.6, "APC": 0.05, "KO": 0.6, "PE-Cy7": 0.1}
 # Fraction of a fluorochrome's signal seen by another fluorochrome's detector.
 SPILL = {
     ("FITC", "PE"): 0.14,
@@ -71,6 +71,9 @@ SPILL = {
     ("KO", "PE"): 0.01,
     ("APC", "PerCP-Cy5.5"): 0.03,
     ("PE", "APC"): 0.002,
+    ("PE", "PE-Cy7"): 0.02,
+    ("PE-Cy7", "PE"): 0.003,
+    ("PE-Cy7", "APC"): 0.01,
 }
 
 
@@ -225,6 +228,13 @@ def with_noise(instrument: str | Instrument, factor: float) -> Instrument:
     inst = get_instrument(instrument)
     dets = tuple(replace(d, noise=d.noise * factor) for d in inst.detectors)
     return replace(inst, name=f"{inst.name}-noise{factor:g}x", detectors=dets)
+
+
+def with_detector(instrument: str | Instrument, detector: Detector) -> Instrument:
+    """The instrument with one more fluorescence detector, unstained in patient tubes (it records
+    autofluorescence and spillover): a wider tube, e.g. a FACSCanto II with PE-Cy7 (10 channels)."""
+    inst = get_instrument(instrument)
+    return replace(inst, name=f"{inst.name}+{detector.fluor}", detectors=(*inst.detectors, detector))
 
 
 def get_instrument(instrument: str | Instrument) -> Instrument:
@@ -599,6 +609,9 @@ def simulate_blood(
     with_markers: bool | None = None,
     acquired_at: datetime | None = None,
     severe: SevereSepsis | None = None,
+    granulocyte_fraction: float | None = None,
+    debris_fraction: float | None = None,
+    doublet_fraction: float | None = None,
 ) -> dict:
     """Write a lysed-whole-blood patient tube stained with HLA-DR-PE, CD14 and (3-colour) CD45.
 
@@ -620,6 +633,12 @@ def simulate_blood(
     severe
         A severe-sepsis tube (:func:`draw_severe_sepsis`): its monocyte fraction, clog, panel and
         markers replace ``monocyte_fraction``, ``clog``, ``panel``, ``with_markers`` and ``septic``.
+    granulocyte_fraction
+        Granulocytes (neutrophils, immature granulocytes, eosinophils) as a fraction of leukocytes;
+        the other non-monocytes fill the rest in their usual proportions. Default: the usual ~63 %.
+    debris_fraction, doublet_fraction
+        Debris and doublets as fractions of all events (default 3 % (4 % with a clog) and 2 %,
+        or the severe profile's doublets).
 
     Returns
     -------
@@ -671,13 +690,32 @@ def simulate_blood(
     mono_split = (0.70, 0.15, 0.15) if septic else (0.86, 0.06, 0.08)
     others = sum(fractions.values())
     fractions = {k: v * (1 - monocyte_fraction) / others for k, v in fractions.items()}
+    if granulocyte_fraction is not None:
+        if not 0 < granulocyte_fraction < 1 - monocyte_fraction:
+            raise SimulationError(f"granulocyte_fraction {granulocyte_fraction} out of range")
+        granulocytes = ("neutrophil", "immature_granulocyte", "eosinophil")
+        g = sum(fractions[k] for k in granulocytes)
+        rest = 1 - monocyte_fraction - g
+        fractions = {
+            k: v * (granulocyte_fraction / g if k in granulocytes
+                    else (1 - monocyte_fraction - granulocyte_fraction) / rest)
+            for k, v in fractions.items()
+        }
     for name, share in zip(
         ("monocyte_classical", "monocyte_intermediate", "monocyte_nonclassical"), mono_split
     ):
         fractions[name] = monocyte_fraction * share
 
-    n_debris = int(n_events * (0.04 if clog else 0.03))
-    n_doublets = int(n_events * (severe.doublet_fraction if severe is not None else 0.02))
+    if debris_fraction is None:
+        debris_fraction = 0.04 if clog else 0.03
+    if doublet_fraction is None:
+        doublet_fraction = severe.doublet_fraction if severe is not None else 0.02
+    if not (0 <= debris_fraction and 0 <= doublet_fraction and debris_fraction + doublet_fraction < 0.5):
+        raise SimulationError(
+            f"debris_fraction {debris_fraction} and doublet_fraction {doublet_fraction} out of range"
+        )
+    n_debris = int(n_events * debris_fraction)
+    n_doublets = int(n_events * doublet_fraction)
     n_cells = n_events - n_debris - n_doublets
     names = list(fractions)
     p = np.array([fractions[k] for k in names])
