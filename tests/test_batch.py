@@ -60,7 +60,7 @@ def test_discovery_roles_and_corrupt_file(export: Path):
     assert broken.error == "file is 41 bytes: too short for an FCS HEADER" and broken.role is None
     a = tubes["patient_A.fcs"]
     assert a.acquired.isoformat() == "2026-03-12T09:00:00"
-    assert a.settings["PE-A V"] == 450.0
+    assert a.settings["PE-A"].voltage == 450.0
     assert a.sha256 == batch.sha256_file(a.path)
 
 

@@ -21,7 +21,7 @@ from hladr.analysis import analyze
 from hladr.calibration import calibrate
 from hladr.cli import EXIT_ERROR, EXIT_NOT_REPORTABLE, EXIT_OK, EXIT_USAGE
 from hladr.cli import main as cli_main
-from hladr.fcs import write_fcs
+from hladr.fcs import ChannelSettings, write_fcs
 from hladr.simulate import INSTRUMENTS, QUANTIBRITE_96597, simulate_beads, simulate_blood, simulate_run
 from tests.conftest import SAMPLE_DIR
 
@@ -63,10 +63,18 @@ def test_thresholds_decide_the_monocyte_and_saturation_flags():
 
 
 def test_settings_are_compared_only_on_the_channels_used():
-    beads = {"voltage": {"PE-A": 470.0, "PerCP-Cy5-5-A": 583.0, "APC-A": 600.0}, "gain": {"PE-A": 1.0}}
-    same = {"voltage": dict(beads["voltage"]), "gain": {"PE-A": 1.0}}
+    beads = {
+        "PE-A": ChannelSettings(470.0, 1.0),
+        "PerCP-Cy5-5-A": ChannelSettings(583.0),
+        "APC-A": ChannelSettings(600.0),
+    }
+    same = dict(beads)
     assert qc.DEFAULT_POLICY.settings_flags(beads, same, "PE-A", ["PerCP-Cy5-5-A"]) == []
-    other = {"voltage": {"PE-A": 470.0, "PerCP-Cy5-5-A": 600.0, "APC-A": 650.0}, "gain": {"PE-A": 2.0}}
+    other = {
+        "PE-A": ChannelSettings(470.0, 2.0),
+        "PerCP-Cy5-5-A": ChannelSettings(600.0),
+        "APC-A": ChannelSettings(650.0),
+    }
     flags = qc.DEFAULT_POLICY.settings_flags(beads, other, "PE-A", ["PerCP-Cy5-5-A"])
     assert flags == ["gating_settings_differ:PerCP-Cy5-5-A voltage 583 beads vs 600 sample",
                      "gain_mismatch:PE-A gain 1 beads vs 2 sample"]  # APC-A is not used: not compared
