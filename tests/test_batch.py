@@ -519,3 +519,17 @@ def test_analyze_task_reuses_discoverys_sha256_only_for_an_unchanged_file(tmp_pa
     assert same["result"]["sha256"] == stand_in
     changed = analyze_task(str(patient), cal, False, {"sha256": stand_in, "identity": (1, 1)})
     assert changed["result"]["sha256"] == batch.sha256_file(patient)
+
+
+def test_the_packaged_warm_up_tubes_go_through_every_step_of_the_tasks():
+    """A fresh worker warms up on the two tiny tubes shipped in the package (no simulator): they must
+    calibrate and analyse, or the warm-up would stop before the later kernels load. The patient tube
+    was simulated at 5,000 AB/C (its bead tube: Quantibrite lot 96597)."""
+    from hladr.batch.tasks import WARM_UP_TUBES, analyze_task, calibrate_task
+
+    calibrated = calibrate_task(str(WARM_UP_TUBES / "beads.fcs"), "96597", None)
+    assert calibrated["status"] == "ok" and calibrated["calibration"]["qc"]["passed"]
+    analysed = analyze_task(str(WARM_UP_TUBES / "patient.fcs"), calibrated["calibration"], True)
+    assert analysed["status"] == "ok" and analysed["png"][:8] == b"\x89PNG\r\n\x1a\n"
+    low, high = analysed["result"]["abc_ci95"]
+    assert low < 5000 < high

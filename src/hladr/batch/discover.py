@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import preanalytics
 from ..errors import BatchError, HladrError
-from ..fcs import ChannelSettings, Sample, sha256_file
+from ..fcs import ChannelSettings, Sample, read_fcs, read_metadata, sha256_file
 from ..panel import BEAD_TUBE_NAME, CONTROL_TUBE_NAME, TUBE_NAME_KEYWORDS, panel_markers
 
 FCS_SUFFIXES = {".fcs", ".lmd"}
@@ -96,8 +96,6 @@ def _norm(text: str | None) -> str:
 
 def _read_text(path: Path) -> Sample:
     """The HEADER and TEXT of an FCS file (its DATA not decoded)."""
-    from ..fcs import read_metadata
-
     return read_metadata(path, lenient=True)
 
 
@@ -135,8 +133,7 @@ def _content_role(path: Path, role: str, reason: str) -> tuple[str, str]:
     and a patient tube may be named anything. An unreadable file keeps the TEXT's role (the
     analysis reports what is wrong with it).
     """
-    from ..beads import tube_evidence
-    from ..fcs import read_fcs
+    from ..beads import tube_evidence  # scikit-learn loads here, after the batch's workers have started
 
     try:
         evidence = tube_evidence(read_fcs(path, lenient=True))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import multiprocessing
 import os
 from collections.abc import Callable
 from typing import Any
@@ -71,7 +72,7 @@ def local_workers(jobs: int | None, largest_tube_bytes: int, n_tasks: int) -> in
 def _dask_executor(scheduler: Any) -> tuple[cf.Executor, int, Callable[[], None]]:
     """A concurrent.futures view of a Dask cluster, its thread count and a closer."""
     try:
-        from distributed import Client
+        from distributed import Client  # an optional dependency (hladr[batch])
     except ImportError as exc:
         raise BatchError("--scheduler needs Dask: pip install 'hladr[batch]'") from exc
     if isinstance(scheduler, Client):
@@ -87,8 +88,6 @@ def _dask_executor(scheduler: Any) -> tuple[cf.Executor, int, Callable[[], None]
 
 
 def _process_pool(workers: int) -> cf.ProcessPoolExecutor:
-    import multiprocessing
-
     context = multiprocessing.get_context("spawn")
     return cf.ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=(workers,))
 
