@@ -97,3 +97,23 @@ def engine_export(tmp_path) -> Path:
     from tests.batch_fakes import write_engine_export
 
     return write_engine_export(tmp_path / "engine")
+
+
+# --- hladr serve on loopback (tests/service_server.py) -----------------------------------------------
+@pytest.fixture
+def serve(tmp_path):
+    """Start ``hladr serve`` subprocesses: ``serve(*options, db=..., env=..., ready=...)`` gives a
+    running :class:`tests.service_server.Server` (database ``tmp_path/hladr.sqlite`` unless ``db``).
+    Every server the test started is stopped after it, also when the test failed."""
+    from tests.service_server import Server
+
+    started: list[Server] = []
+
+    def start(*options: str, db: Path | None = None, **kwargs) -> Server:
+        server = Server(db or tmp_path / "hladr.sqlite", *options, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
