@@ -3,6 +3,7 @@ per-preset bead calibrations, the sample_fcs bead calibration and a small simula
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from datetime import datetime, timedelta
@@ -19,6 +20,12 @@ REAL_DIR = Path(os.environ.get("HLADR_REAL_DATA", ROOT.parent / "shared" / "data
 SAMPLE_DIR = ROOT / "sample_fcs"
 NOT_FCS = {".md", ".csv", ".txt", ".xlsx", ".xls", ".xml", ".wsp"}
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def sample_truth() -> dict[str, float]:
+    """The simulator's true AB/C (``abc_true``) of each sample_fcs/ patient tube, from truth.csv."""
+    with open(SAMPLE_DIR / "truth.csv", newline="") as fh:
+        return {row["file"]: float(row["abc_true"]) for row in csv.DictReader(fh) if row["abc_true"]}
 
 
 def real_files() -> list[Path]:

@@ -178,6 +178,12 @@ def test_cli_json_contract(capsys):
     for key in ("channel", "values", "mfi", "peaks_used", "slope", "intercept", "r2", "qc"):
         assert key in out
     assert out["qc"]["passed"] is True and set(out["qc"]) >= {"passed", "flags"}
+    # the values of the simulated tube (sample_fcs/truth.json), not only the keys
+    truth = json.loads((ROOT / "sample_fcs" / "truth.json").read_text())["tubes"][0]
+    assert truth["file"] == "beads.fcs" and out["channel"] == truth["pe_channel"]
+    assert out["values"] == truth["lot_values"] and out["peaks_used"] == [0, 1, 2, 3]
+    assert out["mfi"] == pytest.approx(truth["expected_mfi"], rel=0.02)
+    assert 0.95 < out["slope"] < 1.05 and out["qc"]["flags"] == []
 
 
 def test_cli_failure_is_one_line(tmp_path, capsys):
