@@ -183,12 +183,12 @@ def test_exact_bootstrap_interval_matches_resampling(statistic):
 
 
 def test_gmm_fallback_finds_the_monocytes(tmp_path):
-    from hladr.gating import gate_monocytes, monocyte_gate_gmm
+    from hladr.gating import Tube, gate_monocytes, monocyte_gate_gmm
 
     simulate_blood(tmp_path / "p.fcs", "canto", 3000, seed=9, n_events=30_000, septic=True)
     sample = hladr.read_fcs(tmp_path / "p.fcs")
     gating = gate_monocytes(sample, resolve_panel(sample))
-    mono = monocyte_gate_gmm(gating.compensated, sample, resolve_panel(sample), gating.leukocytes, seed=0)
+    mono = monocyte_gate_gmm(Tube(sample, resolve_panel(sample), seed=0), gating.leukocytes).mask
     labels = np.load(tmp_path / "p.labels.npy")
     assert np.isin(labels[mono], (*MONOCYTE_CODES, 11)).mean() > 0.9
     assert (mono & gating.monocytes).sum() > 0.8 * gating.monocytes.sum()

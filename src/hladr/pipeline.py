@@ -166,7 +166,7 @@ def run_analysis(
     hashing = threading.Thread(target=_hash_quietly, args=(sample,), daemon=True)
     hashing.start()  # hashlib releases the GIL: the file's SHA-256 is computed while gating runs
     gating = gating or gate_monocytes(
-        sample, panel, gates=options.gates, gate_name=options.gate_name, seed=seed
+        sample, panel, gates=options.gates, gate_name=options.gate_name, seed=seed, policy=policy
     )
     flags: list[str] = list(panel.warnings and ["panel_from_naming"]) + list(gating.flags)
     flags += compatibility_flags(sample, calibration, panel, policy)
@@ -232,6 +232,7 @@ def run_analysis(
         identity_source={k: v[1] if v else None for k, v in identity.items()},
         acquired=acquired.isoformat() if acquired else None,
         gates=gating.gates,
+        threshold=policy.threshold,
         reagent=reagent.to_dict(),
         preanalytics=preanalytics.to_dict(acquired) if preanalytics is not None else None,
         provenance={
@@ -243,6 +244,7 @@ def run_analysis(
             "panel_sources": panel.sources,
             "panel_notes": list(panel.warnings),
             "thresholds": gating.thresholds,
+            "gating_sequence": gating.sequence,
             "qc_policy": policy.to_dict(),
         },
     )

@@ -91,8 +91,9 @@ def describe_result(result: Result) -> str:
 
     lo, hi = result.abc_ci95
     if result.reportable:
-        verdict = "IMMUNOPARALYSIS (< 5,000 AB/C)" if result.immunoparalysis else f"{result.band}"
-        verdict += "  [borderline: the interval straddles 5,000]" if result.borderline else ""
+        cut = f"{result.threshold:,.0f}"
+        verdict = f"IMMUNOPARALYSIS (< {cut} AB/C)" if result.immunoparalysis else f"{result.band}"
+        verdict += f"  [borderline: the interval straddles {cut}]" if result.borderline else ""
     else:  # never state a class for a value that failed QC
         verdict = "NOT REPORTABLE"
     parts = result.uncertainty or {}
