@@ -424,7 +424,7 @@ def test_simulated_export_pairs_errors_and_values(sim_export, sim_reference):
     for name in sorted(results)[::4]:
         cal = calibrate(read_fcs(root / Path(name).parent / "QB beads.fcs"), values=QB)
         assert results[name]["abc"] == analyze(read_fcs(root / name), cal).abc
-    from hladr.classify import stratify
+    from hladr.immunosep import stratify
     from hladr.schema import validate
 
     for name, row in results.items():

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from hladr.classify import band, is_borderline, stratify
+from hladr.classify import band, is_borderline
+from hladr.immunosep import stratify
 
 
 @pytest.mark.parametrize(

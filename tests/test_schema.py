@@ -8,7 +8,7 @@ import pytest
 
 import hladr
 from hladr import schema
-from hladr.classify import stratify
+from hladr.immunosep import stratify
 from hladr.result import SCHEMA, Result, upgrade
 
 #: The contract keys of each published Result schema version, frozen. Removing or renaming a key

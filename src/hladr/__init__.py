@@ -14,9 +14,9 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .classify import Decision, stratify
 from .errors import HladrError
 from .fcs import Sample, read_fcs
+from .immunosep import Decision, stratify
 from .result import Result
 
 __version__ = "0.1.0"

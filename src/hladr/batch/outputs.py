@@ -15,7 +15,7 @@ from typing import Any
 
 from ..atomic import atomic_write
 from ..beadqc import evaluate_store
-from ..classify import stratify
+from ..immunosep import stratify
 from ..result import CSV_COLUMNS, add_flags, csv_row, upgrade
 from ..store import Store, values_key
 from .pairing import Job

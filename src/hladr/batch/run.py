@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..atomic import atomic_write
-from ..classify import stratify
 from ..errors import BatchError
 from ..fcs import sha256_file
+from ..immunosep import stratify
 from ..reagent import Reagent, load_reagent
 from ..report import write_report
 from ..result import is_reportable

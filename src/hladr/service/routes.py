@@ -178,7 +178,7 @@ def retry_analysis(service: ServiceDep, caller: CallerDep, analysis_id: ObjectId
 @router.post("/v1/stratifications", status_code=201, response_model=DecisionOut, responses=errors(404, 409))
 def post_stratification(service: ServiceDep, caller: CallerDep, body: StratifyRequest) -> dict[str, Any]:
     """Stratify (ImmunoSep rule) an analysis' AB/C or a given one with ferritin."""
-    from ..classify import stratify
+    from ..immunosep import stratify
 
     row = None
     if body.analysis_id is not None:
