@@ -119,11 +119,6 @@ def _inside(values: np.ndarray, names: list[str], bounds: dict[str, tuple[float,
     return inside
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: user_gate hands flowkit the channel values without dividing by $PnG, so a "
-    "GatingML gate on a channel stored with a gain (SSC-H, $P2G = 8) selects 98 events instead of 252",
-)
 def test_gatingml_rectangle_on_a_gained_and_a_log_channel_matches_the_hand_computed_membership():
     """Rectangle1 of FlowKit's GatingML compliance file: SSC-H is stored with $P2G = 8 and FL1-H
     with $P3E = 4,0; the gate is on scale values (custom_info of the file), derived here by hand."""

@@ -47,6 +47,7 @@ __all__ = [
     "automatic_monocyte_gate",
     "cd14_valley",
     "choose_gate",
+    "scale_values",
     "compensate",
     "compensated_columns",
     "debris_gate",
@@ -1056,6 +1057,19 @@ def gate_monocytes(
     )
 
 
+def scale_values(sample: Sample) -> np.ndarray:
+    """The events on the scale gating software draws gates on (FCS 3.1 scale values, as flowkit and
+    FlowJo read a file): each linear channel divided by its ``$PnG`` gain; log-amplified channels are
+    already decoded by :func:`~hladr.fcs.read_fcs` and take no gain."""
+    events = np.array(sample.events, dtype=np.float64)
+    gains = sample.gains
+    for i, channel in enumerate(sample.channels):
+        gain = gains.get(channel)
+        if gain and gain > 0 and gain != 1.0 and not sample.is_log(channel):
+            events[:, i] /= gain
+    return events
+
+
 def user_gate(sample: Sample, gates: str | os.PathLike, gate_name: str | None = None) -> GateOutcome:
     """Membership of the monocyte gate in a GatingML 2.0 file or FlowJo workspace (via flowkit):
     the mask, with the file and the gate's path as info.
@@ -1069,11 +1083,8 @@ def user_gate(sample: Sample, gates: str | os.PathLike, gate_name: str | None = 
     path = Path(gates)
     if not path.is_file():
         raise GatingError(f"gates file {path} not found", sample.path)
-    fk_sample = fk.Sample(
-        np.asarray(sample.events, dtype=np.float64),
-        sample_id=sample.path.name,
-        channel_labels=list(sample.channels),
-    )
+    events = scale_values(sample)
+    fk_sample = fk.Sample(events, sample_id=sample.path.name, channel_labels=list(sample.channels))
     if sample.spillover is not None:  # for GatingML dimensions compensated with the file's own matrix ('FCS')
         fk_sample.metadata["spill"] = sample.spillover.to_keyword()
     is_workspace = path.suffix.lower() == ".wsp" or "flowjo" in path.read_text(errors="ignore")[:4000].lower()
@@ -1085,8 +1096,7 @@ def user_gate(sample: Sample, gates: str | os.PathLike, gate_name: str | None = 
                 listed = ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
                 raise GatingError(f"the workspace {path.name} does not mention this tube "
                                   f"(its samples: {listed or 'none'})", sample.path)
-            fk_sample = fk.Sample(np.asarray(sample.events, dtype=np.float64), sample_id=sample_id,
-                                  channel_labels=list(sample.channels))
+            fk_sample = fk.Sample(events, sample_id=sample_id, channel_labels=list(sample.channels))
             ws = fk.Workspace(str(path), fcs_samples=[fk_sample])
             ws.analyze_samples(sample_id=sample_id)
             results = ws.get_gating_results(sample_id)
