@@ -155,7 +155,7 @@ def run_batch(
         lot = str(Path(lot).resolve())
     default_lot = LotSpec(lot=lot, values=tuple(float(v) for v in bead_values) if bead_values else None)
 
-    early = _start_workers_early(scheduler, jobs)
+    early = _start_workers_early(scheduler, jobs, plots)
     try:
         tubes = discover(export_path, rows, exclude=[out_path])
         if not tubes:

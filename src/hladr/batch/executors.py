@@ -93,8 +93,11 @@ def _process_pool(workers: int) -> cf.ProcessPoolExecutor:
     return cf.ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=(workers,))
 
 
-def _start_workers_early(scheduler: Any, jobs: int | None) -> cf.ProcessPoolExecutor | None:
-    """A process pool already starting (and importing) while discovery reads the export.
+def _start_workers_early(
+    scheduler: Any, jobs: int | None, plots: bool = False
+) -> cf.ProcessPoolExecutor | None:
+    """A process pool already starting (and importing, and with ``plots`` drawing a QC figure) while
+    discovery reads the export.
 
     Worker start-up is a fixed cost of about half a second; discovery is another third: they
     overlap. :func:`_executor` keeps this pool when the worker count it decides is the same.
@@ -104,7 +107,7 @@ def _start_workers_early(scheduler: Any, jobs: int | None) -> cf.ProcessPoolExec
         return None
     pool = _process_pool(wanted)
     for _ in range(wanted):  # a spawn pool starts one process per submitted task
-        pool.submit(warm_up)
+        pool.submit(warm_up, plots)
     return pool
 
 

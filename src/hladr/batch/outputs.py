@@ -169,17 +169,12 @@ def _qc_png(
 ) -> tuple[bytes | None, str | None]:
     """The per-sample QC figure as PNG bytes (None and the reason when it cannot be drawn)."""
     try:
-        from ..plots import plot_analysis
+        from ..plots import plot_analysis, png_bytes
     except ImportError:
         return None, "hladr.plots.plot_analysis is not available"
     try:
-        buffer = io.BytesIO()
         figure = plot_analysis(sample, result, calibration, gating=gating, panel=panel)
-        figure.savefig(buffer, format="png", dpi=90)
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
-        return buffer.getvalue(), None
+        return png_bytes(figure, dpi=90, tight=False), None
     except Exception as exc:  # noqa: BLE001 - a figure must never cost the result
         return None, f"QC figure failed: {type(exc).__name__}: {exc}"
 

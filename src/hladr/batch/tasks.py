@@ -44,9 +44,10 @@ def init_worker(workers: int) -> None:
     _PROCESS_LIMITS = threadpool_limits(1)
 
 
-def warm_up() -> None:
+def warm_up(plots: bool = False) -> None:
     """Calibrate and analyse a tiny simulated run in a fresh worker: the imports and numba's cached
-    kernels (about 0.7 s a worker) load while discovery reads the export, not in the first tasks."""
+    kernels (about 0.7 s a worker) load while discovery reads the export, not in the first tasks.
+    ``plots``: also draw its QC figure (matplotlib, fonts and the reusable figure: ~0.6 s more)."""
     import tempfile
 
     from ..simulate import QUANTIBRITE_96597, simulate_beads, simulate_blood
@@ -57,7 +58,7 @@ def warm_up() -> None:
             simulate_beads(beads, "canto", seed=0, n_events=3000)
             simulate_blood(patient, "canto", 5000.0, seed=0, n_events=4000)
             calibrated = calibrate_task(str(beads), None, list(QUANTIBRITE_96597))  # the tasks' own code
-            analyze_task(str(patient), calibrated["calibration"], False)
+            analyze_task(str(patient), calibrated["calibration"], plots)
     except Exception:  # noqa: BLE001 - a warm-up never stops a batch; the real tasks report errors
         log.debug("worker warm-up failed", exc_info=True)
 
