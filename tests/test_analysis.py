@@ -9,24 +9,12 @@ import pytest
 
 import hladr
 from hladr.analysis import analyze
-from hladr.calibration import calibrate
 from hladr.cli import main as cli_main
 from hladr.errors import HladrError, PanelError
 from hladr.gating import gate_monocytes
 from hladr.panel import resolve_panel
-from hladr.simulate import INSTRUMENTS, MONOCYTE_CODES, POPULATIONS, simulate_beads, simulate_blood
+from hladr.simulate import INSTRUMENTS, MONOCYTE_CODES, POPULATIONS, simulate_blood
 from tests.conftest import REAL_DIR, SAMPLE_DIR, real_files, require_real
-
-
-@pytest.fixture(scope="module")
-def calibrations(tmp_path_factory):
-    """One bead calibration per instrument preset (a run's bead tube serves all its patients)."""
-    folder = tmp_path_factory.mktemp("beads")
-    out = {}
-    for i, name in enumerate(sorted(INSTRUMENTS)):
-        simulate_beads(folder / f"{name}.fcs", name, seed=500 + i, n_events=10_000)
-        out[name] = calibrate(hladr.read_fcs(folder / f"{name}.fcs"), lot="96597")
-    return out
 
 
 # --- panel -------------------------------------------------------------------------------------
@@ -100,10 +88,10 @@ def test_clog_events_are_removed(tmp_path):
 
 
 # --- results, CLI, figures -----------------------------------------------------------------------------
-def test_result_contract_and_schema(calibrations):
+def test_result_contract_and_schema(sample_calibration):
     from hladr import schema
 
-    beads = calibrate(hladr.read_fcs(SAMPLE_DIR / "beads.fcs"), lot="96597")
+    beads = sample_calibration
     result = analyze(hladr.read_fcs(SAMPLE_DIR / "patient_03.fcs"), beads)
     data = result.to_dict()
     schema.validate(data)
@@ -155,16 +143,16 @@ def test_cli_error_is_one_line(tmp_path, capsys):
     assert code == 1 and "\n" not in err and "broken.fcs" in err
 
 
-def test_stratify_a_result():
-    beads = calibrate(hladr.read_fcs(SAMPLE_DIR / "beads.fcs"), lot="96597")
+def test_stratify_a_result(sample_calibration):
+    beads = sample_calibration
     result = analyze(hladr.read_fcs(SAMPLE_DIR / "patient_03.fcs"), beads)
     assert hladr.stratify(result, ferritin=1200).category == "immunoparalysis"
     assert hladr.stratify(result, ferritin=9000).category == "MALS"
 
 
-def test_real_files_as_patient_tubes_never_crash():
+def test_real_files_as_patient_tubes_never_crash(sample_calibration):
     require_real()
-    beads = calibrate(hladr.read_fcs(SAMPLE_DIR / "beads.fcs"), lot="96597")
+    beads = sample_calibration
     outcomes = {}
     for path in real_files():
         try:

@@ -17,46 +17,26 @@ import pytest
 
 from hladr import batch
 from hladr.batch import BatchError, Journal, discover, pair, read_manifest, run_batch
-from hladr.fcs import write_fcs
+from tests.batch_fakes import FAKE_LOT, FAKES, expected_abc, start_fake_batch, write_tube
 from tests.conftest import SAMPLE_DIR
-
-CHANNELS = ["FSC-A", "SSC-A", "PE-A", "PerCP-Cy5-5-A"]
-
-
-def _tube(folder: Path, name: str, *, cyt="FACSCanto II", serial="V1", day="12-MAR-2026", btim="08:00:00",
-          pe_volts=450, markers=("", "", "HLA-DR", "CD14"), extra=None, seed=0, beads=False) -> Path:
-    """A tiny FCS file whose TEXT segment says what discovery and pairing look at."""
-    folder.mkdir(parents=True, exist_ok=True)
-    keywords = {"$CYT": cyt, "$CYTSN": serial, "$DATE": day, "$BTIM": btim, "$FIL": name,
-                "$P1V": "300", "$P2V": "400", "$P3V": str(pe_volts), "$P4V": "600"}
-    keywords.update(extra or {})
-    rng = np.random.default_rng(seed)
-    if beads:  # tight scatter and four narrow PE levels: what discovery recognises as a bead tube
-        n = 800
-        level = rng.integers(0, 4, n)
-        pe = np.array([700.0, 7000.0, 30000.0, 70000.0])[level] * rng.lognormal(0, 0.04, n)
-        scatter = [rng.normal(50000, 800, n), rng.normal(20000, 500, n)]
-        events = np.column_stack([*scatter, pe, rng.normal(100, 10, n)])
-    else:  # scatter spread over decades, as blood
-        events = 10 ** rng.uniform(2, 5, size=(400, len(CHANNELS)))
-    return write_fcs(folder / name, events, CHANNELS, list(markers), keywords)
 
 
 @pytest.fixture
 def export(tmp_path: Path) -> Path:
     root = tmp_path / "export"
     day1 = root / "2026-03-12" / "canto"
-    _tube(day1, "QB beads 0800.fcs", btim="08:00:00", markers=("", "", "", ""), beads=True)
-    _tube(day1, "patient_A.fcs", btim="09:00:00")
-    _tube(day1, "Quantibrite_1200.fcs", btim="12:00:00", markers=("", "", "HLA-DR", "CD14"), beads=True)
-    _tube(day1, "Rainbow_ICU_patient_12.fcs", btim="15:00:00")
-    _tube(day1, "PT13_FMO_check.fcs", btim="15:30:00")
-    _tube(day1, "patient_B.fcs", btim="13:00:00")
-    _tube(day1, "patient_early.fcs", btim="07:00:00")
-    _tube(day1, "patient_volts.fcs", btim="14:00:00", pe_volts=480)
-    _tube(day1, "Compensation Controls_PE Stained Control.fcs", btim="07:30:00")
-    _tube(root / "2026-03-12" / "lyric", "patient_lyric.fcs", cyt="FACSLyric", serial="L9", btim="10:00:00")
-    _tube(root / "2026-03-13" / "canto", "patient_day2.fcs", day="13-MAR-2026", btim="10:00:00")
+    write_tube(day1, "QB beads 0800.fcs", btim="08:00:00", markers=("", "", "", ""), beads=True)
+    write_tube(day1, "patient_A.fcs", btim="09:00:00")
+    write_tube(day1, "Quantibrite_1200.fcs", btim="12:00:00", markers=("", "", "HLA-DR", "CD14"), beads=True)
+    write_tube(day1, "Rainbow_ICU_patient_12.fcs", btim="15:00:00")
+    write_tube(day1, "PT13_FMO_check.fcs", btim="15:30:00")
+    write_tube(day1, "patient_B.fcs", btim="13:00:00")
+    write_tube(day1, "patient_early.fcs", btim="07:00:00")
+    write_tube(day1, "patient_volts.fcs", btim="14:00:00", pe_volts=480)
+    write_tube(day1, "Compensation Controls_PE Stained Control.fcs", btim="07:30:00")
+    write_tube(root / "2026-03-12" / "lyric", "patient_lyric.fcs", cyt="FACSLyric", serial="L9",
+               btim="10:00:00")
+    write_tube(root / "2026-03-13" / "canto", "patient_day2.fcs", day="13-MAR-2026", btim="10:00:00")
     (root / "2026-03-12" / "canto" / "broken.fcs").write_bytes(b"FCS3.1    garbage that is not an FCS file")
     (root / "notes.txt").write_text("not a tube")
     return root
@@ -77,10 +57,10 @@ def test_discovery_roles_and_corrupt_file(export: Path):
     assert tubes["patient_A.fcs"].role == "patient"
     assert tubes["Compensation Controls_PE Stained Control.fcs"].role == "ignore"
     broken = tubes["broken.fcs"]
-    assert broken.error and broken.role is None
+    assert broken.error == "file is 41 bytes: too short for an FCS HEADER" and broken.role is None
     a = tubes["patient_A.fcs"]
     assert a.acquired.isoformat() == "2026-03-12T09:00:00"
-    assert a.settings["PE-A V"] == 450.0
+    assert a.settings["PE-A"].voltage == 450.0
     assert a.sha256 == batch.sha256_file(a.path)
 
 
@@ -119,14 +99,14 @@ def test_pairing_rules_and_reasons(export: Path):
 
 def test_pairing_falls_back_to_an_older_bead_tube_with_the_same_settings(tmp_path: Path):
     root = tmp_path / "e"
-    _tube(root, "beads_a.fcs", btim="08:00:00", pe_volts=480, beads=True)
-    _tube(root, "beads_b.fcs", btim="09:00:00", pe_volts=450, beads=True)
-    _tube(root, "p.fcs", btim="10:00:00", pe_volts=480)
+    write_tube(root, "beads_a.fcs", btim="08:00:00", pe_volts=480, beads=True)
+    write_tube(root, "beads_b.fcs", btim="09:00:00", pe_volts=450, beads=True)
+    write_tube(root, "p.fcs", btim="10:00:00", pe_volts=480)
     (job,) = pair(discover(root))
     assert job.bead.rel == "beads_a.fcs"
 
 
-def test_sample_fcs_pairs_every_patient_tube_with_its_bead_tube():
+def test_sample_fcs_pairs_every_patient_tube_with_its_beadwrite_tube():
     if not (SAMPLE_DIR / "beads.fcs").exists():
         pytest.skip("sample_fcs/ not present")
     jobs = pair(discover(SAMPLE_DIR))
@@ -215,60 +195,12 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-# --- the execution engine, with stand-in task functions ----------------------------------------
-# These two functions stand in for calibrate_task/analyze_task so that the engine (executors, journal,
-# resume, outputs) is tested on its own: each result must equal a value the test computes itself.
-FAKE_DELAY = float(os.environ.get("HLADR_TEST_FAKE_DELAY", "0"))
-
-
-def fake_calibrate(path, lot, values):
-    from hladr.fcs import read_fcs
-
-    if "fails" in Path(path).name:
-        return {"status": "error", "error_type": "CalibrationError", "reason": "stand-in QC failure"}
-    scale = float(np.median(read_fcs(path).column("PE-A")))
-    return {"status": "ok", "calibration": {"scale": scale, "slope": 1.0, "intercept": 0.0,
-                                            "qc": {"passed": True, "flags": []}}}
-
-
-def fake_analyze(path, calibration, plot, known=None):
-    from hladr.fcs import read_fcs
-
-    time.sleep(FAKE_DELAY)
-    sample = read_fcs(path)
-    abc = float(np.median(sample.column("PE-A"))) / calibration["scale"] * 5000.0
-    return {"status": "ok", "result": {"sample": path, "sha256": sample.sha256, "abc": abc,
-                                       "qc": {"passed": True, "flags": []}}}
-
-
-FAKES = (fake_calibrate, fake_analyze)
-FAKE_LOT = {"bead_values": [600.0, 7000.0, 30000.0, 70000.0]}
-
-
-def _expected_abc(patient: Path, beads: Path) -> float:
-    from hladr.fcs import read_fcs
-
-    # float64 arithmetic in the same order as fake_analyze (float32 events stay float32)
-    patient_pe = float(np.median(read_fcs(patient).column("PE-A")))
-    return patient_pe / float(np.median(read_fcs(beads).column("PE-A"))) * 5000.0
-
-
-@pytest.fixture
-def engine_export(tmp_path: Path) -> Path:
-    root = tmp_path / "engine"
-    _tube(root / "d1", "beads.fcs", btim="08:00:00", seed=100, beads=True)
-    for i in range(12):
-        _tube(root / "d1", f"p{i:02d}.fcs", btim=f"09:{i:02d}:00", seed=i + 1)
-    _tube(root / "d2", "beads fails.fcs", day="13-MAR-2026", btim="08:00:00", seed=200, beads=True)
-    _tube(root / "d2", "q01.fcs", day="13-MAR-2026", btim="09:00:00", seed=300)
-    return root
-
-
+# --- the execution engine, with stand-in task functions (tests/batch_fakes.py) -----------------
 def _check_engine_outputs(root: Path, out: Path, summary) -> None:
     rows = {r["file"]: r for r in summary.results}
     assert set(rows) == {f"d1/p{i:02d}.fcs" for i in range(12)}
     for name, row in rows.items():
-        assert row["abc"] == pytest.approx(_expected_abc(root / name, root / "d1/beads.fcs"), rel=1e-12)
+        assert row["abc"] == pytest.approx(expected_abc(root / name, root / "d1/beads.fcs"), rel=1e-12)
         assert row["bead_file"] == "d1/beads.fcs"
     errors = {e["file"]: e for e in _read_csv(out / "errors.csv")}
     assert set(errors) == {"d2/beads fails.fcs", "d2/q01.fcs"}
@@ -337,19 +269,6 @@ def test_workers_that_die_at_start_are_recorded_not_raised(engine_export: Path, 
     assert errors and all(e["error_type"] == "WorkerDied" for e in errors if e["stage"] != "pairing")
 
 
-def start_fake_batch(export: Path, out: Path, delay: float) -> subprocess.Popen:
-    """A batch of the stand-in tasks (each sample taking ``delay`` s) in its own process group, to kill."""
-    script = (
-        "import sys; sys.path.insert(0, sys.argv[3]); import test_batch; "
-        "from hladr.batch import run_batch; "
-        "run_batch(sys.argv[1], sys.argv[2], jobs=1, progress=False, plots=False, tasks=test_batch.FAKES, "
-        "**test_batch.FAKE_LOT)"
-    )
-    env = dict(os.environ, HLADR_TEST_FAKE_DELAY=str(delay))
-    argv = [sys.executable, "-c", script, str(export), str(out), str(Path(__file__).parent)]
-    return subprocess.Popen(argv, env=env, start_new_session=True)
-
-
 def test_kill_9_then_resume_loses_and_redoes_nothing(engine_export: Path, tmp_path: Path):
     out = tmp_path / "out"
     proc = start_fake_batch(engine_export, out, 0.4)
@@ -368,7 +287,7 @@ def test_kill_9_then_resume_loses_and_redoes_nothing(engine_export: Path, tmp_pa
     assert {r["file"] for r in partial} <= done
 
     changed = sorted(done)[0]  # a finished tube whose content changes before the resume
-    _tube(engine_export / "d1", Path(changed).name, btim="09:00:00", seed=999)
+    write_tube(engine_export / "d1", Path(changed).name, btim="09:00:00", seed=999)
     summary = run_batch(engine_export, out, jobs=2, resume=True, progress=False, plots=False, tasks=FAKES,
                         **FAKE_LOT)
 
@@ -391,7 +310,7 @@ def test_discovery_and_pairing_over_the_real_corpus(real_dir: Path):
     assert expected <= set(by_rel)
     for tube in tubes:  # every file is described, or carries the reader's reason
         assert (tube.error is None) == (tube.role is not None), tube.rel
-    assert by_rel["fcsparser/FlowCytometers/corrupted/corrupted.fcs"].error
+    assert "too short for an FCS HEADER" in by_rel["fcsparser/FlowCytometers/corrupted/corrupted.fcs"].error
     assert by_rel["flowBeads/extdata/beads1.fcs"].role == "beads"
     for job in pair(tubes):
         assert (job.bead is None) == bool(job.reason), job.tube.rel
@@ -499,6 +418,7 @@ def test_simulated_export_pairs_errors_and_values(sim_export, sim_reference):
     assert (bad["stage"], bad["role"]) == ("pairing", "patient")
     for name in bad_patients:
         assert errors[name]["stage"] == "pairing" and "no bead tube acquired" in errors[name]["reason"]
+    _assert_batch_measures_the_truth(results, truth)
     # the batch's numbers are exactly those of the Python API on the same pair
     for name in sorted(results)[::4]:
         cal = calibrate(read_fcs(root / Path(name).parent / "QB beads.fcs"), values=QB)
@@ -517,6 +437,25 @@ def test_simulated_export_pairs_errors_and_values(sim_export, sim_reference):
     report = (out / "report.html").read_text()
     assert "5,000 AB/C" in report and BAD_BEADS in report
     assert len(_read_csv(out / "calibrations.csv")) == 3  # the blood "QB beads.fcs" is a patient
+
+
+def _assert_batch_measures_the_truth(results: dict[str, dict], truth: dict[str, dict]) -> None:
+    """The batch's AB/C against the simulator's ``abc_true`` (median PE molecules of the true monocytes).
+
+    The simulated cohort (test_cohort) holds 90 % of 64 harder tubes within 5 % of truth; these tubes
+    are easy (12 % monocytes, ~1,300 of them, no sepsis or clog): every one within 5 %, the median
+    within 2 % (a 4 % bias of the bead curve fails it), the 95 % interval holding the truth in at
+    least all but two, and each class right (every tube lies more than 15 % from 5,000)."""
+    errors = {name: row["abc"] / truth[name]["abc_true"] - 1 for name, row in results.items()}
+    assert all(abs(e) < 0.05 for e in errors.values()), errors
+    assert np.median(np.abs(list(errors.values()))) < 0.02, errors
+    outside = [n for n, r in results.items()
+               if not r["abc_ci95"][0] <= truth[n]["abc_true"] <= r["abc_ci95"][1]]
+    assert len(outside) <= 2, outside
+    for name, row in results.items():
+        true = truth[name]["abc_true"]
+        assert abs(true / 5000 - 1) > 0.15 and row["reportable"], name
+        assert row["immunoparalysis"] is (true < 5000), (name, true, row["abc"])
 
 
 def test_simulated_export_identical_with_jobs_1_and_dask(sim_export, sim_reference, sim_manifest,
@@ -580,3 +519,17 @@ def test_analyze_task_reuses_discoverys_sha256_only_for_an_unchanged_file(tmp_pa
     assert same["result"]["sha256"] == stand_in
     changed = analyze_task(str(patient), cal, False, {"sha256": stand_in, "identity": (1, 1)})
     assert changed["result"]["sha256"] == batch.sha256_file(patient)
+
+
+def test_the_packaged_warm_up_tubes_go_through_every_step_of_the_tasks():
+    """A fresh worker warms up on the two tiny tubes shipped in the package (no simulator): they must
+    calibrate and analyse, or the warm-up would stop before the later kernels load. The patient tube
+    was simulated at 5,000 AB/C (its bead tube: Quantibrite lot 96597)."""
+    from hladr.batch.tasks import WARM_UP_TUBES, analyze_task, calibrate_task
+
+    calibrated = calibrate_task(str(WARM_UP_TUBES / "beads.fcs"), "96597", None)
+    assert calibrated["status"] == "ok" and calibrated["calibration"]["qc"]["passed"]
+    analysed = analyze_task(str(WARM_UP_TUBES / "patient.fcs"), calibrated["calibration"], True)
+    assert analysed["status"] == "ok" and analysed["png"][:8] == b"\x89PNG\r\n\x1a\n"
+    low, high = analysed["result"]["abc_ci95"]
+    assert low < 5000 < high

@@ -24,15 +24,17 @@ def test_borderline_near_threshold_and_straddling_interval():
 
 
 @pytest.mark.parametrize(
-    "ferritin, abc, expected",
-    [(5000, 2000, "MALS"), (4421, 30000, "MALS"), (4420, 4999, "immunoparalysis"),
-     (300, 5000, "unclassified"), (300, 12000, "unclassified")],
+    "ferritin, abc, expected, reason",
+    [(5000, 2000, "MALS", "ferritin 5000 ng/mL > 4420"), (4421, 30000, "MALS", "ferritin 4421 ng/mL > 4420"),
+     (4420, 4999, "immunoparalysis", "ferritin 4420 <= 4420 ng/mL and mHLA-DR 4,999 < 5,000 AB/C"),
+     (300, 5000, "unclassified", "mHLA-DR 5,000 >= 5,000 AB/C"),
+     (300, 12000, "unclassified", "mHLA-DR 12,000 >= 5,000 AB/C")],
 )
-def test_stratify_rule(ferritin, abc, expected):
+def test_stratify_rule(ferritin, abc, expected, reason):
     decision = stratify(abc, ferritin)
     assert decision.category == expected
     assert decision.rule_version == "immunosep/1"
-    assert decision.reason
+    assert reason in decision.reason  # the reason states the comparison that decided
 
 
 def test_stratify_mals_does_not_need_hladr():

@@ -12,9 +12,6 @@ from hladr.errors import HladrError
 from hladr.gating import MIN_MONOCYTES, gate_monocytes
 from hladr.panel import resolve_panel
 from hladr.simulate import INSTRUMENTS, MONOCYTE_CODES, severe_sepsis_cohort, simulate_blood
-from tests import test_analysis
-
-calibrations = test_analysis.calibrations  # the per-preset bead calibrations fixture, shared
 
 COHORT_SIZE = 64
 

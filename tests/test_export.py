@@ -13,6 +13,7 @@ from hladr.analysis import analyze
 from hladr.calibration import calibrate
 from hladr.errors import GatingError
 from hladr.events import ABC_CHANNEL, GATE_CHANNELS, calibrated_events, export_fcs
+from hladr.fcs import write_fcs
 from hladr.gating import gate_monocytes, user_gate
 from hladr.gatingml import agreement, write_gatingml
 from hladr.panel import resolve_panel
@@ -74,7 +75,9 @@ def test_exported_fcs_reads_the_same_in_flowio_flowkit_and_flowcal(run, tmp_path
             np.asarray(fc[:, fc_names.index(name)]).astype(np.float32), values, name
         )
     again = hladr.read_fcs(out)  # keywords of the source kept, spillover kept
-    assert again.keywords["$CYT"] == sample.keywords["$CYT"] and again.spillover is not None
+    assert again.keywords["$CYT"] == sample.keywords["$CYT"]
+    assert again.spillover.channels == sample.spillover.channels
+    np.testing.assert_array_equal(again.spillover.matrix, sample.spillover.matrix)
     assert again.markers[again.channels.index(ABC_CHANNEL)].startswith("HLA-DR PE molecules")
 
 
@@ -180,12 +183,23 @@ def test_a_workspace_that_does_not_mention_the_tube_is_a_clear_error(run):
         user_gate(sample, workspace)
 
 
-def test_a_workspace_that_names_the_tube_is_applied_to_it():
+def test_a_workspace_that_names_the_tube_is_applied_to_it(tmp_path):
     require_real()
     folder = REAL_DIR / "FlowKit" / "synthetic"
-    sample = hladr.read_fcs(folder / "data_set_simple_line_100.fcs", lenient=True)
+    source = hladr.read_fcs(folder / "data_set_simple_line_100.fcs", lenient=True)
+    # the line lies at channel_B = 131,072, above rect1 (channel_A 59,478-136,676, channel_B 106,300-
+    # 130,639), and every channel_A value is in the gate's range: every third event is moved down into
+    # channel_B's band, and the gate must hold exactly those
+    events = np.asarray(source.events, dtype=np.float32).copy()
+    expected = np.arange(source.n_events) % 3 == 0
+    events[expected, source.channels.index("channel_B")] = 120_000.0
+    a = events[:, source.channels.index("channel_A")]
+    assert ((a >= 59478.02197802198) & (a < 136675.82417582418)).all()
+    path = write_fcs(tmp_path / "data_set_simple_line_100.fcs", events, list(source.channels))
+    sample = hladr.read_fcs(path)
     membership = user_gate(sample, folder / "simple_poly_and_rect.wsp", gate_name="rect1")
-    assert membership.dtype == bool and membership.shape == (sample.n_events,)
+    np.testing.assert_array_equal(membership, expected)
+    assert not user_gate(source, folder / "simple_poly_and_rect.wsp", gate_name="rect1").any()
     with pytest.raises(
         GatingError, match="no monocyte gate in simple_poly_and_rect.wsp .*; gates: poly1, rect1"
     ):

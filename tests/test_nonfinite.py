@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from hladr.analysis import analyze
-from hladr.calibration import calibrate
 from hladr.errors import GatingError
 from hladr.fcs import read_fcs, write_fcs
 from hladr.gating import MAX_NONFINITE_FRACTION
@@ -38,29 +37,24 @@ def patient():
     return read_fcs(SAMPLE_DIR / "patient_01.fcs")
 
 
-@pytest.fixture(scope="module")
-def calibration():
-    return calibrate(read_fcs(SAMPLE_DIR / "beads.fcs"), lot="96597")
-
-
 def test_bad_rows_are_dropped_with_their_count_and_the_rest_measured_as_without_them(
-    tmp_path, patient, calibration
+    tmp_path, patient, sample_calibration
 ):
     events, rows = _spoil(patient, 0.01)
     spoiled = read_fcs(_write(tmp_path / "spoiled.fcs", patient, events))
     clean = read_fcs(_write(tmp_path / "clean.fcs", patient, np.delete(events, rows, axis=0)))
-    result, expected = analyze(spoiled, calibration), analyze(clean, calibration)
+    result, expected = analyze(spoiled, sample_calibration), analyze(clean, sample_calibration)
     assert f"nonfinite_events:{rows.size}" in result.qc["warnings"]  # 300 of 30,000 rows: a warning
     assert result.abc == expected.abc and result.monocytes == expected.monocytes
     assert result.qc["passed"] == expected.qc["passed"]
 
 
-def test_too_many_bad_rows_refuse_the_file_in_one_line(tmp_path, patient, calibration):
+def test_too_many_bad_rows_refuse_the_file_in_one_line(tmp_path, patient, sample_calibration):
     for fraction in (MAX_NONFINITE_FRACTION + 0.01, 1.0):
         events, rows = _spoil(patient, fraction)
         path = _write(tmp_path / f"bad{fraction}.fcs", patient, events)
         with pytest.raises(GatingError, match=f"{rows.size:,} of 30,000 events hold NaN or infinite") as err:
-            analyze(read_fcs(path), calibration)
+            analyze(read_fcs(path), sample_calibration)
         assert str(path) in str(err.value)
         cli = subprocess.run(
             [sys.executable, "-m", "hladr.cli", "analyze", str(path),

@@ -28,7 +28,7 @@ def test_navios_scatter_names(tmp_path):
     panel = resolve_panel(_unlabelled(tmp_path, "navios"))
     assert (panel["FSC-A"], panel["SSC-A"]) == (inst.fsc_a, inst.ssc_a) == ("FS INT", "SS INT")
     assert panel["FSC-H"] == inst.fsc_h
-    assert panel.time is not None
+    assert panel.time == inst.time == "TIME"
 
 
 @pytest.mark.parametrize(

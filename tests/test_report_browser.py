@@ -17,7 +17,6 @@ import subprocess
 import pytest
 
 from tests.conftest import IN_CI
-from tests.test_qc import real_batch  # noqa: F401 - the module's batch fixture (4 tubes, one not reportable)
 
 PROBE = """<script>
 window.__failed = [];

@@ -15,10 +15,7 @@ import hladr
 from hladr import batch
 from hladr.batch import run_batch
 from hladr.store import SCHEMA_VERSION, Store, StoreError
-from tests import test_batch
-from tests.test_batch import FAKE_LOT, FAKES, _expected_abc, start_fake_batch
-
-engine_export = test_batch.engine_export  # the batch tests' export: 12 patients and a failing bead tube
+from tests.batch_fakes import FAKE_LOT, FAKES, expected_abc, start_fake_batch
 
 
 def _result(sha: str, abc: float, passed: bool = True, bead_sha: str = "b" * 64) -> dict:
@@ -120,7 +117,7 @@ def test_batch_writes_every_result_calibration_failure_and_run(engine_export: Pa
         assert len(results) == summary.ok == 12
         for r in results:  # each stored value is the value the test computes itself
             assert r["abc"] == pytest.approx(
-                _expected_abc(Path(r["sample"]), engine_export / "d1/beads.fcs"), rel=1e-12
+                expected_abc(Path(r["sample"]), engine_export / "d1/beads.fcs"), rel=1e-12
             )
         assert store.counts()["calibrations"] == 1  # the failed bead tube is a failure, not a calibration
         failures = store.query("SELECT file, stage FROM failures")

@@ -24,6 +24,7 @@ from scipy import ndimage, signal
 from sklearn.mixture import GaussianMixture
 
 from .fcs import Sample
+from .panel import BEAD_SCATTER_NAMES, CELL_MARKER, NOT_FLUORESCENCE, channel_dye
 
 __all__ = [
     "BeadEvidence",
@@ -32,7 +33,6 @@ __all__ = [
     "bead_gate",
     "tube_evidence",
     "find_populations",
-    "saturation_level",
     "scatter_indices",
 ]
 
@@ -56,36 +56,20 @@ MAX_SCATTER_IQR = 0.15
 TIGHT_SCATTER_IQR = 0.08
 NARROW_LOG_SD = 0.10
 MIN_NARROW_SHARE = 0.5
-CELL_MARKER = re.compile(r"\b(CD\d+[a-z]?|HLA[- ]?DR|MHC ?II|live/dead|viability)\b", re.IGNORECASE)
 
 
 def scatter_indices(sample: Sample) -> tuple[int | None, int | None]:
-    """Column indices of forward and side scatter (area first), or ``None``."""
+    """Column indices of forward and side scatter (area first), or ``None``: the names of
+    :data:`hladr.panel.BEAD_SCATTER_NAMES`."""
 
-    def find(*patterns: str) -> int | None:
+    def find(patterns: list[str]) -> int | None:
         for pat in patterns:
             for i, ch in enumerate(sample.channels):
                 if re.fullmatch(pat, ch.strip(), re.IGNORECASE):
                     return i
         return None
 
-    fsc = find(r"fsc[-_ ]a", r"fs[-_ ]?int", r"fsc", r"fsc[-_ ]?h", r"fs[-_ ]?(lin|peak)?", r"fsc.*")
-    ssc = find(r"ssc[-_ ]a", r"ss[-_ ]?int", r"ssc", r"ssc[-_ ]?h", r"ss[-_ ]?(lin|log)?", r"ssc.*", r"ss .*")
-    return fsc, ssc
-
-
-def saturation_level(sample: Sample, idx: int) -> float:
-    """The largest value a channel can hold: ``$PnR``, or ``f2 * 10**f1`` for a log-amplified channel."""
-    pne = sample.keywords.get(f"$P{idx + 1}E", "0,0")
-    try:
-        f1, f2 = (float(v) for v in pne.split(",")[:2])
-    except ValueError:
-        f1, f2 = 0.0, 0.0
-    top = sample.ranges.get(sample.channels[idx])
-    if f1 > 0:  # the top channel R-1 of a log amplifier reads f2 * 10**(f1 * (R-1)/R)
-        steps = (top - 1) / top if top and top > 1 else 1.0
-        return (f2 if f2 > 0 else 1.0) * 10 ** (f1 * steps)
-    return float(top) if top else np.inf
+    return find(BEAD_SCATTER_NAMES["FSC"]), find(BEAD_SCATTER_NAMES["SSC"])
 
 
 def bead_gate(sample: Sample, gate_fraction: float = 0.85) -> tuple[np.ndarray, list[str]]:
@@ -101,7 +85,7 @@ def bead_gate(sample: Sample, gate_fraction: float = 0.85) -> tuple[np.ndarray, 
     for idx in (fsc, ssc):
         if idx is not None:
             col = ev[:, idx]
-            keep &= (col > 0) & (col < 0.999 * saturation_level(sample, idx))
+            keep &= (col > 0) & (col < 0.999 * sample.saturation(sample.channels[idx]))
     if fsc is None or ssc is None:
         notes.append("no FSC/SSC pair: scatter gate skipped")
         return keep, notes
@@ -341,18 +325,14 @@ def tube_evidence(sample: Sample, channel: str | None = None, max_events: int = 
         sample = replace(sample, events=sample.events[:max_events])
     gate, _ = bead_gate(sample)
     idx = sample.index(channel) if channel else _evidence_channel(sample)
-    pops, _ = find_populations(sample.events[gate, idx], saturation_level(sample, idx))
+    pops, _ = find_populations(sample.events[gate, idx], sample.saturation(sample.channels[idx]))
     return bead_evidence(sample, gate, pops)
 
 
 def _evidence_channel(sample: Sample) -> int:
-    from .panel import channel_dye
-
     fsc, ssc = scatter_indices(sample)
     fluor = [
-        i
-        for i, ch in enumerate(sample.channels)
-        if i not in (fsc, ssc) and not re.search(r"time|fsc|ssc|fs |ss |width|-w$", ch, re.IGNORECASE)
+        i for i, ch in enumerate(sample.channels) if i not in (fsc, ssc) and not NOT_FLUORESCENCE.search(ch)
     ]
     pe = [i for i in fluor if channel_dye(sample.channels[i], sample.markers[i]) == "PE"]
     return (pe or fluor or [0])[0]

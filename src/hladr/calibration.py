@@ -21,7 +21,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,11 @@ import numpy as np
 
 from . import kernels
 from .atomic import atomic_write
-from .beads import NARROW_LOG_SD, Population, bead_evidence, bead_gate, find_populations, saturation_level
+from .beads import NARROW_LOG_SD, Population, bead_evidence, bead_gate, find_populations
 from .datafiles import find_named, json_files, read_json_object, search_dirs
 from .errors import CalibrationError, LotFileError
-from .fcs import Sample
-from .panel import channel_dye
+from .fcs import ChannelSettings, Sample
+from .panel import PE_CHANNEL_NAME, PE_MARKER, PE_TANDEM_MARKER, channel_dye
 
 #: QC thresholds (documented in docs/calibration.md).
 MIN_R2 = 0.99
@@ -60,8 +60,6 @@ FAILING_FLAGS = {
     "lot_expired",
 }
 
-_PE_NAME = re.compile(r"^(pe|fl2|fl-2)([-_ ]?(a|h|area|height|int|log|lin|peak))?$", re.IGNORECASE)
-_PE_MARKER = re.compile(r"(^|[^a-z])pe($|[^a-z-])|^pe$", re.IGNORECASE)
 
 
 # --- lot files -------------------------------------------------------------------------
@@ -164,20 +162,10 @@ def check_lot(lot: Lot, beads: Sample, channel: str) -> list[str]:
             f"lot {lot.name} is for {lot.fluorochrome}, but channel {channel} records {dye}", beads.path
         )
     flags = []
-    acquired = _acquisition_date(beads)
+    acquired = beads.acquired_on
     if lot.expiry and acquired and acquired > date.fromisoformat(lot.expiry):
         flags.append(f"lot_expired:{lot.expiry} (beads acquired {acquired.isoformat()})")
     return flags
-
-
-def _acquisition_date(sample: Sample) -> date | None:
-    text = (sample.keywords.get("$DATE") or "").strip()
-    for fmt in ("%d-%b-%Y", "%Y-%m-%d", "%d-%b-%y", "%m/%d/%Y", "%d.%m.%Y"):
-        try:
-            return datetime.strptime(text.title() if "%b" in fmt else text, fmt).date()
-        except ValueError:
-            continue
-    return None
 
 
 # --- the calibration -------------------------------------------------------------------
@@ -220,6 +208,12 @@ class Calibration:
     @property
     def passed(self) -> bool:
         return bool(self.qc.get("passed"))
+
+    @property
+    def settings(self) -> dict[str, ChannelSettings]:
+        """The bead tube's ``$PnV``/``$PnG`` per channel, as :attr:`hladr.fcs.Sample.settings` gives them."""
+        channels = dict.fromkeys([*self.voltages, *self.gains])
+        return {c: ChannelSettings(self.voltages.get(c), self.gains.get(c)) for c in channels}
 
     @property
     def mfi_range(self) -> tuple[float, float]:
@@ -316,14 +310,10 @@ def pe_channel(sample: Sample, channel: str | None = None) -> str:
     if channel:
         return sample.channels[sample.index(channel)]
     for ch, marker in zip(sample.channels, sample.markers):
-        if (
-            marker
-            and _PE_MARKER.search(marker)
-            and not re.search(r"pe[- ]?(cy|texas|dazzle|cf)", marker, re.I)
-        ):
-            if _PE_NAME.match(ch) or "pe" in ch.lower() or "fl2" in ch.lower():
+        if marker and PE_MARKER.search(marker) and not PE_TANDEM_MARKER.search(marker):
+            if PE_CHANNEL_NAME.match(ch) or "pe" in ch.lower() or "fl2" in ch.lower():
                 return ch
-    names = [ch for ch in sample.channels if _PE_NAME.match(ch.strip())]
+    names = [ch for ch in sample.channels if PE_CHANNEL_NAME.match(ch.strip())]
     area = [ch for ch in names if re.search(r"(a|area|int)$", ch, re.I)]
     if area or names:
         return (area or names)[0]
@@ -530,10 +520,11 @@ def calibrate(
         flags += check_lot(lot_obj, beads, ch)
     gate, notes = bead_gate(beads)
     pe = beads.events[gate, idx].astype(np.float64)
-    top = saturation_level(beads, idx)
-    linear = not is_log_amplified(beads, idx)
-    if not linear:  # channel 0 of a log amplifier holds everything below its first decade
-        bottom = pe <= 1.0001 * float(beads.keywords.get(f"$P{idx + 1}E", "0,1").split(",")[1] or 1)
+    top = beads.saturation(ch)
+    log_amplifier = beads.log_amplifier(ch)
+    linear = log_amplifier is None
+    if log_amplifier is not None:  # channel 0 of a log amplifier holds everything below its first decade
+        bottom = pe <= 1.0001 * log_amplifier[1]
         if bottom.any():
             notes.append(f"{int(bottom.sum())} bead events at the log amplifier's floor: not used")
             pe = pe[~bottom]
@@ -685,15 +676,6 @@ def calibrate(
     if strict and not passed:
         raise CalibrationError(cal.failure_message(), beads.path)
     return cal
-
-
-def is_log_amplified(sample: Sample, idx: int) -> bool:
-    """True when ``$PnE`` says the channel was recorded through a log amplifier."""
-    pne = sample.keywords.get(f"$P{idx + 1}E", "0,0")
-    try:
-        return float(pne.split(",")[0]) > 0
-    except ValueError:
-        return False
 
 
 def _fit_autofluorescence(mfi: np.ndarray, values: np.ndarray) -> tuple[float, float, float]:

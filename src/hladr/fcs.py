@@ -6,10 +6,11 @@ This module knows nothing of the analysis.
 from __future__ import annotations
 
 import hashlib
+import math
 import mmap
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -29,15 +30,24 @@ from .errors import (
 
 __all__ = [
     "REPAIRS",
+    "SETTINGS_REL_TOL",
+    "ChannelSettings",
     "Sample",
+    "SettingDifference",
     "Spillover",
     "acquisition",
     "describe",
     "read_fcs",
     "read_metadata",
+    "settings_differences",
     "sha256_file",
     "write_fcs",
 ]
+
+#: Relative difference above which two voltages (``$PnV``) or gains (``$PnG``) count as different
+#: (the values are typed by the instrument software: anything beyond rounding is a different setting).
+SETTINGS_REL_TOL = 1e-6
+_SETTINGS_ABS_TOL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,62 @@ class Spillover:
         """The matrix in ``$SPILLOVER`` keyword form."""
         values = ",".join(repr(float(v)) for v in self.matrix.ravel())
         return f"{len(self.channels)},{','.join(self.channels)},{values}"
+
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    """One detector's settings: ``$PnV`` voltage and ``$PnG`` amplifier gain (None where not recorded)."""
+
+    voltage: float | None = None
+    gain: float | None = None
+
+
+@dataclass(frozen=True)
+class SettingDifference:
+    """A voltage or gain that differs between two tubes (``ours`` vs ``theirs``)."""
+
+    channel: str
+    kind: str  # "voltage" or "gain"
+    ours: float
+    theirs: float
+
+    def __str__(self) -> str:
+        unit = " V" if self.kind == "voltage" else " (gain)"
+        return f"{self.channel} {self.ours:g}{unit} vs {self.theirs:g}{unit}"
+
+
+def settings_differences(
+    ours: Mapping[str, ChannelSettings],
+    theirs: Mapping[str, ChannelSettings],
+    channels: Iterable[str] | None = None,
+    rel_tol: float = SETTINGS_REL_TOL,
+) -> list[SettingDifference]:
+    """The voltages and gains that differ between two tubes' :attr:`Sample.settings`.
+
+    Parameters
+    ----------
+    ours, theirs
+        ``{channel: ChannelSettings}`` of the two tubes.
+    channels
+        The channels compared, in this order; default: those both tubes have, sorted.
+    rel_tol
+        Relative tolerance (:data:`SETTINGS_REL_TOL`). A value one tube does not record is not compared.
+
+    Returns
+    -------
+    list of SettingDifference
+        The voltages first, then the gains, each in channel order.
+    """
+    names = sorted(set(ours) & set(theirs)) if channels is None else list(dict.fromkeys(channels))
+    out = []
+    for kind in ("voltage", "gain"):
+        for channel in names:
+            a, b = ours.get(channel, ChannelSettings()), theirs.get(channel, ChannelSettings())
+            x, y = getattr(a, kind), getattr(b, kind)
+            if x is None or y is None or math.isclose(x, y, rel_tol=rel_tol, abs_tol=_SETTINGS_ABS_TOL):
+                continue
+            out.append(SettingDifference(channel, kind, x, y))
+    return out
 
 
 @dataclass
@@ -124,19 +190,61 @@ class Sample:
         return [self.keywords.get(f"$P{i}{letter}") for i in range(1, len(self.channels) + 1)]
 
     @property
+    def settings(self) -> dict[str, ChannelSettings]:
+        """``$PnV`` voltage and ``$PnG`` gain per channel (tubes compared by :func:`settings_differences`).
+
+        Where a file lacks them, the keywords its software writes instead (as FlowCal reads them):
+        CellQuest Pro's voltages in ``BD$WORD13``, ``BD$WORD14``... (channel 1, 2...) and FlowJo
+        Collector's Edition's gains in ``CytekP01G``, ``CytekP02G``...
+        """
+        creator = self.keywords.get("CREATOR", "")
+        out = {}
+        for n, (channel, voltage, gain) in enumerate(
+            zip(self.channels, self._per_channel("V"), self._per_channel("G")), start=1
+        ):
+            if voltage is None and "CellQuest Pro" in creator:
+                voltage = self.keywords.get(f"BD$WORD{12 + n}")
+            if gain is None and "FlowJoCollectorsEdition" in creator:
+                gain = self.keywords.get(f"CYTEKP{n:02d}G")
+            out[channel] = ChannelSettings(_finite_or_none(voltage), _finite_or_none(gain))
+        return out
+
+    @property
     def voltages(self) -> dict[str, float | None]:
-        """``$PnV`` detector voltages by channel (None where absent)."""
-        return {c: _float_or_none(v) for c, v in zip(self.channels, self._per_channel("V"))}
+        """``$PnV`` detector voltages by channel (None where absent): the voltages of :attr:`settings`."""
+        return {c: s.voltage for c, s in self.settings.items()}
 
     @property
     def gains(self) -> dict[str, float | None]:
-        """``$PnG`` amplifier gains by channel (None where absent)."""
-        return {c: _float_or_none(v) for c, v in zip(self.channels, self._per_channel("G"))}
+        """``$PnG`` amplifier gains by channel (None where absent): the gains of :attr:`settings`."""
+        return {c: s.gain for c, s in self.settings.items()}
 
     @property
     def ranges(self) -> dict[str, float | None]:
         """``$PnR`` ranges by channel (None where absent)."""
         return {c: _float_or_none(v) for c, v in zip(self.channels, self._per_channel("R"))}
+
+    def log_amplifier(self, channel: str) -> tuple[float, float] | None:
+        """``(decades, floor)`` of a channel recorded through a log amplifier (``$PnE f1,f2`` with
+        f1 > 0 on integer data, decoded by :func:`read_fcs` to ``f2 * 10**(f1 * x / $PnR)``; ``floor``
+        is f2, the value of channel 0); None for a linear channel."""
+        return _log_scale(self.keywords, self.index(channel) + 1)
+
+    def is_log(self, channel: str) -> bool:
+        """True when the channel was recorded through a log amplifier (``$PnE``, :meth:`log_amplifier`)."""
+        return self.log_amplifier(channel) is not None
+
+    def saturation(self, channel: str) -> float:
+        """The largest value the channel can hold, in the units of :attr:`events`: ``$PnR``, or for a
+        log-amplified channel its top channel ``R - 1`` decoded, ``f2 * 10**(f1 * (R - 1) / R)``;
+        ``inf`` where ``$PnR`` is not a number."""
+        top = _float_or_none(self.keywords.get(f"$P{self.index(channel) + 1}R"))
+        log = self.log_amplifier(channel)
+        if log is not None:
+            decades, floor = log
+            steps = (top - 1) / top if top and top > 1 else 1.0
+            return floor * 10 ** (decades * steps)
+        return float(top) if top else math.inf
 
     @property
     def instrument(self) -> dict[str, str | None]:
@@ -154,6 +262,11 @@ class Sample:
     def acquired(self) -> datetime | None:
         """Acquisition start: ``$BEGINDATETIME`` (FCS 3.2), else ``$DATE`` + ``$BTIM``; None if unknown."""
         return acquisition(self.keywords)[1]
+
+    @property
+    def acquired_on(self) -> date | None:
+        """Acquisition day (known from ``$DATE`` even where ``$BTIM`` is missing); None if unknown."""
+        return acquisition(self.keywords)[0]
 
     @property
     def identity(self) -> dict[str, tuple[str, str] | None]:
@@ -180,7 +293,12 @@ class Sample:
 PATIENT_ID_KEYWORDS = ("PATIENT ID", "PATIENT_ID", "PATIENTID", "$SRC")
 #: Keywords holding a specimen or tube id, in the order they are trusted.
 SAMPLE_ID_KEYWORDS = ("$SMNO", "SAMPLE ID", "SAMPLE_ID", "TUBE NAME", "TUBE_NAME", "$FIL")
-_DATE_FORMATS = ("%d-%b-%Y", "%d-%b-%y", "%Y-%m-%d", "%d-%m-%Y", "%m/%d/%Y", "%d.%m.%Y", "%Y%m%d", "%Y/%m/%d")
+#: ``$DATE`` forms: the standard ``dd-mmm-yyyy``, then what instruments write (a two-digit year only
+#: where the text has two digits: ``%Y`` would read "08-Sep-06" as the year 6). Month names in any case.
+_DATE_FORMATS = (
+    "%d-%b-%Y", "%d-%b-%y", "%Y-%m-%d", "%d-%m-%Y", "%m/%d/%Y", "%d.%m.%Y", "%Y%m%d", "%Y/%m/%d",
+    "%d %b %Y", "%Y-%b-%d",  # Beckman Coulter (CyAn, MoFlo), Miltenyi MACSQuant
+)
 
 
 def parse_date(text: str | None) -> date | None:
@@ -246,6 +364,31 @@ def _float_or_none(value: str | None) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+def _finite_or_none(value: str | None) -> float | None:
+    number = _float_or_none(value)
+    return number if number is not None and math.isfinite(number) else None
+
+
+def _pne(kw: Mapping[str, str], n: int) -> tuple[float, float]:
+    """``(f1, f2)`` as parameter ``n``'s ``$PnE`` writes them (0 where missing or not a number)."""
+    parts = kw.get(f"$P{n}E", "0,0").replace(" ", "").split(",")
+    f1 = _float_or_none(parts[0]) or 0.0
+    f2 = (_float_or_none(parts[1]) if len(parts) > 1 else None) or 0.0
+    return f1, f2
+
+
+def _log_scale(kw: Mapping[str, str], n: int) -> tuple[float, float] | None:
+    """``(f1, f2)`` of parameter ``n`` when its integer values are log-amplified (``$PnE`` f1 > 0), else None.
+
+    Float data are linear whatever ``$PnE`` says (FCS 3.1). f2 = 0 with f1 > 0 (non-compliant) is
+    read as f2 = 1, the repair ``PnE_f2_zero`` of :func:`read_fcs`.
+    """
+    f1, f2 = _pne(kw, n)
+    if not f1 > 0 or kw.get(f"$P{n}DATATYPE", kw.get("$DATATYPE", "I")).strip().upper() != "I":
+        return None
+    return f1, f2 or 1.0
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -578,18 +721,26 @@ def _mask(r: _Reader, kw: dict[str, str], data: np.ndarray, types: list[str], bi
 
 
 def _spillover(r: _Reader, kw: dict[str, str], channels: list[str], markers: list[str]) -> Spillover | None:
+    """The file's spillover matrix, parsed once (``Sample.spillover``; everyone else asks the Sample).
+
+    The keyword text is parsed by flowutils' ``get_spill`` (it reads every matrix of the real corpus
+    that can be read; tests/test_fcs_real.py checks it). What flowutils does not do stays here:
+    resolving the matrix's names to ``$PnN`` channels (Accuri and Gallios files name them by
+    parameter number, some by ``$PnS`` marker), FCS 2.0's ``$DFCiTOj`` keywords, and a named repair,
+    not an exception, for a matrix that is malformed or names channels the file does not have.
+    """
     for key in ("$SPILLOVER", "SPILL", "$SPILL"):
         text = kw.get(key)
         if not text:
             continue
-        parts = [p.strip() for p in text.split(",")]
+        from flowutils.compensate import get_spill  # imported only for files that carry a matrix
+
         try:
-            n = int(parts[0])
-            names = parts[1 : n + 1]
-            values = np.array([float(v) for v in parts[n + 1 : n + 1 + n * n]]).reshape(n, n)
+            values, names = get_spill(text)
         except (ValueError, IndexError):
             r.repair("spillover_dropped", FCSKeywordError, f"{key} is malformed")
             return None
+        values = np.asarray(values, dtype=np.float64)
         resolved = []
         for name in names:
             if name in channels:
@@ -772,15 +923,12 @@ def _log_decode(r: _Reader, kw: dict[str, str], events: np.ndarray) -> tuple[np.
     """Log-amplified integer channels to linear values; returns (events, stored values or None)."""
     log_cols = []
     for j in range(events.shape[1]):
-        pne = kw.get(f"$P{j + 1}E", "0,0").replace(" ", "")
-        parts = pne.split(",")
-        f1 = _float_or_none(parts[0]) or 0.0
-        f2 = _float_or_none(parts[1]) if len(parts) > 1 else 0.0
-        if f1 > 0 and kw.get(f"$P{j + 1}DATATYPE", kw.get("$DATATYPE", "I")).upper() == "I":
-            if not f2:
-                r.repair("PnE_f2_zero", FCSKeywordError, f"$P{j + 1}E={pne}: f2 = 0 with f1 > 0")
-                f2 = 1.0
-            log_cols.append((j, f1, f2))
+        scale = _log_scale(kw, j + 1)
+        if scale is None:
+            continue
+        if not _pne(kw, j + 1)[1]:
+            r.repair("PnE_f2_zero", FCSKeywordError, f"$P{j + 1}E={kw[f'$P{j + 1}E']}: f2 = 0 with f1 > 0")
+        log_cols.append((j, *scale))
     if not log_cols:
         return events, None
     raw = events.copy()

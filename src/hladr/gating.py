@@ -49,20 +49,10 @@ class GatingResult:
 
 # --- helpers ----------------------------------------------------------------------------------
 def spillover_matrix(sample: Sample) -> tuple[list[str], np.ndarray] | None:
-    """(channels, matrix) from the Sample, or parsed from ``$SPILLOVER``/``SPILL``/``$SPILL``."""
-    if sample.spillover is not None:
-        return list(sample.spillover.channels), np.asarray(sample.spillover.matrix, dtype=float)
-    from flowutils.compensate import get_spill
-
-    for key in ("$SPILLOVER", "SPILL", "$SPILL"):
-        text = sample.keywords.get(key)
-        if text:
-            try:
-                matrix, names = get_spill(text)
-            except (ValueError, IndexError):
-                continue
-            return list(names), np.asarray(matrix, dtype=float)
-    return None
+    """(channels, matrix) of the Sample's spillover (parsed once, by :func:`hladr.fcs.read_fcs`), or None."""
+    if sample.spillover is None:
+        return None
+    return list(sample.spillover.channels), np.asarray(sample.spillover.matrix, dtype=float)
 
 
 def compensate(sample: Sample) -> tuple[np.ndarray, list[str]]:

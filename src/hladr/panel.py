@@ -12,6 +12,7 @@ Mass cytometry (CyTOF) files have no scatter: there the DNA intercalator channel
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .errors import PanelError
@@ -82,6 +83,24 @@ _DYES = [
 ]
 
 
+#: Scatter channels of a bead tube, most specific first (full match, case-insensitive). Broader than
+#: the patient roles' FSC-A/SSC-A names: any forward and side scatter does for beads.
+BEAD_SCATTER_NAMES = {
+    "FSC": [r"fsc[-_ ]a", r"fs[-_ ]?int", r"fsc", r"fsc[-_ ]?h", r"fs[-_ ]?(lin|peak)?", r"fsc.*"],
+    "SSC": [r"ssc[-_ ]a", r"ss[-_ ]?int", r"ssc", r"ssc[-_ ]?h", r"ss[-_ ]?(lin|log)?", r"ssc.*", r"ss .*"],
+}
+#: A channel name that is no fluorescence detector (time, scatter, pulse width).
+NOT_FLUORESCENCE = re.compile(r"time|fsc|ssc|fs |ss |width|-w$", re.IGNORECASE)
+#: A bead tube's PE channel by instrument name (full match): PE or FL2, with an -A/-H/area/log... suffix.
+PE_CHANNEL_NAME = re.compile(r"^(pe|fl2|fl-2)([-_ ]?(a|h|area|height|int|log|lin|peak))?$", re.IGNORECASE)
+#: A ``$PnS`` marker naming the PE dye (``PE``, ``HLA-DR PE``)...
+PE_MARKER = re.compile(r"(^|[^a-z])pe($|[^a-z-])|^pe$", re.IGNORECASE)
+#: ... unless it names a PE tandem (``PE-Cy7``, ``PE-Texas Red``, ``PE-Dazzle``, ``PE-CF594``).
+PE_TANDEM_MARKER = re.compile(r"pe[- ]?(cy|texas|dazzle|cf)", re.IGNORECASE)
+#: ``$PnS`` markers that name a cell antigen or a viability dye: evidence that a tube holds cells.
+CELL_MARKER = re.compile(r"\b(CD\d+[a-z]?|HLA[- ]?DR|MHC ?II|live/dead|viability)\b", re.IGNORECASE)
+
+
 def channel_dye(name: str, marker: str | None = None) -> str | None:
     """The fluorochrome a channel records, when its name or ``$PnS`` marker says it (else ``None``).
 
@@ -95,6 +114,23 @@ def channel_dye(name: str, marker: str | None = None) -> str | None:
 
 
 _TIME = re.compile(r"time", re.IGNORECASE)
+
+# --- tube names: how the batch tells bead tubes, patient tubes and controls apart ----------------
+#: Tube names that mean a PE bead tube.
+BEAD_TUBE_NAME = re.compile(r"bead|quanti[\s_-]*brite|(?<![a-z])qb(?![a-z])|calibrat|rainbow|sphero", re.I)
+#: Tube names of set-up and compensation controls, which are neither beads nor patients.
+CONTROL_TUBE_NAME = re.compile(
+    r"cs\s*&\s*t|(?<![a-z])cst(?![a-z])|compensation|unstained|(?<![a-z])fmo(?![a-z])", re.I
+)
+#: Keywords that name the tube (besides the file name).
+TUBE_NAME_KEYWORDS = ("TUBE NAME", "$SRC", "$SMNO", "SAMPLE ID", "$FIL", "TUBE_NAME", "SAMPLE_ID")
+
+
+def panel_markers(markers: Iterable[str]) -> list[str]:
+    """The ``$PnS`` markers naming an antigen of the panel (HLA-DR, CD14, CD45), sorted and unique:
+    a tube carrying one holds stained cells."""
+    roles = ("HLA-DR", "CD14", "CD45")
+    return sorted({m for m in markers if m and any(_MARKERS[r].search(m) for r in roles)})
 
 
 @dataclass

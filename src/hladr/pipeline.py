@@ -209,11 +209,11 @@ def run_analysis(
     molecules = float(calibration.molecules(mfi))
     abc = reagent.abc(molecules)
 
-    top = sample.ranges.get(panel["HLA-DR"])
+    top = sample.saturation(panel["HLA-DR"])
     saturated = None
-    if top:
-        raw = sample.events[gating.monocytes, sample.index(panel["HLA-DR"])]
-        saturated = float(np.mean(raw >= 0.999 * top))
+    if np.isfinite(top):
+        values = sample.events[gating.monocytes, sample.index(panel["HLA-DR"])]
+        saturated = float(np.mean(values >= 0.999 * top))
     flags += policy.monocyte_flags(n_mono, saturated)
     flags += policy.bead_range_flags(mfi, calibration.mfi_range)
 
@@ -352,10 +352,7 @@ def compatibility_flags(
         flags.append(f"channel_mismatch:HLA-DR on {panel['HLA-DR']}, beads on {calibration.channel}")
     gating_channels = [panel[role] for role in ("CD14", "CD45", "FSC-A", "FSC-H", "SSC-A") if panel[role]]
     flags += policy.settings_flags(
-        {"voltage": calibration.voltages, "gain": calibration.gains},
-        {"voltage": sample.voltages, "gain": sample.gains},
-        calibration.channel,
-        gating_channels,
+        calibration.settings, sample.settings, calibration.channel, gating_channels
     )
     for key in ("cytometer", "serial"):
         a, b = calibration.instrument.get(key), sample.instrument.get(key)

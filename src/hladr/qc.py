@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
+from .fcs import SETTINGS_REL_TOL, ChannelSettings, settings_differences
 from .preanalytics import STABILITY_WINDOWS, STORAGE_WORDS, PreAnalytics, StabilityWindow, preanalytic_flags
 
 Severity = Literal["fail", "warn", "info"]
@@ -131,7 +132,7 @@ class QCPolicy:
     saturated_fail: float = 0.05
     bead_range_far_factor: float = 2.0
     wide_interval_pct: float = 25.0
-    settings_rel_tol: float = 1e-6
+    settings_rel_tol: float = SETTINGS_REL_TOL
     reference_protocol: str = "lyse-wash"
     stability_windows: tuple[StabilityWindow, ...] = STABILITY_WINDOWS
     rules: tuple[Rule, ...] = field(default=RULES)
@@ -194,28 +195,24 @@ class QCPolicy:
 
     def settings_flags(
         self,
-        bead_settings: Mapping[str, Mapping[str, float | None]],
-        sample_settings: Mapping[str, Mapping[str, float | None]],
+        bead_settings: Mapping[str, ChannelSettings],
+        sample_settings: Mapping[str, ChannelSettings],
         hladr_channel: str,
         gating_channels: Iterable[str],
     ) -> list[str]:
         """Settings the measurement uses that differ between the bead tube and the patient tube.
 
-        ``*_settings`` map ``"voltage"``/``"gain"`` to ``{channel: value}``. The HLA-DR detector's
-        voltage or gain failing (``voltage_mismatch``/``gain_mismatch``: the bead curve does not
-        apply); a gating channel's only warns (``gating_settings_differ``); other channels are not
-        compared.
+        ``*_settings`` are ``{channel: ChannelSettings}`` (:attr:`hladr.fcs.Sample.settings`), compared
+        by :func:`hladr.fcs.settings_differences`. The HLA-DR detector's voltage or gain failing
+        (``voltage_mismatch``/``gain_mismatch``: the bead curve does not apply); a gating channel's only
+        warns (``gating_settings_differ``); other channels are not compared.
         """
         flags = []
-        for kind in ("voltage", "gain"):
-            ours, theirs = bead_settings.get(kind) or {}, sample_settings.get(kind) or {}
-            for channel in dict.fromkeys([hladr_channel, *gating_channels]):
-                a, b = ours.get(channel), theirs.get(channel)
-                if a is None or b is None or math.isclose(a, b, rel_tol=self.settings_rel_tol, abs_tol=1e-9):
-                    continue
-                detail = f"{channel} {kind} {a:g} beads vs {b:g} sample"
-                code = f"{kind}_mismatch" if channel == hladr_channel else "gating_settings_differ"
-                flags.append(f"{code}:{detail}")
+        channels = [hladr_channel, *gating_channels]
+        tol = self.settings_rel_tol
+        for d in settings_differences(bead_settings, sample_settings, channels, rel_tol=tol):
+            code = f"{d.kind}_mismatch" if d.channel == hladr_channel else "gating_settings_differ"
+            flags.append(f"{code}:{d.channel} {d.kind} {d.ours:g} beads vs {d.theirs:g} sample")
         return flags
 
     def preanalytic_flags(self, pre: PreAnalytics, acquired_at: Any) -> list[str]:

@@ -129,16 +129,10 @@ def acquisition_time(instrument: Mapping[str, Any] | None) -> str | None:
     """ISO date-time of acquisition from a Result's or Calibration's ``instrument`` ($DATE, $BTIM)."""
     if not instrument:
         return None
-    from .fcs import parse_date, parse_time
+    from .fcs import acquisition
 
-    day = parse_date(instrument.get("date"))
-    if day is None:
-        return None
-    hms = parse_time(instrument.get("btim"))
-    if hms is None:
-        return day.isoformat()
-    h, m, s = hms
-    return datetime(day.year, day.month, day.day, h, m, int(s)).isoformat()
+    day, start = acquisition({"$DATE": instrument.get("date") or "", "$BTIM": instrument.get("btim") or ""})
+    return start.isoformat() if start else day.isoformat() if day else None
 
 
 class Store:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import csv
-import math
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -19,7 +17,8 @@ from pathlib import Path
 
 from .. import preanalytics
 from ..errors import BatchError, HladrError
-from ..fcs import acquisition, sha256_file
+from ..fcs import ChannelSettings, Sample, read_fcs, read_metadata, sha256_file
+from ..panel import BEAD_TUBE_NAME, CONTROL_TUBE_NAME, TUBE_NAME_KEYWORDS, panel_markers
 
 FCS_SUFFIXES = {".fcs", ".lmd"}
 
@@ -29,23 +28,6 @@ OTHER_SUFFIXES = {
     ".csv", ".txt", ".md", ".json", ".jsonl", ".xml", ".wsp", ".png", ".pdf", ".html", ".xlsx", ".xls",
     ".py", ".zip", ".gz", ".log", ".ini", ".cfg", ".yaml", ".yml",
 }
-
-
-#: Tube names that mean a PE bead tube.
-BEAD_PATTERN = re.compile(r"bead|quanti[\s_-]*brite|(?<![a-z])qb(?![a-z])|calibrat|rainbow|sphero", re.I)
-
-
-#: Tube names of set-up and compensation controls, which are neither beads nor patients.
-CONTROL_PATTERN = re.compile(
-    r"cs\s*&\s*t|(?<![a-z])cst(?![a-z])|compensation|unstained|(?<![a-z])fmo(?![a-z])", re.I
-)
-
-
-#: Keywords that name the tube (besides the file name).
-NAME_KEYWORDS = ("TUBE NAME", "$SRC", "$SMNO", "SAMPLE ID", "$FIL", "TUBE_NAME", "SAMPLE_ID")
-
-
-PATIENT_MARKER_PATTERN = re.compile(r"cd\s*-?\s*14|hla\s*-?\s*dr|cd\s*-?\s*45", re.I)
 
 
 MANIFEST_ROLES = {
@@ -88,7 +70,7 @@ class Tube:
     serial: str | None = None
     day: date | None = None
     acquired: datetime | None = None
-    settings: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, ChannelSettings] = field(default_factory=dict)  # Sample.settings
     n_events: int = 0
     n_channels: int = 0
     manifest: ManifestRow | None = None
@@ -112,28 +94,9 @@ def _norm(text: str | None) -> str:
     return " ".join((text or "").split()).lower()
 
 
-def _read_text(path: Path) -> tuple[dict[str, str], list[str], list[str]]:
-    """TEXT keywords, ``$PnN`` and ``$PnS`` of an FCS file (DATA not decoded where possible)."""
-    from ..fcs import read_metadata
-
-    meta = read_metadata(path, lenient=True)
-    keywords = {str(k).upper(): str(v) for k, v in dict(meta.keywords).items()}
-    return keywords, list(meta.channels), list(meta.markers)
-
-
-def _settings(keywords: Mapping[str, str], channels: list[str]) -> dict[str, float]:
-    """Detector settings: ``{"PE-A V": 450.0, "PE-A G": 1.0, ...}`` from ``$PnV`` / ``$PnG``."""
-    out: dict[str, float] = {}
-    for i, name in enumerate(channels, start=1):
-        for letter in ("V", "G"):
-            raw = keywords.get(f"$P{i}{letter}")
-            try:
-                value = float(raw) if raw is not None else math.nan
-            except ValueError:
-                value = math.nan
-            if math.isfinite(value):
-                out[f"{name} {letter}"] = value
-    return out
+def _read_text(path: Path) -> Sample:
+    """The HEADER and TEXT of an FCS file (its DATA not decoded)."""
+    return read_metadata(path, lenient=True)
 
 
 def classify_role(name: str, keywords: Mapping[str, str], markers: Iterable[str]) -> tuple[str, str]:
@@ -150,15 +113,15 @@ def classify_role(name: str, keywords: Mapping[str, str], markers: Iterable[str]
         ``role`` is ``"beads"``, ``"patient"`` or ``"ignore"`` (set-up and
         compensation controls); ``reason`` says what decided it.
     """
-    names = [name] + [keywords[k] for k in NAME_KEYWORDS if keywords.get(k)]
-    found = sorted({m for m in markers if m and PATIENT_MARKER_PATTERN.search(m)})
+    names = [name] + [keywords[k] for k in TUBE_NAME_KEYWORDS if keywords.get(k)]
+    found = panel_markers(markers)
     for text in names:
-        if CONTROL_PATTERN.search(text):
+        if CONTROL_TUBE_NAME.search(text):
             return "ignore", f"name {text!r} says set-up/compensation control"
     if found:
         return "patient", f"markers {', '.join(found)}"
     for text in names:
-        if BEAD_PATTERN.search(text):
+        if BEAD_TUBE_NAME.search(text):
             return "beads", f"name {text!r} says beads"
     return "patient", "not named as beads or a control"
 
@@ -170,8 +133,7 @@ def _content_role(path: Path, role: str, reason: str) -> tuple[str, str]:
     and a patient tube may be named anything. An unreadable file keeps the TEXT's role (the
     analysis reports what is wrong with it).
     """
-    from ..beads import tube_evidence
-    from ..fcs import read_fcs
+    from ..beads import tube_evidence  # scikit-learn loads here, after the batch's workers have started
 
     try:
         evidence = tube_evidence(read_fcs(path, lenient=True))
@@ -284,25 +246,26 @@ def _describe(path: Path, root: Path) -> Tube:
     try:
         tube.identity = _identity(path)
         tube.sha256 = sha256_file(path)
-        keywords, channels, markers = _read_text(path)
+        meta = _read_text(path)
     except HladrError as exc:
         tube.error, tube.error_type = exc.message, type(exc).__name__
         return tube
     except OSError as exc:
         tube.error, tube.error_type = f"cannot read: {exc.strerror or exc}", "OSError"
         return tube
+    keywords = meta.keywords
     tube.cytometer = keywords.get("$CYT")
     tube.serial = keywords.get("$CYTSN")
-    tube.day, tube.acquired = acquisition(keywords)
+    tube.day, tube.acquired = meta.acquired_on, meta.acquired
     if tube.acquired is not None:  # pairing compares local times: an offset in $BEGINDATETIME is dropped
         tube.acquired = tube.acquired.replace(tzinfo=None)
-    tube.settings = _settings(keywords, channels)
-    tube.n_channels = len(channels)
+    tube.settings = meta.settings
+    tube.n_channels = len(meta.channels)
     try:
         tube.n_events = int(keywords.get("$TOT", "0"))
     except ValueError:
         tube.n_events = 0
-    tube.role, tube.role_reason = classify_role(path.name, keywords, markers)
+    tube.role, tube.role_reason = classify_role(path.name, keywords, meta.markers)
     if tube.role != "ignore":
         tube.role, tube.role_reason = _content_role(path, tube.role, tube.role_reason)
     return tube

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import multiprocessing
 import os
 from collections.abc import Callable
 from typing import Any
@@ -71,7 +72,7 @@ def local_workers(jobs: int | None, largest_tube_bytes: int, n_tasks: int) -> in
 def _dask_executor(scheduler: Any) -> tuple[cf.Executor, int, Callable[[], None]]:
     """A concurrent.futures view of a Dask cluster, its thread count and a closer."""
     try:
-        from distributed import Client
+        from distributed import Client  # an optional dependency (hladr[batch])
     except ImportError as exc:
         raise BatchError("--scheduler needs Dask: pip install 'hladr[batch]'") from exc
     if isinstance(scheduler, Client):
@@ -87,17 +88,12 @@ def _dask_executor(scheduler: Any) -> tuple[cf.Executor, int, Callable[[], None]
 
 
 def _process_pool(workers: int) -> cf.ProcessPoolExecutor:
-    import multiprocessing
-
     context = multiprocessing.get_context("spawn")
     return cf.ProcessPoolExecutor(workers, mp_context=context, initializer=init_worker, initargs=(workers,))
 
 
-def _start_workers_early(
-    scheduler: Any, jobs: int | None, plots: bool = False
-) -> cf.ProcessPoolExecutor | None:
-    """A process pool already starting (and importing, and with ``plots`` drawing a QC figure) while
-    discovery reads the export.
+def _start_workers_early(scheduler: Any, jobs: int | None) -> cf.ProcessPoolExecutor | None:
+    """A process pool already starting (and importing) while discovery reads the export.
 
     Worker start-up is a fixed cost of about half a second; discovery is another third: they
     overlap. :func:`_executor` keeps this pool when the worker count it decides is the same.
@@ -107,7 +103,7 @@ def _start_workers_early(
         return None
     pool = _process_pool(wanted)
     for _ in range(wanted):  # a spawn pool starts one process per submitted task
-        pool.submit(warm_up, plots)
+        pool.submit(warm_up)
     return pool
 
 

@@ -7,14 +7,18 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write
+from ..beadqc import evaluate_store
+from ..classify import stratify
 from ..cli import EXIT_NOT_REPORTABLE, EXIT_OK  # the exit codes' one place
+from ..result import CSV_COLUMNS, add_flags, csv_row, upgrade
+from ..store import Store, values_key
 from .pairing import Job
 
 
@@ -53,13 +57,6 @@ class BatchSummary:
                 f"{self.reused} reused in {self.seconds:.1f} s -> {self.out}")
 
 
-def is_reportable(result: Mapping[str, Any]) -> bool:
-    """A Result (either schema version) may be reported: its QC passed."""
-    from ..result import is_reportable as reportable
-
-    return reportable(dict(result))
-
-
 def _now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
 
@@ -72,9 +69,6 @@ def _error_row(file: str, role: str, stage: str, error_type: str, reason: str,
 
 def _result_row(record: dict[str, Any], job: Job) -> dict[str, Any]:
     """The Result of a finished record plus the batch's own keys (and stratification with ferritin)."""
-    from ..classify import stratify
-    from ..result import upgrade
-
     row = upgrade(dict(record["result"]))  # a journal of an older run may hold hladr.result/1
     row.update(file=job.tube.rel, role=job.tube.role_reason, bead_file=job.bead.rel,
                collected_at=job.collected_at, lot_spec=job.lot.label, qc_png=record.get("qc_png"))
@@ -121,8 +115,6 @@ def _csv_text(rows: list[dict[str, Any]], columns: Iterable[str]) -> str:
 
 
 def _results_csv_row(result: dict[str, Any]) -> dict[str, Any]:
-    from ..result import csv_row
-
     strat = result.get("stratification") or {}
     batch = {k: "; ".join(map(str, v)) if isinstance(v, list) else v
              for k, v in ((k, result.get(k)) for k in BATCH_COLUMNS)}
@@ -151,8 +143,6 @@ def _rounded(value: Any, digits: int | None) -> Any:
 def write_tables(out: Path, results: list[dict], errors: list[dict], calibrations: list[dict]) -> None:
     """results.jsonl (every detail), and the flat, rounded results.csv, errors.csv and calibrations.csv
     (no histogram, no nested JSON in a cell), each atomically."""
-    from ..result import CSV_COLUMNS
-
     atomic_write(out / "results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in results),
                  parents=True)
     columns = [BATCH_COLUMNS[0], *(c for c, _, _ in CSV_COLUMNS), *BATCH_COLUMNS[1:], "stratification_reason"]
@@ -169,7 +159,7 @@ def _qc_png(
 ) -> tuple[bytes | None, str | None]:
     """The per-sample QC figure as PNG bytes (None and the reason when it cannot be drawn)."""
     try:
-        from ..plots import plot_analysis, png_bytes
+        from ..plots import plot_analysis, png_bytes  # matplotlib: loaded only where figures are drawn
     except ImportError:
         return None, "hladr.plots.plot_analysis is not available"
     try:
@@ -179,14 +169,9 @@ def _qc_png(
         return None, f"QC figure failed: {type(exc).__name__}: {exc}"
 
 
-def _bead_qc(store: Any, results: list[dict[str, Any]]) -> list[Any]:
+def _bead_qc(store: Store, results: list[dict[str, Any]]) -> list[Any]:
     """Levey-Jennings over every bead run in the store (:func:`hladr.beadqc.evaluate_store`); each
     result row gets ``bead_flags``: the Westgard flags of the calibration it used."""
-    from ..beadqc import evaluate_store
-    from ..classify import stratify
-    from ..result import add_flags
-    from ..store import values_key
-
     series = evaluate_store(store)
     flags = store.flags_by_calibration_key()
     for row in results:

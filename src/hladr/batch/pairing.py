@@ -7,7 +7,6 @@ overrides. A tube without a fitting bead tube gets a reason.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from .. import preanalytics
 from ..errors import PreAnalyticsError, ReagentFileError
+from ..fcs import settings_differences
 from ..reagent import Reagent, load_reagent
 from .discover import Tube
 
@@ -63,17 +63,6 @@ def _parse_lot(text: str | None, base: Path | None) -> LotSpec | None:
     if base is not None and (base / text).exists():
         return LotSpec(lot=str((base / text).resolve()))
     return LotSpec(lot=text)
-
-
-def _settings_differences(patient: Tube, bead: Tube) -> list[str]:
-    diffs = []
-    for key in sorted(set(patient.settings) & set(bead.settings)):
-        a, b = patient.settings[key], bead.settings[key]
-        if not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9):
-            channel, letter = key.rsplit(" ", 1)
-            unit = " V" if letter == "V" else " (gain)"
-            diffs.append(f"{channel} {a:g}{unit} vs {b:g}{unit}")
-    return diffs
 
 
 def pair(
@@ -171,7 +160,7 @@ def _closest_bead(patient: Tube, beads: list[Tube]) -> tuple[Tube | None, str | 
                           f"on {patient.instrument_label} ({times})")
     # the closest with the same detector settings; else the closest, and the analysis's QC policy
     # judges the differences on the channels the measurement uses (HLA-DR fails, gating warns)
-    fitting = [b for b in earlier if not _settings_differences(patient, b)] or earlier
+    fitting = [b for b in earlier if not settings_differences(patient.settings, b.settings)] or earlier
     return max(fitting, key=lambda b: (b.acquired or datetime.min, b.rel)), None
 
 

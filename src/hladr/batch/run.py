@@ -6,20 +6,31 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import functools
+import os
 import re
+import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+from .. import __version__
 from ..atomic import atomic_write
+from ..classify import stratify
+from ..errors import BatchError
 from ..fcs import sha256_file
-from .discover import Tube
+from ..reagent import Reagent, load_reagent
+from ..report import write_report
+from ..result import is_reportable
+from ..store import Store
+from .discover import ManifestRow, Tube, discover, read_manifest
 from .journal import Journal, _key
-from .outputs import _csv_text, _error_row, _now, _result_row, write_tables
-from .pairing import Job, LotSpec, calibrations_wanted
+from .outputs import BatchSummary, _bead_qc, _csv_text, _error_row, _now, _result_row, write_tables
+from .pairing import Job, LotSpec, calibrations_wanted, pair
 
 
 @dataclass
@@ -94,8 +105,6 @@ class _Run:
     def __init__(self, out: Path, plots: bool, journal: Journal, tubes: list[Tube], jobs: list[Job],
                  default_lot: LotSpec, tasks: tuple[Callable[..., dict], Callable[..., dict]],
                  store: Any = None, run_id: int | None = None, gating: GatingOptions | None = None):
-        from .. import __version__
-
         self.store, self.run_id = store, run_id
         self.gating = gating or GatingOptions()
         self.store_calibration_ids: dict[str, int] = {}
@@ -238,17 +247,19 @@ class _Run:
             return []
         record.update(file=task.job.tube.rel, sha256=task.job.tube.sha256)
         if outcome.get("png"):
-            name = "qc/" + re.sub(r"[^\w.-]+", "_", task.job.tube.rel.replace("/", "__")) + ".png"
-            atomic_write(self.out / name, outcome["png"], parents=True)
-            record["qc_png"] = name
+            record["qc_png"] = self._write_output("qc", task.job.tube, ".png", outcome["png"])
         if outcome.get("gatingml"):
-            name = "gates/" + re.sub(r"[^\w.-]+", "_", task.job.tube.rel.replace("/", "__")) + ".xml"
-            atomic_write(self.out / name, outcome["gatingml"], parents=True)
-            record["gates_xml"] = name
+            record["gates_xml"] = self._write_output("gates", task.job.tube, ".xml", outcome["gatingml"])
         self.journal.add(record)
         self._store(record, job=task.job)
         self.sample_records[task.key] = record
         return []
+
+    def _write_output(self, folder: str, tube: Tube, suffix: str, data: bytes | str) -> str:
+        """Write a tube's file into an output folder (its path flattened to one name); returns its name."""
+        name = folder + "/" + re.sub(r"[^\w.-]+", "_", tube.rel.replace("/", "__")) + suffix
+        atomic_write(self.out / name, data, parents=True)
+        return name
 
     def _store(self, record: dict[str, Any], bead: Tube | None = None, job: Job | None = None) -> None:
         """Write a finished record to the results store (idempotent: keyed by the files' SHA-256)."""
@@ -274,8 +285,6 @@ class _Run:
                 record["result"], calibration_id=self.store_calibration_ids.get(cal_key), file=job.tube.rel,
                 patient_id=job.patient_id, collected_at=collected, run_id=self.run_id)
             if job.ferritin is not None:
-                from ..classify import stratify
-
                 self.store.add_decision(result_id, stratify(record["result"], job.ferritin))
 
     # --- outputs --------------------------------------------------------------------
@@ -329,3 +338,108 @@ class _Run:
         """Every tube left out of the analysis (controls, files the manifest skips), with the reason."""
         return [{"file": t.rel, "role": t.role, "reason": t.role_reason}
                 for t in self.tubes if t.role == "ignore" and t.error is None]
+
+
+# --- the steps of run_batch ------------------------------------------------------------
+@dataclass(frozen=True)
+class _Inputs:
+    """The checked arguments of a batch run."""
+
+    export: Path
+    out: Path
+    manifest_rows: list[ManifestRow] | None
+    manifest_dir: Path | None
+    default_lot: LotSpec
+    default_reagent: Reagent | None
+
+
+def _usable_inputs(
+    export_dir: str | os.PathLike, out: str | os.PathLike, manifest: str | os.PathLike | None,
+    jobs: int | None, lot: str | None, bead_values: Iterable[float] | None,
+    gates: str | os.PathLike | None, reagent: str | os.PathLike | None,
+) -> _Inputs:
+    """The arguments of :func:`hladr.batch.run_batch`, checked before anything runs or is written.
+
+    Raises
+    ------
+    BatchError
+        No such folder, an output folder that cannot be one, jobs < 1, both a lot and bead values, no
+        such gates file, a malformed manifest.
+    """
+    export_path = Path(export_dir)
+    if not export_path.is_dir():
+        raise BatchError("export folder not found (or not a folder)", export_path)
+    out_path = Path(out)
+    if out_path.exists() and not out_path.is_dir():
+        raise BatchError("--out exists and is not a folder", out_path)
+    if out_path.resolve() == export_path.resolve():
+        raise BatchError("--out must not be the export folder itself", out_path)
+    if jobs is not None and jobs < 1:
+        raise BatchError(f"--jobs must be at least 1, not {jobs}")
+    if lot is not None and bead_values is not None:
+        raise BatchError("give either a lot or bead values, not both")
+    if gates is not None and not Path(gates).exists():
+        raise BatchError("--gates: no such file or folder", gates)
+    rows = read_manifest(manifest) if manifest is not None else None
+    default_reagent = load_reagent(reagent) if reagent is not None else None
+    if lot is not None and Path(lot).exists():  # workers may run elsewhere: an absolute path
+        lot = str(Path(lot).resolve())
+    default_lot = LotSpec(lot=lot, values=tuple(float(v) for v in bead_values) if bead_values else None)
+    return _Inputs(export_path, out_path, rows, Path(manifest).parent if manifest else None, default_lot,
+                   default_reagent)
+
+
+def _discover_and_pair(inputs: _Inputs) -> tuple[list[Tube], list[Job], BatchSummary]:
+    """The export's tubes, the patient tubes' jobs and the summary counting them.
+
+    Raises
+    ------
+    BatchError
+        No FCS file in the export, or a bead tube without bead values.
+    """
+    tubes = discover(inputs.export, inputs.manifest_rows, exclude=[inputs.out])
+    if not tubes:
+        raise BatchError("no FCS file found in the export folder", inputs.export)
+    jobs = pair(tubes, inputs.default_lot, inputs.manifest_dir, inputs.default_reagent)
+    wanted = calibrations_wanted(tubes, jobs, inputs.default_lot)
+    unvalued = sorted({bead.rel for bead, spec in wanted if spec == LotSpec()})
+    if unvalued:
+        raise BatchError(f"no bead values for {len(unvalued)} bead tube(s), e.g. {unvalued[0]}: give "
+                         f"--lot FILE, --bead-values V1,V2,... or a lot column in the manifest")
+    summary = BatchSummary(out=inputs.out, tubes=len(tubes),  # counted after pairing: a bead_file makes beads
+                           bead_tubes=sum(t.role == "beads" and t.error is None for t in tubes),
+                           patient_tubes=sum(t.role == "patient" for t in tubes))
+    return tubes, jobs, summary
+
+
+def _run_tasks(run: _Run, executor: cf.Executor, inflight_max: int,
+               restart: Callable[[], cf.Executor] | None, progress: bool) -> int:
+    """Plan, then run what is left behind a progress bar (on stderr when ``progress``); returns how
+    many tasks ran."""
+    todo_cal, todo_samples = run.plan()
+    n_tasks = len(todo_cal) + sum(len(v) for v in run.patients_of.values())
+    bar = tqdm(total=n_tasks, unit="tube", desc="hladr batch", file=sys.stderr, dynamic_ncols=True,
+               disable=not progress)
+    try:
+        return run.execute(executor, inflight_max, todo_cal + todo_samples, bar, restart)
+    finally:
+        bar.close()
+
+
+def _write_outputs(run: _Run, summary: BatchSummary, store: Store, run_id: int, plots: bool,
+                   started: float) -> None:
+    """The tables, the summary's counts, the run's record in the store and ``report.html``."""
+    results, errors, calibrations = run.collect()
+    summary.bead_qc = _bead_qc(store, results)
+    write_tables(run.out, results, errors, calibrations)
+    summary.results, summary.errors, summary.calibrations = results, errors, calibrations
+    summary.ok = len(results)
+    summary.not_reportable = sum(not is_reportable(r) for r in results)
+    summary.warned = sum(bool((r.get("qc") or {}).get("warnings")) for r in results)
+    summary.failed = len(errors)
+    summary.reused = run.reused
+    store.finish_run(run_id, {k: getattr(summary, k) for k in (
+        "tubes", "bead_tubes", "patient_tubes", "ok", "not_reportable", "warned", "failed", "computed",
+        "reused")})
+    summary.seconds = time.perf_counter() - started  # the report states the run's time
+    write_report(run.out / "report.html", summary, figures=plots)

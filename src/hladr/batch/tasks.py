@@ -12,11 +12,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import HladrError
+from threadpoolctl import threadpool_limits
+
+from ..fcs import read_fcs
 from .discover import _identity
 from .outputs import _qc_png
 
+# The measuring modules (calibration, pipeline, gating, gatingml) load numba's kernels: the tasks import
+# them when they run, so that the main process of a batch (discovery, pairing, outputs) never loads numba.
+
 log = logging.getLogger("hladr.batch")
+#: A tiny bead tube and patient tube (simulated Quantibrite lot 96597 beads, 1,500 events, and blood,
+#: 2,500 events, FACSCanto II) that a fresh worker calibrates and analyses before its first task.
+WARM_UP_TUBES = Path(__file__).parent / "warmup"
 
 #: set in worker processes of our own pool, where one BLAS/OpenMP thread holds for the process's life
 _PROCESS_LIMITS: Any = None
@@ -27,8 +35,6 @@ def _single_threaded() -> Any:
     executor (inline, processes, Dask threads or processes) then computes in the same order."""
     if _PROCESS_LIMITS is not None:
         return contextlib.nullcontext()  # already limited for the whole process
-    from threadpoolctl import threadpool_limits
-
     return threadpool_limits(1)
 
 
@@ -36,41 +42,28 @@ def init_worker(workers: int) -> None:
     """Process-pool initializer (numba is imported in the workers only, not in the main process):
     numba's share of the cores, one BLAS/OpenMP thread for the process's life."""
     global _PROCESS_LIMITS
-    from threadpoolctl import threadpool_limits
-
     from ..kernels import share_cores
 
     share_cores(workers)
     _PROCESS_LIMITS = threadpool_limits(1)
 
 
-def warm_up(plots: bool = False) -> None:
-    """Calibrate and analyse a tiny simulated run in a fresh worker: the imports and numba's cached
-    kernels (about 0.7 s a worker) load while discovery reads the export, not in the first tasks.
-    ``plots``: also draw its QC figure (matplotlib, fonts and the reusable figure: ~0.6 s more)."""
-    import tempfile
-
-    from ..simulate import QUANTIBRITE_96597, simulate_beads, simulate_blood
-
+def warm_up() -> None:
+    """Calibrate and analyse the packaged tiny tubes (:data:`WARM_UP_TUBES`) in a fresh worker: the
+    imports and numba's cached kernels (about 0.7 s a worker) load while discovery reads the export,
+    not in the first tasks."""
     try:
-        with tempfile.TemporaryDirectory(prefix="hladr-warm-up-") as tmp:
-            beads, patient = Path(tmp) / "beads.fcs", Path(tmp) / "patient.fcs"
-            simulate_beads(beads, "canto", seed=0, n_events=3000)
-            simulate_blood(patient, "canto", 5000.0, seed=0, n_events=4000)
-            calibrated = calibrate_task(str(beads), None, list(QUANTIBRITE_96597))  # the tasks' own code
-            analyze_task(str(patient), calibrated["calibration"], plots)
+        calibrated = calibrate_task(str(WARM_UP_TUBES / "beads.fcs"), "96597", None)  # the tasks' own code
+        analyze_task(str(WARM_UP_TUBES / "patient.fcs"), calibrated["calibration"], False)
     except Exception:  # noqa: BLE001 - a warm-up never stops a batch; the real tasks report errors
         log.debug("worker warm-up failed", exc_info=True)
 
 
 def _failure(exc: BaseException, started: float) -> dict[str, Any]:
-    known = isinstance(exc, HladrError)
-    return {
-        "status": "error" if known else "internal",
-        "error_type": type(exc).__name__,
-        "reason": exc.message if known else f"{type(exc).__name__}: {exc}",
-        "seconds": time.perf_counter() - started,
-    }
+    """A task's failure: :class:`hladr.pipeline.Failure` and the seconds it took."""
+    from ..pipeline import Failure
+
+    return {**Failure.of(exc).to_dict(), "seconds": time.perf_counter() - started}
 
 
 def calibrate_task(path: str, lot: str | None, values: list[float] | None) -> dict[str, Any]:
@@ -78,7 +71,6 @@ def calibrate_task(path: str, lot: str | None, values: list[float] | None) -> di
     started = time.perf_counter()
     try:
         from ..calibration import calibrate
-        from ..fcs import read_fcs
 
         with _single_threaded():
             calibration = calibrate(read_fcs(path, lenient=True), lot=lot, values=values)
@@ -100,32 +92,28 @@ def analyze_task(
     GatingML file or FlowJo workspace whose gate replaces the automatic monocyte gate;
     ``gates_out``: also return the gates as GatingML 2.0 text (``gatingml``) and its agreement.
     ``reagent``/``preanalytics``: the tube's :class:`~hladr.reagent.Reagent` and
-    :class:`~hladr.preanalytics.PreAnalytics` (see :func:`hladr.analyze`).
+    :class:`~hladr.preanalytics.PreAnalytics` (see :class:`hladr.pipeline.AnalysisOptions`).
     """
     started = time.perf_counter()
     try:
-        from ..analysis import analyze
         from ..calibration import Calibration
-        from ..fcs import read_fcs
-        from ..gating import gate_monocytes
-        from ..panel import resolve_panel
+        from ..pipeline import AnalysisOptions, run_analysis
 
-        sample = read_fcs(path, lenient=True)
-        if known and known.get("identity") and tuple(known["identity"]) == _identity(path):
-            sample.sha256 = known["sha256"]
+        unchanged = known and known.get("identity") and tuple(known["identity"]) == _identity(path)
         cal = Calibration.from_dict(calibration)
+        options = AnalysisOptions(gates=gates, gate_name=gate_name, reagent=reagent,
+                                  preanalytics=preanalytics)
         with _single_threaded():
-            panel = resolve_panel(sample)
-            gating = gate_monocytes(sample, panel, gates=gates, gate_name=gate_name)  # once, for all uses
-            result = analyze(sample, cal, panel=panel, gating=gating, reagent=reagent,
-                             preanalytics=preanalytics)
-        out: dict[str, Any] = {"status": "ok", "result": result.to_dict()}
+            analysis = run_analysis(path, cal, options, sha256=known["sha256"] if unchanged else None)
+        out: dict[str, Any] = {"status": "ok", "result": analysis.result.to_dict()}
         if gates_out:
             from ..gatingml import export_gates
 
-            out["gatingml"], out["gatingml_agreement"] = export_gates(sample, gating, panel)
+            out["gatingml"], out["gatingml_agreement"] = export_gates(analysis.sample, analysis.gating,
+                                                                      analysis.panel)
         if plot:
-            out["png"], out["plot_error"] = _qc_png(sample, result, cal, gating, panel)
+            out["png"], out["plot_error"] = _qc_png(analysis.sample, analysis.result, cal, analysis.gating,
+                                                    analysis.panel)
         out["seconds"] = time.perf_counter() - started
         return out
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, none stops the batch
