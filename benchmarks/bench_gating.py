@@ -23,37 +23,33 @@ import hladr
 from hladr.calibration import calibrate
 from hladr.errors import HladrError
 from hladr.gating import (
-    MIN_MONOCYTES,
+    DEFAULT_SEQUENCE,
     JointGate,
-    compensated_columns,
-    debris_gate,
-    leukocyte_gate,
-    margin_gate,
+    Tube,
     monocyte_gate_density,
     monocyte_gate_gmm,
     monocyte_gate_joint,
-    singlet_gate,
-    time_gate,
 )
 from hladr.panel import resolve_panel
+from hladr.qc import DEFAULT_POLICY
 from hladr.simulate import INSTRUMENTS, MONOCYTE_CODES, severe_sepsis_cohort, simulate_beads, simulate_blood
 
-GATEABLE = MIN_MONOCYTES
+GATEABLE = DEFAULT_POLICY.min_monocytes_gate
 
 
-def _density(comp, sample, panel, leuk):
-    mono, info = monocyte_gate_density(comp, sample, panel, leuk)
-    return None if info.get("failed") else mono
+def _density(tube, leuk):
+    outcome = monocyte_gate_density(tube, leuk)
+    return None if outcome.info.get("failed") else outcome.mask
 
 
-def _joint(comp, sample, panel, leuk, **bounds):
-    mono, info = monocyte_gate_joint(comp, sample, panel, leuk, bounds=JointGate(**bounds))
-    return None if info.get("failed") else mono
+def _joint(tube, leuk, **bounds):
+    outcome = monocyte_gate_joint(tube, leuk, bounds=JointGate(**bounds))
+    return None if outcome.info.get("failed") else outcome.mask
 
 
-def _gmm(comp, sample, panel, leuk):
+def _gmm(tube, leuk):
     try:
-        return monocyte_gate_gmm(comp, sample, panel, leuk)
+        return monocyte_gate_gmm(tube, leuk).mask
     except HladrError:
         return None
 
@@ -77,12 +73,14 @@ def write_cohort(folder: Path, n: int) -> list[dict]:
 
 
 def upstream(sample, panel):
-    comp, _ = compensated_columns(sample, [panel["CD14"], panel["CD45"], panel["HLA-DR"]])
-    clean, _ = time_gate(sample, panel, margin_gate(sample, panel))
-    singlets = singlet_gate(sample, panel, clean)
-    cells, _ = debris_gate(sample, panel, singlets)
-    leuk, _ = leukocyte_gate(comp, sample, panel, cells)
-    return comp, clean, leuk
+    """The tube, its clean events and leukocytes: the default sequence's steps before the monocytes."""
+    tube = Tube(sample, panel)
+    keep, populations = np.ones(sample.n_events, dtype=bool), {}
+    for step in DEFAULT_SEQUENCE:
+        if step.name == "monocytes":
+            break
+        keep = populations[step.name] = step.gate(tube, keep).mask & keep
+    return tube, populations["time"], populations["leukocytes"]
 
 
 def main() -> None:
@@ -116,15 +114,15 @@ def main() -> None:
         sample = hladr.read_fcs(path)
         labels = np.load(path.with_suffix(".labels.npy"))
         panel = resolve_panel(sample)
-        comp, clean, leuk = upstream(sample, panel)
-        pe = comp[panel["HLA-DR"]]
+        tube, clean, leuk = upstream(sample, panel)
+        pe = tube.compensated[panel["HLA-DR"]]
         cal = cals[truth["instrument"]]
         perfect = np.isin(labels, MONOCYTE_CODES) & clean
         n_true.append(int(perfect.sum()))
         masks = {"perfect": perfect}
         for name in names:
             t0 = time.perf_counter()
-            masks[name] = CANDIDATES[name](comp, sample, panel, leuk)
+            masks[name] = CANDIDATES[name](tube, leuk)
             seconds[name] += time.perf_counter() - t0
         for name, mask in masks.items():
             got = mask if mask is not None else np.zeros_like(perfect)

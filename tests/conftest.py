@@ -3,6 +3,7 @@ per-preset bead calibrations, the sample_fcs bead calibration and a small simula
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from datetime import datetime, timedelta
@@ -19,6 +20,12 @@ REAL_DIR = Path(os.environ.get("HLADR_REAL_DATA", ROOT.parent / "shared" / "data
 SAMPLE_DIR = ROOT / "sample_fcs"
 NOT_FCS = {".md", ".csv", ".txt", ".xlsx", ".xls", ".xml", ".wsp"}
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def sample_truth() -> dict[str, float]:
+    """The simulator's true AB/C (``abc_true``) of each sample_fcs/ patient tube, from truth.csv."""
+    with open(SAMPLE_DIR / "truth.csv", newline="") as fh:
+        return {row["file"]: float(row["abc_true"]) for row in csv.DictReader(fh) if row["abc_true"]}
 
 
 def real_files() -> list[Path]:
@@ -97,3 +104,23 @@ def engine_export(tmp_path) -> Path:
     from tests.batch_fakes import write_engine_export
 
     return write_engine_export(tmp_path / "engine")
+
+
+# --- hladr serve on loopback (tests/service_server.py) -----------------------------------------------
+@pytest.fixture
+def serve(tmp_path):
+    """Start ``hladr serve`` subprocesses: ``serve(*options, db=..., env=..., ready=...)`` gives a
+    running :class:`tests.service_server.Server` (database ``tmp_path/hladr.sqlite`` unless ``db``).
+    Every server the test started is stopped after it, also when the test failed."""
+    from tests.service_server import Server
+
+    started: list[Server] = []
+
+    def start(*options: str, db: Path | None = None, **kwargs) -> Server:
+        server = Server(db or tmp_path / "hladr.sqlite", *options, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

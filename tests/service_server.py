@@ -23,15 +23,6 @@ AUTH_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
 TOKENS_ENV = f"lab1:{TOKEN},lab2:{OTHER},root:admin:{ADMIN}"
 
 
-LIVE: set[Server] = set()  # servers started and not yet stopped
-
-
-def stop_all(keep: set[Server] = frozenset()) -> None:
-    """Kill every server but ``keep`` that a test left running (a failed assertion skips its ``stop``)."""
-    for server in list(LIVE - keep):
-        server.stop(signal.SIGKILL)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -39,7 +30,10 @@ def free_port() -> int:
 
 
 class Server:
-    """``python -m hladr.cli serve`` in a subprocess; waits until ``/v1/health`` answers."""
+    """``python -m hladr.cli serve`` in a subprocess; waits until ``/v1/health`` answers.
+
+    Tests start them with the ``serve`` fixture (conftest.py), which stops them after the test.
+    """
 
     def __init__(self, db: Path, *extra: str, env: dict[str, str] | None = None, ready: str = "any"):
         self.db = Path(db)
@@ -49,7 +43,6 @@ class Server:
         cmd = [sys.executable, "-m", "hladr.cli", "serve", "--port", str(self.port), "--db", str(db), *extra]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        LIVE.add(self)
         try:
             self.wait_health(ready)
         except BaseException:
@@ -59,7 +52,7 @@ class Server:
     def health(self, timeout: float = 5) -> httpx.Response:
         return httpx.get(f"{self.url}/v1/health", timeout=timeout)
 
-    def wait_health(self, ready: str = "any", limit: float = 90) -> dict:
+    def wait_health(self, ready: str = "any", limit: float = 240) -> dict:
         """Until health answers (``ready="any"``) or reports ``ready`` as its status."""
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
@@ -75,6 +68,7 @@ class Server:
         raise RuntimeError(f"server not {ready} within {limit} s")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """Send ``sig`` (when still running) and wait; the exit code (killed after ``timeout`` s)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
@@ -83,7 +77,6 @@ class Server:
             self.proc.kill()
             code = self.proc.wait()
         self.proc.stderr.close()
-        LIVE.discard(self)
         return code
 
     def rows(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:

@@ -17,6 +17,7 @@ import pytest
 
 from hladr import batch
 from hladr.batch import BatchError, Journal, discover, pair, read_manifest, run_batch
+from hladr.cli import EXIT_NOT_REPORTABLE, EXIT_USAGE
 from tests.batch_fakes import FAKE_LOT, FAKES, expected_abc, start_fake_batch, write_tube
 from tests.conftest import SAMPLE_DIR
 
@@ -155,12 +156,12 @@ def test_unusable_arguments_exit_2(export: Path, tmp_path: Path, capsys, monkeyp
     from hladr.cli import main
 
     monkeypatch.setattr(batch.executors, "DASK_CONNECT_TIMEOUT", "1s")
-    assert main(["batch", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == batch.EXIT_USAGE
+    assert main(["batch", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == EXIT_USAGE
     assert "export folder not found" in capsys.readouterr().err
-    assert main(["batch", str(export), "--out", str(tmp_path / "o"), "--jobs", "0"]) == batch.EXIT_USAGE
+    assert main(["batch", str(export), "--out", str(tmp_path / "o"), "--jobs", "0"]) == EXIT_USAGE
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["batch", str(empty), "--out", str(tmp_path / "o")]) == batch.EXIT_USAGE
+    assert main(["batch", str(empty), "--out", str(tmp_path / "o")]) == EXIT_USAGE
     assert "no FCS file" in capsys.readouterr().err
     with pytest.raises(BatchError, match="no bead values for 2 bead tube"):
         run_batch(export, tmp_path / "o2", progress=False)
@@ -206,7 +207,7 @@ def _check_engine_outputs(root: Path, out: Path, summary) -> None:
     assert set(errors) == {"d2/beads fails.fcs", "d2/q01.fcs"}
     assert errors["d2/q01.fcs"]["stage"] == "calibration"
     assert "d2/beads fails.fcs failed calibration: stand-in QC failure" in errors["d2/q01.fcs"]["reason"]
-    assert summary.exit_code == batch.EXIT_NOT_REPORTABLE
+    assert not summary.all_reportable
     jsonl = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["file"] for r in jsonl] == sorted(rows) == [r["file"] for r in _read_csv(out / "results.csv")]
     assert "mHLA-DR batch report" in (out / "report.html").read_text()
@@ -236,7 +237,7 @@ def test_jobs_1_jobs_2_and_dask_give_identical_outputs(engine_export: Path, tmp_
 def test_a_clean_run_exits_0_and_a_flag_exits_3(engine_export: Path, tmp_path: Path):
     clean = run_batch(engine_export / "d1", tmp_path / "clean", jobs=1, progress=False, plots=False,
                       tasks=FAKES, **FAKE_LOT)
-    assert (clean.ok, clean.failed, clean.not_reportable, clean.exit_code) == (12, 0, 0, batch.EXIT_OK)
+    assert (clean.ok, clean.failed, clean.not_reportable, clean.all_reportable) == (12, 0, 0, True)
     assert batch.is_reportable({"qc": {"passed": True, "flags": [], "warnings": ["few_monocytes:1201"]}})
     assert not batch.is_reportable({"qc": {"passed": False, "flags": []}})
     v1_warning_only = {"schema": "hladr.result/1", "qc": {"passed": True, "flags": ["few_monocytes:1201"]}}
@@ -263,7 +264,7 @@ def test_workers_that_die_at_start_are_recorded_not_raised(engine_export: Path, 
     monkeypatch.setattr(batch.executors, "init_worker", worker_that_dies)
     summary = run_batch(engine_export, tmp_path / "out", jobs=2, progress=False, plots=False, tasks=FAKES,
                         **FAKE_LOT)
-    assert summary.ok == 0 and summary.exit_code == batch.EXIT_NOT_REPORTABLE
+    assert summary.ok == 0 and not summary.all_reportable
     with open(tmp_path / "out" / "errors.csv") as fh:
         errors = list(csv.DictReader(fh))
     assert errors and all(e["error_type"] == "WorkerDied" for e in errors if e["stage"] != "pairing")
@@ -399,7 +400,7 @@ def test_simulated_export_pairs_errors_and_values(sim_export, sim_reference):
     analyze = pytest.importorskip("hladr.analysis").analyze
     root, truth = sim_export
     out, code = sim_reference
-    assert code == batch.EXIT_NOT_REPORTABLE
+    assert code == EXIT_NOT_REPORTABLE
     results = _results(out)
     good = {f for f in truth if not f.startswith("2026-03-13/lyric/")}
     assert set(results) == good
@@ -504,7 +505,7 @@ def test_simulated_export_kill_9_and_resume(sim_export, sim_reference, tmp_path:
     assert set(resumed) == set(reference)
     for name in reference:
         assert resumed[name]["abc"] == reference[name]["abc"]
-    assert summary.exit_code == batch.EXIT_NOT_REPORTABLE
+    assert not summary.all_reportable
 
 
 def test_analyze_task_reuses_discoverys_sha256_only_for_an_unchanged_file(tmp_path: Path):

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import hladr
-from hladr.calibration import Calibration, calibrate, describe, list_lots, load_lot
+from hladr.calibration import Calibration, calibrate, list_lots, load_lot
 from hladr.cli import main as cli_main
+from hladr.cli.render import describe_calibration
 from hladr.errors import CalibrationError, HladrError, LotFileError
 from hladr.fcs import Sample
 from hladr.simulate import INSTRUMENTS, MONOCYTE_CODES, QUANTIBRITE_96597, simulate_beads, simulate_blood
@@ -178,6 +179,12 @@ def test_cli_json_contract(capsys):
     for key in ("channel", "values", "mfi", "peaks_used", "slope", "intercept", "r2", "qc"):
         assert key in out
     assert out["qc"]["passed"] is True and set(out["qc"]) >= {"passed", "flags"}
+    # the values of the simulated tube (sample_fcs/truth.json), not only the keys
+    truth = json.loads((ROOT / "sample_fcs" / "truth.json").read_text())["tubes"][0]
+    assert truth["file"] == "beads.fcs" and out["channel"] == truth["pe_channel"]
+    assert out["values"] == truth["lot_values"] and out["peaks_used"] == [0, 1, 2, 3]
+    assert out["mfi"] == pytest.approx(truth["expected_mfi"], rel=0.02)
+    assert 0.95 < out["slope"] < 1.05 and out["qc"]["flags"] == []
 
 
 def test_cli_failure_is_one_line(tmp_path, capsys):
@@ -231,7 +238,7 @@ def test_same_bead_populations_as_flowcal_mef():
             f"{cal.residuals[level]:>+12.2%} {ours['autofluorescence'].residuals[level]:>+10.2%} "
             f"{flowcal_fit / values[level] - 1:>+13.2%}"
         )
-    print(describe(cal))
+    print(describe_calibration(cal))
 
 
 @pytest.mark.parametrize(

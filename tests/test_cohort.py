@@ -9,8 +9,9 @@ import pytest
 import hladr
 from hladr.analysis import analyze
 from hladr.errors import HladrError
-from hladr.gating import MIN_MONOCYTES, gate_monocytes
+from hladr.gating import gate_monocytes
 from hladr.panel import resolve_panel
+from hladr.qc import DEFAULT_POLICY
 from hladr.simulate import INSTRUMENTS, MONOCYTE_CODES, severe_sepsis_cohort, simulate_blood
 
 COHORT_SIZE = 64
@@ -99,7 +100,7 @@ def test_severe_sepsis_cohort_against_the_perfect_label_gate(tmp_path, calibrati
         path = tmp_path / f"s{i:03d}.fcs"
         truth = simulate_blood(path, **case)
         sample = hladr.read_fcs(path)
-        gateable = truth["monocytes"] >= MIN_MONOCYTES
+        gateable = truth["monocytes"] >= DEFAULT_POLICY.min_monocytes_gate
         try:
             panel = resolve_panel(sample)
             gating = gate_monocytes(sample, panel)
@@ -126,7 +127,7 @@ def test_severe_sepsis_cohort_against_the_perfect_label_gate(tmp_path, calibrati
     print(f"reportable {sum(r.reportable for _, r, _ in measured)}/{len(measured)}")
     print(
         f"\nsevere-sepsis cohort: {len(rows) + len(refused)} tubes, {n_gateable} gateable "
-        f"(>= {MIN_MONOCYTES} true monocytes)"
+        f"(>= {DEFAULT_POLICY.min_monocytes_gate} true monocytes)"
     )
     print(
         f"yield {len(measured)}/{n_gateable}; within 5 %: {np.sum(errors < 0.05)}/{n_gateable}; "

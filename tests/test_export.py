@@ -141,7 +141,7 @@ def test_flowkit_applies_the_exported_gates_and_finds_the_same_monocytes(
     assert agreement(flowkit, gating.monocytes) >= 0.99
     assert agreement(flowkit, gating.monocytes) == pytest.approx(ours, abs=1e-3)
     # fed back as user gates, the same monocytes come out (a cytometrist's round trip)
-    assert agreement(user_gate(sample, tmp_path / "g.xml") & gating.singlets, gating.monocytes) >= 0.99
+    assert agreement(user_gate(sample, tmp_path / "g.xml").mask & gating.singlets, gating.monocytes) >= 0.99
 
 
 def test_real_a2004_exported_gates_reproduce_its_monocytes_in_flowkit(tmp_path):
@@ -159,9 +159,9 @@ def test_gate_name_chooses_the_gate_and_unknown_names_are_clear_errors(run, tmp_
     panel = resolve_panel(sample)
     gating = gate_monocytes(sample, panel)
     write_gatingml(tmp_path / "g.xml", sample, gating, panel)
-    scatter = user_gate(sample, tmp_path / "g.xml", gate_name="scatter")
+    scatter = user_gate(sample, tmp_path / "g.xml", gate_name="scatter").mask
     assert scatter.sum() > gating.monocytes.sum() and not (gating.monocytes & ~scatter).any()
-    assert np.array_equal(user_gate(sample, tmp_path / "g.xml", gate_name="singlets/scatter"), scatter)
+    assert np.array_equal(user_gate(sample, tmp_path / "g.xml", gate_name="singlets/scatter").mask, scatter)
     with pytest.raises(
         GatingError,
         match="no gate named 'Lymphocytes' in g.xml; gates: singlets, "
@@ -197,9 +197,9 @@ def test_a_workspace_that_names_the_tube_is_applied_to_it(tmp_path):
     assert ((a >= 59478.02197802198) & (a < 136675.82417582418)).all()
     path = write_fcs(tmp_path / "data_set_simple_line_100.fcs", events, list(source.channels))
     sample = hladr.read_fcs(path)
-    membership = user_gate(sample, folder / "simple_poly_and_rect.wsp", gate_name="rect1")
+    membership = user_gate(sample, folder / "simple_poly_and_rect.wsp", gate_name="rect1").mask
     np.testing.assert_array_equal(membership, expected)
-    assert not user_gate(source, folder / "simple_poly_and_rect.wsp", gate_name="rect1").any()
+    assert not user_gate(source, folder / "simple_poly_and_rect.wsp", gate_name="rect1").mask.any()
     with pytest.raises(
         GatingError, match="no monocyte gate in simple_poly_and_rect.wsp .*; gates: poly1, rect1"
     ):

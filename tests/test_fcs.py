@@ -7,8 +7,9 @@ import hashlib
 import numpy as np
 import pytest
 
+from hladr.cli.render import describe_sample
 from hladr.errors import FCSDataError, FCSError, FCSKeywordError, FCSOffsetError, HladrError
-from hladr.fcs import REPAIRS, Spillover, describe, read_fcs, read_metadata, write_fcs
+from hladr.fcs import REPAIRS, Spillover, read_fcs, read_metadata, write_fcs
 
 
 def build(keywords: dict[str, str], data: bytes, *, version="3.1", header_offsets=True, delim="/") -> bytes:
@@ -304,7 +305,7 @@ def test_read_metadata_skips_data(tmp_path):
 
 def test_describe_lists_channels_voltages_spillover_repairs(tmp_path):
     bad, _ = _patched(tmp_path, b"/$P2N/SSC-A/", b"/$P2N/FSC-A/", keywords={"$P3V": "512"})
-    text = describe(read_fcs(bad, lenient=True))
+    text = describe_sample(read_fcs(bad, lenient=True))
     assert "duplicate_channel_names" in text and "512 V" in text and "data set 1 of 1" in text
 
 

@@ -13,9 +13,10 @@ import hladr
 from hladr.analysis import analyze
 from hladr.calibration import calibrate
 from hladr.errors import GatingError
-from hladr.gating import MIN_MONOCYTES, JointGate, gate_monocytes, user_gate
+from hladr.gating import JointGate, gate_monocytes, user_gate
 from hladr.panel import resolve_panel
 from hladr.pipeline import gates_disagree, statistic_ci95
+from hladr.qc import DEFAULT_POLICY
 from hladr.simulate import MONOCYTE_CODES, POPULATIONS, draw_severe_sepsis, simulate_beads, simulate_blood
 from tests.conftest import REAL_DIR, require_real
 
@@ -64,7 +65,7 @@ def test_gatingml_polygon_gate_is_applied_exactly_and_measures_truth(tmp_path, c
     gml = _gatingml(tmp_path / "gates.xml", "PerCP-Cy5-5-A", "SSC-A", polygon)
 
     expected = PolygonPath(polygon).contains_points(sample.events[:, [cd14, ssc]])
-    np.testing.assert_array_equal(user_gate(sample, gml), expected)
+    np.testing.assert_array_equal(user_gate(sample, gml).mask, expected)
 
     result = analyze(sample, canto_beads, gates=gml)
     assert result.gate_method == "user:gates.xml"
@@ -92,13 +93,13 @@ def test_flowkit_reference_gatingml_has_no_monocyte_gate():
     raw, names = _flowio_raw(REAL_DIR / "FlowIO" / "data1.fcs")
     on_time = _inside(raw, names, {"Time": (20, 80)})  # Range2: Time is linear, gain 1
     assert on_time.sum() == 4710
-    np.testing.assert_array_equal(user_gate(sample, gml, gate_name="Range2"), on_time)
+    np.testing.assert_array_equal(user_gate(sample, gml, gate_name="Range2").mask, on_time)
     # Ellipse1 on FL3-H, FL4-H (stored as 4-decade log, $PnE = 4,0): the decoded values' Mahalanobis distance
     decoded = 10 ** (4 * raw[:, [names.index("FL3-H"), names.index("FL4-H")]] / 1024)
     centred = decoded - np.array([12.99701, 16.22941])
     distance2 = np.einsum("ij,jk,ik->i", centred, np.linalg.inv([[62.5, 37.5], [37.5, 62.5]]), centred)
     assert (distance2 <= 1).sum() == 203
-    np.testing.assert_array_equal(user_gate(sample, gml, gate_name="Ellipse1"), distance2 <= 1)
+    np.testing.assert_array_equal(user_gate(sample, gml, gate_name="Ellipse1").mask, distance2 <= 1)
 
 
 def _flowio_raw(path) -> tuple[np.ndarray, list[str]]:
@@ -135,7 +136,7 @@ def test_gatingml_rectangle_on_a_gained_and_a_log_channel_matches_the_hand_compu
     expected = _inside(scale, names, {"SSC-H": (20, 80), "FL1-H": (70, 200)})
     sample = hladr.read_fcs(path, lenient=True)
     gml = REAL_DIR / "FlowKit" / "gatingml" / "gml_all_gates.xml"
-    membership = user_gate(sample, gml, gate_name="Rectangle1")
+    membership = user_gate(sample, gml, gate_name="Rectangle1").mask
     assert expected.sum() == 252
     np.testing.assert_array_equal(membership, expected)
 
@@ -284,7 +285,7 @@ def test_too_few_monocytes_are_refused_with_the_count(tmp_path):
     simulate_blood(tmp_path / "p.fcs", "canto", 4000, seed=63, n_events=8000, monocyte_fraction=0.004)
     sample = hladr.read_fcs(tmp_path / "p.fcs")
     true_count = int(np.isin(np.load(tmp_path / "p.labels.npy"), MONOCYTE_CODES).sum())
-    assert true_count < MIN_MONOCYTES
+    assert true_count < DEFAULT_POLICY.min_monocytes_gate
     with pytest.raises(GatingError, match=r"only \d+ monocytes \(at least 50 are needed") as info:
         gate_monocytes(sample, resolve_panel(sample))
     assert "p.fcs" in str(info.value)

@@ -12,7 +12,7 @@ import pytest
 from hladr.analysis import analyze
 from hladr.errors import GatingError
 from hladr.fcs import read_fcs, write_fcs
-from hladr.gating import MAX_NONFINITE_FRACTION
+from hladr.qc import DEFAULT_POLICY
 from tests.conftest import SAMPLE_DIR
 
 
@@ -50,7 +50,7 @@ def test_bad_rows_are_dropped_with_their_count_and_the_rest_measured_as_without_
 
 
 def test_too_many_bad_rows_refuse_the_file_in_one_line(tmp_path, patient, sample_calibration):
-    for fraction in (MAX_NONFINITE_FRACTION + 0.01, 1.0):
+    for fraction in (DEFAULT_POLICY.max_nonfinite_fraction + 0.01, 1.0):
         events, rows = _spoil(patient, fraction)
         path = _write(tmp_path / f"bad{fraction}.fcs", patient, events)
         with pytest.raises(GatingError, match=f"{rows.size:,} of 30,000 events hold NaN or infinite") as err:

@@ -3,13 +3,16 @@ malformed files, persistence, and the OpenAPI contract (schemathesis). Faults: t
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import os
 import stat
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -24,36 +27,28 @@ from tests.service_server import (  # noqa: E402
     AUTH,
     AUTH_ADMIN,
     AUTH_OTHER,
-    LIVE,
     TOKEN,
-    Server,
     calibrate,
     descendants,
-    stop_all,
     submit,
     wait_finished,
     wait_gone,
 )
 
 
-@pytest.fixture(autouse=True)
-def _no_server_outlives_its_test():
-    before = set(LIVE)  # servers of wider-scoped fixtures
-    yield
-    stop_all(keep=before)
-
-
 @pytest.fixture
-def server(tmp_path):
-    srv = Server(
-        tmp_path / "hladr.sqlite", "--upload-limit", "3000000", "--workers", "1", "--queue", "2", "--docs"
-    )
-    yield srv
-    srv.stop()
+def server(serve):
+    return serve("--upload-limit", "3000000", "--workers", "1", "--queue", "2", "--docs")
 
 
 def _files(*names: tuple[str, str]) -> dict:
     return {key: (f"client/../{name}", (SAMPLE_DIR / name).read_bytes()) for key, name in names}
+
+
+def _calibrate_with_lot(server, lot: str) -> httpx.Response:
+    """sample_fcs/beads.fcs with ``lot`` as given."""
+    return httpx.post(f"{server.url}/v1/calibrations", headers=AUTH, files=_files(("beads", "beads.fcs")),
+                      data={"lot": lot}, timeout=60)  # fmt: skip
 
 
 def test_every_wrong_authorization_header_gets_401(server):
@@ -83,19 +78,16 @@ def test_every_wrong_authorization_header_gets_401(server):
     assert httpx.get(f"{server.url}/v1/no-such-thing").status_code == 401  # no route map without a token
 
 
-def test_api_docs_are_self_contained_and_off_unless_enabled(server, tmp_path):
+def test_api_docs_are_self_contained_and_off_unless_enabled(server, serve, tmp_path):
     page = httpx.get(f"{server.url}/docs").text
     assert (
         "/v1/analyses" in page and "<script" not in page and "http" not in page.replace("/openapi.json", "")
     )
     spec = httpx.get(f"{server.url}/openapi.json").json()
     assert {"/v1/analyses", "/v1/analyses/{analysis_id}/retry", "/v1/health"} <= set(spec["paths"])
-    plain = Server(tmp_path / "plain.sqlite", "--workers", "1")
-    try:
-        assert httpx.get(f"{plain.url}/openapi.json", headers=AUTH).status_code == 404
-        assert httpx.get(f"{plain.url}/docs", headers=AUTH).status_code == 404
-    finally:
-        plain.stop()
+    plain = serve("--workers", "1", db=tmp_path / "plain.sqlite")
+    assert httpx.get(f"{plain.url}/openapi.json", headers=AUTH).status_code == 404
+    assert httpx.get(f"{plain.url}/docs", headers=AUTH).status_code == 404
 
 
 def test_calibration_is_stored_and_listed(server):
@@ -120,25 +112,13 @@ def test_lot_is_a_library_name_never_a_path(server):
         ".",
         "9659",
     ]:
-        resp = httpx.post(
-            f"{server.url}/v1/calibrations",
-            headers=AUTH,
-            files=_files(("beads", "beads.fcs")),
-            data={"lot": lot},
-            timeout=60,
-        )
+        resp = _calibrate_with_lot(server, lot)
         assert resp.status_code == 422, (lot, resp.text)
         details[lot] = resp.json()["detail"].replace(repr(lot), "LOT")
     assert len(set(details.values())) == 1, details
     assert "shipped lots: 96597" in details["/etc/passwd"]
     for name in ["96597", "bd-quantibrite-pe-96597", "bd-quantibrite-pe-96597.json"]:
-        resp = httpx.post(
-            f"{server.url}/v1/calibrations",
-            headers=AUTH,
-            files=_files(("beads", "beads.fcs")),
-            data={"lot": name},
-            timeout=60,
-        )
+        resp = _calibrate_with_lot(server, name)
         assert resp.status_code == 201, (name, resp.text)
 
 
@@ -219,7 +199,7 @@ def test_tenants_see_only_their_own_and_every_access_is_audited(server):
     assert fingerprints["lab1"] == hashlib.sha256(TOKEN.encode()).hexdigest()[:12]
 
 
-def test_tokens_are_stored_hashed_and_rotate_without_restart(tmp_path):
+def test_tokens_are_stored_hashed_and_rotate_without_restart(tmp_path, serve):
     tokens = tmp_path / "tokens.txt"
     tokens.write_text(f"lab1 user {TOKEN}\n")
     refused = subprocess.run(
@@ -252,32 +232,28 @@ def test_tokens_are_stored_hashed_and_rotate_without_restart(tmp_path):
         first not in tokens.read_text() and hashlib.sha256(first.encode()).hexdigest() in tokens.read_text()
     )
     assert stat.S_IMODE(tokens.stat().st_mode) == 0o600
-    srv = Server(
-        tmp_path / "hladr.sqlite", "--tokens", str(tokens), "--workers", "1", env={"HLADR_TOKENS": ""}
-    )
-    try:
-        url = f"{srv.url}/v1/calibrations"
-        assert httpx.get(url, headers={"Authorization": f"Bearer {first}"}).status_code == 200
-        second = subprocess.run(
-            [sys.executable, "-m", "hladr.cli", "token", "ward3", "--tokens", str(tokens)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        ).stdout.strip()
-        lines = tokens.read_text().splitlines()
-        tokens.write_text(lines[1] + "\n")  # rotation: the new token in, the old one out
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if httpx.get(url, headers={"Authorization": f"Bearer {second}"}).status_code == 200:
-                break
-            time.sleep(0.2)
-        assert httpx.get(url, headers={"Authorization": f"Bearer {second}"}).status_code == 200
-        assert httpx.get(url, headers={"Authorization": f"Bearer {first}"}).status_code == 401
-        tokens.write_text("this line is broken\n")  # a broken file is not loaded: the last good set stays
-        time.sleep(1.5)
-        assert httpx.get(url, headers={"Authorization": f"Bearer {second}"}).status_code == 200
-    finally:
-        srv.stop()
+    srv = serve("--tokens", str(tokens), "--workers", "1", env={"HLADR_TOKENS": ""})
+    url = f"{srv.url}/v1/calibrations"
+    assert httpx.get(url, headers={"Authorization": f"Bearer {first}"}).status_code == 200
+    second = subprocess.run(
+        [sys.executable, "-m", "hladr.cli", "token", "ward3", "--tokens", str(tokens)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
+    lines = tokens.read_text().splitlines()
+    tokens.write_text(lines[1] + "\n")  # rotation: the new token in, the old one out
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if httpx.get(url, headers={"Authorization": f"Bearer {second}"}).status_code == 200:
+            break
+        time.sleep(0.2)
+    assert httpx.get(url, headers={"Authorization": f"Bearer {second}"}).status_code == 200
+    assert httpx.get(url, headers={"Authorization": f"Bearer {first}"}).status_code == 401
+    tokens.write_text("this line is broken\n")  # a broken file is not loaded: the last good set stays
+    time.sleep(1.5)
+    assert httpx.get(url, headers={"Authorization": f"Bearer {second}"}).status_code == 200
+    srv.stop()
     stored = b"".join(p.read_bytes() for p in tmp_path.glob("hladr.sqlite*"))
     assert first.encode() not in stored and second.encode() not in stored
     short = subprocess.run(
@@ -290,58 +266,61 @@ def test_tokens_are_stored_hashed_and_rotate_without_restart(tmp_path):
     assert short.returncode == 1 and "shorter than 20" in short.stderr
 
 
-def test_analysis_happy_path_restart_and_concurrency(tmp_path):
+def test_analysis_happy_path_restart_and_concurrency(tmp_path, serve):
     pytest.importorskip("hladr.analysis")
     db = tmp_path / "state" / "hladr.sqlite"
-    srv = Server(db, "--workers", "1", "--queue", "1")
-    try:
-        cal = calibrate(srv, SAMPLE_DIR / "beads.fcs")
-        first = submit(srv, SAMPLE_DIR / "patient_03.fcs", cal)
-        assert first.status_code == 202, first.text
-        done = wait_finished(srv, first.json()["id"])
-        assert done["status"] == "done", done
-        schema.validate(done["result"])
-        assert done["result"]["sample"] == "patient_03.fcs"
-        assert str(tmp_path) not in str(done)  # no server path in what a caller sees
-        dup = submit(srv, SAMPLE_DIR / "patient_03.fcs", cal)
-        assert dup.status_code == 200 and dup.json()["duplicate"] and dup.json()["id"] == first.json()["id"]
-        decision = httpx.post(
-            f"{srv.url}/v1/stratifications",
-            headers=AUTH,
-            json={"analysis_id": first.json()["id"], "ferritin": 800},
-        ).json()["decision"]
-        assert decision["inputs"]["abc"] == done["result"]["abc"]
+    srv = serve("--workers", "1", "--queue", "1", db=db)
+    cal = calibrate(srv, SAMPLE_DIR / "beads.fcs")
+    first = submit(srv, SAMPLE_DIR / "patient_03.fcs", cal)
+    assert first.status_code == 202, first.text
+    done = wait_finished(srv, first.json()["id"])
+    assert done["status"] == "done", done
+    schema.validate(done["result"])
+    assert done["result"]["sample"] == "patient_03.fcs"
+    # the simulator's truth lies in the reported interval, and the number is the batch's (one pipeline)
+    truth = {row["file"]: row for row in csv.DictReader((SAMPLE_DIR / "truth.csv").open())}["patient_03.fcs"]
+    lo, hi = done["result"]["abc_ci95"]
+    assert lo <= float(truth["abc_true"]) <= hi, (truth["abc_true"], lo, hi)
+    pinned = json.loads((Path(__file__).parent / "data" / "pinned_results.json").read_text())
+    batch = {row["file"]: row for row in pinned["batch_sample_fcs"]}["patient_03.fcs"]
+    assert f"{done['result']['abc']:.0f}" == batch["abc"] and f"{lo:.0f}" == batch["abc_ci95_lo"]
+    assert str(tmp_path) not in str(done)  # no server path in what a caller sees
+    dup = submit(srv, SAMPLE_DIR / "patient_03.fcs", cal)
+    assert dup.status_code == 200 and dup.json()["duplicate"] and dup.json()["id"] == first.json()["id"]
+    decision = httpx.post(
+        f"{srv.url}/v1/stratifications",
+        headers=AUTH,
+        json={"analysis_id": first.json()["id"], "ferritin": 800},
+    ).json()["decision"]
+    assert decision["inputs"]["abc"] == done["result"]["abc"]
 
-        with ThreadPoolExecutor(4) as ex:
-            names = ["patient_01.fcs", "patient_02.fcs", "patient_04.fcs", "beads.fcs"]
-            responses = list(ex.map(lambda n: submit(srv, SAMPLE_DIR / n, cal), names))
-        codes = sorted(r.status_code for r in responses)
-        assert set(codes) <= {202, 503} and 202 in codes and 503 in codes  # capacity: 1 worker + 1 queued
-        assert all(r.headers["Retry-After"] for r in responses if r.status_code == 503)
-        workers = srv.worker_pids()
-        assert workers
-        files = [db.parent, db.with_suffix(".files")]
-        assert all(stat.S_IMODE(p.stat().st_mode) == 0o700 for p in files[1:])
-        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in db.parent.glob("hladr.sqlite*"))
-        outcomes = [wait_finished(srv, r.json()["id"]) for r in responses if r.status_code == 202]
-        kept = {p.stem for p in db.with_suffix(".files").iterdir()}
-        assert kept == {o["sample_sha256"] for o in outcomes if o["status"] == "failed"}  # only for a retry
-        beads_as_sample = submit(srv, SAMPLE_DIR / "beads.fcs", cal)  # fails: no monocytes in a bead tube
-        failed = wait_finished(srv, beads_as_sample.json()["id"])
-        assert failed["status"] == "failed" and failed["retryable"] and failed["error_type"], failed
-        again = submit(srv, SAMPLE_DIR / "beads.fcs", cal)  # only successes are deduplicated
-        assert again.status_code == 202 and again.json()["id"] == failed["id"]
-        assert not again.json()["duplicate"]
-        assert wait_finished(srv, failed["id"])["status"] == "failed"
-    finally:
-        srv.stop()
+    with ThreadPoolExecutor(4) as ex:
+        names = ["patient_01.fcs", "patient_02.fcs", "patient_04.fcs", "beads.fcs"]
+        responses = list(ex.map(lambda n: submit(srv, SAMPLE_DIR / n, cal), names))
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) <= {202, 503} and 202 in codes and 503 in codes  # capacity: 1 worker + 1 queued
+    assert all(r.headers["Retry-After"] for r in responses if r.status_code == 503)
+    workers = srv.worker_pids()
+    assert workers
+    files = [db.parent, db.with_suffix(".files")]
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o700 for p in files[1:])
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in db.parent.glob("hladr.sqlite*"))
+    outcomes = [wait_finished(srv, r.json()["id"]) for r in responses if r.status_code == 202]
+    kept = {p.stem for p in db.with_suffix(".files").iterdir()}
+    assert kept == {o["sample_sha256"] for o in outcomes if o["status"] == "failed"}  # only for a retry
+    beads_as_sample = submit(srv, SAMPLE_DIR / "beads.fcs", cal)  # fails: no monocytes in a bead tube
+    failed = wait_finished(srv, beads_as_sample.json()["id"])
+    assert failed["status"] == "failed" and failed["retryable"] and failed["error_type"], failed
+    again = submit(srv, SAMPLE_DIR / "beads.fcs", cal)  # only successes are deduplicated
+    assert again.status_code == 202 and again.json()["id"] == failed["id"]
+    assert not again.json()["duplicate"]
+    assert wait_finished(srv, failed["id"])["status"] == "failed"
+    srv.stop()
     assert not wait_gone(workers), "worker processes outlived the server"
-    again = Server(db)
-    try:
-        kept = httpx.get(f"{again.url}/v1/analyses/{first.json()['id']}", headers=AUTH).json()
-        assert kept["result"] == done["result"]
-    finally:
-        again.stop()
+    again = serve(db=db)
+    kept = httpx.get(f"{again.url}/v1/analyses/{first.json()['id']}", headers=AUTH).json()
+    assert kept["result"] == done["result"]
+    again.stop()
     assert not descendants(again.proc.pid)
 
 
@@ -367,7 +346,6 @@ def test_contract_schemathesis_finds_no_server_error_and_no_mismatch(server, tmp
 
 def test_a_result_stored_by_schema_1_is_served_in_schema_2(server):
     """A result an older hladr stored (failed QC, yet a class): served now, it has none and says why."""
-    import json
     import sqlite3
 
     cal_id = calibrate(server, SAMPLE_DIR / "beads.fcs")
@@ -387,3 +365,42 @@ def test_a_result_stored_by_schema_1_is_served_in_schema_2(server):
     decision = httpx.post(f"{server.url}/v1/stratifications", headers=AUTH,
                           json={"analysis_id": analysis_id, "ferritin": 900}).json()["decision"]
     assert decision["category"] == "refused"
+
+
+def test_uploads_of_failed_analyses_are_kept_for_the_retention_period_only(tmp_path):
+    """A failed analysis keeps its upload (for a retry) for ``keep_failed`` s, then the file goes and the
+    analysis stays failed; a file that a queued analysis still needs is never deleted."""
+    import sqlite3
+
+    from hladr.service.core import Service
+
+    service = Service(tmp_path / "db.sqlite", keep_failed=3600)
+    cal = service.db.add_calibration("lab1", "b" * 64, "lot:96597", {"slope": 1.0})
+
+    def queue(tenant: str, sha: str) -> str:
+        analysis_id, _, _ = service.db.submit_analysis(
+            tenant, sha, "x.fcs", cal, lambda: service.upload_path(sha).write_bytes(b"FCS3.0")
+        )
+        return analysis_id
+
+    def fail(analysis_id: str, hours_ago: float) -> None:
+        assert service.db.claim_next(1)["id"] == analysis_id
+        service.db.finish(analysis_id, None, "only 3 monocytes found", "AnalysisError")
+        with sqlite3.connect(tmp_path / "db.sqlite") as con:
+            earlier = "UPDATE analyses SET finished = finished - ? WHERE id = ?"
+            con.execute(earlier, (3600 * hours_ago, analysis_id))
+
+    recent, old, shared = queue("lab1", "1" * 64), queue("lab1", "2" * 64), queue("lab1", "3" * 64)
+    fail(recent, 0.5)
+    fail(old, 2)
+    fail(shared, 2)
+    queue("lab2", "3" * 64)  # another tenant's queued analysis of the same file
+    try:
+        assert service.expire_failed_uploads() == 1
+        assert [service.upload_path(c * 64).exists() for c in "123"] == [True, False, True]
+        statuses = {r["id"]: r["status"] for r in service.db.query("SELECT id, status FROM analyses")}
+        assert statuses[old] == "failed" and statuses[recent] == "failed"
+        assert service.db.needed_files(failed_since=0) == {"1" * 64, "2" * 64, "3" * 64}  # no limit
+        assert service.expire_failed_uploads() == 0
+    finally:
+        service.db.close()

@@ -30,12 +30,10 @@ from hladr.fcs import read_fcs, write_fcs  # noqa: E402
 from tests.conftest import SAMPLE_DIR  # noqa: E402
 from tests.service_server import (  # noqa: E402
     AUTH,
-    LIVE,
     TOKEN,
     Server,
     calibrate,
     descendants,
-    stop_all,
     submit,
     wait_finished,
     wait_gone,
@@ -45,13 +43,6 @@ from tests.service_server import (  # noqa: E402
 STOPPED = (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down gracefully
 GiB = 1 << 30
 MiB = 1 << 20
-
-
-@pytest.fixture(autouse=True)
-def _no_server_outlives_its_test():
-    before = set(LIVE)  # servers of wider-scoped fixtures
-    yield
-    stop_all(keep=before)
 
 
 @pytest.fixture(scope="module")
@@ -80,28 +71,26 @@ def _states(server: Server) -> dict[str, int]:
     return {r["status"]: r["n"] for r in rows}
 
 
-def test_a_killed_worker_is_replaced_and_its_job_retried_then_failed_as_worker_died(tmp_path, tubes):
-    srv = Server(tmp_path / "db.sqlite", "--workers", "1", "--max-attempts", "2", ready="ok")
-    try:
-        cal = calibrate(srv, SAMPLE_DIR / "beads.fcs")
-        job = submit(srv, tubes["big"], cal).json()["id"]
-        for attempt in (1, 2):  # kill -9 the worker in the middle of each of its two runs
-            row = wait_status(srv, job, "running", attempts=attempt)
-            os.kill(row["worker"], signal.SIGKILL)
-            wait_gone({row["worker"]})
-        failed = wait_finished(srv, job)
-        assert failed["status"] == "failed" and failed["error_type"] == "WorkerDied", failed
-        assert "signal 9" in failed["error"] and failed["retryable"]
-        health = srv.wait_health("ok")  # a replacement worker serves
-        assert health["workers"]["restarts"] == 2 and health["workers"]["alive"] == 1
-        retried = httpx.post(f"{srv.url}/v1/analyses/{job}/retry", headers=AUTH)
-        assert retried.status_code == 202 and retried.json()["status"] in ("queued", "running")
-        done = wait_finished(srv, job)
-        assert done["status"] == "done" and done["attempts"] == 1 and done["error"] is None
-        assert httpx.post(f"{srv.url}/v1/analyses/{job}/retry", headers=AUTH).status_code == 409
-        workers = srv.worker_pids()
-    finally:
-        assert srv.stop() in STOPPED
+def test_a_killed_worker_is_replaced_and_its_job_retried_then_failed_as_worker_died(tmp_path, tubes, serve):
+    srv = serve("--workers", "1", "--max-attempts", "2", ready="ok")
+    cal = calibrate(srv, SAMPLE_DIR / "beads.fcs")
+    job = submit(srv, tubes["big"], cal).json()["id"]
+    for attempt in (1, 2):  # kill -9 the worker in the middle of each of its two runs
+        row = wait_status(srv, job, "running", attempts=attempt)
+        os.kill(row["worker"], signal.SIGKILL)
+        wait_gone({row["worker"]})
+    failed = wait_finished(srv, job)
+    assert failed["status"] == "failed" and failed["error_type"] == "WorkerDied", failed
+    assert "signal 9" in failed["error"] and failed["retryable"]
+    health = srv.wait_health("ok")  # a replacement worker serves
+    assert health["workers"]["restarts"] == 2 and health["workers"]["alive"] == 1
+    retried = httpx.post(f"{srv.url}/v1/analyses/{job}/retry", headers=AUTH)
+    assert retried.status_code == 202 and retried.json()["status"] in ("queued", "running")
+    done = wait_finished(srv, job)
+    assert done["status"] == "done" and done["attempts"] == 1 and done["error"] is None
+    assert httpx.post(f"{srv.url}/v1/analyses/{job}/retry", headers=AUTH).status_code == 409
+    workers = srv.worker_pids()
+    assert srv.stop() in STOPPED
     assert not wait_gone(workers)
     assert _integrity(srv) == "ok"
 
@@ -117,42 +106,43 @@ def _running(server: Server, limit: float = 60) -> str:
     raise AssertionError("no analysis ran")
 
 
-# Timing-dependent on a quiet machine: the pool is told to stop only when uvicorn's shutdown reaches
-# the app's lifespan handler, and in between the backlog (3 x 0.5 s) can drain, leaving no job queued
-# (KeyError 'queued', seen once in a clean CI-style run). Slow-marked until the pool stops on the
-# signal itself; see the closing note of the December 2026 session.
-@pytest.mark.slow
-def test_sigterm_lets_the_running_job_finish_and_keeps_the_backlog_for_the_next_start(tmp_path, tubes):
+def test_sigterm_lets_the_running_job_finish_and_keeps_the_backlog_for_the_next_start(tmp_path, tubes, serve):
+    """No job starts after the signal, even while uvicorn still waits for an open upload (the app's
+    lifespan shutdown comes only after it): the backlog stays queued for the next start."""
     db = tmp_path / "db.sqlite"
-    srv = Server(db, "--workers", "1", "--queue", "10", "--grace", "30", ready="ok")
+    options = ["--workers", "1", "--queue", "10", "--grace", "30", "--read-timeout", "300"]
+    srv = serve(*options, db=db, ready="ok")
     cal = calibrate(srv, SAMPLE_DIR / "beads.fcs")
+    workers = srv.worker_pids()
+    held = _stalled_upload(srv)  # uvicorn's shutdown waits for it before it reaches the app's lifespan
     jobs = [submit(srv, tubes[name], cal).json()["id"] for name in ["big", "b0", "b1", "b2"]]
     running = _running(srv)
-    workers = srv.worker_pids()
-    started = time.monotonic()
-    assert srv.stop(signal.SIGTERM) in STOPPED
-    assert time.monotonic() - started < 30
+    signalled = time.time()
+    srv.proc.send_signal(signal.SIGTERM)
+    wait_status(srv, running, "done")  # the running job finishes within the grace period...
+    time.sleep(1)  # ...and the worker is idle while uvicorn still waits for the upload
+    held.close()
+    assert srv.stop() in STOPPED
+    assert time.time() - signalled < 30
     assert not wait_gone(workers | descendants(srv.proc.pid), 5)
     states = _states(srv)
     assert states.get("running", 0) == 0 and states.get("failed", 0) == 0, states
-    finished = srv.rows("SELECT status, attempts FROM analyses WHERE id = ?", (running,))[0]
-    assert finished["status"] == "done"  # the running job finished within the grace period
-    assert states["queued"] >= 1 and sum(states.values()) == len(jobs)
+    late = srv.rows("SELECT id, started FROM analyses WHERE started > ?", (signalled + 0.1,))
+    assert not late, [(r["id"], r["started"] - signalled) for r in late]  # seconds after the signal
+    assert states["queued"] >= 1 and sum(states.values()) == len(jobs), states
     assert _integrity(srv) == "ok"
 
-    again = Server(db, "--workers", "1")
-    try:
-        outcomes = [wait_finished(again, job) for job in jobs]
-    finally:
-        again.stop()
+    again = serve("--workers", "1", db=db)
+    outcomes = [wait_finished(again, job) for job in jobs]
+    again.stop()
     assert [o["status"] for o in outcomes] == ["done"] * len(jobs)
     assert [o["attempts"] for o in outcomes] == [1] * len(jobs)  # no run counted twice
 
 
 @pytest.mark.slow
-def test_sigterm_after_the_grace_period_queues_the_running_job_again(tmp_path, tubes):
+def test_sigterm_after_the_grace_period_queues_the_running_job_again(tmp_path, tubes, serve):
     db = tmp_path / "db.sqlite"
-    srv = Server(db, "--workers", "1", "--grace", "0.2", ready="ok")
+    srv = serve("--workers", "1", "--grace", "0.2", ready="ok", db=db)
     cal = calibrate(srv, SAMPLE_DIR / "beads.fcs")
     job = submit(srv, tubes["big"], cal).json()["id"]
     wait_status(srv, job, "running")
@@ -161,16 +151,16 @@ def test_sigterm_after_the_grace_period_queues_the_running_job_again(tmp_path, t
     assert not wait_gone(workers, 5)
     row = srv.rows("SELECT status, attempts FROM analyses WHERE id = ?", (job,))[0]
     assert (row["status"], row["attempts"]) in {("queued", 0), ("done", 1)}  # never failed
-    again = Server(db, "--workers", "1")
-    try:
-        assert wait_finished(again, job)["status"] == "done"
-    finally:
-        again.stop()
+    again = serve("--workers", "1", db=db)
+    assert wait_finished(again, job)["status"] == "done"
+    again.stop()
 
 
-def test_kill_9_of_the_server_leaves_no_process_and_a_restart_serves_at_once_and_drains(tmp_path, tubes):
+def test_kill_9_of_the_server_leaves_no_process_and_a_restart_serves_at_once_and_drains(
+    tmp_path, tubes, serve
+):
     db = tmp_path / "db.sqlite"
-    srv = Server(db, "--workers", "1", "--queue", "10", ready="ok")
+    srv = serve("--workers", "1", "--queue", "10", ready="ok", db=db)
     cal = calibrate(srv, SAMPLE_DIR / "beads.fcs")
     jobs = [submit(srv, tubes[name], cal).json()["id"] for name in ["big", "b0", "b1"]]
     _running(srv)
@@ -181,19 +171,19 @@ def test_kill_9_of_the_server_leaves_no_process_and_a_restart_serves_at_once_and
     assert _integrity(srv) == "ok"
     assert _states(srv).get("running", 0) <= 1  # the one killed mid-run stays "running" until a start
 
-    again = Server(db, "--workers", "1")  # returns at the first answer of /v1/health
+    again = serve("--workers", "1", db=db)  # returns at the first answer of /v1/health
     first = again.health().json()
     answered = time.monotonic() - again.started
-    try:
-        waiting = first["queue"]["queued"] + first["queue"]["running"]
-        assert waiting == len(jobs) - _states(again).get("done", 0)
-        assert answered < 15
-        outcomes = [wait_finished(again, job) for job in jobs]
-        assert [o["status"] for o in outcomes] == ["done"] * len(jobs)
-        assert [o["attempts"] for o in outcomes] == [1] * len(jobs)
-        assert list(db.with_suffix(".files").iterdir()) == []  # uploads deleted once done
-    finally:
-        again.stop()
+    waiting = first["queue"]["queued"] + first["queue"]["running"]
+    assert waiting == len(jobs) - _states(again).get("done", 0)
+    # it answers before the backlog drains (the port stayed closed for it before); a time bound would
+    # measure the machine's load (17 s seen at a load average of 14)
+    assert waiting >= 1, (first, answered)
+    outcomes = [wait_finished(again, job) for job in jobs]
+    assert [o["status"] for o in outcomes] == ["done"] * len(jobs)
+    assert [o["attempts"] for o in outcomes] == [1] * len(jobs)
+    assert list(db.with_suffix(".files").iterdir()) == []  # uploads deleted once done
+    again.stop()
     assert _integrity(again) == "ok"
 
 
@@ -210,23 +200,36 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-def test_a_full_upload_disk_is_refused_with_507_and_nothing_is_lost(tmp_path, tubes, small_disk):
-    srv = Server(tmp_path / "db.sqlite", "--workers", "1", "--data-dir", str(small_disk), ready="ok")
-    try:
-        cal = calibrate(srv, SAMPLE_DIR / "beads.fcs")
-        first = submit(srv, SAMPLE_DIR / "patient_01.fcs", cal)
-        assert first.status_code == 202
-        full = submit(srv, tubes["t0"], cal)  # 2.2 MB: does not fit
-        assert full.status_code == 507 and "no space" in full.json()["detail"], full.text
-        assert full.headers["Retry-After"]
-        assert wait_finished(srv, first.json()["id"])["status"] == "done"
-        assert list(small_disk.iterdir()) == []  # the partial upload was deleted, the done one too
-        after = submit(srv, SAMPLE_DIR / "patient_02.fcs", cal)
-        assert after.status_code == 202 and wait_finished(srv, after.json()["id"])["status"] == "done"
-        assert srv.health().json()["status"] == "ok"
-    finally:
-        srv.stop()
+def test_a_full_upload_disk_is_refused_with_507_and_nothing_is_lost(tmp_path, tubes, small_disk, serve):
+    srv = serve("--workers", "1", "--data-dir", str(small_disk), ready="ok")
+    cal = calibrate(srv, SAMPLE_DIR / "beads.fcs")
+    first = submit(srv, SAMPLE_DIR / "patient_01.fcs", cal)
+    assert first.status_code == 202
+    full = submit(srv, tubes["t0"], cal)  # 2.2 MB: does not fit
+    assert full.status_code == 507 and "no space" in full.json()["detail"], full.text
+    assert full.headers["Retry-After"]
+    assert wait_finished(srv, first.json()["id"])["status"] == "done"
+    assert list(small_disk.iterdir()) == []  # the partial upload was deleted, the done one too
+    after = submit(srv, SAMPLE_DIR / "patient_02.fcs", cal)
+    assert after.status_code == 202 and wait_finished(srv, after.json()["id"])["status"] == "done"
+    assert srv.health().json()["status"] == "ok"
+    srv.stop()
     assert _integrity(srv) == "ok"
+
+
+def _stalled_upload(server: Server, limit: float = 10) -> socket.socket:
+    """An authenticated upload that sends its headers and the start of its body, then nothing;
+    returned once the server is receiving it (its part file exists)."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    head = ["POST /v1/analyses HTTP/1.1", "Host: 127.0.0.1", f"Authorization: Bearer {TOKEN}",
+            "Content-Length: 5000000", "Content-Type: multipart/form-data; boundary=b", "", ""]  # fmt: skip
+    part = b"--b\r\nContent-Disposition: form-data; name=sample; filename=a.fcs\r\n\r\nFCS3.0"
+    sock.sendall("\r\n".join(head).encode() + part)
+    deadline = time.monotonic() + limit
+    while not list(server.db.with_suffix(".files").glob(".upload-*")):
+        assert time.monotonic() < deadline, "the server never started receiving the upload"
+        time.sleep(0.005)
+    return sock
 
 
 def _raw_upload(port: int, headers: list[str], total: int, chunk: int = 1 << 20, stall: float = 0.0) -> dict:
@@ -314,6 +317,24 @@ def test_a_streamed_body_is_cut_at_the_limit_and_a_stalled_client_times_out(uplo
     slow = _raw_upload(upload_server.port, stalled, 5_000_000, stall=3)
     assert slow["status"] == 408, slow
     assert list(upload_server.db.with_suffix(".files").iterdir()) == []
+
+
+def test_a_client_slow_to_send_its_headers_is_disconnected(upload_server):
+    """uvicorn has no timeout for request headers; the service closes a connection whose headers are
+    not complete 10 s after it opened, however often bytes trickle in."""
+    sock = socket.create_connection(("127.0.0.1", upload_server.port))
+    started = time.monotonic()
+    sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+    closed = None
+    while time.monotonic() - started < 30:
+        if select.select([sock], [], [], 0.5)[0]:
+            closed = sock.recv(4096) == b""
+            break
+        sock.send(b"x")  # one byte every half second: never a whole request
+    elapsed = time.monotonic() - started
+    sock.close()
+    assert closed and 8 < elapsed < 20, (closed, elapsed)
+    assert upload_server.health().status_code == 200  # complete requests are served
 
 
 def _rss_mib(pid: int, key: str = "VmRSS") -> float:

@@ -26,6 +26,8 @@ _LAZY = {
     "Calibration": "calibration",
     "load_lot": "calibration",
     "analyze": "analysis",
+    "AnalysisOptions": "pipeline",
+    "run_analysis": "pipeline",
     "simulate": "simulate",
     "Store": "store",
     "calibrated_events": "events",

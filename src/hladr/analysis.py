@@ -9,8 +9,6 @@ with the QC policy (``qc``): a Result that fails it is not reportable and carrie
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 
 from .calibration import Calibration
@@ -18,9 +16,9 @@ from .fcs import Sample
 from .gating import GatingResult
 from .panel import Panel
 from .pipeline import AnalysisOptions, run_analysis
-from .preanalytics import PreAnalytics, describe_handling
+from .preanalytics import PreAnalytics
 from .qc import DEFAULT_POLICY, QCPolicy
-from .reagent import Reagent, describe_reagent, load_reagent
+from .reagent import Reagent
 from .result import Result
 
 
@@ -65,70 +63,3 @@ def analyze(
         gate_name=gate_name, seed=seed, policy=policy, reagent=reagent, preanalytics=preanalytics,
     )
     return run_analysis(sample, calibration, options, gating=gating).result
-
-
-def describe(result: Result) -> str:
-    """The human-readable report ``hladr analyze`` prints."""
-    lo, hi = result.abc_ci95
-    if result.reportable:
-        verdict = "IMMUNOPARALYSIS (< 5,000 AB/C)" if result.immunoparalysis else f"{result.band}"
-        verdict += "  [borderline: the interval straddles 5,000]" if result.borderline else ""
-    else:  # never state a class for a value that failed QC
-        verdict = "NOT REPORTABLE"
-    parts = result.uncertainty or {}
-    lines = [
-        f"sample:     {result.sample}",
-        f"patient:    {result.patient_id or '-'}  sample {result.sample_id or '-'}  "
-        f"acquired {result.acquired or '-'}",
-        f"mHLA-DR:    {result.abc:,.0f} AB/C  (95 % CI {lo:,.0f}-{hi:,.0f})  -> {verdict}",
-        "interval:   +-{} % (sampling {}, bead curve {}, gate {})".format(
-            *(_pct(parts.get(k)) for k in ("total_pct", "sampling_pct", "calibration_pct", "gating_pct"))
-        ),
-        f"monocytes:  {result.monocytes:,} ({result.monocyte_percent:.1f} % of leukocytes), "
-        f"gating: {result.gate_method}",
-        "channels:   " + ", ".join(f"{k}={v}" for k, v in result.channels.items() if v),
-        f"beads:      {result.calibration.get('lot') or 'values given'}, "
-        f"slope {result.calibration['slope']:.3f}, r2 {result.calibration['r2']:.4f}",
-        f"reagent:    {describe_reagent(result.reagent)}",
-        f"handling:   {describe_handling(result.preanalytics)}",
-        f"QC:         {'passed' if result.reportable else 'FAILED: ' + '; '.join(result.reasons)}",
-    ]
-    for kind in ("warnings", "info"):
-        if result.qc.get(kind):
-            lines.append(f"{kind + ':':<11} {'; '.join(result.qc[kind])}")
-    return "\n".join(lines)
-
-
-def _pct(value: float | None) -> str:
-    return "?" if value is None else f"{value:.1f}"
-
-
-def main(args: argparse.Namespace) -> int:
-    """The ``hladr analyze`` command: 0 when reportable, 3 when not (:mod:`hladr.cli`)."""
-    from .calibration import calibrate
-    from .cli import EXIT_NOT_REPORTABLE, EXIT_OK
-    from .errors import CalibrationError
-    from .fcs import read_fcs
-
-    if args.lot is None and args.bead_values is None:
-        raise CalibrationError(
-            "give --lot FILE or --bead-values V1,V2,V3,V4 (the values printed on your kit)"
-        )
-    cal = calibrate(read_fcs(args.beads, lenient=True), lot=args.lot, values=args.bead_values,
-                    statistic=args.statistic)
-    handling = {k: getattr(args, k, None) for k in PreAnalytics.__dataclass_fields__}
-    options = AnalysisOptions(
-        hladr=args.hladr, cd14=args.cd14, cd45=args.cd45, statistic=args.statistic, gates=args.gates,
-        gate_name=getattr(args, "gate_name", None),
-        reagent=load_reagent(args.reagent) if getattr(args, "reagent", None) else None,
-        preanalytics=PreAnalytics.from_fields(handling) if any(handling.values()) else None,
-    )
-    analysis = run_analysis(args.sample, cal, options)
-    result = analysis.result
-    print(json.dumps(result.to_dict()) if args.json else describe(result), flush=True)
-    if args.plot:  # after the result is printed: a figure that cannot be written never loses it
-        from .plots import plot_analysis
-
-        plot_analysis(analysis.sample, result, cal, path=args.plot, gating=analysis.gating,
-                      panel=analysis.panel)
-    return EXIT_OK if result.reportable else EXIT_NOT_REPORTABLE

@@ -258,25 +258,3 @@ def _recorded_reference(store: Any) -> tuple[int, tuple[date, date] | None]:
     dates = options.get("reference_dates")
     return int(options.get("reference_runs") or REFERENCE_RUNS), (
         (date.fromisoformat(dates[0]), date.fromisoformat(dates[1])) if dates else None)
-
-
-def describe(series: Sequence[Series]) -> str:
-    """The summary ``hladr beads-qc`` prints: one line per series, one per violation."""
-    lines = [f"Levey-Jennings ({WESTGARD_VERSION}): {len(series)} series"]
-    for s in series:
-        judged = sum(1 for r in s.runs if not r.reference and r.z is not None)
-        limits = (
-            f"mean {s.mean:.4g}, SD {s.sd:.3g} from {s.n_reference} reference runs"
-            if s.mean is not None
-            else s.note
-        )
-        bad = [r for r in s.runs if r.violations]
-        lines.append(
-            f"{s.cytometer} | lot {s.lot} | {s.quantity}: {len(s.runs)} runs, {judged} judged; {limits}; "
-            f"{len(bad)} run(s) in violation"
-        )
-        for r in bad:
-            lines.append(
-                f"    {(r.acquired or '?')[:16]}  {r.file or ''}  z {r.z:+.2f}  {', '.join(r.violations)}"
-            )
-    return "\n".join(lines)

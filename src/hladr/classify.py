@@ -42,9 +42,9 @@ FERRITIN_PLAUSIBLE = (0.0, 1_000_000.0)
 FERRITIN_UNITS = {"ng/mL": 1.0, "ng/ml": 1.0, "ug/L": 1.0, "µg/L": 1.0, "ug/l": 1.0, "µg/l": 1.0}
 
 
-def band(abc: float) -> str:
-    """The published band of an AB/C value."""
-    if abc < THRESHOLD:
+def band(abc: float, threshold: float = THRESHOLD) -> str:
+    """The published band of an AB/C value (immunoparalysis below ``threshold``)."""
+    if abc < threshold:
         return "immunoparalysis"
     if abc <= SEVERE_MAX:
         return "severe"
@@ -53,12 +53,12 @@ def band(abc: float) -> str:
     return "normal"
 
 
-def is_borderline(abc: float, ci95: tuple[float, float] | None = None) -> bool:
-    """True when the 95 % interval ``ci95`` straddles the threshold (without one: ``abc`` within
+def is_borderline(abc: float, ci95: tuple[float, float] | None = None, threshold: float = THRESHOLD) -> bool:
+    """True when the 95 % interval ``ci95`` straddles ``threshold`` (without one: ``abc`` within
     ``BORDERLINE_FRACTION`` of it)."""
     if ci95 is None or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in ci95):
-        return bool(abs(abc / THRESHOLD - 1.0) <= BORDERLINE_FRACTION)
-    return bool(ci95[0] < THRESHOLD <= ci95[1])
+        return bool(abs(abc / threshold - 1.0) <= BORDERLINE_FRACTION)
+    return bool(ci95[0] < threshold <= ci95[1])
 
 
 @dataclass(frozen=True)

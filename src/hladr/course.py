@@ -180,21 +180,3 @@ def build_course(patient_id: str, results: Sequence[Mapping[str, Any]]) -> Cours
     points.sort(key=lambda p: (p.collected_at or "", p.result_id or 0))
     evaluate(points)
     return Course(patient_id, points)
-
-
-def describe(course: Course) -> str:
-    """The table ``hladr patient ID`` prints."""
-    lines = [
-        f"patient {course.patient_id}: {len(course.points)} result(s); rules {course.rules_version}",
-        f"{'collected':<20} {'AB/C':>8}  {'95 % interval':<17} {'reportable':<10}  rules",
-    ]
-    for p in course.points:
-        lo, hi = (p.abc_ci95 + [None, None])[:2]
-        interval = f"{lo:,.0f}-{hi:,.0f}" if lo is not None and hi is not None else "-"
-        abc = f"{p.abc:,.0f}" if p.abc is not None else "-"
-        why = "yes" if p.reportable else ("NO: beads" if p.bead_flags else "NO: QC")
-        rules = ", ".join(r if r != "significant_change" else f"{r} ({p.change:+.0%})" for r in p.rules)
-        lines.append(f"{(p.collected_at or '?')[:19]:<20} {abc:>8}  {interval:<17} {why:<10}  {rules}")
-        for flag in p.bead_flags:
-            lines.append(f"{'':<20} bead QC: {flag}")
-    return "\n".join(lines)

@@ -8,6 +8,8 @@ can print ``str(error)`` as its single line and a batch can record it.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any
 
 
 class HladrError(Exception):
@@ -102,3 +104,26 @@ class ReagentFileError(HladrError):
 
 class PreAnalyticsError(HladrError):
     """A sample's pre-analytical record (times, tube, storage, protocol) cannot be read."""
+
+
+# --- a failure recorded rather than raised (batch, service) ------------------------------------
+@dataclass(frozen=True)
+class Failure:
+    """What went wrong with a task, recorded instead of raised so that a batch or a service goes on.
+
+    ``internal`` is True for a fault hladr did not raise on purpose (a bug), not a :class:`HladrError`.
+    """
+
+    error_type: str
+    reason: str
+    internal: bool
+
+    @classmethod
+    def of(cls, exc: BaseException) -> Failure:
+        known = isinstance(exc, HladrError)
+        return cls(type(exc).__name__, exc.message if known else f"{type(exc).__name__}: {exc}", not known)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"status": "error" | "internal", "error_type", "reason"}``."""
+        return {"status": "internal" if self.internal else "error", "error_type": self.error_type,
+                "reason": self.reason}

@@ -9,7 +9,6 @@ per gate, with the tube's keywords (``$CYT``, ``$SPILLOVER``, dates...) and ``$P
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -157,43 +156,3 @@ def export_fcs(sample: Sample, events: Events, path: str | os.PathLike) -> Path:
 def _is_channel_keyword(key: str) -> bool:
     k = key.upper()
     return k.startswith("$P") and k[2:3].isdigit()
-
-
-def main(args: argparse.Namespace) -> int:
-    """``hladr export SAMPLE --beads BEADS (--lot|--bead-values) [--fcs] [--csv] [--gates-out]``."""
-    from .calibration import calibrate
-    from .errors import CalibrationError, HladrError
-    from .fcs import read_fcs
-
-    if not (args.fcs or args.csv or args.gates_out):
-        raise HladrError("nothing to export: give --fcs OUT.fcs, --csv OUT.csv and/or --gates-out OUT.xml")
-    if args.lot is None and args.bead_values is None:
-        raise CalibrationError(
-            "give --lot FILE or --bead-values V1,V2,V3,V4 (the values printed on your kit)"
-        )
-    calibration = calibrate(read_fcs(args.beads, lenient=True), lot=args.lot, values=args.bead_values)
-    sample = read_fcs(args.sample, lenient=True)
-    panel = resolve_panel(sample, hladr=args.hladr, cd14=args.cd14, cd45=args.cd45)
-    gating = gate_monocytes(sample, panel, gates=args.gates, gate_name=args.gate_name)
-    events, gating, panel = calibrated_events(sample, calibration, panel=panel, gating=gating)
-    written = []
-    if args.fcs:
-        written.append(str(export_fcs(sample, events, args.fcs)))
-    if args.csv:
-        from .atomic import atomic_write
-
-        frame = events.to_frame()
-        atomic_write(args.csv, frame.to_csv(index_label="event"))
-        written.append(args.csv)
-    if args.gates_out:
-        from .gatingml import write_gatingml
-
-        agreement = write_gatingml(args.gates_out, sample, gating, panel)
-        written.append(f"{args.gates_out} (agreement with the monocytes {agreement:.2%})")
-    monocytes = events.monocytes
-    median = float(np.nanmedian(events.abc[monocytes])) if monocytes.any() else float("nan")
-    print(
-        f"{args.sample}: {len(events):,} events, {int(monocytes.sum()):,} monocytes, median HLA-DR "
-        f"{median:,.0f} AB/C -> {', '.join(written)}"
-    )
-    return 0

@@ -36,7 +36,6 @@ __all__ = [
     "SettingDifference",
     "Spillover",
     "acquisition",
-    "describe",
     "read_fcs",
     "read_metadata",
     "settings_differences",
@@ -1064,32 +1063,3 @@ def _assemble(kw: dict[str, str], data: bytes, version: str) -> bytes:
         ).encode()
     )
     return header + text + data
-
-
-def describe(sample: Sample) -> str:
-    """Human-readable summary of a Sample (what ``hladr inspect`` prints)."""
-    lines = [
-        f"file:      {sample.path}",
-        f"version:   FCS{sample.version}  (data set {sample.dataset + 1} of {sample.n_datasets})",
-        f"events:    {sample.n_events}",
-        f"cytometer: {sample.instrument['cytometer'] or '-'}  serial {sample.instrument['serial'] or '-'}",
-        f"date:      {sample.instrument['date'] or '-'}",
-        f"sha256:    {sample.sha256}",
-        "channels:",
-    ]
-    volts = sample.voltages
-    for i, (name, marker) in enumerate(zip(sample.channels, sample.markers), start=1):
-        v = volts[name]
-        lines.append(f"  {i:>3} {name:<24} {marker:<24} {'' if v is None else f'{v:g} V'}")
-    if sample.spillover is not None:
-        lines.append(f"spillover: {sample.spillover.source} over {', '.join(sample.spillover.channels)}")
-    else:
-        lines.append("spillover: none")
-    if sample.n_datasets > 1:
-        lines.append(f"data sets: {sample.n_datasets} (read another with dataset=N / --dataset N, from 0)")
-    if sample.repairs:
-        lines.append("repairs applied (the file does not follow the FCS standard):")
-        lines += [f"  {name}: {REPAIRS.get(name, '')}" for name in sample.repairs]
-    else:
-        lines.append("repairs:   none (the file follows the FCS standard)")
-    return "\n".join(lines)

@@ -1,34 +1,297 @@
 """Gating a patient tube down to CD14+ monocytes (keeping HLA-DR-low monocytes).
 
-Sequence (each gate records its events in and out): margins -> time (clogs) -> singlets
-(FSC-A vs FSC-H) -> debris (low FSC-A) -> CD45+ leukocytes (3-colour panels) -> CD14+ monocytes
-with low-to-intermediate SSC. HLA-DR is never used to find monocytes.
+The gating is a sequence of steps (:data:`DEFAULT_SEQUENCE`), each a gate with one shape: it reads
+the tube (:class:`Tube`: the sample, its panel, the compensated channels and their logs) and the
+events its parent step kept, and returns a :class:`GateOutcome` (the events it keeps, what it found,
+the QC flags it raises). The default sequence: non-finite events -> scatter margins -> time (clogs)
+-> singlets (FSC-A vs FSC-H) -> debris (low FSC-A) -> CD45+ leukocytes (3-colour panels) -> CD14+
+monocytes with low-to-intermediate SSC. HLA-DR is never used to find monocytes. A step can be
+inspected, replaced or added (:class:`GatingSequence`); :func:`gate_monocytes` runs a sequence and
+records each step's events in and out, and which steps were replaced.
 
 The default gates are automatic and density based (valleys of smoothed histograms, robust
-spreads). When they fail their own QC (no CD14 valley, too few monocytes, an implausible
-fraction) a Gaussian-mixture fallback over CD14/SSC/CD45 (scikit-learn) takes over. User gates
-from a GatingML 2.0 file or a FlowJo workspace replace the automatic monocyte gate. See
-``docs/gating.md``.
+spreads). When the joint monocyte gate fails its own QC (no CD14 valley, too few monocytes, an
+implausible fraction: thresholds of the :class:`~hladr.qc.QCPolicy`) the density gate, then a
+Gaussian-mixture clustering over CD14/SSC/CD45 (scikit-learn) take over. User gates from a GatingML
+2.0 file or a FlowJo workspace replace the automatic monocyte gate. See ``docs/gating.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage, stats
 
 from . import kernels
 from .errors import GatingError, PanelError
 from .fcs import Sample
 from .panel import Panel
+from .qc import DEFAULT_POLICY, QCPolicy
 
-MIN_MONOCYTES = 50  # fewer: too few to measure, the tube is refused
-MAX_NONFINITE_FRACTION = 0.05  # events holding NaN/Inf: dropped with a flag up to this share, else refused
-MONOCYTE_PERCENT_RANGE = (0.1, 50.0)
+__all__ = [
+    "DEFAULT_SEQUENCE",
+    "GateOutcome",
+    "GateStep",
+    "GatingResult",
+    "GatingSequence",
+    "JointGate",
+    "RoleLogs",
+    "Tube",
+    "automatic_monocyte_gate",
+    "cd14_valley",
+    "choose_gate",
+    "compensate",
+    "compensated_columns",
+    "debris_gate",
+    "gate_monocytes",
+    "granulocyte_ssc_limit",
+    "leukocyte_gate",
+    "margin_gate",
+    "monocyte_gate_density",
+    "monocyte_gate_gmm",
+    "monocyte_gate_joint",
+    "no_granulocytes",
+    "nonfinite_gate",
+    "singlet_gate",
+    "spillover_matrix",
+    "time_gate",
+    "user_gate",
+    "user_monocyte_step",
+    "workspace_sample_id",
+    "workspace_samples",
+]
+
+
+# --- the gate protocol ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GateOutcome:
+    """What every gate returns.
+
+    Attributes
+    ----------
+    mask
+        The events the gate keeps, over all events of the tube (the runner keeps only those that
+        were also in the parent population).
+    info
+        JSON-ready details recorded in the gate log (thresholds, counts, the method); a ``"gate"``
+        entry renames the population there.
+    flags
+        QC flags the gate raises (their severity is the policy's).
+    alternatives
+        Other gates' answers for the same population, kept to compare (``GatingResult.alternatives``).
+    """
+
+    mask: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+    flags: tuple[str, ...] = ()
+    alternatives: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JointGate:
+    """Boundaries of the joint monocyte gate (:func:`monocyte_gate_joint`).
+
+    Perturbing them (e.g. to measure how much a result depends on its gate) re-gates the tube
+    with everything else unchanged.
+
+    Attributes
+    ----------
+    core_sd
+        CD14-bright monocytes: within this many robust SD of their median on every shape channel.
+    dim_reach
+        Decades below the core's median CD14 that CD14-dim monocytes may reach.
+    ellipse
+        CD14-dim candidates lie within this probability mass of the monocytes' Gaussian (scatter
+        and CD45): the Mahalanobis radius is its chi-square quantile.
+    posterior
+        Least posterior probability of "monocyte" (against the tube's other leukocytes).
+    background_events, background_components
+        The other leukocytes near the monocytes' CD14 are modelled by a Gaussian mixture of this
+        many components fitted to at most this many of them.
+    background_margin
+        Decades below the lowest monocyte CD14 from which that background is drawn.
+    slice_width
+        The monocytes' share of the candidates is estimated per CD14 slice of this many decades.
+    hladr_window
+        CD14-dim candidates must have an HLA-DR within this many robust SD of the CD14-bright
+        monocytes' median (a window symmetric in log HLA-DR).
+    valley_depth
+        Deepest acceptable CD14 valley (density at the valley / the lower neighbouring peak).
+    """
+
+    core_sd: float = 3.0
+    dim_reach: float = 1.2
+    ellipse: float = 0.999
+    posterior: float = 0.9999
+    background_events: int = 1000
+    background_components: int = 5
+    background_margin: float = 0.5
+    slice_width: float = 0.1
+    hladr_window: float = 2.0
+    valley_depth: float = 0.8
+
+
+class Tube:
+    """What every gate reads: one patient tube prepared for gating.
+
+    Attributes
+    ----------
+    sample, panel
+        The tube and its resolved channel roles.
+    compensated
+        ``{channel: compensated float32 values}`` for the fluorescence roles (CD14, CD45, HLA-DR).
+    notes
+        What the compensation could not do (no spillover matrix...).
+    logs
+        ``logs[role]``: log10 of a role's channel, computed once and shared by the gates.
+    policy
+        The QC policy whose thresholds the gates apply (too many non-finite events, too few
+        monocytes...).
+    seed, bounds
+        The joint monocyte gate's subsampling seed and boundaries.
+    """
+
+    def __init__(
+        self,
+        sample: Sample,
+        panel: Panel,
+        *,
+        policy: QCPolicy = DEFAULT_POLICY,
+        seed: int = 0,
+        bounds: JointGate = JointGate(),
+    ) -> None:
+        self.sample, self.panel, self.policy, self.seed, self.bounds = sample, panel, policy, seed, bounds
+        fluorescence = [panel["CD14"], panel["CD45"], panel["HLA-DR"]]
+        self.compensated, self.notes = compensated_columns(sample, fluorescence)
+        self.logs = RoleLogs(self.compensated, sample, panel)
+
+    def column(self, role: str) -> np.ndarray:
+        """The raw (uncompensated) values of a role's channel, as stored."""
+        return self.sample.events[:, self.sample.index(self.panel[role])]
+
+    @cached_property
+    def _event_checks(self) -> tuple[np.ndarray, np.ndarray]:
+        """(finite rows, rows whose scatter is inside (0, 0.999 x range)), in one pass over the events."""
+        events, panel = self.sample.events, self.panel
+        roles = [role for role in ("FSC-A", "SSC-A") if panel[role]]
+        columns = np.array([self.sample.index(panel[role]) for role in roles], dtype=np.int64)
+        tops = [0.999 * (self.sample.ranges.get(panel[role]) or np.inf) for role in roles]
+        # compared in the events' own float type, as numpy compares a float32 column with a number
+        tops_typed = np.array(tops, dtype=events.dtype if events.dtype.kind == "f" else np.float64)
+        return kernels.finite_and_inside(np.ascontiguousarray(events), columns, tops_typed)
+
+    @property
+    def finite(self) -> np.ndarray:
+        """True for each event without a NaN or infinite value in any channel."""
+        return self._event_checks[0]
+
+    @property
+    def inside_margins(self) -> np.ndarray:
+        """True for each event whose FSC-A and SSC-A (those the tube has) are inside (0, range)."""
+        return self._event_checks[1]
+
+
+#: A gate: (the tube, the events its parent step kept) -> its outcome.
+Gate = Callable[[Tube, np.ndarray], GateOutcome]
+
+
+@dataclass(frozen=True)
+class GateStep:
+    """One step of a gating sequence.
+
+    Attributes
+    ----------
+    name
+        The step's name in the sequence (``"singlets"``); the population it gates is known by it.
+    gate
+        The gate (:data:`Gate`).
+    parent
+        The step whose population this step gates (default: the step before it).
+    label
+        The population's name in the gate log (default: ``name``).
+    """
+
+    name: str
+    gate: Gate
+    parent: str | None = None
+    label: str | None = None
+
+    @property
+    def source(self) -> str:
+        """The gate's qualified name (``hladr.gating.singlet_gate``; a callable object: its repr), as
+        recorded in provenance."""
+        if hasattr(self.gate, "__qualname__"):
+            return f"{self.gate.__module__}.{self.gate.__qualname__}"
+        return repr(self.gate)
+
+
+@dataclass(frozen=True)
+class GatingSequence:
+    """An ordered sequence of gating steps: inspect it, replace a step, add one.
+
+    ``sequence.names`` lists the steps; ``sequence["singlets"]`` is one; ``sequence.replace("singlets",
+    stricter)`` and ``sequence.insert_after("debris", GateStep(...))`` return new sequences (this
+    one is never changed). The monocytes are the last step's population.
+    """
+
+    steps: tuple[GateStep, ...]
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.steps]
+        if len(set(names)) != len(names):
+            raise ValueError(f"gating step names must be unique, got {names}")
+        for i, step in enumerate(self.steps):
+            if step.parent is not None and step.parent not in names[:i]:
+                raise ValueError(f"step {step.name!r}: its parent {step.parent!r} is not an earlier step")
+
+    def __iter__(self) -> Iterator[GateStep]:
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, name: str) -> GateStep:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(f"no gating step {name!r} (steps: {', '.join(self.names)})")
+
+    @property
+    def names(self) -> list[str]:
+        return [step.name for step in self.steps]
+
+    def replace(self, name: str, gate: Gate | GateStep) -> GatingSequence:
+        """A copy whose step ``name`` runs ``gate`` (a gate function keeps the step's name, parent
+        and label; a :class:`GateStep` replaces the step whole)."""
+        old = self[name]
+        new = gate if isinstance(gate, GateStep) else dataclasses.replace(old, gate=gate)
+        return GatingSequence(tuple(new if step is old else step for step in self.steps))
+
+    def insert_after(self, name: str, step: GateStep) -> GatingSequence:
+        """A copy with ``step`` added after the step ``name``."""
+        at = self.names.index(self[name].name) + 1
+        return GatingSequence((*self.steps[:at], step, *self.steps[at:]))
+
+    def describe(self, default: GatingSequence | None = None) -> list[dict[str, Any]]:
+        """Each step's name and gate; the steps that differ from ``default``'s are marked replaced
+        or added (this is what a Result's provenance records)."""
+        reference = {step.name: step for step in (default or DEFAULT_SEQUENCE)}
+        out = []
+        for step in self.steps:
+            entry: dict[str, Any] = {"step": step.name, "gate": step.source}
+            if step.name not in reference:
+                entry["added"] = True
+            elif step != reference[step.name]:
+                entry["replaced"] = True
+            out.append(entry)
+        return out
 
 
 @dataclass
@@ -45,6 +308,7 @@ class GatingResult:
     flags: list[str] = field(default_factory=list)
     thresholds: dict[str, float] = field(default_factory=dict)
     alternatives: dict[str, np.ndarray] = field(default_factory=dict)  # other gates' monocytes, to compare
+    sequence: list[dict[str, Any]] = field(default_factory=list)  # GatingSequence.describe()
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -133,7 +397,7 @@ def _valley(
     counts = kernels.histogram(values, lo, hi, bins)
     if counts.sum() < 50:
         return float("nan"), 1.0
-    smooth = kernels.gaussian_smooth(counts, sigma)
+    smooth = ndimage.gaussian_filter1d(counts, sigma, mode="constant", radius=int(4 * sigma) + 1)
     highest_before = np.maximum.accumulate(smooth)  # [k]: max of smooth[: k + 1]
     highest_after = np.maximum.accumulate(smooth[::-1])[::-1]  # [k]: max of smooth[k:]
     k = np.arange(2, bins - 2)
@@ -154,58 +418,55 @@ def _thin(x: np.ndarray, limit: int = 200_000) -> np.ndarray:
 
 
 def _robust(x: np.ndarray) -> tuple[float, float]:
-    """Median and MAD-based SD (of at most 200,000 values)."""
+    """Median and MAD-based SD (the MAD scaled to a normal SD; of at most 200,000 values)."""
     x = _thin(x)
     med = float(np.median(x))
-    return med, float(1.4826 * np.median(np.abs(x - med))) or 1e-3
+    return med, float(stats.median_abs_deviation(x, scale="normal")) or 1e-3
 
 
-def _record(
-    gates: list[dict[str, Any]], name: str, before: np.ndarray, after: np.ndarray, **info: Any
-) -> None:
-    gates.append({"gate": name, "in": int(before.sum()), "out": int(after.sum()), **info})
+# --- the gates (each a Gate: (tube, parent population) -> GateOutcome) ----------------------------
+def nonfinite_gate(tube: Tube, keep: np.ndarray) -> GateOutcome:
+    """Events without a NaN or infinite value in any channel.
+
+    More than the policy's ``max_nonfinite_fraction`` of the tube's events refuse the file
+    (:class:`GatingError`); fewer are dropped with the ``nonfinite_events:<count>`` flag.
+    """
+    n = tube.sample.n_events
+    bad = int(n - tube.finite.sum())
+    limit = tube.policy.max_nonfinite_fraction
+    if bad > limit * n:
+        raise GatingError(
+            f"{bad:,} of {n:,} events hold NaN or infinite values "
+            f"(more than {limit:.0%}): the file is refused",
+            tube.sample.path,
+        )
+    return GateOutcome(keep & tube.finite, {"nonfinite": bad}, (f"nonfinite_events:{bad}",) if bad else ())
 
 
-# --- the gates ----------------------------------------------------------------------------------
-def margin_gate(sample: Sample, panel: Panel) -> np.ndarray:
-    """Finite events whose scatter (where the tube has scatter) is inside (0, range)."""
-    ev = sample.events
-    if ev.dtype.kind == "f":
-        keep = kernels.finite_rows(np.ascontiguousarray(ev))
-    else:
-        keep = np.ones(ev.shape[0], dtype=bool)
-    for role in ("FSC-A", "SSC-A"):
-        if not panel[role]:
-            continue
-        idx = sample.index(panel[role])
-        top = sample.ranges.get(panel[role]) or np.inf
-        keep &= (ev[:, idx] > 0) & (ev[:, idx] < 0.999 * top)
-    return keep
+def margin_gate(tube: Tube, keep: np.ndarray) -> GateOutcome:
+    """Events whose scatter (where the tube has scatter) is inside (0, 0.999 x range)."""
+    mask = keep & tube.inside_margins
+    if not mask.any():
+        raise GatingError("no event is inside the scatter margins", tube.sample.path)
+    return GateOutcome(mask)
 
 
-def nonfinite_events(sample: Sample) -> int:
-    """Events holding a NaN or infinite value in any channel (the margin gate drops them)."""
-    ev = sample.events
-    if ev.dtype.kind != "f" or not ev.shape[0]:
-        return 0
-    return int(ev.shape[0] - kernels.finite_rows(np.ascontiguousarray(ev)).sum())
-
-
-def time_gate(sample: Sample, panel: Panel, keep: np.ndarray, bins: int = 100) -> tuple[np.ndarray, dict]:
+def time_gate(tube: Tube, keep: np.ndarray, bins: int = 100) -> GateOutcome:
     """Drop time windows with a flow-rate drop or an unstable signal (a clog).
 
     The signal is FSC-A, or the DNA channel in mass cytometry; without either, only the rate.
+    Removing more than the policy's ``time_gate_warn`` of the events flags ``time_gate_removed``.
     """
+    sample, panel = tube.sample, tube.panel
     if panel.time is None or keep.sum() < 2000:
-        return keep, {"note": "no time channel" if panel.time is None else "too few events"}
+        return GateOutcome(keep, {"note": "no time channel" if panel.time is None else "too few events"})
     t = sample.events[:, sample.index(panel.time)]
     n_bins = int(min(bins, max(10, keep.sum() // 400)))
-    kept_t = t[keep]
+    first, last = kernels.kept_range(t, keep)
+    lo, hi = float(first), float(last) + 1e-9
     signal_channel = panel["FSC-A"] or panel["DNA"]
     signal = sample.events[:, sample.index(signal_channel)] if signal_channel else np.ones_like(t)
-    which, rate, sums = kernels.time_bins(
-        t, signal, keep, float(kept_t.min()), float(kept_t.max()) + 1e-9, n_bins
-    )
+    rate, sums = kernels.time_bins(t, signal, keep, lo, hi, n_bins)
     level = np.where(rate > 5, 10 ** (sums / np.maximum(rate, 1)), np.nan)  # geometric mean signal per bin
     med_rate, med_level = np.median(rate), np.nanmedian(level)
     bad = (rate < 0.5 * med_rate) | (np.abs(level / med_level - 1) > 0.15)
@@ -216,54 +477,54 @@ def time_gate(sample: Sample, panel: Panel, keep: np.ndarray, bins: int = 100) -
         bad = np.convolve(runs.astype(int), [1, 1, 1], mode="same") > 0
     else:
         bad[:] = False  # no stable baseline: do not gate on time
-    return keep & ~bad[which], {"bins_removed": int(bad.sum()), "bins": n_bins}
+    timed = kernels.outside_bins(t, keep, lo, hi, bad) if bad.any() else keep
+    n_in = keep.sum()
+    removed = (n_in - timed.sum()) / n_in if n_in else 0.0
+    flags = (f"time_gate_removed:{removed:.0%}",) if removed > tube.policy.time_gate_warn else ()
+    return GateOutcome(timed, {"bins_removed": int(bad.sum()), "bins": n_bins}, flags)
 
 
-def singlet_gate(sample: Sample, panel: Panel, keep: np.ndarray) -> np.ndarray:
+def singlet_gate(tube: Tube, keep: np.ndarray) -> GateOutcome:
     """Singlets: FSC-H/FSC-A near the population's ratio (doublets have a low ratio)."""
-    if not panel["FSC-H"]:
-        return keep
-    a = sample.events[:, sample.index(panel["FSC-A"])]
-    h = sample.events[:, sample.index(panel["FSC-H"])]
+    if not tube.panel["FSC-H"]:
+        return GateOutcome(keep)
+    a, h = tube.column("FSC-A"), tube.column("FSC-H")
     ratio = np.divide(h, a, out=np.zeros(a.shape, dtype=np.result_type(h, a, np.float32)), where=a > 0)
     med, sd = _robust(ratio[keep])
-    return keep & (ratio > med - 4 * sd) & (ratio < med + 6 * sd)
+    return GateOutcome(keep & (ratio > med - 4 * sd) & (ratio < med + 6 * sd))
 
 
-def debris_gate(sample: Sample, panel: Panel, keep: np.ndarray) -> tuple[np.ndarray, float]:
+def debris_gate(tube: Tube, keep: np.ndarray) -> GateOutcome:
     """Cells: FSC-A above the valley below the lymphocytes (or 35 % of the median FSC-A).
 
-    In mass cytometry the DNA channel plays FSC-A's part (nucleated cells vs debris); a tube with
-    neither keeps every event (threshold NaN).
+    In mass cytometry the DNA channel plays FSC-A's part (nucleated cells vs debris; flag
+    ``no_scatter``); a tube with neither keeps every event (threshold NaN).
     """
-    size_channel = panel["FSC-A"] or panel["DNA"]
-    if not size_channel:
-        return keep, float("nan")
-    fsc = _log(sample.events[:, sample.index(size_channel)])
-    kept = fsc[keep]
+    panel = tube.panel
+    size_role = "FSC-A" if panel["FSC-A"] else "DNA"
+    key = "fsc_min" if panel["FSC-A"] or not panel["DNA"] else "dna_min"
+    flags = () if panel["SSC-A"] else ("no_scatter",)  # mass cytometry: gated on DNA, CD45 and CD14 only
+    if not panel[size_role]:
+        return GateOutcome(keep, {key: float("nan")}, flags)
+    size = tube.logs[size_role]
+    kept = size[keep]
     med = float(np.median(_thin(kept)))
     pos, depth = _valley(kept, med - 1.5, med - 0.15)
     cut = pos if depth < 0.6 else med + np.log10(0.35)
     cut = max(cut, med + np.log10(0.2))
-    return keep & (fsc > cut), float(10**cut)
+    return GateOutcome(keep & (size > cut), {key: float(10**cut)}, flags)
 
 
-def leukocyte_gate(
-    comp: Mapping[str, np.ndarray],
-    sample: Sample,
-    panel: Panel,
-    keep: np.ndarray,
-    logs: RoleLogs | None = None,
-) -> tuple[np.ndarray, float]:
+def leukocyte_gate(tube: Tube, keep: np.ndarray) -> GateOutcome:
     """CD45+ events: above the valley between CD45-negative debris/RBC and leukocytes."""
-    if not panel["CD45"]:
-        return keep, float("nan")
-    cd45 = (logs if logs is not None else RoleLogs(comp, sample, panel))["CD45"]
+    if not tube.panel["CD45"]:
+        return GateOutcome(keep, {"gate": "leukocytes (no CD45)", "cd45_min": float("nan")})
+    cd45 = tube.logs["CD45"]
     kept = cd45[keep]
     lo, med = np.percentile(_thin(kept), [0.5, 50])
     pos, depth = _valley(kept, lo, med)
     cut = pos if depth < 0.5 else med - 1.0
-    return keep & (cd45 > cut), float(10**cut)
+    return GateOutcome(keep & (cd45 > cut), {"cd45_min": float(10**cut)})
 
 
 def cd14_valley(logs: RoleLogs, leuk: np.ndarray) -> tuple[float, float]:
@@ -277,18 +538,12 @@ def cd14_valley(logs: RoleLogs, leuk: np.ndarray) -> tuple[float, float]:
     return logs[key]
 
 
-def monocyte_gate_density(
-    comp: Mapping[str, np.ndarray],
-    sample: Sample,
-    panel: Panel,
-    leuk: np.ndarray,
-    logs: RoleLogs | None = None,
-) -> tuple[np.ndarray, dict]:
+def monocyte_gate_density(tube: Tube, leuk: np.ndarray) -> GateOutcome:
     """CD14+ (above the CD14 valley) with low-to-intermediate SSC and bright CD45.
 
     Without SSC (mass cytometry) the SSC criteria are left out: CD14+ and CD45-bright.
     """
-    logs = logs if logs is not None else RoleLogs(comp, sample, panel)
+    logs, panel = tube.logs, tube.panel
     cd14 = logs["CD14"]
     pos, depth = cd14_valley(logs, leuk)
     info: dict[str, Any] = {
@@ -297,11 +552,11 @@ def monocyte_gate_density(
     }
     if not np.isfinite(pos) or depth > 0.5:
         info["failed"] = "no CD14 valley"
-        return np.zeros_like(leuk), info
+        return GateOutcome(np.zeros_like(leuk), info)
     cd14_pos = leuk & (cd14 > pos)
     if cd14_pos.sum() < 20:
         info["failed"] = "almost no CD14+ events"
-        return cd14_pos, info
+        return GateOutcome(cd14_pos, info)
     mono = cd14_pos
     if panel["SSC-A"]:  # low-to-intermediate SSC: drop CD14+ events in the granulocytes' SSC range
         ssc = logs["SSC-A"]
@@ -312,7 +567,7 @@ def monocyte_gate_density(
         cd45 = logs["CD45"]
         m45, s45 = _robust(cd45[mono])
         mono &= cd45 > m45 - 4 * s45
-    return mono, info
+    return GateOutcome(mono, info)
 
 
 def no_granulocytes(log_ssc: np.ndarray, leuk: np.ndarray, gated: np.ndarray) -> bool:
@@ -342,19 +597,12 @@ def _granulocyte_like(logs: RoleLogs, leuk: np.ndarray, rows: np.ndarray) -> boo
     return bool(np.median(logs["SSC-A"][_thin(rows, 50_000)]) > logs[key])
 
 
-def monocyte_gate_gmm(
-    comp: Mapping[str, np.ndarray],
-    sample: Sample,
-    panel: Panel,
-    leuk: np.ndarray,
-    seed: int = 0,
-    logs: RoleLogs | None = None,
-) -> np.ndarray:
+def monocyte_gate_gmm(tube: Tube, leuk: np.ndarray) -> GateOutcome:
     """Gaussian-mixture fallback over log CD14, log SSC (and log CD45): the CD14-bright components
-    (without SSC in mass cytometry)."""
+    (without SSC in mass cytometry); seeded with ``tube.seed``."""
     from sklearn.mixture import GaussianMixture
 
-    logs = logs if logs is not None else RoleLogs(comp, sample, panel)
+    logs, panel, sample, seed = tube.logs, tube.panel, tube.sample, tube.seed
     cols = [logs["CD14"]]
     if panel["SSC-A"]:
         cols.append(logs["SSC-A"])
@@ -381,51 +629,7 @@ def monocyte_gate_gmm(
         )
     mono = np.zeros(leuk.shape, dtype=bool)
     mono[idx] = np.isin(labels, mono_components)
-    return mono
-
-
-@dataclass(frozen=True)
-class JointGate:
-    """Boundaries of the joint monocyte gate (:func:`monocyte_gate_joint`).
-
-    Perturbing them (e.g. to measure how much a result depends on its gate) re-gates the tube
-    with everything else unchanged.
-
-    Attributes
-    ----------
-    core_sd
-        CD14-bright monocytes: within this many robust SD of their median on every shape channel.
-    dim_reach
-        Decades below the core's median CD14 that CD14-dim monocytes may reach.
-    ellipse
-        CD14-dim candidates lie within this probability mass of the monocytes' Gaussian (scatter
-        and CD45): the Mahalanobis radius is its chi-square quantile.
-    posterior
-        Least posterior probability of "monocyte" (against the tube's other leukocytes).
-    background_events, background_components
-        The other leukocytes near the monocytes' CD14 are modelled by a Gaussian mixture of this
-        many components fitted to at most this many of them.
-    background_margin
-        Decades below the lowest monocyte CD14 from which that background is drawn.
-    slice_width
-        The monocytes' share of the candidates is estimated per CD14 slice of this many decades.
-    hladr_window
-        CD14-dim candidates must have an HLA-DR within this many robust SD of the CD14-bright
-        monocytes' median (a window symmetric in log HLA-DR).
-    valley_depth
-        Deepest acceptable CD14 valley (density at the valley / the lower neighbouring peak).
-    """
-
-    core_sd: float = 3.0
-    dim_reach: float = 1.2
-    ellipse: float = 0.999
-    posterior: float = 0.9999
-    background_events: int = 1000
-    background_components: int = 5
-    background_margin: float = 0.5
-    slice_width: float = 0.1
-    hladr_window: float = 2.0
-    valley_depth: float = 0.8
+    return GateOutcome(mono)
 
 
 def _asinh_decades(x: np.ndarray, cofactor: float) -> np.ndarray:
@@ -478,16 +682,7 @@ def _robust_gaussian(x: np.ndarray, mass: float = 0.975, rounds: int = 3) -> tup
     return mean, cov
 
 
-def monocyte_gate_joint(
-    comp: Mapping[str, np.ndarray],
-    sample: Sample,
-    panel: Panel,
-    leuk: np.ndarray,
-    *,
-    seed: int = 0,
-    bounds: JointGate = JointGate(),
-    logs: RoleLogs | None = None,
-) -> tuple[np.ndarray, dict]:
+def monocyte_gate_joint(tube: Tube, leuk: np.ndarray, bounds: JointGate | None = None) -> GateOutcome:
     """Monocytes from every channel jointly: CD14, FSC-A, FSC-H, SSC-A, CD45 (those present), HLA-DR.
 
     1. CD14-bright monocytes: the leukocytes above the CD14 valley within ``core_sd`` robust SD
@@ -503,21 +698,22 @@ def monocyte_gate_joint(
        with a posterior of at least ``posterior`` are kept. A tube without granulocytes (PBMC)
        skips this step: the model is built for, and verified on, CD14-dim granulocytes.
 
-    Deterministic for a given ``seed`` (the subsamples the mixture is fitted to).
+    ``bounds``: default ``tube.bounds``. Deterministic for a given ``tube.seed`` (the subsamples
+    the mixture is fitted to).
     """
-    scatter = [role for role in ("FSC-A", "FSC-H", "SSC-A") if panel[role]]
-    shape = [sample.events[:, sample.index(panel[role])] for role in scatter]
+    panel, comp, logs, seed = tube.panel, tube.compensated, tube.logs, tube.seed
+    bounds = bounds or tube.bounds
+    shape = [tube.column(role) for role in ("FSC-A", "FSC-H", "SSC-A") if panel[role]]
     fluor = [comp[panel["CD45"]]] if panel["CD45"] else []
-    logs = logs if logs is not None else RoleLogs(comp, sample, panel)
     if not shape and not fluor:
-        return monocyte_gate_density(comp, sample, panel, leuk, logs)
+        return monocyte_gate_density(tube, leuk)
     info: dict[str, Any] = {}
     cd14 = logs["CD14"]
     valley, depth = cd14_valley(logs, leuk)
     info["valley_depth"] = depth
     if not np.isfinite(valley) or depth > bounds.valley_depth:
         info["failed"] = "no CD14 valley"
-        return np.zeros_like(leuk), info
+        return GateOutcome(np.zeros_like(leuk), info)
     spread_events = _spread_sample(leuk.size, 60_000, seed)
     leuk_sample = spread_events[leuk[spread_events]]  # for noise scales and the background
     cofactors = [_cofactor(column[leuk_sample]) for column in fluor]
@@ -530,11 +726,11 @@ def monocyte_gate_joint(
     bright = np.flatnonzero(leuk & (cd14 > valley))
     x_bright = features(bright)
     med = np.median(_thin(x_bright, 20_000), axis=0)
-    in_box = np.all(np.abs(x_bright - med) <= bounds.core_sd * _mad_sd(_thin(x_bright, 20_000), med), axis=1)
+    in_box = np.all(np.abs(x_bright - med) <= bounds.core_sd * _mad_sd(_thin(x_bright, 20_000)), axis=1)
     core = bright[in_box]
     if core.size < 20:
         info["failed"] = f"only {core.size} events in the CD14-bright core"
-        return np.zeros_like(leuk), info
+        return GateOutcome(np.zeros_like(leuk), info)
     mean, cov = _robust_gaussian(_thin(x_bright[in_box], 5_000))
     low = min(float(np.median(cd14[core])) - bounds.dim_reach, valley)
     high = max(float(np.percentile(cd14[core], 99.9)), low + 0.5)
@@ -548,12 +744,12 @@ def monocyte_gate_joint(
     info.update(cd14_valley=float(10**valley), cd14_low=float(10**low), core=int(core.size))
     info.update(dim_candidates=int(dim_in.sum()), dim_kept=0)
     if not dim_in.any():
-        return mono, info
+        return GateOutcome(mono, info)
     if panel["SSC-A"] and _granulocyte_like(logs, leuk, core) and no_granulocytes(logs["SSC-A"], leuk, mono):
         # the monocytes are the top-SSC population (PBMC): no CD14-dim granulocytes to tell
         # CD14-dim monocytes from, the CD14-bright ones only
         info["dim_skipped"] = "no granulocytes"
-        return mono, info
+        return GateOutcome(mono, info)
 
     # CD14-dim candidates whose HLA-DR is within `hladr_window` robust SD of the bright monocytes'
     # median: HLA-DR-negative granulocytes out, and no pull on the monocytes' median (symmetric)
@@ -565,7 +761,7 @@ def monocyte_gate_joint(
     dim, x_dim_shape = in_range[dim_in][within], x_range[dim_in][within]
     info["dim_in_hladr_window"] = int(dim.size)
     if not dim.size:
-        return mono, info
+        return GateOutcome(mono, info)
     # the other leukocytes around the candidates, from the evenly spread sample of leukocytes
     taken = np.zeros(leuk.size, dtype=bool)
     taken[core] = True
@@ -583,7 +779,7 @@ def monocyte_gate_joint(
     if not lookalike.any() and below.sum() >= 100:
         mono[dim] = True
         info["dim_kept"] = int(dim.size)
-        return mono, info
+        return GateOutcome(mono, info)
     x_dim = np.column_stack([x_dim_shape, cd14[dim]])
     fit = _spread_sample(dim.size, bounds.background_events, seed)
     pool_size = pool.size * leuk.size / max(spread_events.size, 1)
@@ -600,7 +796,7 @@ def monocyte_gate_joint(
     )
     mono[dim[posterior >= bounds.posterior]] = True
     info["dim_kept"] = int((posterior >= bounds.posterior).sum())
-    return mono, info
+    return GateOutcome(mono, info)
 
 
 def _spread_sample(n: int, size: int, seed: int) -> np.ndarray:
@@ -609,9 +805,9 @@ def _spread_sample(n: int, size: int, seed: int) -> np.ndarray:
     return np.arange(int(np.random.default_rng(seed).integers(step)), n, step)[:size]
 
 
-def _mad_sd(x: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    """Per-column MAD-based SD of ``x`` around ``centre`` (at least 1e-3)."""
-    return 1.4826 * np.median(np.abs(x - centre), axis=0) + 1e-3
+def _mad_sd(x: np.ndarray) -> np.ndarray:
+    """Per-column MAD-based SD of ``x`` around the columns' medians (at least 1e-3)."""
+    return stats.median_abs_deviation(x, axis=0, scale="normal") + 1e-3
 
 
 def _increasing(y: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -690,71 +886,114 @@ def _monocyte_posterior(
     return p_mono(background(x_dim.astype(np.float64)), log_mono, slices)
 
 
-
-def _problem(mono: np.ndarray, info: dict, logs: RoleLogs, leuk: np.ndarray) -> str | None:
+def _problem(tube: Tube, outcome: GateOutcome, leuk: np.ndarray) -> str | None:
     """Why an automatic monocyte gate's answer cannot be used (None when it can).
 
-    Its own failure; fewer than :data:`MIN_MONOCYTES`; a fraction outside
-    :data:`MONOCYTE_PERCENT_RANGE`; a granulocyte-like SSC, unless the tube has no granulocytes
-    (then ``info["no_granulocytes"]`` is set).
+    Its own failure; fewer than the policy's ``min_monocytes_gate``; a fraction of the leukocytes
+    outside its ``monocyte_percent_range``; a granulocyte-like SSC, unless the tube has no
+    granulocytes (then ``info["no_granulocytes"]`` is set).
     """
+    mono, info, policy = outcome.mask, outcome.info, tube.policy
     if info.get("failed"):
         return str(info["failed"])
     n = int(mono.sum())
-    if n < MIN_MONOCYTES:
-        return f"only {n} monocytes (at least {MIN_MONOCYTES} are needed to measure their HLA-DR)"
+    if n < policy.min_monocytes_gate:
+        return f"only {n} monocytes (at least {policy.min_monocytes_gate} are needed to measure their HLA-DR)"
     percent = 100.0 * n / max(int(leuk.sum()), 1)
-    if not MONOCYTE_PERCENT_RANGE[0] <= percent <= MONOCYTE_PERCENT_RANGE[1]:
+    low, high = policy.monocyte_percent_range
+    if not low <= percent <= high:
         return f"implausible monocyte fraction {percent:.2f} %"
-    if logs.panel["SSC-A"] and _granulocyte_like(logs, leuk, np.flatnonzero(mono)):
-        if not no_granulocytes(logs["SSC-A"], leuk, mono):
+    if tube.panel["SSC-A"] and _granulocyte_like(tube.logs, leuk, np.flatnonzero(mono)):
+        if not no_granulocytes(tube.logs["SSC-A"], leuk, mono):
             return "the CD14+ events have granulocyte-like SSC"
         info["no_granulocytes"] = True  # e.g. PBMC: the monocytes are the top-SSC population
     return None
 
 
-def _automatic_monocytes(
-    comp: Mapping[str, np.ndarray],
-    sample: Sample,
-    panel: Panel,
-    leuk: np.ndarray,
-    seed: int,
-    bounds: JointGate,
-    logs: RoleLogs | None = None,
-) -> tuple[np.ndarray, str, dict, dict[str, np.ndarray]]:
-    """(monocytes, method, info, alternatives): the joint gate, checked against the density gate.
+def automatic_monocyte_gate(tube: Tube, leuk: np.ndarray) -> GateOutcome:
+    """The joint gate, checked against the density gate (``info["method"]`` says which answered).
 
     The joint gate answers when it passes :func:`_problem`; the density gate is then its
-    alternative (``alternatives``: the analysis flags a disagreement larger than the result's
-    uncertainty). When the joint gate fails, the density gate answers, then the Gaussian-mixture
-    clustering; when none has a usable answer the tube is refused (:class:`GatingError` with the
-    count and the reasons).
+    alternative (``alternatives["density"]``: the analysis flags a disagreement larger than the
+    result's uncertainty). When the joint gate fails, the density gate answers, then the
+    Gaussian-mixture clustering (flag ``fallback_gating``); when none has a usable answer the tube
+    is refused (:class:`GatingError` with the count and the reasons).
     """
-    logs = RoleLogs(comp, sample, panel) if logs is None else logs
-    joint, joint_info = monocyte_gate_joint(comp, sample, panel, leuk, seed=seed, bounds=bounds, logs=logs)
-    density, density_info = monocyte_gate_density(comp, sample, panel, leuk, logs)
-    joint_problem = _problem(joint, joint_info, logs, leuk)
-    density_problem = _problem(density, density_info, logs, leuk)
+    joint = monocyte_gate_joint(tube, leuk)
+    density = monocyte_gate_density(tube, leuk)
+    joint_problem = _problem(tube, joint, leuk)
+    density_problem = _problem(tube, density, leuk)
     if not joint_problem:
-        return joint, "joint", joint_info, ({} if density_problem else {"density": density})
-    if not density_problem:
-        return density, "density", {**density_info, "fallback_reason": joint_problem}, {}
-    reasons = f"joint gate: {joint_problem}; density gate: {density_problem}"
-    try:
-        clustered = monocyte_gate_gmm(comp, sample, panel, leuk, seed, logs)
-        clustered_problem = _problem(clustered, {}, logs, leuk)
-    except GatingError as exc:
-        clustered, clustered_problem = None, exc.message
-    if clustered is not None and not clustered_problem:
-        return clustered, "gmm-fallback", {"fallback_reason": reasons}, {}
-    message = f"no measurable monocyte population ({reasons}; clustering: {clustered_problem})"
-    if panel.sources.get("CD14") == "naming":
-        raise PanelError(
-            f"{message}; CD14 was taken as {panel['CD14']} from instrument naming only "
-            f"(no $PnS markers): give the CD14 channel with --cd14",
-            sample.path,
-        )
-    raise GatingError(message, sample.path)
+        method, answer, info = "joint", joint, joint.info
+        alternatives = {} if density_problem else {"density": density.mask}
+    elif not density_problem:
+        method, answer, alternatives = "density", density, {}
+        info = {**density.info, "fallback_reason": joint_problem}
+    else:
+        reasons = f"joint gate: {joint_problem}; density gate: {density_problem}"
+        try:
+            answer = monocyte_gate_gmm(tube, leuk)
+            clustered_problem = _problem(tube, answer, leuk)
+        except GatingError as exc:
+            clustered_problem = exc.message
+        if clustered_problem:
+            message = f"no measurable monocyte population ({reasons}; clustering: {clustered_problem})"
+            if tube.panel.sources.get("CD14") == "naming":
+                raise PanelError(
+                    f"{message}; CD14 was taken as {tube.panel['CD14']} from instrument naming only "
+                    f"(no $PnS markers): give the CD14 channel with --cd14",
+                    tube.sample.path,
+                )
+            raise GatingError(message, tube.sample.path)
+        method, info, alternatives = "gmm-fallback", {"fallback_reason": reasons}, {}
+    flags = [] if method == "joint" else ["fallback_gating"]
+    if info.get("no_granulocytes"):
+        flags.append("no_granulocytes")
+    recorded = {"method": method, **{k: v for k, v in info.items() if k != "failed"}}
+    return GateOutcome(answer.mask, recorded, tuple(flags), alternatives)
+
+
+# --- the sequence ----------------------------------------------------------------------------------
+#: The default gating, in order (see the module docstring and ``docs/gating.md``).
+DEFAULT_SEQUENCE = GatingSequence(
+    (
+        GateStep("finite", nonfinite_gate),
+        GateStep("margins", margin_gate),
+        GateStep("time", time_gate),
+        GateStep("singlets", singlet_gate),
+        GateStep("debris", debris_gate),
+        GateStep("leukocytes", leukocyte_gate, label="CD45+ leukocytes"),
+        GateStep("monocytes", automatic_monocyte_gate, label="CD14+ monocytes"),
+    )
+)
+#: GatingResult.thresholds: the gates' info entries that are thresholds, by their recorded name.
+THRESHOLDS = {
+    "fsc_min": "fsc_min",
+    "dna_min": "dna_min",
+    "cd45_min": "cd45_min",
+    "cd14_valley": "cd14_min",
+    "cd14_low": "cd14_dim_min",
+    "ssc_max": "ssc_max",
+}
+
+
+@dataclass(frozen=True)
+class UserGateFile:
+    """The monocyte gate of a GatingML 2.0 file or FlowJo workspace, as a :data:`Gate`
+    (see :func:`user_gate`)."""
+
+    path: Path
+    gate_name: str | None = None
+
+    def __call__(self, tube: Tube, keep: np.ndarray) -> GateOutcome:
+        outcome = user_gate(tube.sample, self.path, self.gate_name)
+        return GateOutcome(outcome.mask, {"method": f"user:{self.path.name}", **outcome.info})
+
+
+def user_monocyte_step(gates: str | os.PathLike, gate_name: str | None = None) -> GateStep:
+    """The monocytes step of a user gate file: its gate applied to the singlets."""
+    return GateStep("monocytes", UserGateFile(Path(gates), gate_name), parent="singlets",
+                    label="monocytes (user gate)")
 
 
 def gate_monocytes(
@@ -765,81 +1004,61 @@ def gate_monocytes(
     seed: int = 0,
     gate_name: str | None = None,
     bounds: JointGate = JointGate(),
+    sequence: GatingSequence = DEFAULT_SEQUENCE,
+    policy: QCPolicy = DEFAULT_POLICY,
 ) -> GatingResult:
-    """Run the whole gating sequence on a patient tube.
+    """Run a gating sequence (default: :data:`DEFAULT_SEQUENCE`) on a patient tube.
 
-    ``gates``/``gate_name``: a user gate (see :func:`user_gate`); ``bounds``: the automatic joint
-    gate's boundaries (:class:`JointGate`); ``seed``: its subsampling (results are deterministic).
+    ``gates``/``gate_name``: a user gate file whose monocyte gate replaces the sequence's monocytes
+    step (:func:`user_monocyte_step`); ``bounds``: the automatic joint gate's boundaries
+    (:class:`JointGate`); ``seed``: its subsampling (results are deterministic); ``policy``: the QC
+    thresholds the gates apply. Each step gates its parent's population; the monocytes are the last
+    step's. ``GatingResult.sequence`` records each step's gate, and which were replaced or added.
     """
-    comp, notes = compensated_columns(sample, [panel["CD14"], panel["CD45"], panel["HLA-DR"]])
-    flags: list[str] = []
-    gate_log: list[dict[str, Any]] = []
-    all_events = np.ones(sample.n_events, dtype=bool)
-    margin = margin_gate(sample, panel)
-    nonfinite = nonfinite_events(sample)
-    _record(gate_log, "margins", all_events, margin, nonfinite=nonfinite)
-    if nonfinite > MAX_NONFINITE_FRACTION * sample.n_events:
-        raise GatingError(
-            f"{nonfinite:,} of {sample.n_events:,} events hold NaN or infinite values "
-            f"(more than {MAX_NONFINITE_FRACTION:.0%}): the file is refused",
-            sample.path,
-        )
-    if nonfinite:
-        flags.append(f"nonfinite_events:{nonfinite}")
-    if not margin.any():
-        raise GatingError("no event is inside the scatter margins", sample.path)
-    timed, time_info = time_gate(sample, panel, margin)
-    _record(gate_log, "time", margin, timed, **time_info)
-    if margin.sum() and (margin.sum() - timed.sum()) / margin.sum() > 0.1:
-        flags.append(f"time_gate_removed:{(margin.sum() - timed.sum()) / margin.sum():.0%}")
-    singlets = singlet_gate(sample, panel, timed)
-    _record(gate_log, "singlets", timed, singlets)
-    cells, debris_cut = debris_gate(sample, panel, singlets)
-    size_key = "fsc_min" if panel["FSC-A"] or not panel["DNA"] else "dna_min"
-    _record(gate_log, "debris", singlets, cells, **{size_key: debris_cut})
-    if not panel["SSC-A"]:
-        flags.append("no_scatter")  # mass cytometry: gated on DNA, CD45 and CD14 only
-    logs = RoleLogs(comp, sample, panel)
-    leuk, cd45_cut = leukocyte_gate(comp, sample, panel, cells, logs)
-    _record(
-        gate_log,
-        "CD45+ leukocytes" if panel["CD45"] else "leukocytes (no CD45)",
-        cells,
-        leuk,
-        cd45_min=cd45_cut,
-    )
-    thresholds = {size_key: debris_cut, "cd45_min": cd45_cut}
-
-    alternatives: dict[str, np.ndarray] = {}
     if gates is not None:
-        mono = user_gate(sample, gates, gate_name) & singlets
-        method = f"user:{Path(gates).name}"
-        _record(gate_log, "monocytes (user gate)", singlets, mono)
-    else:
-        mono, method, info, alternatives = _automatic_monocytes(comp, sample, panel, leuk, seed, bounds, logs)
-        if method != "joint":
-            flags.append("fallback_gating")
-        _record(
-            gate_log,
-            "CD14+ monocytes",
-            leuk,
-            mono,
-            method=method,
-            **{k: v for k, v in info.items() if k != "failed"},
-        )
-        if info.get("no_granulocytes"):
-            flags.append("no_granulocytes")
-        names = {"cd14_valley": "cd14_min", "cd14_low": "cd14_dim_min", "ssc_max": "ssc_max"}
-        for key, threshold in names.items():
-            if info.get(key):
-                thresholds[threshold] = info[key]
-    gr = GatingResult(mono, leuk, singlets, timed, comp, method, gate_log, flags, thresholds, alternatives)
-    gr.gates.insert(0, {"gate": "compensation", "notes": notes})
-    return gr
+        sequence = sequence.replace("monocytes", user_monocyte_step(gates, gate_name))
+    missing = {"time", "singlets", "leukocytes"} - set(sequence.names)
+    if missing:
+        raise ValueError(f"a gating sequence needs the steps {sorted(missing)} (replace one, do not drop it)")
+    tube = Tube(sample, panel, policy=policy, seed=seed, bounds=bounds)
+    gate_log: list[dict[str, Any]] = [{"gate": "compensation", "notes": tube.notes}]
+    flags: list[str] = []
+    thresholds: dict[str, float] = {}
+    alternatives: dict[str, np.ndarray] = {}
+    populations: dict[str, np.ndarray] = {}
+    method = None
+    parent = np.ones(sample.n_events, dtype=bool)
+    for step in sequence:
+        if step.parent is not None:
+            parent = populations[step.parent]
+        outcome = step.gate(tube, parent)
+        mask = outcome.mask & parent
+        gate_log.append({"gate": step.label or step.name, "in": int(parent.sum()), "out": int(mask.sum()),
+                         **outcome.info})
+        flags += outcome.flags
+        alternatives.update(outcome.alternatives)
+        thresholds.update((name, outcome.info[k]) for k, name in THRESHOLDS.items() if outcome.info.get(k))
+        method = outcome.info.get("method", method)
+        populations[step.name] = parent = mask
+    last = sequence.steps[-1]
+    return GatingResult(
+        monocytes=parent,
+        leukocytes=populations["leukocytes"],
+        singlets=populations["singlets"],
+        clean=populations["time"],
+        compensated=tube.compensated,
+        method=method or f"user:{last.source}",
+        gates=gate_log,
+        flags=flags,
+        thresholds=thresholds,
+        alternatives=alternatives,
+        sequence=sequence.describe(),
+    )
 
 
-def user_gate(sample: Sample, gates: str | os.PathLike, gate_name: str | None = None) -> np.ndarray:
-    """Membership of the monocyte gate in a GatingML 2.0 file or FlowJo workspace (via flowkit).
+def user_gate(sample: Sample, gates: str | os.PathLike, gate_name: str | None = None) -> GateOutcome:
+    """Membership of the monocyte gate in a GatingML 2.0 file or FlowJo workspace (via flowkit):
+    the mask, with the file and the gate's path as info.
 
     The gate is ``gate_name`` (its name, or its path as ``parent/.../name``); without it, the
     gate whose name contains ``mono`` (case-insensitive), the outermost when several do. A FlowJo
@@ -881,7 +1100,8 @@ def user_gate(sample: Sample, gates: str | os.PathLike, gate_name: str | None = 
     except Exception as exc:  # noqa: BLE001 - flowkit raises many kinds; report one clear error
         raise GatingError(f"cannot apply gates from {path.name}: {exc}", sample.path) from exc
     name, gate_path = choose_gate(gate_ids, gate_name, path.name, sample.path)
-    return np.asarray(results.get_gate_membership(name, gate_path=gate_path), dtype=bool)
+    mask = np.asarray(results.get_gate_membership(name, gate_path=gate_path), dtype=bool)
+    return GateOutcome(mask, {"file": path.name, "gate_path": _full_gate_name(name, gate_path)})
 
 
 def workspace_samples(path: str | os.PathLike) -> list[str]:
@@ -908,9 +1128,7 @@ def workspace_sample_id(sample_ids: list[str], tube: str | os.PathLike) -> str |
 def choose_gate(gate_ids: list[tuple[str, tuple]], gate_name: str | None, source: str,
                 tube: str | os.PathLike | None = None) -> tuple[str, tuple]:
     """The (name, parent path) of the monocyte gate among flowkit's gate ids (see :func:`user_gate`)."""
-    def full(name: str, parents: tuple) -> str:
-        return "/".join([*(p for p in parents if p != "root"), name])
-
+    full = _full_gate_name
     if gate_name:
         wanted = [(n, p) for n, p in gate_ids if n == gate_name or full(n, p) == gate_name.strip("/")]
     else:
@@ -924,3 +1142,8 @@ def choose_gate(gate_ids: list[tuple[str, tuple]], gate_name: str | None, source
         raise GatingError(f"{len(wanted)} gates named {gate_name!r} in {source}: give the full path "
                           f"({', '.join(full(n, p) for n, p in wanted)})", tube)
     return wanted[0]
+
+
+def _full_gate_name(name: str, parents: tuple) -> str:
+    """``parent/.../name`` of a flowkit gate id (without its root)."""
+    return "/".join([*(p for p in parents if p != "root"), name])

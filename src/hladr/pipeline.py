@@ -17,13 +17,12 @@ import os
 import platform
 import threading
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from . import uncertainty
 from .calibration import Calibration
-from .errors import AnalysisError, HladrError, OptionsError
+from .errors import AnalysisError, Failure, OptionsError
 from .fcs import Sample, read_fcs
 from .gating import GatingResult, gate_monocytes
 from .panel import Panel, resolve_panel
@@ -104,7 +103,9 @@ class AnalysisOptions:
             if value is not None
         ]
         if gating is not None and given:
-            raise OptionsError(f"an already computed gating ignores {', '.join(given)}: give either")
+            raise OptionsError(
+                f"an already computed gating ignores {', '.join(given)}: give one or the other"
+            )
 
 
 @dataclass
@@ -115,32 +116,6 @@ class Analysis:
     sample: Sample
     panel: Panel
     gating: GatingResult
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A tube that gave no Result, recorded instead of raised (batch, service).
-
-    ``internal`` is True for a fault hladr did not raise on purpose (a bug), not a
-    :class:`~hladr.errors.HladrError`.
-    """
-
-    error_type: str
-    reason: str
-    internal: bool
-
-    @classmethod
-    def of(cls, exc: BaseException) -> Failure:
-        known = isinstance(exc, HladrError)
-        return cls(type(exc).__name__, exc.message if known else f"{type(exc).__name__}: {exc}", not known)
-
-    def to_dict(self) -> dict[str, Any]:
-        """``{"status": "error" | "internal", "error_type", "reason"}``."""
-        return {
-            "status": "internal" if self.internal else "error",
-            "error_type": self.error_type,
-            "reason": self.reason,
-        }
 
 
 def run_analysis(
@@ -191,7 +166,7 @@ def run_analysis(
     hashing = threading.Thread(target=_hash_quietly, args=(sample,), daemon=True)
     hashing.start()  # hashlib releases the GIL: the file's SHA-256 is computed while gating runs
     gating = gating or gate_monocytes(
-        sample, panel, gates=options.gates, gate_name=options.gate_name, seed=seed
+        sample, panel, gates=options.gates, gate_name=options.gate_name, seed=seed, policy=policy
     )
     flags: list[str] = list(panel.warnings and ["panel_from_naming"]) + list(gating.flags)
     flags += compatibility_flags(sample, calibration, panel, policy)
@@ -257,6 +232,7 @@ def run_analysis(
         identity_source={k: v[1] if v else None for k, v in identity.items()},
         acquired=acquired.isoformat() if acquired else None,
         gates=gating.gates,
+        threshold=policy.threshold,
         reagent=reagent.to_dict(),
         preanalytics=preanalytics.to_dict(acquired) if preanalytics is not None else None,
         provenance={
@@ -268,6 +244,7 @@ def run_analysis(
             "panel_sources": panel.sources,
             "panel_notes": list(panel.warnings),
             "thresholds": gating.thresholds,
+            "gating_sequence": gating.sequence,
             "qc_policy": policy.to_dict(),
         },
     )
@@ -281,8 +258,8 @@ def try_analysis(
     *,
     sha256: str | None = None,
 ) -> Analysis | Failure:
-    """:func:`run_analysis`, with any failure returned as a :class:`Failure` instead of raised: a
-    batch or a service records it and goes on."""
+    """:func:`run_analysis`, with any failure returned as a :class:`~hladr.errors.Failure` instead of
+    raised: a batch or a service records it and goes on."""
     try:
         return run_analysis(tube, calibration, options, sha256=sha256)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, none stops the caller

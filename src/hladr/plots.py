@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .atomic import atomic_write
+from .classify import THRESHOLD
 
 
 def _pyplot():
@@ -125,7 +126,7 @@ def plot_calibration(
         ax_curve.loglog(x, y, "o", color="C3", label="bead levels")
         if sample_mfi is not None and sample_mfi > 0:
             ax_curve.plot([sample_mfi], [cal.molecules(sample_mfi)], "D", color="C2", label="sample")
-        ax_curve.axhline(5000, color="k", ls="--", lw=0.8)
+        ax_curve.axhline(THRESHOLD, color="k", ls="--", lw=0.8)
         ax_curve.legend(fontsize=8)
         if len(axes) > 2:
             res = [100 * (cal.residuals[i] or 0) for i in used]
@@ -306,7 +307,7 @@ def plot_analysis(
 
     Panels: singlets (FSC-A vs FSC-H), leukocytes (CD45 vs SSC), monocytes (CD14 vs SSC), each a
     density of log10 values over the instrument's range with the gated events in red and the
-    gate's cut; the monocytes' HLA-DR in AB/C with the 5,000 line; the bead histogram and the
+    gate's cut; the monocytes' HLA-DR in AB/C with the Result's threshold; the bead histogram and the
     standard curve with the sample's position on it.
 
     The figure is the calling thread's reusable QC figure (drawn when saved, e.g. by
@@ -391,13 +392,14 @@ def plot_analysis(
 
 
 def _abc_histogram(ax: Any, abc_cells: np.ndarray, data: dict) -> None:
-    """The monocytes' AB/C histogram (log10), the 5,000 line, the median and its 95 % interval."""
+    """The monocytes' AB/C histogram (log10), the Result's threshold, the median and its 95 % interval."""
     _empty(ax)
     abc_cells = abc_cells[np.isfinite(abc_cells) & (abc_cells > 0)]
     if abc_cells.size:
         counts, edges = np.histogram(np.log10(abc_cells), bins=80)
         ax.stairs(counts, edges, fill=True, color="C0")  # one patch, not 80 bars
-    ax.axvline(np.log10(5000), color="k", ls="--", label="5,000 AB/C")
+    threshold = data.get("threshold") or THRESHOLD  # the Result's (its QC policy's)
+    ax.axvline(np.log10(threshold), color="k", ls="--", label=f"{threshold:,.0f} AB/C")
     ax.axvline(np.log10(data["abc"]), color="C3", label=f"median {data['abc']:,.0f}")
     ci = [v for v in data.get("abc_ci95") or [] if v and v > 0]
     if len(ci) == 2:
@@ -416,7 +418,7 @@ def plot_course(course: Any, path: str | os.PathLike | None = None, ax: Any = No
     """
     from datetime import datetime
 
-    from .classify import NORMAL_MIN, SEVERE_MAX, THRESHOLD
+    from .classify import NORMAL_MIN, SEVERE_MAX
 
     plt = _pyplot()
     fig = None

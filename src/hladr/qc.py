@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
+from .classify import THRESHOLD
 from .fcs import SETTINGS_REL_TOL, ChannelSettings, settings_differences
 from .preanalytics import STABILITY_WINDOWS, STORAGE_WORDS, PreAnalytics, StabilityWindow, preanalytic_flags
 
@@ -59,8 +60,9 @@ RULES: tuple[Rule, ...] = tuple(Rule(code, severity, rule) for code, severity, r
     ("wide_interval", "warn", "the 95 % interval is wider than `wide_interval_pct` % either side"),
     ("fallback_gating", "warn", "the joint gate failed its checks: the density gate or clustering answered"),
     ("gates_disagree", "warn", "an alternative gate's monocytes give a value outside the 95 % interval"),
-    ("nonfinite_events", "warn", "events with NaN or infinite values dropped (over 5 % refuse the file)"),
-    ("time_gate_removed", "warn", "more than 10 % of events dropped by the time gate (a clog)"),
+    ("nonfinite_events", "warn", "events with NaN or infinite values dropped (over `max_nonfinite_fraction` "
+     "refuse the file)"),
+    ("time_gate_removed", "warn", "more than `time_gate_warn` of events dropped by the time gate (a clog)"),
     ("no_granulocytes", "warn", "no granulocyte population (PBMC rather than lysed whole blood?)"),
     ("panel_from_naming", "warn", "a channel role came from instrument naming, not `$PnS` markers"),
     ("no_scatter", "info", "mass cytometry: gated on DNA, CD45 and CD14 only"),
@@ -76,6 +78,45 @@ RULES: tuple[Rule, ...] = tuple(Rule(code, severity, rule) for code, severity, r
     ("bead_run_flagged", "fail", "the bead run broke a Westgard rule of its lot's Levey-Jennings series "
      "(batch with a results store; docs/beadqc.md)"),
 ))
+
+
+#: Every flag a bead calibration can carry (``Calibration.qc``; thresholds in :mod:`hladr.calibration`,
+#: docs/calibration.md): a failing one fails the calibration, and a failed calibration fails every
+#: patient tube measured with it (``calibration_failed``).
+CALIBRATION_RULES: tuple[Rule, ...] = tuple(Rule(code, severity, rule) for code, severity, rule in (
+    ("too_few_peaks", "fail", "fewer than MIN_PEAKS levels fitted"),
+    ("low_r2", "fail", "r² of the log-log fit below MIN_R2"),
+    ("slope_out_of_range", "fail", "slope outside SLOPE_RANGE on a linear channel (log-log model)"),
+    ("too_few_bead_events", "fail", "fewer than MIN_BEAD_EVENTS singlet beads"),
+    ("missing_level", "fail", "a lit level without a population, neither saturated nor below the noise"),
+    ("unassigned_population", "fail", "a population of a level's size left without a level"),
+    ("ambiguous_assignment", "fail", "another assignment scores within AMBIGUITY_MARGIN of the best"),
+    ("lot_expired", "fail", "the lot's expiry is before the bead tube's acquisition date"),
+    ("level_saturated", "warn", "a level the curve puts above the channel's maximum"),
+    ("level_below_noise", "warn", "a level the curve puts below the noise floor"),
+    ("level_not_fitted", "warn", "a level found but not fitted (noise floor, or close to the blank)"),
+    ("wide_peak_cv", "warn", "a fitted level (not the dimmest) with a CV over MAX_PEAK_CV"),
+))
+
+
+def _severity(rules: Iterable[Rule], flag: str) -> Severity:
+    """Severity of a flag (``code`` or ``code:detail``) under ``rules``; an unknown code warns."""
+    code = flag.split(":", 1)[0]
+    return next((rule.severity for rule in rules if rule.code == code), "warn")
+
+
+def _evaluate(rules: Iterable[Rule], flags: Iterable[str]) -> QCOutcome:
+    """Flags sorted by severity under ``rules`` (each kept once, in order)."""
+    rules = tuple(rules)
+    by: dict[str, list[str]] = {s: [] for s in SEVERITIES}
+    for flag in dict.fromkeys(flags):
+        by[_severity(rules, flag)].append(flag)
+    return QCOutcome(tuple(by["fail"]), tuple(by["warn"]), tuple(by["info"]))
+
+
+def evaluate_calibration(flags: Iterable[str]) -> QCOutcome:
+    """A bead calibration's flags sorted by :data:`CALIBRATION_RULES` (``reportable``: it passed)."""
+    return _evaluate(CALIBRATION_RULES, flags)
 
 
 @dataclass(frozen=True)
@@ -106,6 +147,8 @@ class QCPolicy:
 
     Attributes
     ----------
+    threshold
+        AB/C below which a reportable value is immunoparalysis (:data:`hladr.classify.THRESHOLD`).
     min_monocytes, min_monocytes_fail
         Monocytes below which ``few_monocytes`` warns / ``too_few_monocytes`` fails.
     saturated_warn, saturated_fail
@@ -118,6 +161,16 @@ class QCPolicy:
         Relative difference above which a voltage or gain counts as different.
     reference_protocol
         The lab's declared staining protocol; another one warns ``protocol_differs``.
+    min_monocytes_gate
+        An automatic monocyte gate finding fewer monocytes is not used; when no gate finds more, the
+        tube is refused (too few to measure).
+    monocyte_percent_range
+        Plausible monocytes, in % of the leukocytes: an automatic gate's answer outside it is not used.
+    max_nonfinite_fraction
+        Events holding NaN or infinite values are dropped (``nonfinite_events`` warns) up to this
+        share of the tube; more refuse the file.
+    time_gate_warn
+        A time gate removing more than this share of the events warns (``time_gate_removed``).
     stability_windows
         How long after collection each tube type (and storage) may be stained
         (:data:`hladr.preanalytics.STABILITY_WINDOWS`, sources in docs/reagents.md).
@@ -126,6 +179,7 @@ class QCPolicy:
     """
 
     version: str = "qc/1"
+    threshold: float = THRESHOLD
     min_monocytes: int = 3_000
     min_monocytes_fail: int = 500
     saturated_warn: float = 0.005
@@ -134,16 +188,16 @@ class QCPolicy:
     wide_interval_pct: float = 25.0
     settings_rel_tol: float = SETTINGS_REL_TOL
     reference_protocol: str = "lyse-wash"
+    min_monocytes_gate: int = 50
+    monocyte_percent_range: tuple[float, float] = (0.1, 50.0)
+    max_nonfinite_fraction: float = 0.05
+    time_gate_warn: float = 0.10
     stability_windows: tuple[StabilityWindow, ...] = STABILITY_WINDOWS
     rules: tuple[Rule, ...] = field(default=RULES)
 
     def severity(self, flag: str) -> Severity:
         """Severity of a flag (``code`` or ``code:detail``); an unknown code warns."""
-        code = flag.split(":", 1)[0]
-        for rule in self.rules:
-            if rule.code == code:
-                return rule.severity
-        return "warn"
+        return _severity(self.rules, flag)
 
     def explain(self, flag: str) -> str:
         """The rule behind a flag in words, with this policy's thresholds filled in ("" if unknown)."""
@@ -162,10 +216,7 @@ class QCPolicy:
 
     def evaluate(self, flags: Iterable[str]) -> QCOutcome:
         """Sort flags by severity (each kept once, in order)."""
-        by: dict[str, list[str]] = {s: [] for s in SEVERITIES}
-        for flag in dict.fromkeys(flags):
-            by[self.severity(flag)].append(flag)
-        return QCOutcome(tuple(by["fail"]), tuple(by["warn"]), tuple(by["info"]))
+        return _evaluate(self.rules, flags)
 
     # --- the measurement's checks ------------------------------------------------------------
     def monocyte_flags(self, n_monocytes: int, saturated_fraction: float | None) -> list[str]:
@@ -224,6 +275,7 @@ class QCPolicy:
         """The policy as recorded in ``provenance.qc_policy``: thresholds and ``{code: severity}``."""
         skip = ("rules", "stability_windows")
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
+        out["monocyte_percent_range"] = list(self.monocyte_percent_range)  # its JSON form
         out["stability_windows"] = [asdict(w) for w in self.stability_windows]
         out["severities"] = {r.code: r.severity for r in self.rules}
         return out
@@ -231,9 +283,11 @@ class QCPolicy:
 
 def _shown(value: Any) -> str:
     """A threshold in a rule's words: fractions in %, windows as "tube storage: N h"."""
-    if isinstance(value, tuple):
+    if isinstance(value, tuple) and all(isinstance(w, StabilityWindow) for w in value):
         return ", ".join(f"{w.tube}{' ' + STORAGE_WORDS[w.storage] if w.storage else ''} {w.hours:g} h"
                          for w in value)
+    if isinstance(value, tuple):
+        return "-".join(f"{v:,g}" for v in value)
     if isinstance(value, str):
         return value
     return f"{100 * value:g} %" if isinstance(value, float) and value < 1 else f"{value:,g}"

@@ -267,7 +267,7 @@ def render(summary: Any, report_dir: Path, figures: bool = True) -> str:
         f"<p>{html.escape(summary.line())}<br>hladr {html.escape(__version__)} · "
         f"{datetime.now().astimezone():%Y-%m-%d %H:%M %Z} · immunoparalysis threshold "
         f"{THRESHOLD:,.0f} AB/C · run time {summary.seconds:.1f} s</p>",
-        f"<p id='verdict' class='{'ok' if summary.exit_code == 0 else 'bad'}'>"
+        f"<p id='verdict' class='{'ok' if summary.all_reportable else 'bad'}'>"
         f"{summary.ok} result(s): {reportable} reportable, {summary.ok - reportable} not reportable "
         f"(no class given); {summary.failed} failed file(s).</p>",
     ]

@@ -48,7 +48,7 @@ class Result:
     reagent: dict[str, Any] | None = None
     preanalytics: dict[str, Any] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
-    threshold: float = classify.THRESHOLD
+    threshold: float = classify.THRESHOLD  # the QC policy's (QCPolicy.threshold)
     schema: str = SCHEMA
 
     @property
@@ -66,7 +66,7 @@ class Result:
     @property
     def band(self) -> str | None:
         """The published band; None when not reportable."""
-        return classify.band(self.abc) if self.reportable else None
+        return classify.band(self.abc, self.threshold) if self.reportable else None
 
     @property
     def borderline(self) -> bool | None:
@@ -74,7 +74,7 @@ class Result:
         if not self.reportable:
             return None
         lo_hi = tuple(self.abc_ci95) if len(self.abc_ci95) == 2 else None
-        return classify.is_borderline(self.abc, lo_hi)
+        return classify.is_borderline(self.abc, lo_hi, self.threshold)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with every contract key."""

@@ -18,7 +18,6 @@ code it judges. See ``docs/simulator.md``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -973,21 +972,6 @@ def _write_truth(out: Path, truths: list[dict], run: dict) -> None:
     atomic_write(out / "truth.csv", "\n".join(lines) + "\n")
 
 
-def main(args: argparse.Namespace) -> int:
-    """``hladr simulate OUT_DIR [--n N] [--seed S] [--instrument NAME]``."""
-    truths = simulate_run(args.out_dir, n=args.n, seed=args.seed, instrument=args.instrument)
-    print(f"wrote {len(truths)} tubes to {args.out_dir} ({args.instrument}, seed {args.seed})")
-    for t in truths:
-        extra = (
-            f"true AB/C {t['abc_true']:>9,.0f}  monocytes {t['monocytes']}"
-            if t["kind"] == "patient"
-            else "lot " + "/".join(f"{v:g}" for v in t["lot_values"])
-        )
-        print(f"  {t['file']:<16} {t['kind']:<8} {extra}")
-    print("  truth.csv, truth.json, *.labels.npy")
-    return 0
-
-
 # --- a multi-day cohort: patient courses and bead drift (issue 13) ------------------------------
 #: Patient courses of the default cohort: (patient id, instrument, first day, AB/C per day or None for
 #: no sample that day). Days count from the first day of the courses, which end together on the
@@ -1126,15 +1110,3 @@ def _designed_rules(samples: list[dict]) -> dict[str, list[str]]:
         if prev and s["design_abc"] != prev["design_abc"]:
             fired["significant_change"].append(s["date"])
     return fired
-
-
-def cohort_main(args: argparse.Namespace) -> int:
-    """``hladr simulate OUT_DIR --cohort [--seed S]``: :func:`simulate_cohort` with its defaults."""
-    cohort = simulate_cohort(args.out_dir, seed=args.seed)
-    n_patients = sum(len(p["samples"]) for p in cohort["patients"])
-    print(f"wrote {len(cohort['beads'])} bead tubes and {n_patients} patient tubes of "
-          f"{len(cohort['patients'])} patients over {cohort['reference_days'] + cohort['drift_days']} days "
-          f"to {args.out_dir} (the {cohort['drift_instrument']}'s PE drifts "
-          f"{cohort['drift_per_week']:.1%}/week after {cohort['reference_days']} days)")
-    print("  manifest.csv (patient_id, collected_at, bead lots), cohort.json (truth)")
-    return 0

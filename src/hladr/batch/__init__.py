@@ -18,23 +18,20 @@ The work is done in four steps, each in its own module:
    ``errors.csv``, ``calibrations.csv``, ``qc/*.png`` and ``report.html``, all written atomically
    (temp file in the same folder + ``os.replace``).
 
-Exit codes of ``hladr batch`` (defined in :mod:`hladr.cli`): 0 when every patient
-tube gave a reportable Result (warnings or not), 3 when some tube is not reportable
-or failed, 2 when the arguments are unusable (nothing was run). See ``docs/batch.md``.
+``hladr batch`` (:func:`hladr.cli.commands.cmd_batch`) exits 0 when every patient tube gave a
+reportable Result (warnings or not, :attr:`BatchSummary.all_reportable`), 3 when some tube is not
+reportable or failed, 2 when the arguments are unusable (nothing was run). See ``docs/batch.md``.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ..cli import EXIT_NOT_REPORTABLE, EXIT_OK, EXIT_USAGE  # the exit codes' one place
 from ..errors import BatchError
 from ..fcs import sha256_file
 from ..result import is_reportable
@@ -56,11 +53,11 @@ from .run import GatingOptions, _discover_and_pair, _Run, _run_tasks, _usable_in
 from .tasks import analyze_task, calibrate_task, init_worker, warm_up
 
 __all__ = [
-    "BATCH_COLUMNS", "DASK_CONNECT_TIMEOUT", "EVENT_FACTOR", "EXIT_NOT_REPORTABLE", "EXIT_OK", "EXIT_USAGE",
+    "BATCH_COLUMNS", "DASK_CONNECT_TIMEOUT", "EVENT_FACTOR",
     "JOURNAL", "STORE", "WORKER_BASE_BYTES", "BatchError", "BatchSummary", "GatingOptions", "Job", "Journal",
     "LotSpec", "ManifestRow", "Tube", "analyze_task", "available_memory", "calibrate_task",
     "calibrations_wanted", "classify_role", "discover", "init_worker", "is_reportable", "local_workers",
-    "main", "pair", "read_manifest", "run_batch", "sha256_file", "warm_up", "write_tables",
+    "pair", "read_manifest", "run_batch", "sha256_file", "warm_up", "write_tables",
 ]
 
 STORE = "hladr.sqlite"
@@ -177,19 +174,3 @@ def run_batch(
     return summary
 
 
-def main(args: argparse.Namespace) -> int:
-    """``hladr batch``: 0 (all reportable), 3 (some not reportable or failed), 2 (unusable arguments)."""
-    try:
-        summary = run_batch(
-            args.export_dir, args.out, manifest=args.manifest, jobs=args.jobs, scheduler=args.scheduler,
-            resume=args.resume, progress=not getattr(args, "quiet", False),
-            lot=getattr(args, "lot", None), bead_values=getattr(args, "bead_values", None),
-            plots=not getattr(args, "no_plots", False), store=getattr(args, "store", None),
-            gates=getattr(args, "gates", None), gate_name=getattr(args, "gate_name", None),
-            gates_out=getattr(args, "gates_out", False), reagent=getattr(args, "reagent", None),
-        )
-    except BatchError as exc:
-        print(f"hladr: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    print(summary.line(), file=sys.stderr)
-    return summary.exit_code

@@ -16,7 +16,6 @@ from typing import Any
 from ..atomic import atomic_write
 from ..beadqc import evaluate_store
 from ..classify import stratify
-from ..cli import EXIT_NOT_REPORTABLE, EXIT_OK  # the exit codes' one place
 from ..result import CSV_COLUMNS, add_flags, csv_row, upgrade
 from ..store import Store, values_key
 from .pairing import Job
@@ -24,7 +23,7 @@ from .pairing import Job
 
 @dataclass
 class BatchSummary:
-    """What a batch run did (``exit_code`` is what ``hladr batch`` returns)."""
+    """What a batch run did (``all_reportable`` decides the exit code of ``hladr batch``)."""
 
     out: Path
     tubes: int = 0
@@ -46,9 +45,9 @@ class BatchSummary:
     bead_qc: list[Any] = field(default_factory=list)
 
     @property
-    def exit_code(self) -> int:
-        """0 when every patient tube is reportable, else 3 (warnings never count)."""
-        return EXIT_NOT_REPORTABLE if (self.failed or self.not_reportable) else EXIT_OK
+    def all_reportable(self) -> bool:
+        """Every patient tube gave a reportable Result (warnings never count)."""
+        return not (self.failed or self.not_reportable)
 
     def line(self) -> str:
         return (f"{self.patient_tubes} patient tube(s), {self.bead_tubes} bead tube(s): {self.ok} analysed "

@@ -14,6 +14,7 @@ from typing import Any
 
 from threadpoolctl import threadpool_limits
 
+from ..errors import Failure
 from ..fcs import read_fcs
 from .discover import _identity
 from .outputs import _qc_png
@@ -60,9 +61,7 @@ def warm_up() -> None:
 
 
 def _failure(exc: BaseException, started: float) -> dict[str, Any]:
-    """A task's failure: :class:`hladr.pipeline.Failure` and the seconds it took."""
-    from ..pipeline import Failure
-
+    """A task's failure: :class:`hladr.errors.Failure` and the seconds it took."""
     return {**Failure.of(exc).to_dict(), "seconds": time.perf_counter() - started}
 
 
@@ -85,7 +84,8 @@ def analyze_task(
     gates: str | None = None, gate_name: str | None = None, gates_out: bool = False,
     reagent: Any = None, preanalytics: Any = None,
 ) -> dict[str, Any]:
-    """Analyse one patient tube; returns the Result dict (and QC PNG bytes) or the failure.
+    """Analyse one patient tube (:func:`hladr.pipeline.run_analysis`); returns the Result dict (and QC
+    PNG bytes) or the failure.
 
     ``known`` is discovery's ``{"sha256", "identity": (size, mtime_ns)}``: when the file still has
     that size and modification time its SHA-256 is not computed again. ``gates``/``gate_name``: a

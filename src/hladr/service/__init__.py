@@ -15,27 +15,30 @@ caller sees only its own tenant's objects unless its token is an admin's):
 
 Modules: :mod:`.auth` (tokens, tenants, the header gate), :mod:`.uploads` (streamed, capped
 multipart), :mod:`.db` (the job queue and everything stored), :mod:`.workers` (supervised worker
-processes), :mod:`.app` (the routes). See ``docs/service.md``.
+processes), :mod:`.core` (one running service: what the routes work on), :mod:`.models` (the
+shapes of answers), :mod:`.routes` (the routes), :mod:`.app` (the app factory and the server).
+See ``docs/service.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from ..errors import HladrError
-from .app import DEFAULT_UPLOAD_LIMIT, create_app, shipped_lot
 from .auth import TOKENS_ENV, TokenRegistry, add_token
 
-__all__ = [
-    "DEFAULT_UPLOAD_LIMIT",
-    "TOKENS_ENV",
-    "TokenRegistry",
-    "add_token",
-    "create_app",
-    "main",
-    "shipped_lot",
-]
+__all__ = ["TOKENS_ENV", "TokenRegistry", "add_token", "create_app", "main"]
+
+
+def __getattr__(name: str) -> Any:
+    """``create_app`` (and the rest of the app) needs the service extra: imported when asked for."""
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
+    raise AttributeError(name)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -43,7 +46,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .app import create_app
+        from .app import HeaderTimeout, Server, create_app
+        from .core import KEEP_FAILED_S
     except ImportError:
         raise HladrError("hladr serve needs the service extra: pip install 'hladr[service]'") from None
     os.umask(0o077)  # every file the service creates is 0600, every folder 0700
@@ -59,22 +63,19 @@ def main(args: argparse.Namespace) -> int:
         grace=args.grace,
         max_attempts=args.max_attempts,
         job_timeout=args.job_timeout,
+        keep_failed=getattr(args, "keep_failed", KEEP_FAILED_S),
         docs=args.docs,
         results_store=getattr(args, "store", None),
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level="info",
         timeout_graceful_shutdown=args.grace,
         timeout_keep_alive=5,
+        http=HeaderTimeout.after(getattr(args, "header_timeout", HeaderTimeout.header_timeout)),
         limit_concurrency=max(64, 4 * args.max_uploads),
     )
-    return 0
-
-
-def token_main(args: argparse.Namespace) -> int:
-    """``hladr token TENANT --tokens FILE [--admin]``: add a token; print it (only its hash is kept)."""
-    print(add_token(args.tokens, args.tenant, admin=args.admin))
+    Server(config).run()
     return 0

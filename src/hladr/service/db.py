@@ -44,8 +44,9 @@ MIGRATIONS: tuple[str, ...] = (
         action TEXT NOT NULL, kind TEXT NOT NULL, object_id TEXT, status INTEGER NOT NULL);
     """,
 )
-#: Analyses in these states still need their uploaded file.
-PENDING = ("queued", "running", "failed")
+#: Which analyses still need their uploaded file: unfinished ones, and failed ones (for a retry)
+#: that failed after a given time (the parameter).
+NEEDS_FILE = "(status IN ('queued', 'running') OR (status = 'failed' AND COALESCE(finished, created) >= ?))"
 
 
 class ServiceDBError(HladrError):
@@ -257,23 +258,30 @@ class ServiceDB:
             "oldest_queued_seconds": None if oldest is None else round(max(time.time() - oldest, 0.0), 3),
         }
 
-    def needed_files(self) -> set[str]:
-        """SHA-256 of every upload an unfinished (or retryable) analysis still needs."""
-        marks = ",".join("?" * len(PENDING))
-        rows = self.query(f"SELECT DISTINCT sample_sha256 FROM analyses WHERE status IN ({marks})", PENDING)
+    def needed_files(self, failed_since: float = 0.0) -> set[str]:
+        """SHA-256 of every upload an unfinished analysis, or one failed since ``failed_since``
+        (a time; retryable), still needs."""
+        rows = self.query(f"SELECT DISTINCT sample_sha256 FROM analyses WHERE {NEEDS_FILE}", (failed_since,))
         return {r["sample_sha256"] for r in rows}
 
-    def release_file(self, sha256: str, remove: Callable[[], None]) -> None:
-        """Call ``remove()`` when no unfinished or retryable analysis needs the upload ``sha256``.
+    def failed_before(self, before: float) -> set[str]:
+        """SHA-256 of the uploads of analyses that failed before ``before`` (a time)."""
+        rows = self.query(
+            "SELECT DISTINCT sample_sha256 FROM analyses WHERE status = 'failed' AND finished < ?", (before,)
+        )
+        return {r["sample_sha256"] for r in rows}
+
+    def release_file(self, sha256: str, remove: Callable[[], None], failed_since: float = 0.0) -> None:
+        """Call ``remove()`` when no unfinished analysis, nor one failed since ``failed_since``,
+        needs the upload ``sha256``.
 
         Checked and removed inside a transaction, so that :meth:`submit_analysis` cannot place the
         same file for a new job in between.
         """
-        marks = ",".join("?" * len(PENDING))
         with self.transaction() as db:
             needed = db.execute(
-                f"SELECT 1 FROM analyses WHERE sample_sha256 = ? AND status IN ({marks}) LIMIT 1",
-                (sha256, *PENDING),
+                f"SELECT 1 FROM analyses WHERE sample_sha256 = ? AND {NEEDS_FILE} LIMIT 1",
+                (sha256, failed_since),
             ).fetchone()
             if not needed:
                 remove()

@@ -3,8 +3,9 @@
 One supervisor thread owns N worker processes (``spawn``: each is a child of the server, and it is
 killed with the server, ``PR_SET_PDEATHSIG``). It hands each idle worker the next job: first the
 interactive tasks a request is waiting for (a bead calibration), then the oldest ``queued``
-analysis, claimed in a transaction. A worker runs the batch's own tasks (``calibrate_task``,
-``analyze_task``: parsing, hashing and the pipeline all happen there, never in the server).
+analysis, claimed in a transaction. A worker analyses with the pipeline
+(:func:`hladr.pipeline.try_analysis`) and calibrates with the batch's ``calibrate_task``: parsing,
+hashing and the analysis all happen there, never in the server.
 
 A worker that dies (``kill -9``, out of memory) or overruns the job timeout is replaced; its
 analysis is ``queued`` again, or ``failed`` with ``WorkerDied`` after :data:`MAX_ATTEMPTS`. On
@@ -60,18 +61,32 @@ def _die_with(parent: int) -> None:
         os._exit(0)
 
 
+def analyze(path: str, calibration: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline on one uploaded tube: ``{"status": "ok", "result": {...}}``, or the failure
+    (:meth:`hladr.errors.Failure.to_dict`)."""
+    from ..calibration import Calibration
+    from ..errors import Failure
+    from ..pipeline import try_analysis
+
+    try:
+        bead_curve = Calibration.from_dict(calibration)
+    except Exception as exc:  # noqa: BLE001 - recorded as the analysis' failure
+        return Failure.of(exc).to_dict()
+    outcome = try_analysis(path, bead_curve)
+    if isinstance(outcome, Failure):
+        return outcome.to_dict()
+    return {"status": "ok", "result": outcome.result.to_dict()}
+
+
 def _worker_main(conn: Connection, parent: int, workers: int) -> None:
     """A worker's life: warm up, then run tasks until the pipe closes or ``None`` arrives."""
     _die_with(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when a running job stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.umask(0o077)
-    from ..batch import analyze_task, calibrate_task, init_worker, warm_up
+    from ..batch import calibrate_task, init_worker, warm_up
 
-    tasks: dict[str, Callable[..., dict[str, Any]]] = {
-        "analysis": lambda path, calibration: analyze_task(path, calibration, False),
-        "calibration": calibrate_task,
-    }
+    tasks: dict[str, Callable[..., dict[str, Any]]] = {"analysis": analyze, "calibration": calibrate_task}
     init_worker(workers)
     warm_up()
     conn.send(("ready",))
@@ -191,17 +206,30 @@ class WorkerPool:
             "restarts": self.restarts,
         }
 
-    def stop(self, grace: float) -> None:
-        """Stop taking jobs; wait up to ``grace`` s for running ones; queue the rest for the next start."""
-        self._grace_deadline = time.monotonic() + grace
+    def stop_taking_work(self, grace: float) -> None:
+        """Start no job from now on; running ones get ``grace`` s (counted from the first call).
+
+        Returns at once, and is safe in a signal handler: it sets a deadline and an event and writes
+        one byte to the supervisor's wake-up pipe. The backlog stays ``queued`` for the next start.
+        """
+        self._grace_deadline = min(self._grace_deadline, time.monotonic() + grace)
         self._stopping.set()
         self.wake()
+
+    def stop(self, grace: float) -> None:
+        """Stop taking jobs; wait up to ``grace`` s for running ones; queue the rest for the next start."""
+        self.stop_taking_work(grace)
         if self._thread.is_alive():
             self._thread.join(grace + 30)
+        self._refuse_waiting_tasks()
+
+    def _refuse_waiting_tasks(self) -> None:
+        """Interactive tasks not yet handed to a worker end with :class:`ShuttingDown` (a 503)."""
         with self._lock:
             tasks, self._tasks = list(self._tasks), collections.deque()
         for task in tasks:
-            task.future.set_exception(ShuttingDown("the service is stopping"))
+            if task.future.set_running_or_notify_cancel():
+                task.future.set_exception(ShuttingDown("the service is stopping"))
 
     # --- the supervisor thread -----------------------------------------------------------------
     def _run(self) -> None:
@@ -249,6 +277,8 @@ class WorkerPool:
 
     def _dispatch(self) -> None:
         for w in self._workers:
+            if self._stopping.is_set():  # the signal may arrive while jobs are being handed out
+                return
             if not w.ready or w.job is not None or not w.process.is_alive():
                 continue
             with self._lock:
@@ -352,6 +382,7 @@ class WorkerPool:
 
     def _stop_step(self) -> bool:
         """One step of stopping: idle workers are told to exit; busy ones get until the deadline."""
+        self._refuse_waiting_tasks()
         for w in self._workers:
             if w.job is None:
                 with contextlib.suppress(OSError):

@@ -1,27 +1,11 @@
-"""The ``hladr`` command.
+"""The ``hladr`` command: the parser (:func:`build_parser`) and :func:`main`.
 
-Every sub-command is a thin wrapper around the Python API. Errors that hladr
-raises on purpose (:class:`hladr.HladrError`) and filesystem faults (a missing
-or read-only folder, a full disk) are printed as one line on stderr naming the
-path, with exit code 1; anything else is an internal error (exit 70), also one
-line unless ``HLADR_DEBUG=1`` is set.
-
-Exit codes (the one place they are defined):
-
-====  ========================================================================
-code  meaning
-====  ========================================================================
-0     ``analyze``: the result is reportable (warnings or not);
-      ``batch``: every patient tube gave a reportable result; other commands: done
-1     an error: the file, folder or value named on stderr is unusable
-2     usage: invalid arguments (argparse), or a batch that cannot start
-3     ``analyze``: the result is not reportable (QC failed: no class is given);
-      ``batch``: some tube is not reportable or failed
-70    an internal error (a bug: please report it)
-130   interrupted; 141: stdout closed by the reader (``| head``)
-====  ========================================================================
-
-Warnings alone never change an exit code.
+The face of hladr on the command line; no measuring module imports it. Each sub-command
+(:mod:`.commands`) is a thin wrapper around the Python API, whose texts :mod:`.render` writes.
+Errors that hladr raises on purpose (:class:`hladr.HladrError`) and filesystem faults (a missing
+or read-only folder, a full disk) are printed as one line on stderr naming the path, with exit
+code 1; anything else is an internal error (exit 70), also one line unless ``HLADR_DEBUG=1`` is
+set. The exit codes are defined in :mod:`.exit_codes`.
 """
 
 from __future__ import annotations
@@ -31,13 +15,38 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .errors import HladrError
+from ..errors import HladrError
+from .commands import (
+    cmd_analyze,
+    cmd_batch,
+    cmd_beads_qc,
+    cmd_calibrate,
+    cmd_export,
+    cmd_inspect,
+    cmd_patient,
+    cmd_serve,
+    cmd_simulate,
+    cmd_token,
+)
+from .exit_codes import (
+    EXIT_BROKEN_PIPE,
+    EXIT_ERROR,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_REPORTABLE,
+    EXIT_OK,
+    EXIT_USAGE,
+)
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_NOT_REPORTABLE = 3
-EXIT_INTERNAL = 70
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_INTERNAL",
+    "EXIT_NOT_REPORTABLE",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+]
 
 
 def _count(minimum: int) -> type:
@@ -63,120 +72,6 @@ def _values(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-# --- sub-commands -------------------------------------------------------------------
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from .fcs import describe, read_fcs
-
-    sample = read_fcs(args.file, dataset=args.dataset, lenient=not args.strict)
-    print(describe(sample))
-    if sample.repairs:
-        repairs = ", ".join(sample.repairs)
-        print(f"{args.file}: read with repairs {repairs} (--strict refuses them)", file=sys.stderr)
-    return EXIT_OK
-
-
-def cmd_simulate(args: argparse.Namespace) -> int:
-    if args.cohort:
-        from .simulate import cohort_main
-
-        return cohort_main(args)
-    from .simulate import main as simulate_main
-
-    return simulate_main(args)
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibration import main as calibrate_main
-
-    return calibrate_main(args)
-
-
-def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analysis import main as analyze_main
-
-    return analyze_main(args)
-
-
-def cmd_batch(args: argparse.Namespace) -> int:
-    from .batch import main as batch_main
-
-    return batch_main(args)
-
-
-def cmd_patient(args: argparse.Namespace) -> int:
-    import json
-
-    from .course import describe
-    from .store import Store
-
-    with Store(_existing_store(args.store)) as store:
-        course = store.patient(args.patient_id)
-    if args.plot:
-        from .plots import plot_course
-
-        plot_course(course, path=args.plot)
-    print(json.dumps(course.to_dict()) if args.json else describe(course))
-    return EXIT_OK
-
-
-def cmd_beads_qc(args: argparse.Namespace) -> int:
-    import re
-    from datetime import date
-
-    from . import beadqc
-    from .store import Store
-
-    dates = None
-    if args.reference_dates:
-        try:
-            first, last = (date.fromisoformat(d.strip()) for d in args.reference_dates.split(","))
-        except ValueError:
-            raise HladrError(
-                f"--reference-dates must be FIRST,LAST as ISO dates, not {args.reference_dates!r}"
-            ) from None
-        dates = (first, last)
-    with Store(_existing_store(args.store)) as store:
-        series = beadqc.evaluate_store(store, args.reference_runs, dates)
-    found = beadqc.violations(series)
-    print(beadqc.describe(series))
-    if args.plots:
-        from .plots import plot_levey_jennings
-
-        os.makedirs(args.plots, exist_ok=True)
-        for cytometer in dict.fromkeys(s.cytometer for s in series):
-            name = re.sub(r"[^\w.-]+", "_", cytometer)
-            plot_levey_jennings([s for s in series if s.cytometer == cytometer],
-                                path=os.path.join(args.plots, f"levey_jennings_{name}.png"))
-    print(f"{sum(len(v) for v in found.values())} Westgard violation(s) on {len(found)} calibration(s)")
-    return 3 if found else EXIT_OK
-
-
-def _existing_store(path: str) -> str:
-    from .store import StoreError
-
-    if not os.path.isfile(path):
-        raise StoreError("no results database here (hladr batch --out DIR writes DIR/hladr.sqlite)", path)
-    return path
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from .events import main as export_main
-
-    return export_main(args)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from .service import main as serve_main
-
-    return serve_main(args)
-
-
-def cmd_token(args: argparse.Namespace) -> int:
-    from .service import token_main
-
-    return token_main(args)
-
-
 # --- parser ---------------------------------------------------------------------------
 def _add_bead_values(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group(required=False)
@@ -189,14 +84,27 @@ def _add_bead_values(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_patient_tube(parser: argparse.ArgumentParser) -> None:
+    """SAMPLE, its bead tube and the bead values, and the channel roles (``analyze``, ``export``)."""
+    parser.add_argument("sample")
+    parser.add_argument("--beads", required=True, help="bead tube of the same run")
+    _add_bead_values(parser)
+    parser.add_argument("--hladr", metavar="CH", help="HLA-DR (PE) channel")
+    parser.add_argument("--cd14", metavar="CH", help="CD14 channel")
+    parser.add_argument("--cd45", metavar="CH", help="CD45 channel")
+
+
 def _add_reagent(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--reagent", metavar="FILE",
-                        help="anti-HLA-DR reagent file or name: AB/C = PE molecules / its F/P ratio "
-                             "(default: BD Quantibrite anti-HLA-DR PE, 1:1; docs/reagents.md)")
+    parser.add_argument(
+        "--reagent",
+        metavar="FILE",
+        help="anti-HLA-DR reagent file or name: AB/C = PE molecules / its F/P ratio "
+        "(default: BD Quantibrite anti-HLA-DR PE, 1:1; docs/reagents.md)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="hladr",
@@ -216,9 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_count(1), default=4, help="number of patient tubes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--instrument", default="canto", help="instrument preset")
-    p.add_argument("--cohort", action="store_true",
-                   help="a multi-day cohort instead: 2 instruments x 34 days of bead tubes (one drifting), "
-                        "5 patient courses, manifest.csv")
+    p.add_argument(
+        "--cohort",
+        action="store_true",
+        help="a multi-day cohort instead: 2 instruments x 34 days of bead tubes (one drifting), "
+        "5 patient courses, manifest.csv",
+    )
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("calibrate", help="fit a bead standard curve (PE molecules vs MFI)")
@@ -232,21 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("analyze", help="mHLA-DR AB/C of a patient tube")
-    p.add_argument("sample")
-    p.add_argument("--beads", required=True, help="bead tube of the same run")
-    _add_bead_values(p)
-    p.add_argument("--hladr", metavar="CH", help="HLA-DR (PE) channel")
-    p.add_argument("--cd14", metavar="CH", help="CD14 channel")
-    p.add_argument("--cd45", metavar="CH", help="CD45 channel")
+    _add_patient_tube(p)
     p.add_argument("--statistic", choices=["median", "geomean"], default="median")
     p.add_argument("--gates", metavar="FILE", help="GatingML 2.0 file or FlowJo workspace")
     p.add_argument("--gate-name", metavar="NAME", help="the monocyte gate's name in --gates")
     p.add_argument("--json", action="store_true", help="print the Result as one JSON object")
     p.add_argument("--plot", metavar="PNG", help="write the QC figure")
     _add_reagent(p)
-    for name, what in (("--collected-at", "blood drawn (ISO 8601)"), ("--stained-at", "stained (ISO 8601)"),
-                       ("--tube", "EDTA, heparin, citrate or stabiliser (Cyto-Chex)"),
-                       ("--storage", "ice or room temperature"), ("--protocol", "lyse-wash or lyse-no-wash")):
+    for name, what in (
+        ("--collected-at", "blood drawn (ISO 8601)"),
+        ("--stained-at", "stained (ISO 8601)"),
+        ("--tube", "EDTA, heparin, citrate or stabiliser (Cyto-Chex)"),
+        ("--storage", "ice or room temperature"),
+        ("--protocol", "lyse-wash or lyse-no-wash"),
+    ):
         p.add_argument(name, metavar="VALUE", help=f"pre-analytics: {what} (docs/reagents.md)")
     p.set_defaults(func=cmd_analyze)
 
@@ -260,8 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bead_values(p)
     p.add_argument("--no-plots", action="store_true", help="skip the QC PNGs and report figures")
     p.add_argument("--store", metavar="PATH", help="results database (default: OUT/hladr.sqlite)")
-    p.add_argument("--gates", metavar="PATH",
-                   help="GatingML/FlowJo workspace for every tube, or a folder of <tube name>.xml|.wsp")
+    p.add_argument(
+        "--gates",
+        metavar="PATH",
+        help="GatingML/FlowJo workspace for every tube, or a folder of <tube name>.xml|.wsp",
+    )
     p.add_argument("--gate-name", metavar="NAME", help="the monocyte gate's name in --gates")
     p.add_argument("--gates-out", action="store_true", help="write the gates (GatingML) to OUT/gates/")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -269,33 +182,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("export", help="calibrated events (FCS 3.1, CSV) and the gates (GatingML 2.0)")
-    p.add_argument("sample")
-    p.add_argument("--beads", required=True, help="bead tube of the same run")
-    _add_bead_values(p)
+    _add_patient_tube(p)
     p.add_argument("--fcs", metavar="OUT.fcs", help="FCS 3.1: channels + 'HLA-DR AB/C' + gates")
     p.add_argument("--csv", metavar="OUT.csv", help="the per-event table (gates, HLA-DR AB/C)")
     p.add_argument("--gates-out", metavar="OUT.xml", help="the automatic gates as GatingML 2.0")
     p.add_argument("--gates", metavar="FILE", help="GatingML 2.0 or FlowJo workspace to gate with")
     p.add_argument("--gate-name", metavar="NAME", help="the monocyte gate's name in --gates")
-    p.add_argument("--hladr", metavar="CH", help="HLA-DR (PE) channel")
-    p.add_argument("--cd14", metavar="CH", help="CD14 channel")
-    p.add_argument("--cd45", metavar="CH", help="CD45 channel")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("patient", help="a patient's mHLA-DR course from the results database")
     p.add_argument("patient_id")
-    p.add_argument("--store", required=True, metavar="PATH",
-                   help="results database (a batch's OUT/hladr.sqlite)")
+    p.add_argument(
+        "--store", required=True, metavar="PATH", help="results database (a batch's OUT/hladr.sqlite)"
+    )
     p.add_argument("--json", action="store_true", help="print the course as one JSON object")
     p.add_argument("--plot", metavar="PNG", help="write the trend figure")
     p.set_defaults(func=cmd_patient)
 
     p = sub.add_parser("beads-qc", help="Levey-Jennings and Westgard rules over the stored bead runs")
     p.add_argument("--store", required=True, metavar="PATH", help="results database")
-    p.add_argument("--reference-runs", type=int, default=20, metavar="N",
-                   help="the first N runs of each cytometer and lot set the limits (default 20)")
-    p.add_argument("--reference-dates", metavar="FIRST,LAST",
-                   help="the runs in this date range set the limits")
+    p.add_argument(
+        "--reference-runs",
+        type=int,
+        default=20,
+        metavar="N",
+        help="the first N runs of each cytometer and lot set the limits (default 20)",
+    )
+    p.add_argument(
+        "--reference-dates", metavar="FIRST,LAST", help="the runs in this date range set the limits"
+    )
     p.add_argument("--plots", metavar="DIR", help="write one Levey-Jennings PNG per cytometer here")
     p.set_defaults(func=cmd_beads_qc)
 
@@ -306,18 +221,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", metavar="FILE", help="tokens file (see hladr token)")
     p.add_argument("--data-dir", metavar="DIR", help="folder of uploads (default: next to --db)")
     p.add_argument("--workers", type=_count(1), default=2)
-    p.add_argument("--queue", type=_count(0), default=8,
-                   help="analyses waiting beyond the workers before 503")
-    p.add_argument("--upload-limit", type=_count(1), default=256 * 1024 * 1024,
-                   help="bytes per uploaded file")
+    p.add_argument(
+        "--queue", type=_count(0), default=8, help="analyses waiting beyond the workers before 503"
+    )
+    p.add_argument(
+        "--upload-limit", type=_count(1), default=256 * 1024 * 1024, help="bytes per uploaded file"
+    )
     p.add_argument("--max-uploads", type=_count(1), default=8, help="uploads received at once before 503")
     p.add_argument("--read-timeout", type=float, default=30.0, help="seconds a client may stall an upload")
     p.add_argument("--grace", type=float, default=30.0, help="seconds running jobs get at shutdown")
     p.add_argument("--max-attempts", type=_count(1), default=3, help="runs of a job whose worker dies")
     p.add_argument("--job-timeout", type=float, default=600.0, help="seconds before a job's worker is killed")
     p.add_argument("--docs", action="store_true", help="serve /openapi.json and /docs")
-    p.add_argument("--store", metavar="PATH",
-                   help="also file every result, calibration and decision in this results store")
+    p.add_argument(
+        "--store",
+        metavar="PATH",
+        help="also file every result, calibration and decision in this results store",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("token", help="add a bearer token for a tenant to a tokens file (prints it once)")
@@ -341,11 +261,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("hladr: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except OSError as exc:  # a filesystem fault: name the path, not a traceback
         if isinstance(exc, BrokenPipeError):  # the reader went away (`hladr inspect F | head`): quiet
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-            return 141
+            return EXIT_BROKEN_PIPE
         print(f"hladr: error: {_os_error(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - one line, no traceback, for any fault
@@ -360,7 +280,3 @@ def _os_error(exc: OSError) -> str:
     reason = exc.strerror or str(exc) or type(exc).__name__
     path = exc.filename if exc.filename is not None else exc.filename2
     return f"{os.fsdecode(path)}: {reason}" if path is not None else reason
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The numba kernels and the numerics the gates and the bead curve use, each against the library
+that does the same (numpy, scipy) or a hand-derived value."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from hladr import kernels
+from hladr.calibration import _fit
+from hladr.gating import _robust, _valley
+
+
+@pytest.fixture(scope="module")
+def values() -> np.ndarray:
+    """Log-like float32 values: two populations, a few at the range's ends, NaN and infinity."""
+    rng = np.random.default_rng(15)
+    x = np.concatenate([rng.normal(2.0, 0.3, 300_000), rng.normal(4.0, 0.3, 300_000)]).astype(np.float32)
+    x[:5] = [np.nan, np.inf, -np.inf, 0.5, 5.5]
+    return x
+
+
+@pytest.mark.parametrize("lo, hi, bins", [(1.0, 5.0, 200), (2.0, 3.7, 57), (0.5, 5.5, 100)])
+def test_histogram_is_numpys_on_float64(values, lo, hi, bins):
+    expected, _ = np.histogram(values.astype(np.float64), bins=bins, range=(lo, hi))
+    np.testing.assert_array_equal(kernels.histogram(values, lo, hi, bins), expected)
+
+
+def test_log10_is_numpys_within_one_ulp(values):
+    x = np.abs(values[5:]) * np.float32(1e4)
+    np.testing.assert_array_max_ulp(
+        kernels.log10_at_least_1(x), np.log10(np.maximum(x, np.float32(1))), maxulp=1
+    )
+
+
+def test_finite_and_inside_is_numpys():
+    rng = np.random.default_rng(3)
+    events = rng.uniform(-10, 300, (20_000, 5)).astype(np.float32)
+    events[rng.integers(0, 20_000, 200), rng.integers(0, 5, 200)] = np.nan
+    events[rng.integers(0, 20_000, 50), 4] = np.inf
+    columns, tops = np.array([0, 2]), np.array([250.0, 280.0], dtype=np.float32)
+    finite, inside = kernels.finite_and_inside(events, columns, tops)
+    np.testing.assert_array_equal(finite, np.isfinite(events).all(axis=1))
+    expected = np.ones(len(events), dtype=bool)
+    for column, top in zip(columns, tops):
+        expected &= (events[:, column] > 0) & (events[:, column] < top)
+    np.testing.assert_array_equal(inside, expected)
+
+
+def test_time_bins_count_and_sum_as_numpy():
+    rng = np.random.default_rng(4)
+    t = rng.uniform(0, 1000, 50_000).astype(np.float32)
+    fsc = rng.lognormal(10, 0.5, 50_000).astype(np.float32)
+    keep = rng.random(50_000) < 0.9
+    lo, hi = kernels.kept_range(t, keep)
+    assert (lo, hi) == (t[keep].min(), t[keep].max())
+    counts, sums = kernels.time_bins(t, fsc, keep, 0.0, 1000.0, 40)
+    which = np.clip((t.astype(np.float64) * (40 / 1000.0)).astype(np.int64), 0, 39)
+    np.testing.assert_array_equal(counts, np.bincount(which[keep], minlength=40))
+    logs = np.log10(np.maximum(fsc[keep].astype(np.float64), 1.0))
+    np.testing.assert_allclose(sums, np.bincount(which[keep], logs, minlength=40), rtol=1e-12)
+    bad = np.zeros(40, dtype=bool)
+    bad[[3, 4, 17]] = True
+    np.testing.assert_array_equal(kernels.outside_bins(t, keep, 0.0, 1000.0, bad), keep & ~bad[which])
+
+
+def test_valley_of_two_equal_populations_is_halfway(values):
+    """Two equal normal populations at 2 and 4 decades (SD 0.3): the density's minimum is at 3,
+    where it is 2 * N(1; 0, 0.3) / (N(0) + N(2)) ~= 0.0077 of the peaks'."""
+    position, depth = _valley(values[5:], 1.0, 5.0)
+    assert position == pytest.approx(3.0, abs=0.03)  # 200 bins of 0.02, smoothed over 3
+    assert depth < 0.05
+
+
+def test_robust_sd_is_scipys_normal_mad():
+    x = np.random.default_rng(5).normal(7.0, 0.25, 100_000).astype(np.float32)
+    med, sd = _robust(x)
+    assert med == pytest.approx(np.median(x))
+    assert sd == pytest.approx(stats.median_abs_deviation(x, scale="normal"), rel=1e-6)
+    assert sd == pytest.approx(0.25, rel=0.01)  # the population's SD
+
+
+def test_curve_fit_agrees_with_linregress():
+    x = np.log10([1_210.0, 5_340.0, 23_100.0, 61_900.0])
+    y = np.log10([474.0, 5_359.0, 23_843.0, 62_336.0])
+    slope, intercept, r2, resid = _fit(x, y)
+    reference = stats.linregress(x, y)
+    assert slope == pytest.approx(reference.slope, rel=1e-12)
+    assert intercept == pytest.approx(reference.intercept, rel=1e-12)
+    assert r2 == pytest.approx(reference.rvalue**2, rel=1e-12)
+    np.testing.assert_allclose(resid, y - (reference.slope * x + reference.intercept), atol=1e-12)
