@@ -70,3 +70,39 @@ def test_png_is_the_figure(two_tubes):
     red = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
     viridis_dark = (pixels[..., 0] < 90) & (pixels[..., 2] > 60) & (pixels[..., 1] < 40)
     assert red.sum() > 500 and viridis_dark.sum() > 500
+
+
+def _course(patient: str, days: int, start: float, step: float, unreportable: int | None = None):
+    """A patient's results: one a day at ``start`` x ``step`` per day, one of them not reportable."""
+    from hladr.course import build_course
+
+    results = []
+    for d in range(days):
+        abc = start * step**d
+        results.append({"abc": abc, "abc_ci95": [0.9 * abc, 1.1 * abc], "file": f"{patient}_{d}.fcs",
+                        "store": {"collected_at": f"2026-03-{d + 1:02d}T08:00:00", "id": d,
+                                  "reportable": d != unreportable, "bead_flags": []}})
+    return build_course(patient, results)
+
+
+def test_reused_course_chart_draws_what_a_fresh_one_draws():
+    """Two courses unlike each other (points, rules fired, a result not reportable), drawn one after
+    the other into the reused chart and the second also by a thread that never drew one."""
+    from PIL import Image
+
+    from hladr.plots import course_png
+
+    def pixels(course) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(course_png(course))))
+
+    recovering = _course("P1", 6, 3_000, 1.5, unreportable=2)
+    falling = _course("P2", 3, 12_000, 0.6)
+    pixels(recovering)
+    after = pixels(falling)
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(pixels=pixels(falling)))
+    worker.start()
+    worker.join()
+    assert after.shape == (324, 630, 4)
+    np.testing.assert_array_equal(after, out["pixels"])
+    assert not np.array_equal(pixels(recovering), after)

@@ -347,12 +347,11 @@ def course_and_bead_sections(summary: Any, figures: bool = True) -> str:
 def _course_section(course: Any, figures: bool) -> str:
     parts = [f"<h3>Patient {html.escape(course.patient_id)}</h3>"]
     if figures:
-        from .plots import _pyplot, plot_course
+        from .plots import course_png
 
-        figure = plot_course(course)
+        image = base64.b64encode(course_png(course)).decode("ascii")
         parts.append(f"<img alt='course of {html.escape(course.patient_id)}' "
-                     f"src='data:image/png;base64,{_png(figure)}'>")
-        _pyplot().close(figure)
+                     f"src='data:image/png;base64,{image}'>")
     rows = []
     for p in course.points:
         lo, hi = (list(p.abc_ci95) + [None, None])[:2]
