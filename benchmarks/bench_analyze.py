@@ -104,8 +104,9 @@ def profile(fn, *args, top: int = 25) -> str:
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
     stats.sort_stats("tottime").print_stats(top)
-    return "\n".join(line.replace(os.getcwd() + "/", "") for line in out.getvalue().splitlines()
-                     if line.strip())
+    return "\n".join(
+        line.replace(os.getcwd() + "/", "") for line in out.getvalue().splitlines() if line.strip()
+    )
 
 
 def main() -> None:

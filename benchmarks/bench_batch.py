@@ -42,13 +42,19 @@ def flowkit_strategy(gates: dict[str, tuple[tuple[str, str], list[tuple[float, f
     import flowkit as fk
 
     strategy = fk.GatingStrategy()
-    strategy.add_transform("logicle", fk.transforms.LogicleTransform(param_t=top, param_w=0.5, param_m=4.5,
-                                                                     param_a=0))
+    strategy.add_transform(
+        "logicle", fk.transforms.LogicleTransform(param_t=top, param_w=0.5, param_m=4.5, param_a=0)
+    )
     parent = ("root",)
     for name, ((x, y), vertices) in gates.items():
-        dims = [fk.Dimension(c, compensation_ref="uncompensated" if c.startswith(("FSC", "SSC")) else "FCS",
-                             transformation_ref=None if c.startswith(("FSC", "SSC")) else "logicle")
-                for c in (x, y)]
+        dims = [
+            fk.Dimension(
+                c,
+                compensation_ref="uncompensated" if c.startswith(("FSC", "SSC")) else "FCS",
+                transformation_ref=None if c.startswith(("FSC", "SSC")) else "logicle",
+            )
+            for c in (x, y)
+        ]
         strategy.add_gate(fk.gates.PolygonGate(name, dims, vertices), gate_path=parent)
         parent = (*parent, name)
     return strategy, parent
@@ -70,8 +76,9 @@ def flowkit_tube(path: str, gates: dict, top: float, pe: str, slope: float, inte
     return float(10 ** (slope * np.log10(mfi) + intercept))
 
 
-def run_flowkit(paths: list[str], gates: dict, top: float, pe: str, slope: float, intercept: float,
-                jobs: int) -> list[float]:
+def run_flowkit(
+    paths: list[str], gates: dict, top: float, pe: str, slope: float, intercept: float, jobs: int
+) -> list[float]:
     context = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(jobs, mp_context=context) as pool:
         futures = [pool.submit(flowkit_tube, p, gates, top, pe, slope, intercept) for p in paths]
@@ -100,12 +107,23 @@ def build_export(folder: Path, tubes: int, events: int) -> tuple[Path, dict]:
         for k in range(1, min(TUBES_PER_RUN, tubes - run * TUBES_PER_RUN) + 1):
             path = run_dir / f"patient_{k:03d}.fcs"
             abc = float(np.exp(rng.uniform(np.log(1_500), np.log(30_000))))
-            simulate_blood(path, "canto", abc, seed=1000 * run + k, n_events=events, monocyte_fraction=0.08,
-                           acquired_at=start + timedelta(minutes=10 * k))
+            simulate_blood(
+                path,
+                "canto",
+                abc,
+                seed=1000 * run + k,
+                n_events=events,
+                monocyte_fraction=0.08,
+                acquired_at=start + timedelta(minutes=10 * k),
+            )
             first = first or path
     instrument = INSTRUMENTS["canto"]
-    return folder, {"gates": expert_gates(first, instrument), "top": instrument.range, "pe": "PE-A",
-                    "lot": {"bead_values": list(QB)}}
+    return folder, {
+        "gates": expert_gates(first, instrument),
+        "top": instrument.range,
+        "pe": "PE-A",
+        "lot": {"bead_values": list(QB)},
+    }
 
 
 def expert_gates(path: Path, instrument) -> dict:
@@ -126,8 +144,11 @@ def expert_gates(path: Path, instrument) -> dict:
 
     leukocytes = (labels >= 1) & (labels <= 10)
     monocytes = (labels >= 8) & (labels <= 10)
-    return {"cells": box("FSC-A", "SSC-A", labels > 0), "cd45": box(cd45, "SSC-A", leukocytes),
-            "monocytes": box(cd14, "SSC-A", monocytes)}
+    return {
+        "cells": box("FSC-A", "SSC-A", labels > 0),
+        "cd45": box(cd45, "SSC-A", leukocytes),
+        "monocytes": box(cd14, "SSC-A", monocytes),
+    }
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -140,8 +161,9 @@ def worker_seconds(out: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tubes", type=int, default=40,
-                        help="patient tubes (default 40; the issue's reference size: 200)")
+    parser.add_argument(
+        "--tubes", type=int, default=40, help="patient tubes (default 40; the issue's reference size: 200)"
+    )
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1, help="rounds of the three pipelines")
@@ -155,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         export, flowkit_inputs = build_export(work / "export", args.tubes, args.events)
-        print(f"export: {args.tubes} patient tubes x {args.events:,} events "
-              f"({time.perf_counter() - t0:.1f} s to simulate); {args.jobs} worker processes")
+        print(
+            f"export: {args.tubes} patient tubes x {args.events:,} events "
+            f"({time.perf_counter() - t0:.1f} s to simulate); {args.jobs} worker processes"
+        )
         print(f"\n{'round':<6}{'pipeline':<34}{'seconds':>9}{'samples/min':>13}{'x flowkit':>11}{'load':>7}")
         ratios: dict[str, list[float]] = {}
         for round_ in range(1, args.repeat + 1):
@@ -164,32 +188,47 @@ def main(argv: list[str] | None = None) -> int:
             for name, plots in (("hladr batch --no-plots", False), ("hladr batch (QC PNGs + report)", True)):
                 outs[name] = work / f"out-{round_}-{'plots' if plots else 'noplots'}"
                 t0 = time.perf_counter()
-                summary = run_batch(export, outs[name], jobs=args.jobs, progress=False, plots=plots,
-                                    **flowkit_inputs["lot"])
+                summary = run_batch(
+                    export, outs[name], jobs=args.jobs, progress=False, plots=plots, **flowkit_inputs["lot"]
+                )
                 timings[name] = (time.perf_counter() - t0, os.getloadavg()[0])
                 assert summary.ok == args.tubes, (summary.line(), summary.errors[:3])
             cal = summary.calibrations[0]["calibration"]
             paths = [str(export / r["file"]) for r in summary.results]
             t0 = time.perf_counter()
-            fk_abc = run_flowkit(paths, flowkit_inputs["gates"], flowkit_inputs["top"], flowkit_inputs["pe"],
-                                 cal["slope"], cal["intercept"], args.jobs)
+            fk_abc = run_flowkit(
+                paths,
+                flowkit_inputs["gates"],
+                flowkit_inputs["top"],
+                flowkit_inputs["pe"],
+                cal["slope"],
+                cal["intercept"],
+                args.jobs,
+            )
             timings["flowkit pipeline"] = (time.perf_counter() - t0, os.getloadavg()[0])
             base = timings["flowkit pipeline"][0]
             for name, (seconds, load) in timings.items():
                 ratios.setdefault(name, []).append(base / seconds)
-                print(f"{round_:<6}{name:<34}{seconds:>9.1f}{args.tubes / seconds * 60:>13.0f}"
-                      f"{base / seconds:>11.2f}{load:>7.1f}")
-            with_figure, without = (worker_seconds(outs[n]) for n in
-                                    ("hladr batch (QC PNGs + report)", "hladr batch --no-plots"))
-            print(f"{'':<6}worker time per patient tube: {without * 1e3:.0f} ms without the QC figure, "
-                  f"{with_figure * 1e3:.0f} ms with it (median)")
+                print(
+                    f"{round_:<6}{name:<34}{seconds:>9.1f}{args.tubes / seconds * 60:>13.0f}"
+                    f"{base / seconds:>11.2f}{load:>7.1f}"
+                )
+            with_figure, without = (
+                worker_seconds(outs[n]) for n in ("hladr batch (QC PNGs + report)", "hladr batch --no-plots")
+            )
+            print(
+                f"{'':<6}worker time per patient tube: {without * 1e3:.0f} ms without the QC figure, "
+                f"{with_figure * 1e3:.0f} ms with it (median)"
+            )
         hladr_abc = np.array([r["abc"] for r in summary.results])
         agreement = np.median(np.abs(np.array(fk_abc) / hladr_abc - 1))
         if args.repeat > 1:
             for name, values in ratios.items():
                 print(f"{name}: x flowkit {min(values):.2f}-{max(values):.2f} over {args.repeat} rounds")
-        print(f"\n{args.tubes} tubes; median |flowkit/hladr - 1| of AB/C: {agreement:.1%} "
-              "(fixed polygon gates vs hladr's gates)")
+        print(
+            f"\n{args.tubes} tubes; median |flowkit/hladr - 1| of AB/C: {agreement:.1%} "
+            "(fixed polygon gates vs hladr's gates)"
+        )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

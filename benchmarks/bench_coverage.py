@@ -35,17 +35,19 @@ def cases(n: int, seed: int, n_events: int) -> list[dict]:
         near = rng.random() < 0.25
         fraction = float(rng.choice([0.005, 0.02, 0.06, 0.12]))
         abc = 5000 * rng.uniform(0.8, 1.2) if near else float(np.exp(rng.uniform(np.log(1e3), np.log(4e4))))
-        out.append(dict(
-            instrument=names[i % len(names)],
-            abc=abc,
-            seed=seed * 10_000 + i,
-            septic=bool(i // len(names) % 2),
-            monocyte_fraction=fraction,
-            n_events=n_events * 3 if fraction < 0.01 else n_events,
-            clog=bool(rng.random() < 0.2),
-            panel="2colour" if rng.random() < 0.2 else "3colour",
-            with_markers=True if names[i % len(names)] == "lyric" else bool(rng.random() < 0.6),
-        ))
+        out.append(
+            dict(
+                instrument=names[i % len(names)],
+                abc=abc,
+                seed=seed * 10_000 + i,
+                septic=bool(i // len(names) % 2),
+                monocyte_fraction=fraction,
+                n_events=n_events * 3 if fraction < 0.01 else n_events,
+                clog=bool(rng.random() < 0.2),
+                panel="2colour" if rng.random() < 0.2 else "3colour",
+                with_markers=True if names[i % len(names)] == "lyric" else bool(rng.random() < 0.6),
+            )
+        )
     return out
 
 
@@ -76,16 +78,25 @@ def run(n: int = 200, seed: int = 12, n_events: int = 25_000, verbose: bool = Fa
                 rows.append({**case, "truth": truth, "error": str(exc)})
                 continue
             lo, hi = result.abc_ci95
-            row = {**case, "truth": truth, "abc": result.abc, "lo": lo, "hi": hi,
-                   "covered": bool(lo <= truth <= hi), "reportable": result.reportable,
-                   **result.uncertainty}
+            row = {
+                **case,
+                "truth": truth,
+                "abc": result.abc,
+                "lo": lo,
+                "hi": hi,
+                "covered": bool(lo <= truth <= hi),
+                "reportable": result.reportable,
+                **result.uncertainty,
+            }
             rows.append(row)
             if verbose:
                 u = result.uncertainty
-                print(f"{case['instrument']:<9} {profile:<8} {case['panel']} "
-                      f"true {truth:>7,.0f} abc {result.abc:>7,.0f} ({result.abc / truth - 1:+6.2%}) "
-                      f"+-{u['total_pct']:5.1f}% (s {u['sampling_pct']:.1f} c {u['calibration_pct']:.1f} "
-                      f"g {u['gating_pct']:.1f}) {'ok' if row['covered'] else 'MISSED'}")
+                print(
+                    f"{case['instrument']:<9} {profile:<8} {case['panel']} "
+                    f"true {truth:>7,.0f} abc {result.abc:>7,.0f} ({result.abc / truth - 1:+6.2%}) "
+                    f"+-{u['total_pct']:5.1f}% (s {u['sampling_pct']:.1f} c {u['calibration_pct']:.1f} "
+                    f"g {u['gating_pct']:.1f}) {'ok' if row['covered'] else 'MISSED'}"
+                )
     analysed = [r for r in rows if "abc" in r]
     covered = sum(r["covered"] for r in analysed)
     log_error = np.array([abs(np.log10(r["abc"] / r["truth"])) for r in analysed])
@@ -102,17 +113,19 @@ def run(n: int = 200, seed: int = 12, n_events: int = 25_000, verbose: bool = Fa
         "p95_error_to_halfwidth": float(np.percentile(ratio, 95)),
         "by_profile": {
             name: f"{sum(r['covered'] for r in analysed if r['profile'] == name)}/"
-                  f"{sum(r['profile'] == name for r in analysed)}"
-            for name in ("default", "septic", "severe") if any(r["profile"] == name for r in rows)
+            f"{sum(r['profile'] == name for r in analysed)}"
+            for name in ("default", "septic", "severe")
+            if any(r["profile"] == name for r in rows)
         },
         "median_halfwidth_by_profile": {
             name: round(float(np.median([r["total_pct"] for r in analysed if r["profile"] == name])), 1)
-            for name in ("default", "septic", "severe") if any(r["profile"] == name for r in analysed)
+            for name in ("default", "septic", "severe")
+            if any(r["profile"] == name for r in analysed)
         },
         "refused": [r["error"] for r in rows if "error" in r],
         "by_instrument": {
             name: f"{sum(r['covered'] for r in analysed if r['instrument'] == name)}/"
-                  f"{sum(r['instrument'] == name for r in analysed)}"
+            f"{sum(r['instrument'] == name for r in analysed)}"
             for name in sorted(INSTRUMENTS)
         },
         "seconds": time.perf_counter() - started,
@@ -130,13 +143,15 @@ def main() -> None:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args()
     s = run(args.n, args.seed, args.events, args.verbose, args.severe)
-    print(f"coverage {s['covered']}/{s['analysed']} = {s['coverage']:.1%} "
-          f"({s['tubes'] - s['analysed']} tube(s) not analysable); median 95 % half-width "
-          f"+-{s['median_halfwidth_pct']:.1f} %; median |error| {s['median_abs_error_pct']:.2f} %; "
-          f"95th pct |error| / half-width {s['p95_error_to_halfwidth']:.2f}; the sampling part alone (the "
-          f"old interval) covers {s['covered_by_sampling_part_only']}/{s['analysed']}; "
-          f"by profile {s['by_profile']} (median half-width {s['median_halfwidth_by_profile']}); "
-          f"by instrument {s['by_instrument']}; {s['seconds']:.0f} s")
+    print(
+        f"coverage {s['covered']}/{s['analysed']} = {s['coverage']:.1%} "
+        f"({s['tubes'] - s['analysed']} tube(s) not analysable); median 95 % half-width "
+        f"+-{s['median_halfwidth_pct']:.1f} %; median |error| {s['median_abs_error_pct']:.2f} %; "
+        f"95th pct |error| / half-width {s['p95_error_to_halfwidth']:.2f}; the sampling part alone (the "
+        f"old interval) covers {s['covered_by_sampling_part_only']}/{s['analysed']}; "
+        f"by profile {s['by_profile']} (median half-width {s['median_halfwidth_by_profile']}); "
+        f"by instrument {s['by_instrument']}; {s['seconds']:.0f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -64,12 +64,16 @@ def main() -> None:
         new_run[0] = False
         rest = ~new_run
         rest[0] = False
-        print(f"QC figure (6 panels, 1350 x 810 PNG, {np.median(size) / 1e3:.0f} kB): {args.runs} runs x "
-              f"{args.tubes} tubes x {args.events:,} events, {cpu.size} figures in one process")
+        print(
+            f"QC figure (6 panels, 1350 x 810 PNG, {np.median(size) / 1e3:.0f} kB): {args.runs} runs x "
+            f"{args.tubes} tubes x {args.events:,} events, {cpu.size} figures in one process"
+        )
         print(f"{'figure':<46}{'CPU ms':>8}{'wall ms':>9}")
-        rows = [("first of the process", cpu[:1], wall[:1]),
-                (f"first of a later run (median of {new_run.sum()})", cpu[new_run], wall[new_run]),
-                (f"others (median of {rest.sum()})", cpu[rest], wall[rest])]
+        rows = [
+            ("first of the process", cpu[:1], wall[:1]),
+            (f"first of a later run (median of {new_run.sum()})", cpu[new_run], wall[new_run]),
+            (f"others (median of {rest.sum()})", cpu[rest], wall[rest]),
+        ]
         for name, c, w in rows:
             if c.size:
                 print(f"{name:<46}{np.median(c) * 1e3:>8.0f}{np.median(w) * 1e3:>9.0f}")

@@ -39,10 +39,13 @@ def designed_first_flag(factors: list[float], n_ref: int) -> int:
     logs = np.log10(factors)
     z = (logs[n_ref:] - logs[:n_ref].mean()) / logs[:n_ref].std(ddof=1)
     for i in range(len(z)):
-        last = z[max(0, i - 9): i + 1]
-        if (abs(z[i]) > 3 or (i >= 1 and (min(z[i - 1: i + 1]) > 2 or max(z[i - 1: i + 1]) < -2))
-                or (i >= 3 and (min(z[i - 3: i + 1]) > 1 or max(z[i - 3: i + 1]) < -1))
-                or (i >= 9 and (min(last) > 0 or max(last) < 0))):
+        last = z[max(0, i - 9) : i + 1]
+        if (
+            abs(z[i]) > 3
+            or (i >= 1 and (min(z[i - 1 : i + 1]) > 2 or max(z[i - 1 : i + 1]) < -2))
+            or (i >= 3 and (min(z[i - 3 : i + 1]) > 1 or max(z[i - 3 : i + 1]) < -1))
+            or (i >= 9 and (min(last) > 0 or max(last) < 0))
+        ):
             return i
     return -1
 
@@ -67,10 +70,19 @@ def main() -> int:
         started = time.perf_counter()
         truth = simulate_cohort(work / "export")
         simulated = time.perf_counter() - started
-        summary = run_batch(work / "export", work / "out", manifest=work / "export" / "manifest.csv",
-                            jobs=args.jobs, lot=str(LOT), progress=False, plots=False)
-        print(f"cohort: {len(truth['beads'])} bead tubes, {summary.patient_tubes} patient tubes "
-              f"(simulated in {simulated:.0f} s); batch: {summary.line()}")
+        summary = run_batch(
+            work / "export",
+            work / "out",
+            manifest=work / "export" / "manifest.csv",
+            jobs=args.jobs,
+            lot=str(LOT),
+            progress=False,
+            plots=False,
+        )
+        print(
+            f"cohort: {len(truth['beads'])} bead tubes, {summary.patient_tubes} patient tubes "
+            f"(simulated in {simulated:.0f} s); batch: {summary.line()}"
+        )
         n_ref = truth["reference_days"]
         with Store(summary.store) as store:
             series = evaluate_store(store, reference_runs=n_ref)
@@ -89,8 +101,10 @@ def main() -> int:
                     rules += 1
                     rules_ok += [d.isoformat() for d in course.fired(rule.name)] == expected
                 plot_course(course, path=figures / f"course_{patient['patient_id']}.png")
-            print(f"courses: {points_ok}/{points} results on the right day and within 10 % of truth; "
-                  f"rules fired exactly on the designed days: {rules_ok}/{rules} (patient x rule)")
+            print(
+                f"courses: {points_ok}/{points} results on the right day and within 10 % of truth; "
+                f"rules fired exactly on the designed days: {rules_ok}/{rules} (patient x rule)"
+            )
             flagged_results = [r for r in store.results() if r["store"]["bead_flags"]]
             for instrument in ("canto", "lyric"):
                 beads = [b for b in truth["beads"] if b["instrument"] == instrument]
@@ -98,14 +112,19 @@ def main() -> int:
                 flags = {c["store"]["file"]: c["store"]["flags"] for c in store.calibrations()}
                 judged = beads[n_ref:]
                 first = next((i for i, b in enumerate(judged) if flags.get(b["file"])), -1)
-                print(f"bead QC {instrument}: first flagged run {first + 1 if first >= 0 else 'none'} of "
-                      f"{len(judged)} judged (design: {expected + 1 if expected >= 0 else 'none'})")
-            print(f"patient results carrying a bead flag: {len(flagged_results)} "
-                  f"({', '.join(sorted({r['store']['patient_id'] for r in flagged_results})) or 'none'})")
+                print(
+                    f"bead QC {instrument}: first flagged run {first + 1 if first >= 0 else 'none'} of "
+                    f"{len(judged)} judged (design: {expected + 1 if expected >= 0 else 'none'})"
+                )
+            print(
+                f"patient results carrying a bead flag: {len(flagged_results)} "
+                f"({', '.join(sorted({r['store']['patient_id'] for r in flagged_results})) or 'none'})"
+            )
         for cytometer in dict.fromkeys(s.cytometer for s in series):
             name = re.sub(r"[^\w.-]+", "_", cytometer)
-            plot_levey_jennings([s for s in series if s.cytometer == cytometer],
-                                path=figures / f"levey_jennings_{name}.png")
+            plot_levey_jennings(
+                [s for s in series if s.cytometer == cytometer], path=figures / f"levey_jennings_{name}.png"
+            )
         print(f"figures -> {figures}")
     finally:
         if not args.out:

@@ -23,13 +23,33 @@ FAKE_DELAY = float(os.environ.get("HLADR_TEST_FAKE_DELAY", "0"))
 FAKE_LOT = {"bead_values": [600.0, 7000.0, 30000.0, 70000.0]}
 
 
-def write_tube(folder: Path, name: str, *, cyt="FACSCanto II", serial="V1", day="12-MAR-2026",
-               btim="08:00:00", pe_volts=450, markers=("", "", "HLA-DR", "CD14"), extra=None, seed=0,
-               beads=False) -> Path:
+def write_tube(
+    folder: Path,
+    name: str,
+    *,
+    cyt="FACSCanto II",
+    serial="V1",
+    day="12-MAR-2026",
+    btim="08:00:00",
+    pe_volts=450,
+    markers=("", "", "HLA-DR", "CD14"),
+    extra=None,
+    seed=0,
+    beads=False,
+) -> Path:
     """A tiny FCS file whose TEXT segment says what discovery and pairing look at."""
     folder.mkdir(parents=True, exist_ok=True)
-    keywords = {"$CYT": cyt, "$CYTSN": serial, "$DATE": day, "$BTIM": btim, "$FIL": name,
-                "$P1V": "300", "$P2V": "400", "$P3V": str(pe_volts), "$P4V": "600"}
+    keywords = {
+        "$CYT": cyt,
+        "$CYTSN": serial,
+        "$DATE": day,
+        "$BTIM": btim,
+        "$FIL": name,
+        "$P1V": "300",
+        "$P2V": "400",
+        "$P3V": str(pe_volts),
+        "$P4V": "600",
+    }
     keywords.update(extra or {})
     rng = np.random.default_rng(seed)
     if beads:  # tight scatter and four narrow PE levels: what discovery recognises as a bead tube
@@ -57,16 +77,20 @@ def fake_calibrate(path, lot, values):
     if "fails" in Path(path).name:
         return {"status": "error", "error_type": "CalibrationError", "reason": "stand-in QC failure"}
     scale = float(np.median(read_fcs(path).column("PE-A")))
-    return {"status": "ok", "calibration": {"scale": scale, "slope": 1.0, "intercept": 0.0,
-                                            "qc": {"passed": True, "flags": []}}}
+    return {
+        "status": "ok",
+        "calibration": {"scale": scale, "slope": 1.0, "intercept": 0.0, "qc": {"passed": True, "flags": []}},
+    }
 
 
 def fake_analyze(path, calibration, plot, known=None):
     time.sleep(FAKE_DELAY)
     sample = read_fcs(path)
     abc = float(np.median(sample.column("PE-A"))) / calibration["scale"] * 5000.0
-    return {"status": "ok", "result": {"sample": path, "sha256": sample.sha256, "abc": abc,
-                                       "qc": {"passed": True, "flags": []}}}
+    return {
+        "status": "ok",
+        "result": {"sample": path, "sha256": sample.sha256, "abc": abc, "qc": {"passed": True, "flags": []}},
+    }
 
 
 FAKES = (fake_calibrate, fake_analyze)

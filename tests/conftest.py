@@ -81,19 +81,49 @@ def real_batch(tmp_path_factory):
     export = root / "export"
     simulate_run(export / "run", n=3, seed=6, n_events=20_000, bead_events=8_000)
     start = datetime(2026, 3, 7, 8)  # simulate_run's day for seed 6
-    simulate_blood(export / "run" / "patient_scarce.fcs", "canto", 4000, seed=6099, n_events=60_000,
-                   monocyte_fraction=0.004, acquired_at=start + timedelta(hours=2))
+    simulate_blood(
+        export / "run" / "patient_scarce.fcs",
+        "canto",
+        4000,
+        seed=6099,
+        n_events=60_000,
+        monocyte_fraction=0.004,
+        acquired_at=start + timedelta(hours=2),
+    )
     lot = root / "lot.json"
-    lot.write_text(json.dumps({"kit": "BD Quantibrite PE", "lot": "96597", "fluorochrome": "PE",
-                               "values": list(QUANTIBRITE_96597), "expiry": "2027-01-31"}))
+    lot.write_text(
+        json.dumps(
+            {
+                "kit": "BD Quantibrite PE",
+                "lot": "96597",
+                "fluorochrome": "PE",
+                "values": list(QUANTIBRITE_96597),
+                "expiry": "2027-01-31",
+            }
+        )
+    )
     out = root / "out"
     code = cli_main(["batch", str(export), "--out", str(out), "--jobs", "1", "--lot", str(lot), "--quiet"])
     manifest = root / "manifest.csv"  # the scarce tube set aside: only reportable tubes remain
     manifest.write_text("file,role,patient_id\nrun/patient_scarce.fcs,ignore,\nrun/patient_01.fcs,,MRN-1\n")
     good = root / "good"
     values = ",".join(f"{v:g}" for v in QUANTIBRITE_96597)
-    good_code = cli_main(["batch", str(export), "--out", str(good), "--jobs", "1", "--bead-values", values,
-                          "--quiet", "--no-plots", "--manifest", str(manifest)])
+    good_code = cli_main(
+        [
+            "batch",
+            str(export),
+            "--out",
+            str(good),
+            "--jobs",
+            "1",
+            "--bead-values",
+            values,
+            "--quiet",
+            "--no-plots",
+            "--manifest",
+            str(manifest),
+        ]
+    )
     return export, out, code, good, good_code
 
 

@@ -35,8 +35,9 @@ def export(tmp_path: Path) -> Path:
     write_tube(day1, "patient_early.fcs", btim="07:00:00")
     write_tube(day1, "patient_volts.fcs", btim="14:00:00", pe_volts=480)
     write_tube(day1, "Compensation Controls_PE Stained Control.fcs", btim="07:30:00")
-    write_tube(root / "2026-03-12" / "lyric", "patient_lyric.fcs", cyt="FACSLyric", serial="L9",
-               btim="10:00:00")
+    write_tube(
+        root / "2026-03-12" / "lyric", "patient_lyric.fcs", cyt="FACSLyric", serial="L9", btim="10:00:00"
+    )
     write_tube(root / "2026-03-13" / "canto", "patient_day2.fcs", day="13-MAR-2026", btim="10:00:00")
     (root / "2026-03-12" / "canto" / "broken.fcs").write_bytes(b"FCS3.1    garbage that is not an FCS file")
     (root / "notes.txt").write_text("not a tube")
@@ -83,8 +84,15 @@ def test_every_tube_ends_in_results_errors_or_ignored(export: Path, tmp_path: Pa
 
 def test_pairing_rules_and_reasons(export: Path):
     jobs = _by_name(pair(discover(export)))
-    assert set(jobs) == {"patient_A.fcs", "patient_B.fcs", "patient_early.fcs", "patient_volts.fcs",
-                         "patient_lyric.fcs", "patient_day2.fcs", "Rainbow_ICU_patient_12.fcs"}
+    assert set(jobs) == {
+        "patient_A.fcs",
+        "patient_B.fcs",
+        "patient_early.fcs",
+        "patient_volts.fcs",
+        "patient_lyric.fcs",
+        "patient_day2.fcs",
+        "Rainbow_ICU_patient_12.fcs",
+    }
     # the closest earlier bead tube of the same instrument and day
     assert Path(jobs["patient_A.fcs"].bead.rel).name == "QB beads 0800.fcs"
     assert Path(jobs["patient_B.fcs"].bead.rel).name == "Quantibrite_1200.fcs"
@@ -141,10 +149,13 @@ def test_manifest_overrides_role_pairing_and_carries_ferritin(export: Path, tmp_
     assert missing and "line 6" in missing[0].error and "not found" in missing[0].error
 
 
-@pytest.mark.parametrize("text, message", [
-    ("name,role\nx.fcs,patient\n", "no 'file' column"),
-    ("file,role\nx.fcs,patient\nx.fcs,beads\n", "already listed on line 2"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name,role\nx.fcs,patient\n", "no 'file' column"),
+        ("file,role\nx.fcs,patient\nx.fcs,beads\n", "already listed on line 2"),
+    ],
+)
 def test_malformed_manifest_is_a_batch_error(tmp_path: Path, text: str, message: str):
     path = tmp_path / "m.csv"
     path.write_text(text)
@@ -219,14 +230,22 @@ def test_jobs_1_jobs_2_and_dask_give_identical_outputs(engine_export: Path, tmp_
     outs = {}
     for name, kwargs in (("inline", {"jobs": 1}), ("processes", {"jobs": 2})):
         outs[name] = tmp_path / name
-        summary = run_batch(engine_export, outs[name], progress=False, plots=False, tasks=FAKES, **FAKE_LOT,
-                            **kwargs)
+        summary = run_batch(
+            engine_export, outs[name], progress=False, plots=False, tasks=FAKES, **FAKE_LOT, **kwargs
+        )
         assert summary.executor == name
         _check_engine_outputs(engine_export, outs[name], summary)
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
         outs["dask"] = tmp_path / "dask"
-        summary = run_batch(engine_export, outs["dask"], scheduler=cluster.scheduler_address, progress=False,
-                            plots=False, tasks=FAKES, **FAKE_LOT)
+        summary = run_batch(
+            engine_export,
+            outs["dask"],
+            scheduler=cluster.scheduler_address,
+            progress=False,
+            plots=False,
+            tasks=FAKES,
+            **FAKE_LOT,
+        )
         assert summary.executor == "dask"
         _check_engine_outputs(engine_export, outs["dask"], summary)
     for name in ("results.jsonl", "results.csv", "errors.csv", "calibrations.csv"):
@@ -235,8 +254,9 @@ def test_jobs_1_jobs_2_and_dask_give_identical_outputs(engine_export: Path, tmp_
 
 
 def test_a_clean_run_exits_0_and_a_flag_exits_3(engine_export: Path, tmp_path: Path):
-    clean = run_batch(engine_export / "d1", tmp_path / "clean", jobs=1, progress=False, plots=False,
-                      tasks=FAKES, **FAKE_LOT)
+    clean = run_batch(
+        engine_export / "d1", tmp_path / "clean", jobs=1, progress=False, plots=False, tasks=FAKES, **FAKE_LOT
+    )
     assert (clean.ok, clean.failed, clean.not_reportable, clean.all_reportable) == (12, 0, 0, True)
     assert batch.is_reportable({"qc": {"passed": True, "flags": [], "warnings": ["few_monocytes:1201"]}})
     assert not batch.is_reportable({"qc": {"passed": False, "flags": []}})
@@ -259,11 +279,11 @@ def worker_that_dies(workers: int) -> None:
     os._exit(3)
 
 
-def test_workers_that_die_at_start_are_recorded_not_raised(engine_export: Path, tmp_path: Path,
-                                                            monkeypatch):
+def test_workers_that_die_at_start_are_recorded_not_raised(engine_export: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setattr(batch.executors, "init_worker", worker_that_dies)
-    summary = run_batch(engine_export, tmp_path / "out", jobs=2, progress=False, plots=False, tasks=FAKES,
-                        **FAKE_LOT)
+    summary = run_batch(
+        engine_export, tmp_path / "out", jobs=2, progress=False, plots=False, tasks=FAKES, **FAKE_LOT
+    )
     assert summary.ok == 0 and not summary.all_reportable
     with open(tmp_path / "out" / "errors.csv") as fh:
         errors = list(csv.DictReader(fh))
@@ -289,12 +309,13 @@ def test_kill_9_then_resume_loses_and_redoes_nothing(engine_export: Path, tmp_pa
 
     changed = sorted(done)[0]  # a finished tube whose content changes before the resume
     write_tube(engine_export / "d1", Path(changed).name, btim="09:00:00", seed=999)
-    summary = run_batch(engine_export, out, jobs=2, resume=True, progress=False, plots=False, tasks=FAKES,
-                        **FAKE_LOT)
+    summary = run_batch(
+        engine_export, out, jobs=2, resume=True, progress=False, plots=False, tasks=FAKES, **FAKE_LOT
+    )
 
     _check_engine_outputs(engine_export, out, summary)
     after = _journal(out)
-    new = after[len(before):]
+    new = after[len(before) :]
     redone = {r["file"] for r in new if r["kind"] == "sample"}
     assert redone == {f"d1/p{i:02d}.fcs" for i in range(12)} - done | {changed}
     assert summary.reused == len([r for r in before if r["status"] != "internal"]) - 1
@@ -306,8 +327,9 @@ def test_discovery_and_pairing_over_the_real_corpus(real_dir: Path):
 
     tubes = discover(real_dir)
     by_rel = {t.rel: t for t in tubes}
-    expected = {p.relative_to(real_dir).as_posix() for p in real_files()
-                if p.suffix.lower() in {".fcs", ".lmd"}}
+    expected = {
+        p.relative_to(real_dir).as_posix() for p in real_files() if p.suffix.lower() in {".fcs", ".lmd"}
+    }
     assert expected <= set(by_rel)
     for tube in tubes:  # every file is described, or carries the reader's reason
         assert (tube.error is None) == (tube.role is not None), tube.rel
@@ -321,8 +343,12 @@ def test_discovery_and_pairing_over_the_real_corpus(real_dir: Path):
 QB = [638.0, 6930.0, 31008.0, 67601.0]
 SIM_ABC = (2_500.0, 4_000.0, 8_000.0, 15_000.0, 25_000.0)
 #: (folder, run date, instrument); the beads of 2026-03-13 on the Lyric are cells: they fail calibration QC.
-SIM_RUNS = (("2026-03-12", date(2026, 3, 12), "canto"), ("2026-03-12", date(2026, 3, 12), "lyric"),
-            ("2026-03-13", date(2026, 3, 13), "canto"), ("2026-03-13", date(2026, 3, 13), "lyric"))
+SIM_RUNS = (
+    ("2026-03-12", date(2026, 3, 12), "canto"),
+    ("2026-03-12", date(2026, 3, 12), "lyric"),
+    ("2026-03-13", date(2026, 3, 13), "canto"),
+    ("2026-03-13", date(2026, 3, 13), "lyric"),
+)
 BAD_BEADS = "2026-03-13/lyric/QB beads.fcs"
 
 
@@ -346,8 +372,14 @@ def build_sim_export(root: Path, n_events: int = 12_000) -> dict[str, dict]:
         for i, abc in enumerate(SIM_ABC[: 4 if beads.relative_to(root).as_posix() == BAD_BEADS else 5]):
             path = run / f"patient_{i + 1:02d}.fcs"
             truth[path.relative_to(root).as_posix()] = simulate_blood(
-                path, instrument, abc, seed=1000 * k + i, n_events=n_events, monocyte_fraction=0.12,
-                acquired_at=_at(day, 9, 10 * i))
+                path,
+                instrument,
+                abc,
+                seed=1000 * k + i,
+                n_events=n_events,
+                monocyte_fraction=0.12,
+                acquired_at=_at(day, 9, 10 * i),
+            )
     orphan = root / "2026-03-13" / "canto" / "patient_early.fcs"  # acquired before that day's beads
     early = _at(date(2026, 3, 13), 7, 15)
     simulate_blood(orphan, "canto", 6_000.0, seed=77, n_events=n_events, acquired_at=early)
@@ -384,8 +416,21 @@ def sim_reference(sim_export, sim_manifest, tmp_path_factory):
     root, _ = sim_export
     out = tmp_path_factory.mktemp("sim-out") / "jobs2"
     values = ",".join(map(str, QB))
-    code = main(["batch", str(root), "--out", str(out), "--jobs", "2", "--bead-values", values, "--quiet",
-                 "--manifest", str(sim_manifest)])
+    code = main(
+        [
+            "batch",
+            str(root),
+            "--out",
+            str(out),
+            "--jobs",
+            "2",
+            "--bead-values",
+            values,
+            "--quiet",
+            "--manifest",
+            str(sim_manifest),
+        ]
+    )
     return out, code
 
 
@@ -409,8 +454,16 @@ def test_simulated_export_pairs_errors_and_values(sim_export, sim_reference):
         assert row["schema"] == "hladr.result/2" and row["sha256"] == batch.sha256_file(root / name)
     errors = {e["file"]: e for e in _read_csv(out / "errors.csv")}
     bad_patients = {f for f in truth if f.startswith("2026-03-13/lyric/")}
-    assert set(errors) == {"2026-03-12/lyric/corrupt.fcs", "2026-03-12/canto/patient_truncated.fcs",
-                           "2026-03-13/canto/patient_early.fcs", BAD_BEADS} | bad_patients
+    assert (
+        set(errors)
+        == {
+            "2026-03-12/lyric/corrupt.fcs",
+            "2026-03-12/canto/patient_truncated.fcs",
+            "2026-03-13/canto/patient_early.fcs",
+            BAD_BEADS,
+        }
+        | bad_patients
+    )
     assert errors["2026-03-12/lyric/corrupt.fcs"]["stage"] == "discovery"
     assert errors["2026-03-12/canto/patient_truncated.fcs"]["error_type"].startswith("FCS")
     assert errors["2026-03-13/canto/patient_early.fcs"]["stage"] == "pairing"
@@ -450,8 +503,9 @@ def _assert_batch_measures_the_truth(results: dict[str, dict], truth: dict[str, 
     errors = {name: row["abc"] / truth[name]["abc_true"] - 1 for name, row in results.items()}
     assert all(abs(e) < 0.05 for e in errors.values()), errors
     assert np.median(np.abs(list(errors.values()))) < 0.02, errors
-    outside = [n for n, r in results.items()
-               if not r["abc_ci95"][0] <= truth[n]["abc_true"] <= r["abc_ci95"][1]]
+    outside = [
+        n for n, r in results.items() if not r["abc_ci95"][0] <= truth[n]["abc_true"] <= r["abc_ci95"][1]
+    ]
     assert len(outside) <= 2, outside
     for name, row in results.items():
         true = truth[name]["abc_true"]
@@ -459,31 +513,54 @@ def _assert_batch_measures_the_truth(results: dict[str, dict], truth: dict[str, 
         assert row["immunoparalysis"] is (true < 5000), (name, true, row["abc"])
 
 
-def test_simulated_export_identical_with_jobs_1_and_dask(sim_export, sim_reference, sim_manifest,
-                                                         tmp_path: Path):
+def test_simulated_export_identical_with_jobs_1_and_dask(
+    sim_export, sim_reference, sim_manifest, tmp_path: Path
+):
     from distributed import LocalCluster
 
     root, _ = sim_export
     reference = _results(sim_reference[0])
-    one = run_batch(root, tmp_path / "jobs1", sim_manifest, jobs=1, bead_values=QB, progress=False,
-                    plots=False)
+    one = run_batch(
+        root, tmp_path / "jobs1", sim_manifest, jobs=1, bead_values=QB, progress=False, plots=False
+    )
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        dask = run_batch(root, tmp_path / "dask", sim_manifest, scheduler=cluster.scheduler_address,
-                         bead_values=QB, progress=False, plots=False)
+        dask = run_batch(
+            root,
+            tmp_path / "dask",
+            sim_manifest,
+            scheduler=cluster.scheduler_address,
+            bead_values=QB,
+            progress=False,
+            plots=False,
+        )
     for summary in (one, dask):
         rows = {r["file"]: r for r in summary.results}
         assert set(rows) == set(reference)
         for name, row in rows.items():
-            assert {k: v for k, v in row.items() if k != "qc_png"} == \
-                   {k: v for k, v in reference[name].items() if k not in ("qc_png", "qc_png_error")}
+            assert {k: v for k, v in row.items() if k != "qc_png"} == {
+                k: v for k, v in reference[name].items() if k not in ("qc_png", "qc_png_error")
+            }
     assert (tmp_path / "jobs1" / "errors.csv").read_bytes() == (tmp_path / "dask" / "errors.csv").read_bytes()
 
 
 def test_simulated_export_kill_9_and_resume(sim_export, sim_reference, tmp_path: Path):
     root, _ = sim_export
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "hladr.cli", "batch", str(root), "--out", str(out), "--jobs", "2",
-            "--bead-values", ",".join(map(str, QB)), "--no-plots", "--quiet"]
+    argv = [
+        sys.executable,
+        "-m",
+        "hladr.cli",
+        "batch",
+        str(root),
+        "--out",
+        str(out),
+        "--jobs",
+        "2",
+        "--bead-values",
+        ",".join(map(str, QB)),
+        "--no-plots",
+        "--quiet",
+    ]
     proc = subprocess.Popen(argv, start_new_session=True, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -498,7 +575,7 @@ def test_simulated_export_kill_9_and_resume(sim_export, sim_reference, tmp_path:
     assert proc.returncode == -signal.SIGKILL and 3 <= len(done) < 15, "the kill must land halfway"
 
     summary = run_batch(root, out, jobs=2, resume=True, bead_values=QB, progress=False, plots=False)
-    redone = {r["file"] for r in _journal(out)[len(before):] if r["kind"] == "sample"}
+    redone = {r["file"] for r in _journal(out)[len(before) :] if r["kind"] == "sample"}
     assert not redone & done
     reference = _results(sim_reference[0])
     resumed = _results(out)

@@ -10,8 +10,16 @@ from hladr.immunosep import stratify
 
 @pytest.mark.parametrize(
     "abc, expected",
-    [(1000, "immunoparalysis"), (4999.9, "immunoparalysis"), (5000, "severe"), (8000, "severe"),
-     (8001, "reduced"), (14999, "reduced"), (15000, "normal"), (40000, "normal")],
+    [
+        (1000, "immunoparalysis"),
+        (4999.9, "immunoparalysis"),
+        (5000, "severe"),
+        (8000, "severe"),
+        (8001, "reduced"),
+        (14999, "reduced"),
+        (15000, "normal"),
+        (40000, "normal"),
+    ],
 )
 def test_band(abc, expected):
     assert band(abc) == expected
@@ -26,10 +34,13 @@ def test_borderline_near_threshold_and_straddling_interval():
 
 @pytest.mark.parametrize(
     "ferritin, abc, expected, reason",
-    [(5000, 2000, "MALS", "ferritin 5000 ng/mL > 4420"), (4421, 30000, "MALS", "ferritin 4421 ng/mL > 4420"),
-     (4420, 4999, "immunoparalysis", "ferritin 4420 <= 4420 ng/mL and mHLA-DR 4,999 < 5,000 AB/C"),
-     (300, 5000, "unclassified", "mHLA-DR 5,000 >= 5,000 AB/C"),
-     (300, 12000, "unclassified", "mHLA-DR 12,000 >= 5,000 AB/C")],
+    [
+        (5000, 2000, "MALS", "ferritin 5000 ng/mL > 4420"),
+        (4421, 30000, "MALS", "ferritin 4421 ng/mL > 4420"),
+        (4420, 4999, "immunoparalysis", "ferritin 4420 <= 4420 ng/mL and mHLA-DR 4,999 < 5,000 AB/C"),
+        (300, 5000, "unclassified", "mHLA-DR 5,000 >= 5,000 AB/C"),
+        (300, 12000, "unclassified", "mHLA-DR 12,000 >= 5,000 AB/C"),
+    ],
 )
 def test_stratify_rule(ferritin, abc, expected, reason):
     decision = stratify(abc, ferritin)
@@ -44,9 +55,16 @@ def test_stratify_mals_does_not_need_hladr():
 
 @pytest.mark.parametrize(
     "result, ferritin, unit",
-    [({"abc": 2000.0, "qc": {"passed": False}}, 1000, "ng/mL"),
-     (None, 1000, "ng/mL"), (2000, None, "ng/mL"), (2000, math.nan, "ng/mL"),
-     (2000, -5, "ng/mL"), (2000, "high", "ng/mL"), (-3, 100, "ng/mL"), (2000, 100, "mg/dL")],
+    [
+        ({"abc": 2000.0, "qc": {"passed": False}}, 1000, "ng/mL"),
+        (None, 1000, "ng/mL"),
+        (2000, None, "ng/mL"),
+        (2000, math.nan, "ng/mL"),
+        (2000, -5, "ng/mL"),
+        (2000, "high", "ng/mL"),
+        (-3, 100, "ng/mL"),
+        (2000, 100, "mg/dL"),
+    ],
 )
 def test_stratify_refuses_bad_inputs(result, ferritin, unit):
     decision = stratify(result, ferritin, ferritin_unit=unit)

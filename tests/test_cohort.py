@@ -120,7 +120,8 @@ def test_severe_sepsis_cohort_against_the_perfect_label_gate(tmp_path, calibrati
     errors = np.array([abs(r.abc / t - 1) for t, r, _ in measured])
     perfect = np.array([abs(p / t - 1) for t, _, p in measured])
     wrong = [  # a result that is not reportable gives no class, so it cannot be misclassified
-        (t, r.abc) for t, r, _ in measured
+        (t, r.abc)
+        for t, r, _ in measured
         if r.reportable and abs(t / 5000 - 1) > 0.15 and r.immunoparalysis != (t < 5000)
     ]
     flagged = sum(any(f.startswith("gates_disagree") for f in r.qc["warnings"]) for _, r, _ in measured)

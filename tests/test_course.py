@@ -24,10 +24,23 @@ STEEP = (1.03) ** 7 - 1  # one reference SD (3 %) per day: the drift reaches a W
 def cohort(tmp_path_factory):
     """4 reference days then 6 days of a steep drift on the lyric; the five designed courses."""
     root = tmp_path_factory.mktemp("cohort")
-    truth = simulate_cohort(root / "export", reference_days=4, drift_days=6, drift_per_week=STEEP,
-                            n_events=20_000, bead_events=20_000)
-    summary = run_batch(root / "export", root / "out", manifest=root / "export" / "manifest.csv", jobs=1,
-                        lot=LOT, progress=False, plots=False)
+    truth = simulate_cohort(
+        root / "export",
+        reference_days=4,
+        drift_days=6,
+        drift_per_week=STEEP,
+        n_events=20_000,
+        bead_events=20_000,
+    )
+    summary = run_batch(
+        root / "export",
+        root / "out",
+        manifest=root / "export" / "manifest.csv",
+        jobs=1,
+        lot=LOT,
+        progress=False,
+        plots=False,
+    )
     return truth, summary, root
 
 
@@ -71,25 +84,29 @@ def _designed_z(factors: list[float], n_ref: int) -> np.ndarray:
 
 def _first_runs(z: np.ndarray) -> dict[str, int | None]:
     """Index of the first judged run at which each Westgard rule holds, written out from its definition."""
+
     def first(condition) -> int | None:
         return next((i for i in range(len(z)) if condition(i)), None)
 
     return {
         "1-3s": first(lambda i: abs(z[i]) > 3),
-        "2-2s": first(lambda i: i >= 1 and (min(z[i - 1: i + 1]) > 2 or max(z[i - 1: i + 1]) < -2)),
-        "R-4s": first(lambda i: i >= 1 and max(z[i - 1: i + 1]) > 2 and min(z[i - 1: i + 1]) < -2),
-        "4-1s": first(lambda i: i >= 3 and (min(z[i - 3: i + 1]) > 1 or max(z[i - 3: i + 1]) < -1)),
-        "10-x": first(lambda i: i >= 9 and (min(z[i - 9: i + 1]) > 0 or max(z[i - 9: i + 1]) < 0)),
+        "2-2s": first(lambda i: i >= 1 and (min(z[i - 1 : i + 1]) > 2 or max(z[i - 1 : i + 1]) < -2)),
+        "R-4s": first(lambda i: i >= 1 and max(z[i - 1 : i + 1]) > 2 and min(z[i - 1 : i + 1]) < -2),
+        "4-1s": first(lambda i: i >= 3 and (min(z[i - 3 : i + 1]) > 1 or max(z[i - 3 : i + 1]) < -1)),
+        "10-x": first(lambda i: i >= 9 and (min(z[i - 9 : i + 1]) > 0 or max(z[i - 9 : i + 1]) < 0)),
     }
 
 
 def test_drift_flags_reach_every_patient_result_of_that_run(cohort):
     truth, summary, root = cohort
-    code = cli.main(["beads-qc", "--store", str(summary.store), "--reference-runs", "4",
-                     "--plots", str(root / "lj")])
+    code = cli.main(
+        ["beads-qc", "--store", str(summary.store), "--reference-runs", "4", "--plots", str(root / "lj")]
+    )
     assert code == 3  # violations found
     assert sorted(p.name for p in (root / "lj").glob("*.png")) == [
-        "levey_jennings_FACSCanto_II_V96300042.png", "levey_jennings_FACSLyric_R65911001.png"]
+        "levey_jennings_FACSCanto_II_V96300042.png",
+        "levey_jennings_FACSLyric_R65911001.png",
+    ]
     z = _designed_z([b["gain_factor"] for b in truth["beads"] if b["drifting"]], 4)
     expected_first = min(i for i in _first_runs(z).values() if i is not None)
     flagged_days = {b["date"] for b in truth["beads"] if b["drifting"] and not b["reference"]}
@@ -107,8 +124,15 @@ def test_drift_flags_reach_every_patient_result_of_that_run(cohort):
         assert out["rules_version"] == "course/1" and len(out["points"]) == len(normal.points)
     # a later batch into the same store keeps the reference chosen with beads-qc (4 runs, not 20) and
     # puts the flags into results.csv
-    again = run_batch(root / "export", root / "out", manifest=root / "export" / "manifest.csv", jobs=1,
-                      resume=True, progress=False, plots=False)
+    again = run_batch(
+        root / "export",
+        root / "out",
+        manifest=root / "export" / "manifest.csv",
+        jobs=1,
+        resume=True,
+        progress=False,
+        plots=False,
+    )
     flagged = {r["file"] for r in again.results if r["bead_flags"]}
     assert flagged == {s["file"] for s in truth["patients"][-1]["samples"] if s["date"] in flagged_days}
     assert again.not_reportable >= len(flagged) > 0
@@ -121,8 +145,10 @@ def test_drift_flags_reach_every_patient_result_of_that_run(cohort):
 def test_beads_qc_with_a_reference_date_range(cohort, capsys):
     truth, summary, _ = cohort
     days = sorted({b["date"] for b in truth["beads"] if b["reference"]})
-    assert cli.main(["beads-qc", "--store", str(summary.store), "--reference-dates",
-                     f"{days[0]},{days[-1]}"]) == 3
+    assert (
+        cli.main(["beads-qc", "--store", str(summary.store), "--reference-dates", f"{days[0]},{days[-1]}"])
+        == 3
+    )
     assert "mean" in capsys.readouterr().out
     assert cli.main(["beads-qc", "--store", str(summary.store), "--reference-dates", "yesterday"]) == 1
     assert "--reference-dates must be FIRST,LAST" in capsys.readouterr().err
@@ -156,8 +182,9 @@ def test_westgard_rules_fire_on_the_run_the_drift_reaches_them_and_not_before(tm
     from hladr.calibration import calibrate
     from hladr.fcs import read_fcs
 
-    truth = simulate_cohort(tmp_path, reference_days=8, drift_days=14, courses=(), bead_events=100_000,
-                            lot_change=(6, NEW_LOT))  # the steady canto changes lot on day 6
+    truth = simulate_cohort(
+        tmp_path, reference_days=8, drift_days=14, courses=(), bead_events=100_000, lot_change=(6, NEW_LOT)
+    )  # the steady canto changes lot on day 6
     with Store(tmp_path / "r.sqlite") as store:
         for bead in truth["beads"]:
             calibration = calibrate(read_fcs(tmp_path / bead["file"]), values=bead["lot_values"])
@@ -192,19 +219,26 @@ def test_westgard_rules_fire_on_the_run_the_drift_reaches_them_and_not_before(tm
     # is flagged; judged against the old lot's limits the new lot's ~11 % brighter beads would be
     canto = [s for s in series if s.cytometer.startswith("FACSCanto") and s.quantity == "log10 MFI level 4"]
     assert [(s.lot, len(s.runs), s.n_reference) for s in canto] == [
-        ("638/6930/31008/67601", 6, 6), ("712/7600/34200/74100", 16, 8)]
+        ("638/6930/31008/67601", 6, 6),
+        ("712/7600/34200/74100", 16, 8),
+    ]
     assert canto[0].note.startswith("reference period incomplete (6 of 8 runs)")
     old_lot_values = [dict(c, values=list(QUANTIBRITE_96597)) for c in calibrations]
     one_lot = beadqc.levey_jennings(old_lot_values, reference_runs=6)
-    assert any("1-3s" in r.violations for s in one_lot if s.cytometer.startswith("FACSCanto")
-               and s.quantity.startswith("log10 MFI") for r in s.runs)
+    assert any(
+        "1-3s" in r.violations
+        for s in one_lot
+        if s.cytometer.startswith("FACSCanto") and s.quantity.startswith("log10 MFI")
+        for r in s.runs
+    )
     beadqc_png = tmp_path / "lj.png"
     from hladr.plots import plot_levey_jennings
 
     plot_levey_jennings([s for s in series if s.cytometer.startswith("FACSCanto")], path=beadqc_png)
     assert beadqc_png.stat().st_size > 10_000
     assert bead_gain_factors(8, 0, 0.0) == pytest.approx(
-        [10 ** (s * math.log10(1.03) * math.sqrt(7 / 8)) for s in (1, -1) * 4])
+        [10 ** (s * math.log10(1.03) * math.sqrt(7 / 8)) for s in (1, -1) * 4]
+    )
 
 
 def test_a_change_is_significant_only_beyond_the_combined_uncertainty():
@@ -221,8 +255,14 @@ def test_a_change_is_significant_only_beyond_the_combined_uncertainty():
 def test_default_cohort_courses_rules_and_drift(tmp_path):
     """The README's cohort: 2 instruments x (20 reference + 14 drifting) days, the 5 designed courses."""
     truth = simulate_cohort(tmp_path / "export")
-    summary = run_batch(tmp_path / "export", tmp_path / "out", manifest=tmp_path / "export" / "manifest.csv",
-                        jobs=2, progress=False, plots=False)
+    summary = run_batch(
+        tmp_path / "export",
+        tmp_path / "out",
+        manifest=tmp_path / "export" / "manifest.csv",
+        jobs=2,
+        progress=False,
+        plots=False,
+    )
     assert summary.ok == summary.patient_tubes == 31 and summary.failed == 0
     n_ref = truth["reference_days"]
     with Store(summary.store) as store:
@@ -232,8 +272,9 @@ def test_default_cohort_courses_rules_and_drift(tmp_path):
             runs = _first_runs(_designed_z([b["gain_factor"] for b in beads], n_ref))
             first = min((i for i in runs.values() if i is not None), default=None)
             judged = beads[n_ref:]
-            assert [bool(flags[b["file"]]) for b in judged] == [first is not None and i >= first
-                                                                 for i in range(len(judged))], instrument
+            assert [bool(flags[b["file"]]) for b in judged] == [
+                first is not None and i >= first for i in range(len(judged))
+            ], instrument
         for patient in truth["patients"]:
             course = store.patient(patient["patient_id"])
             assert [p.day.isoformat() for p in course.points] == [s["date"] for s in patient["samples"]]

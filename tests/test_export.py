@@ -214,8 +214,9 @@ def test_batch_writes_gates_and_reads_them_back_per_tube(tmp_path):
     from hladr.simulate import simulate_run
 
     simulate_run(tmp_path / "export", n=3, seed=7, n_events=20_000)
-    first = run_batch(tmp_path / "export", tmp_path / "auto", jobs=1, lot=LOT, progress=False, plots=False,
-                      gates_out=True)
+    first = run_batch(
+        tmp_path / "export", tmp_path / "auto", jobs=1, lot=LOT, progress=False, plots=False, gates_out=True
+    )
     assert first.ok == 3
     written = sorted(p.name for p in (tmp_path / "auto" / "gates").glob("*.xml"))
     assert written == [f"patient_0{i}.fcs.xml" for i in (1, 2, 3)]
@@ -223,8 +224,9 @@ def test_batch_writes_gates_and_reads_them_back_per_tube(tmp_path):
     folder.mkdir()
     for i in (1, 2):  # per tube by name; patient_03 has no gates file
         shutil.copy(tmp_path / "auto" / "gates" / f"patient_0{i}.fcs.xml", folder / f"patient_0{i}.xml")
-    again = run_batch(tmp_path / "export", tmp_path / "user", jobs=1, lot=LOT, progress=False, plots=False,
-                      gates=folder)
+    again = run_batch(
+        tmp_path / "export", tmp_path / "user", jobs=1, lot=LOT, progress=False, plots=False, gates=folder
+    )
     auto = {r["file"]: r for r in first.results}
     for row in again.results:
         assert row["gate_method"] == f"user:{Path(row['file']).stem}.xml"
@@ -235,6 +237,14 @@ def test_batch_writes_gates_and_reads_them_back_per_tube(tmp_path):
     assert [(e["file"], e["error_type"]) for e in errors] == [("patient_03.fcs", "GatingError")]
     assert "patient_03.xml not found" in errors[0]["reason"]
     # one file for every tube, with the gate chosen by name
-    one = run_batch(tmp_path / "export", tmp_path / "one", jobs=1, lot=LOT, progress=False, plots=False,
-                    gates=folder / "patient_01.xml", gate_name="singlets/scatter/CD45")
+    one = run_batch(
+        tmp_path / "export",
+        tmp_path / "one",
+        jobs=1,
+        lot=LOT,
+        progress=False,
+        plots=False,
+        gates=folder / "patient_01.xml",
+        gate_name="singlets/scatter/CD45",
+    )
     assert one.ok == 3 and all(r["gate_method"] == "user:patient_01.xml" for r in one.results)

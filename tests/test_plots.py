@@ -24,8 +24,10 @@ def two_tubes(tmp_path_factory):
     simulate_beads(folder / "beads.fcs", "canto", QUANTIBRITE_96597, seed=1, n_events=20_000)
     cal = hladr.calibrate(hladr.read_fcs(folder / "beads.fcs"), values=list(QUANTIBRITE_96597))
     tubes = []
-    for name, kwargs in (("a", dict(abc_median=2_500, monocyte_fraction=0.03, clog=True)),
-                         ("b", dict(abc_median=20_000, monocyte_fraction=0.12, panel="2colour"))):
+    for name, kwargs in (
+        ("a", dict(abc_median=2_500, monocyte_fraction=0.03, clog=True)),
+        ("b", dict(abc_median=20_000, monocyte_fraction=0.12, panel="2colour")),
+    ):
         simulate_blood(folder / f"{name}.fcs", "canto", seed=7, n_events=30_000, **kwargs)
         sample = hladr.read_fcs(folder / f"{name}.fcs")
         panel = resolve_panel(sample)
@@ -79,9 +81,19 @@ def _course(patient: str, days: int, start: float, step: float, unreportable: in
     results = []
     for d in range(days):
         abc = start * step**d
-        results.append({"abc": abc, "abc_ci95": [0.9 * abc, 1.1 * abc], "file": f"{patient}_{d}.fcs",
-                        "store": {"collected_at": f"2026-03-{d + 1:02d}T08:00:00", "id": d,
-                                  "reportable": d != unreportable, "bead_flags": []}})
+        results.append(
+            {
+                "abc": abc,
+                "abc_ci95": [0.9 * abc, 1.1 * abc],
+                "file": f"{patient}_{d}.fcs",
+                "store": {
+                    "collected_at": f"2026-03-{d + 1:02d}T08:00:00",
+                    "id": d,
+                    "reportable": d != unreportable,
+                    "bead_flags": [],
+                },
+            }
+        )
     return build_course(patient, results)
 
 

@@ -40,8 +40,9 @@ def test_flags_are_sorted_by_severity_once_and_unknown_codes_warn():
 
 
 def test_a_rule_is_added_or_replaced_by_one_line():
-    stricter = qc.DEFAULT_POLICY.with_rules(qc.Rule("few_monocytes", "fail", "a stricter lab"),
-                                            qc.Rule("haemolysed", "fail", "free haemoglobin"))
+    stricter = qc.DEFAULT_POLICY.with_rules(
+        qc.Rule("few_monocytes", "fail", "a stricter lab"), qc.Rule("haemolysed", "fail", "free haemoglobin")
+    )
     assert stricter.severity("few_monocytes:900") == "fail" and stricter.severity("haemolysed") == "fail"
     assert qc.DEFAULT_POLICY.severity("few_monocytes:900") == "warn"  # the default is frozen
     with pytest.raises(AttributeError):
@@ -76,8 +77,10 @@ def test_settings_are_compared_only_on_the_channels_used():
         "APC-A": ChannelSettings(650.0),
     }
     flags = qc.DEFAULT_POLICY.settings_flags(beads, other, "PE-A", ["PerCP-Cy5-5-A"])
-    assert flags == ["gating_settings_differ:PerCP-Cy5-5-A voltage 583 beads vs 600 sample",
-                     "gain_mismatch:PE-A gain 1 beads vs 2 sample"]  # APC-A is not used: not compared
+    assert flags == [
+        "gating_settings_differ:PerCP-Cy5-5-A voltage 583 beads vs 600 sample",
+        "gain_mismatch:PE-A gain 1 beads vs 2 sample",
+    ]  # APC-A is not used: not compared
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +92,18 @@ def canto_cal(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "fluor, reportable, expected",
-    [("APC", True, None), ("PerCP-Cy5.5", True, "gating_settings_differ:PerCP-Cy5-5-A voltage"),
-     ("PE", False, "voltage_mismatch:PE-A voltage")],
+    [
+        ("APC", True, None),
+        ("PerCP-Cy5.5", True, "gating_settings_differ:PerCP-Cy5-5-A voltage"),
+        ("PE", False, "voltage_mismatch:PE-A voltage"),
+    ],
 )
-def test_a_detector_setting_matters_only_where_the_measurement_uses_it(tmp_path, canto_cal, fluor, reportable,
-                                                                       expected):
-    truth = simulate_blood(tmp_path / "p.fcs", INSTRUMENTS["canto"].scaled(fluor, 1.3), 6000, seed=42,
-                           n_events=30_000)
+def test_a_detector_setting_matters_only_where_the_measurement_uses_it(
+    tmp_path, canto_cal, fluor, reportable, expected
+):
+    truth = simulate_blood(
+        tmp_path / "p.fcs", INSTRUMENTS["canto"].scaled(fluor, 1.3), 6000, seed=42, n_events=30_000
+    )
     result = analyze(hladr.read_fcs(tmp_path / "p.fcs"), canto_cal)
     every = result.qc["flags"] + result.qc["warnings"] + result.qc["info"]
     assert result.reportable is reportable
@@ -120,16 +128,27 @@ def _tiny(path: Path, keywords: dict, version: str = "3.1") -> hladr.Sample:
 
 
 def test_identity_and_acquisition_time_from_keywords(tmp_path):
-    s = _tiny(tmp_path / "a.fcs", {"$SRC": "PAT-0042", "$SMNO": "S-17", "$DATE": "01-MAR-2026",
-                                   "$BTIM": "09:33:26"})
+    s = _tiny(
+        tmp_path / "a.fcs", {"$SRC": "PAT-0042", "$SMNO": "S-17", "$DATE": "01-MAR-2026", "$BTIM": "09:33:26"}
+    )
     assert s.identity == {"patient_id": ("PAT-0042", "$SRC"), "sample_id": ("S-17", "$SMNO")}
     assert s.acquired == datetime(2026, 3, 1, 9, 33, 26)
-    s = _tiny(tmp_path / "b.fcs", {"PATIENT ID": "P1", "$SRC": "ward 3", "SAMPLE ID": "X9", "$FIL": "b.fcs",
-                                   "$DATE": "2026-03-01", "$BTIM": "09:33:26.50"})
+    s = _tiny(
+        tmp_path / "b.fcs",
+        {
+            "PATIENT ID": "P1",
+            "$SRC": "ward 3",
+            "SAMPLE ID": "X9",
+            "$FIL": "b.fcs",
+            "$DATE": "2026-03-01",
+            "$BTIM": "09:33:26.50",
+        },
+    )
     assert s.identity == {"patient_id": ("P1", "PATIENT ID"), "sample_id": ("X9", "SAMPLE ID")}
     assert s.acquired.isoformat() == "2026-03-01T09:33:26"
-    s = _tiny(tmp_path / "c.fcs", {"$BEGINDATETIME": "2026-03-01T09:33:26+01:00", "$FIL": "c.fcs"},
-              version="3.2")
+    s = _tiny(
+        tmp_path / "c.fcs", {"$BEGINDATETIME": "2026-03-01T09:33:26+01:00", "$FIL": "c.fcs"}, version="3.2"
+    )
     assert s.acquired == datetime(2026, 3, 1, 9, 33, 26, tzinfo=timezone(timedelta(hours=1)))
     assert s.identity["patient_id"] is None and s.identity["sample_id"] == ("c.fcs", "$FIL")
     assert _tiny(tmp_path / "d.fcs", {"$DATE": "not a date"}).acquired is None
@@ -230,8 +249,20 @@ def test_a_batch_into_a_read_only_folder_is_one_line_exit_1(tmp_path, capsys, mo
         raise PermissionError(errno.EROFS, "Read-only file system", kwargs.get("dir"))
 
     monkeypatch.setattr(hladr.atomic.tempfile, "mkstemp", refuse)
-    code = cli_main(["batch", str(tmp_path / "export"), "--out", str(tmp_path / "out"), "--jobs", "1",
-                     "--bead-values", QB, "--quiet", "--no-plots"])
+    code = cli_main(
+        [
+            "batch",
+            str(tmp_path / "export"),
+            "--out",
+            str(tmp_path / "out"),
+            "--jobs",
+            "1",
+            "--bead-values",
+            QB,
+            "--quiet",
+            "--no-plots",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == EXIT_ERROR and "\n" not in err and "Read-only file system" in err
     assert str(tmp_path / "out") in err and "internal" not in err

@@ -68,4 +68,3 @@ def test_calibration_flags_fail_as_the_rules_and_the_docs_say():
         row = re.search(rf"^\| `{rule.code}[:`].*$", table, re.MULTILINE)
         assert row, f"{rule.code} is not in docs/calibration.md"
         assert ("**fails**" in row.group()) == (rule.severity == "fail"), row.group()
-

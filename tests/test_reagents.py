@@ -24,8 +24,16 @@ from tests.conftest import SAMPLE_DIR
 
 
 def _write(folder: Path, name: str, **overrides) -> Path:
-    data = {"name": "Other anti-HLA-DR PE", "antibody": "anti-HLA-DR", "clone": "G46-6", "fluorochrome": "PE",
-            "fp_ratio": 1.4, "fp_source": "certificate of analysis", "catalog": "555812", "lot": "A1"}
+    data = {
+        "name": "Other anti-HLA-DR PE",
+        "antibody": "anti-HLA-DR",
+        "clone": "G46-6",
+        "fluorochrome": "PE",
+        "fp_ratio": 1.4,
+        "fp_source": "certificate of analysis",
+        "catalog": "555812",
+        "lot": "A1",
+    }
     data.update(overrides)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
@@ -53,15 +61,18 @@ def test_a_lab_reagent_folder_is_searched_first(tmp_path, monkeypatch):
     assert reagent.to_dict()["file"] == "other-hladr-pe-555812.json"
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"fp_ratio": None}, "missing key(s) fp_ratio"),
-    ({"clone": ""}, "missing key(s) clone"),
-    ({"fp_ratio": "1.4"}, "fp_ratio must be a finite number"),
-    ({"fp_ratio": 0.0}, "fp_ratio must be between"),
-    ({"fp_ratio": 40}, "fp_ratio must be between"),
-    ({"fp_ratio_uncertainty_pct": -3}, "fp_ratio_uncertainty_pct must be 0-100"),
-    ({"fp_ratio_uncertainty_pct": True}, "fp_ratio_uncertainty_pct must be a finite number"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"fp_ratio": None}, "missing key(s) fp_ratio"),
+        ({"clone": ""}, "missing key(s) clone"),
+        ({"fp_ratio": "1.4"}, "fp_ratio must be a finite number"),
+        ({"fp_ratio": 0.0}, "fp_ratio must be between"),
+        ({"fp_ratio": 40}, "fp_ratio must be between"),
+        ({"fp_ratio_uncertainty_pct": -3}, "fp_ratio_uncertainty_pct must be 0-100"),
+        ({"fp_ratio_uncertainty_pct": True}, "fp_ratio_uncertainty_pct must be a finite number"),
+    ],
+)
 def test_invalid_reagent_files_name_the_file_and_the_problem(tmp_path, overrides, message):
     path = _write(tmp_path, "bad", **overrides)
     with pytest.raises(ReagentFileError) as info:
@@ -102,8 +113,10 @@ def test_a_1_4_reagent_divides_abc_by_its_ratio(quantibrite_calibration, tmp_pat
     assert one_to_one.reagent["clone"] == "L243" and one_to_one.reagent["fp_ratio"] == 1.0
     assert result.reagent["fp_ratio"] == 1.4 and result.reagent["file"] == "other.json"
     # the ratio's +-6 % joins the interval as a fourth part (root sum of squares, by hand)
-    parts = {k: math.log10(1 + result.uncertainty[k] / 100) for k in ("sampling_pct", "calibration_pct",
-                                                                        "gating_pct")}
+    parts = {
+        k: math.log10(1 + result.uncertainty[k] / 100)
+        for k in ("sampling_pct", "calibration_pct", "gating_pct")
+    }
     total = math.sqrt(sum(h * h for h in parts.values()) + math.log10(1.06) ** 2)
     assert result.uncertainty["reagent_pct"] == pytest.approx(6.0)
     assert result.abc_ci95[1] / result.abc == pytest.approx(10**total, rel=1e-3)
@@ -127,17 +140,31 @@ def test_a_batch_carries_reagent_handling_and_flags_to_results_csv_and_report(tm
         "file,collected_at,stained_at,tube,storage,protocol,reagent\n"
         f"patient_01.fcs,{times('patient_01.fcs', 5)},EDTA,ice,lyse-no-wash,other-hladr-pe.json\n"
         f"patient_02.fcs,{times('patient_02.fcs', 30)},Cyto-Chex,room temperature,lyse-wash,\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     out = tmp_path / "out"
-    code = cli_main(["batch", str(export), "--out", str(out), "--jobs", "1", "--bead-values", QB, "--quiet",
-                     "--no-plots", "--manifest", str(manifest)])
+    code = cli_main(
+        [
+            "batch",
+            str(export),
+            "--out",
+            str(out),
+            "--jobs",
+            "1",
+            "--bead-values",
+            QB,
+            "--quiet",
+            "--no-plots",
+            "--manifest",
+            str(manifest),
+        ]
+    )
     lines = (out / "results.jsonl").read_text().splitlines()
     results = {Path(r["sample"]).name: r for r in map(json.loads, lines)}
     edta, chex = results["patient_01.fcs"], results["patient_02.fcs"]
     assert code == EXIT_NOT_REPORTABLE  # EDTA stained 5 h after collection: beyond its 4 h on ice
     assert edta["reportable"] is False and edta["band"] is None
-    assert edta["qc"]["flags"] == [
-        "stained_beyond_stability:5.0 h after collection, edta on ice window 4 h"]
+    assert edta["qc"]["flags"] == ["stained_beyond_stability:5.0 h after collection, edta on ice window 4 h"]
     assert "protocol_differs:lyse-no-wash vs reference lyse-wash" in edta["qc"]["warnings"]
     ages = {k: v for k, v in edta["preanalytics"].items() if k.startswith("age")}
     assert ages == {"age_at_staining_h": 5.0, "age_at_acquisition_h": 6.0}
@@ -158,11 +185,14 @@ def test_a_batch_carries_reagent_handling_and_flags_to_results_csv_and_report(tm
 
 
 def test_an_unknown_reagent_or_tube_in_the_manifest_is_that_tubes_error(tmp_path):
-    rows = [batch.ManifestRow(line=2, file="a.fcs", reagent="no-such-reagent"),
-            batch.ManifestRow(line=3, file="b.fcs", tube="serum")]
+    rows = [
+        batch.ManifestRow(line=2, file="a.fcs", reagent="no-such-reagent"),
+        batch.ManifestRow(line=3, file="b.fcs", tube="serum"),
+    ]
     tubes = [batch.Tube(path=tmp_path / r.file, rel=r.file, role="patient", manifest=r) for r in rows]
     jobs = {j.tube.rel: j for j in batch.pair(tubes)}
     assert jobs["a.fcs"].stage == jobs["b.fcs"].stage == "manifest"
     assert jobs["a.fcs"].reason.startswith("manifest line 2: no-such-reagent: no such reagent file")
-    assert jobs["b.fcs"].reason == ("manifest line 3: unknown tube type 'serum' "
-                                    "(known: edta, heparin, citrate, stabiliser)")
+    assert jobs["b.fcs"].reason == (
+        "manifest line 3: unknown tube type 'serum' (known: edta, heparin, citrate, stabiliser)"
+    )

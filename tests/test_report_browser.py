@@ -71,8 +71,9 @@ def test_report_renders_in_chromium_with_every_resource_loaded(real_batch, tmp_p
     dom = _run(browser, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()).stdout
     found = re.search(r'data-probe="([^"]*)"', dom)
     assert found, "the page's load event did not run"
-    state = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<")
-                       .replace("&gt;", ">"))
+    state = json.loads(
+        found.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+    )
     assert state["failed"] == [] and state["broken"] == [] and state["fetched"] == []
     assert state["images"] >= 4 + 1 + 1  # four QC figures, the AB/C distribution, one bead curve
     assert state["rows"] == 4 and len(state["sheets"]) == 4

@@ -112,8 +112,10 @@ def test_unknown_schema_is_a_clear_error():
 
 
 def test_a_failed_result_has_no_class_and_says_why():
-    failed = _result(qc={"passed": False, "flags": ["too_few_monocytes:312"], "warnings": []},
-                     reasons=["too_few_monocytes:312 (fewer than 500 monocytes)"])
+    failed = _result(
+        qc={"passed": False, "flags": ["too_few_monocytes:312"], "warnings": []},
+        reasons=["too_few_monocytes:312 (fewer than 500 monocytes)"],
+    )
     data = failed.to_dict()
     assert data["reportable"] is False and data["reasons"]
     assert data["band"] is None and data["immunoparalysis"] is None and data["borderline"] is None
@@ -129,9 +131,17 @@ def test_a_failed_result_has_no_class_and_says_why():
 def test_version_1_documents_are_mapped():
     """A hladr.result/1 document (mixed flags, a class despite failed QC) read by the current code."""
     v1 = _result(schema="hladr.result/1").to_dict()
-    v1.update(schema="hladr.result/1", band="normal", immunoparalysis=False, borderline=False,
-              qc={"passed": False, "flags": ["few_monocytes:1201", "hladr_saturated:7.0%"],
-                  "failing_flags": ["hladr_saturated"]})
+    v1.update(
+        schema="hladr.result/1",
+        band="normal",
+        immunoparalysis=False,
+        borderline=False,
+        qc={
+            "passed": False,
+            "flags": ["few_monocytes:1201", "hladr_saturated:7.0%"],
+            "failing_flags": ["hladr_saturated"],
+        },
+    )
     for key in ("reportable", "reasons", "uncertainty", "patient_id", "sample_id", "acquired"):
         v1.pop(key)
     schema.validate(v1, "hladr.result/1")
@@ -169,14 +179,23 @@ def test_reagent_and_preanalytics_keys_are_in_the_schema_and_validate():
         assert props[key].get("description"), f"{key} is not described in the schema"
     reagent = load_reagent(DEFAULT_REAGENT).to_dict()
     assert set(props["reagent"]["properties"]) == set(reagent)
-    pre = PreAnalytics(collected_at=datetime(2026, 3, 1, 8), stained_at=datetime(2026, 3, 1, 10), tube="edta",
-                       storage="ice", protocol="lyse-wash").to_dict(datetime(2026, 3, 1, 11))
+    pre = PreAnalytics(
+        collected_at=datetime(2026, 3, 1, 8),
+        stained_at=datetime(2026, 3, 1, 10),
+        tube="edta",
+        storage="ice",
+        protocol="lyse-wash",
+    ).to_dict(datetime(2026, 3, 1, 11))
     assert set(props["preanalytics"]["properties"]) == set(pre)
     for key, table in (("tube", TUBES), ("storage", STORAGES), ("protocol", PROTOCOLS)):
         assert set(props["preanalytics"]["properties"][key]["enum"]) == {*table, None}
     assert "reagent_pct" in props["uncertainty"]["properties"]
-    document = _result(pe_molecules=4200.0, reagent=reagent, preanalytics=pre,
-                       uncertainty={"reagent_pct": 0.0, "total_pct": 3.0}).to_dict()
+    document = _result(
+        pe_molecules=4200.0,
+        reagent=reagent,
+        preanalytics=pre,
+        uncertainty={"reagent_pct": 0.0, "total_pct": 3.0},
+    ).to_dict()
     assert document["preanalytics"]["age_at_staining_h"] == 2.0
     schema.validate(document)
     schema.validate(_result(reagent=reagent).to_dict())  # no pre-analytics recorded: null

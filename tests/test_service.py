@@ -352,18 +352,27 @@ def test_a_result_stored_by_schema_1_is_served_in_schema_2(server):
     analysis_id = submit(server, SAMPLE_DIR / "patient_01.fcs", cal_id).json()["id"]
     current = wait_finished(server, analysis_id)["result"]
     assert current["schema"] == "hladr.result/2" and current["reportable"] is True
-    old = {k: v for k, v in current.items()
-           if k not in ("reportable", "reasons", "uncertainty", "patient_id", "sample_id", "acquired")}
-    old.update(schema="hladr.result/1", band="normal", immunoparalysis=False, borderline=False,
-               qc={"passed": False, "flags": ["too_few_monocytes:300", "few_monocytes:300"]})
+    old = {
+        k: v
+        for k, v in current.items()
+        if k not in ("reportable", "reasons", "uncertainty", "patient_id", "sample_id", "acquired")
+    }
+    old.update(
+        schema="hladr.result/1",
+        band="normal",
+        immunoparalysis=False,
+        borderline=False,
+        qc={"passed": False, "flags": ["too_few_monocytes:300", "few_monocytes:300"]},
+    )
     with sqlite3.connect(server.db, timeout=30) as con:
         con.execute("UPDATE analyses SET result = ? WHERE id = ?", (json.dumps(old), analysis_id))
     result = httpx.get(f"{server.url}/v1/analyses/{analysis_id}", headers=AUTH).json()["result"]
     schema.validate(result)
     assert result["schema"] == "hladr.result/2" and result["reportable"] is False
     assert result["band"] is None and result["qc"]["flags"] == ["too_few_monocytes:300"]
-    decision = httpx.post(f"{server.url}/v1/stratifications", headers=AUTH,
-                          json={"analysis_id": analysis_id, "ferritin": 900}).json()["decision"]
+    decision = httpx.post(
+        f"{server.url}/v1/stratifications", headers=AUTH, json={"analysis_id": analysis_id, "ferritin": 900}
+    ).json()["decision"]
     assert decision["category"] == "refused"
 
 

@@ -136,7 +136,8 @@ def _keywords_that_matter(sample: hladr.Sample) -> dict[str, str]:
     """Every TEXT keyword but the segment offsets (which follow the text's length) and the spillover
     (compared as numbers)."""
     return {
-        k: v for k, v in sample.keywords.items()
+        k: v
+        for k, v in sample.keywords.items()
         if not k.startswith(("$BEGIN", "$END")) and k not in ("$NEXTDATA", "$SPILLOVER", "SPILL")
     }
 
@@ -232,12 +233,24 @@ def test_composition_of_a_wider_tube(tmp_path):
 
     n = 60_000
     inst = with_detector("canto", Detector("PE-Cy7-A", "PE-Cy7", 0.05, 16.0, 15.0, 520))
-    simulate_blood(tmp_path / "p.fcs", inst, 4000, seed=5, n_events=n, monocyte_fraction=0.07 / 0.85,
-                   granulocyte_fraction=0.53 / 0.85, debris_fraction=0.10, doublet_fraction=0.05)
+    simulate_blood(
+        tmp_path / "p.fcs",
+        inst,
+        4000,
+        seed=5,
+        n_events=n,
+        monocyte_fraction=0.07 / 0.85,
+        granulocyte_fraction=0.53 / 0.85,
+        debris_fraction=0.10,
+        doublet_fraction=0.05,
+    )
     labels = np.load(tmp_path / "p.labels.npy")
-    shares = {"monocytes": (np.isin(labels, (*MONOCYTE_CODES, 11)), 0.07),
-              "granulocytes": (np.isin(labels, (1, 2, 3)), 0.53),
-              "debris": (labels == 0, 0.10), "doublets": (np.isin(labels, (12, 13)), 0.05)}
+    shares = {
+        "monocytes": (np.isin(labels, (*MONOCYTE_CODES, 11)), 0.07),
+        "granulocytes": (np.isin(labels, (1, 2, 3)), 0.53),
+        "debris": (labels == 0, 0.10),
+        "doublets": (np.isin(labels, (12, 13)), 0.05),
+    }
     for name, (mask, share) in shares.items():
         assert abs(mask.mean() - share) < 4 * np.sqrt(share * (1 - share) / n), name
     flow = flowio.FlowData(str(tmp_path / "p.fcs"))

@@ -169,7 +169,9 @@ def test_a_results_own_patient_id_and_acquisition_time_are_used_without_a_manife
         store.add_result(result)
         store.add_result(_result("c" * 64, 9100.0), patient_id="P7", collected_at="2026-03-13T09:00:00")
         assert [r["store"]["collected_at"] for r in store.results("P7")] == [
-            "2026-03-12T09:41:00", "2026-03-13T09:00:00"]
+            "2026-03-12T09:41:00",
+            "2026-03-13T09:00:00",
+        ]
 
 
 def test_service_and_batch_share_one_store(tmp_path: Path):
@@ -201,8 +203,12 @@ def test_service_and_batch_share_one_store(tmp_path: Path):
             assert answer.status_code == 202, answer.text
             done[sample.name] = wait_finished(server, answer.json()["id"])
             assert done[sample.name]["status"] == "done"
-        decision = httpx.post(f"{server.url}/v1/stratifications", headers=AUTH,
-                              json={"analysis_id": answer.json()["id"], "ferritin": 900}, timeout=30)
+        decision = httpx.post(
+            f"{server.url}/v1/stratifications",
+            headers=AUTH,
+            json={"analysis_id": answer.json()["id"], "ferritin": 900},
+            timeout=30,
+        )
         assert decision.status_code == 201, decision.text
     finally:
         server.stop()
@@ -217,5 +223,6 @@ def test_service_and_batch_share_one_store(tmp_path: Path):
         assert results["patient_03.fcs"]["abc"] == pytest.approx(done["patient_03.fcs"]["result"]["abc"])
         decisions = store.query("SELECT category, result_id FROM decisions")
         assert [(d["category"], d["result_id"]) for d in decisions] == [
-            ("unclassified", results["new.fcs"]["store"]["id"])]
+            ("unclassified", results["new.fcs"]["store"]["id"])
+        ]
     _no_duplicates(shared)

@@ -20,9 +20,16 @@ def _calibration(mfi: list[float], values: list[float]) -> Calibration:
     x, y = np.log10(mfi), np.log10(values)
     slope, intercept = np.polyfit(x, y, 1)
     resid = y - (slope * x + intercept)
-    return Calibration(channel="PE-A", values=values, mfi=mfi, peaks_used=list(range(len(mfi))),
-                       slope=float(slope), intercept=float(intercept), r2=0.999,
-                       residuals=[float(10 ** (-r) - 1) for r in resid])
+    return Calibration(
+        channel="PE-A",
+        values=values,
+        mfi=mfi,
+        peaks_used=list(range(len(mfi))),
+        slope=float(slope),
+        intercept=float(intercept),
+        r2=0.999,
+        residuals=[float(10 ** (-r) - 1) for r in resid],
+    )
 
 
 def test_bead_curve_prediction_interval_matches_scipy_regression():
@@ -80,9 +87,11 @@ def test_interval_covers_the_simulated_truth_in_95_percent_of_300_tubes():
     import bench_coverage
 
     s = bench_coverage.run(n=200, seed=12, severe=100)
-    print(f"\ncoverage {s['covered']}/{s['analysed']} ({s['tubes']} tubes), median half-width "
-          f"+-{s['median_halfwidth_pct']:.1f} %, by profile {s['by_profile']}, "
-          f"by instrument {s['by_instrument']}")
+    print(
+        f"\ncoverage {s['covered']}/{s['analysed']} ({s['tubes']} tubes), median half-width "
+        f"+-{s['median_halfwidth_pct']:.1f} %, by profile {s['by_profile']}, "
+        f"by instrument {s['by_instrument']}"
+    )
     assert s["tubes"] == 300 and s["analysed"] >= 295
     assert s["covered"] >= 0.95 * s["tubes"]  # every tube in the denominator, analysed or not
     assert set(s["by_profile"]) == {"default", "septic", "severe"}

@@ -59,7 +59,16 @@ def analyze(
         ``gates``/``gate_name``/``seed``, ``seed`` with ``gates``, ``gate_name`` without ``gates``).
     """
     options = AnalysisOptions(
-        hladr=hladr, cd14=cd14, cd45=cd45, panel=panel, statistic=statistic, gates=gates,
-        gate_name=gate_name, seed=seed, policy=policy, reagent=reagent, preanalytics=preanalytics,
+        hladr=hladr,
+        cd14=cd14,
+        cd45=cd45,
+        panel=panel,
+        statistic=statistic,
+        gates=gates,
+        gate_name=gate_name,
+        seed=seed,
+        policy=policy,
+        reagent=reagent,
+        preanalytics=preanalytics,
     )
     return run_analysis(sample, calibration, options, gating=gating).result

@@ -231,8 +231,9 @@ def flag_store(store: Any, series: Sequence[Series]) -> dict[int, list[str]]:
     return found
 
 
-def evaluate_store(store: Any, reference_runs: int | None = None,
-                   reference_dates: tuple[date, date] | None = None) -> list[Series]:
+def evaluate_store(
+    store: Any, reference_runs: int | None = None, reference_dates: tuple[date, date] | None = None
+) -> list[Series]:
     """Levey-Jennings over every calibration in ``store``; its Westgard flags are replaced by these.
 
     A reference given here is recorded in the store (a ``beads-qc`` run); without one, the last
@@ -242,8 +243,10 @@ def evaluate_store(store: Any, reference_runs: int | None = None,
     if reference_runs is None and reference_dates is None:
         reference_runs, reference_dates = _recorded_reference(store)
     else:
-        options = {"reference_runs": reference_runs or REFERENCE_RUNS,
-                   "reference_dates": [d.isoformat() for d in reference_dates] if reference_dates else None}
+        options = {
+            "reference_runs": reference_runs or REFERENCE_RUNS,
+            "reference_dates": [d.isoformat() for d in reference_dates] if reference_dates else None,
+        }
         store.finish_run(store.start_run("beads-qc", options=options), {})
     series = levey_jennings(store.calibrations(), reference_runs or REFERENCE_RUNS, reference_dates)
     flag_store(store, series)
@@ -257,4 +260,5 @@ def _recorded_reference(store: Any) -> tuple[int, tuple[date, date] | None]:
     options = json.loads(rows[0]["options"] or "{}")
     dates = options.get("reference_dates")
     return int(options.get("reference_runs") or REFERENCE_RUNS), (
-        (date.fromisoformat(dates[0]), date.fromisoformat(dates[1])) if dates else None)
+        (date.fromisoformat(dates[0]), date.fromisoformat(dates[1])) if dates else None
+    )

@@ -125,5 +125,8 @@ class Failure:
 
     def to_dict(self) -> dict[str, Any]:
         """``{"status": "error" | "internal", "error_type", "reason"}``."""
-        return {"status": "internal" if self.internal else "error", "error_type": self.error_type,
-                "reason": self.reason}
+        return {
+            "status": "internal" if self.internal else "error",
+            "error_type": self.error_type,
+            "reason": self.reason,
+        }

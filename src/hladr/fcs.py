@@ -272,6 +272,7 @@ class Sample:
         """``{"patient_id": (value, keyword), "sample_id": (value, keyword)}`` from the keywords labs
         use (:data:`PATIENT_ID_KEYWORDS`, :data:`SAMPLE_ID_KEYWORDS`, first non-empty wins); None
         where no keyword holds one."""
+
         def first(names: tuple[str, ...]) -> tuple[str, str] | None:
             for name in names:
                 value = (self.keywords.get(name) or "").strip()
@@ -295,8 +296,16 @@ SAMPLE_ID_KEYWORDS = ("$SMNO", "SAMPLE ID", "SAMPLE_ID", "TUBE NAME", "TUBE_NAME
 #: ``$DATE`` forms: the standard ``dd-mmm-yyyy``, then what instruments write (a two-digit year only
 #: where the text has two digits: ``%Y`` would read "08-Sep-06" as the year 6). Month names in any case.
 _DATE_FORMATS = (
-    "%d-%b-%Y", "%d-%b-%y", "%Y-%m-%d", "%d-%m-%Y", "%m/%d/%Y", "%d.%m.%Y", "%Y%m%d", "%Y/%m/%d",
-    "%d %b %Y", "%Y-%b-%d",  # Beckman Coulter (CyAn, MoFlo), Miltenyi MACSQuant
+    "%d-%b-%Y",
+    "%d-%b-%y",
+    "%Y-%m-%d",
+    "%d-%m-%Y",
+    "%m/%d/%Y",
+    "%d.%m.%Y",
+    "%Y%m%d",
+    "%Y/%m/%d",
+    "%d %b %Y",
+    "%Y-%b-%d",  # Beckman Coulter (CyAn, MoFlo), Miltenyi MACSQuant
 )
 
 

@@ -993,8 +993,9 @@ class UserGateFile:
 
 def user_monocyte_step(gates: str | os.PathLike, gate_name: str | None = None) -> GateStep:
     """The monocytes step of a user gate file: its gate applied to the singlets."""
-    return GateStep("monocytes", UserGateFile(Path(gates), gate_name), parent="singlets",
-                    label="monocytes (user gate)")
+    return GateStep(
+        "monocytes", UserGateFile(Path(gates), gate_name), parent="singlets", label="monocytes (user gate)"
+    )
 
 
 def gate_monocytes(
@@ -1034,8 +1035,9 @@ def gate_monocytes(
             parent = populations[step.parent]
         outcome = step.gate(tube, parent)
         mask = outcome.mask & parent
-        gate_log.append({"gate": step.label or step.name, "in": int(parent.sum()), "out": int(mask.sum()),
-                         **outcome.info})
+        gate_log.append(
+            {"gate": step.label or step.name, "in": int(parent.sum()), "out": int(mask.sum()), **outcome.info}
+        )
         flags += outcome.flags
         alternatives.update(outcome.alternatives)
         thresholds.update((name, outcome.info[k]) for k, name in THRESHOLDS.items() if outcome.info.get(k))
@@ -1094,8 +1096,10 @@ def user_gate(sample: Sample, gates: str | os.PathLike, gate_name: str | None = 
             sample_id = workspace_sample_id(ids, sample.path)
             if sample_id is None:
                 listed = ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
-                raise GatingError(f"the workspace {path.name} does not mention this tube "
-                                  f"(its samples: {listed or 'none'})", sample.path)
+                raise GatingError(
+                    f"the workspace {path.name} does not mention this tube (its samples: {listed or 'none'})",
+                    sample.path,
+                )
             fk_sample = fk.Sample(events, sample_id=sample_id, channel_labels=list(sample.channels))
             ws = fk.Workspace(str(path), fcs_samples=[fk_sample])
             ws.analyze_samples(sample_id=sample_id)
@@ -1135,8 +1139,12 @@ def workspace_sample_id(sample_ids: list[str], tube: str | os.PathLike) -> str |
     return None
 
 
-def choose_gate(gate_ids: list[tuple[str, tuple]], gate_name: str | None, source: str,
-                tube: str | os.PathLike | None = None) -> tuple[str, tuple]:
+def choose_gate(
+    gate_ids: list[tuple[str, tuple]],
+    gate_name: str | None,
+    source: str,
+    tube: str | os.PathLike | None = None,
+) -> tuple[str, tuple]:
     """The (name, parent path) of the monocyte gate among flowkit's gate ids (see :func:`user_gate`)."""
     full = _full_gate_name
     if gate_name:
@@ -1145,12 +1153,18 @@ def choose_gate(gate_ids: list[tuple[str, tuple]], gate_name: str | None, source
         wanted = sorted(((n, p) for n, p in gate_ids if "mono" in n.lower()), key=lambda g: len(g[1]))
     names = ", ".join(full(n, p) for n, p in gate_ids) or "none"
     if not wanted:
-        what = f"no gate named {gate_name!r} in {source}" if gate_name else (
-            f"no monocyte gate in {source} (none named like 'mono': choose one with --gate-name)")
+        what = (
+            f"no gate named {gate_name!r} in {source}"
+            if gate_name
+            else (f"no monocyte gate in {source} (none named like 'mono': choose one with --gate-name)")
+        )
         raise GatingError(f"{what}; gates: {names}", tube)
     if gate_name and len(wanted) > 1:
-        raise GatingError(f"{len(wanted)} gates named {gate_name!r} in {source}: give the full path "
-                          f"({', '.join(full(n, p) for n, p in wanted)})", tube)
+        raise GatingError(
+            f"{len(wanted)} gates named {gate_name!r} in {source}: give the full path "
+            f"({', '.join(full(n, p) for n, p in wanted)})",
+            tube,
+        )
     return wanted[0]
 
 

@@ -53,8 +53,13 @@ def png_bytes(figure: Any, dpi: float = 110, tight: bool = True) -> bytes:
     files about 10 % larger.
     """
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight" if tight else None,
-                   pil_kwargs={"compress_level": 1})
+    figure.savefig(
+        buffer,
+        format="png",
+        dpi=dpi,
+        bbox_inches="tight" if tight else None,
+        pil_kwargs={"compress_level": 1},
+    )
     return buffer.getvalue()
 
 
@@ -198,8 +203,15 @@ class _Density:
     @property
     def layout(self) -> tuple:
         """What the panel's static pixels depend on."""
-        return (self.title, self.xlabel, self.ylabel, self.xrange, self.yrange,
-                tuple(alpha for alpha, _, _ in self.dots), len(self.cuts))
+        return (
+            self.title,
+            self.xlabel,
+            self.ylabel,
+            self.xrange,
+            self.yrange,
+            tuple(alpha for alpha, _, _ in self.dots),
+            len(self.cuts),
+        )
 
 
 class _QCFigure(Figure):
@@ -248,11 +260,22 @@ class _QCFigure(Figure):
                 self.slots.append(None)
                 continue
             (x0, x1), (y0, y1) = density.xrange, density.yrange
-            ax.set(xlim=(x0, x1), ylim=(y0, y1), xlabel=f"log10 {density.xlabel}",
-                   ylabel=f"log10 {density.ylabel}")
+            ax.set(
+                xlim=(x0, x1),
+                ylim=(y0, y1),
+                xlabel=f"log10 {density.xlabel}",
+                ylabel=f"log10 {density.ylabel}",
+            )
             # an image, not a mesh: drawn several times faster than hist2d's pcolormesh
-            image = ax.imshow(np.ma.masked_all((BINS, BINS)), origin="lower", extent=(x0, x1, y0, y1),
-                              aspect="auto", cmap="viridis", interpolation="nearest", animated=True)
+            image = ax.imshow(
+                np.ma.masked_all((BINS, BINS)),
+                origin="lower",
+                extent=(x0, x1, y0, y1),
+                aspect="auto",
+                cmap="viridis",
+                interpolation="nearest",
+                animated=True,
+            )
             dots = [ax.plot([], [], ",", color="r", alpha=a, animated=True)[0] for a, _, _ in density.dots]
             cuts = [ax.axvline(x0, color="r", lw=1, animated=True) for _ in density.cuts]
             self.slots.append((image, dots, cuts))
@@ -336,11 +359,16 @@ def plot_analysis(
         xs, ys = x[base], y[base]
         if ((xs > 0) & (ys > 0)).sum() < 10:
             return _Density(title + " (no events)")
-        xr, yr = (_log_range(sample, panel[r], v, "scatter" if r in scatter else "fluorescence")
-                  for r, v in ((x_role, xs), (y_role, ys)))
+        xr, yr = (
+            _log_range(sample, panel[r], v, "scatter" if r in scatter else "fluorescence")
+            for r, v in ((x_role, xs), (y_role, ys))
+        )
         cut_values = (gating.thresholds.get(key) for key in cuts)
         return _Density(
-            title, *(panel[r] if r in scatter else r for r in (x_role, y_role)), xr, yr,
+            title,
+            *(panel[r] if r in scatter else r for r in (x_role, y_role)),
+            xr,
+            yr,
             _density_counts(xs, ys, xr, yr),
             [(alpha, *_thinned_logs(x[mask], y[mask], limit)) for mask, alpha, limit in dots],
             [float(np.log10(c)) for c in cut_values if c and np.isfinite(c) and c > 0],
@@ -348,12 +376,21 @@ def plot_analysis(
 
     densities = [
         density("Singlets", "FSC-A", "FSC-H", gating.clean, dots=[(gating.singlets, 0.3, 3_000)])
-        if panel["FSC-H"] else _Density("Singlets: no FSC-H"),
-        density("CD45+ leukocytes", "CD45", side, gating.singlets, cuts=["cd45_min"]) if panel["CD45"]
-        else density("Leukocytes (no CD45)", "FSC-A", side, gating.singlets) if panel["FSC-A"]
+        if panel["FSC-H"]
+        else _Density("Singlets: no FSC-H"),
+        density("CD45+ leukocytes", "CD45", side, gating.singlets, cuts=["cd45_min"])
+        if panel["CD45"]
+        else density("Leukocytes (no CD45)", "FSC-A", side, gating.singlets)
+        if panel["FSC-A"]
         else _Density("Leukocytes: no CD45, no scatter"),
-        density("CD14+ monocytes", "CD14", side, gating.leukocytes, dots=[(gating.monocytes, 0.5, 5_000)],
-                cuts=["cd14_min"]),
+        density(
+            "CD14+ monocytes",
+            "CD14",
+            side,
+            gating.leukocytes,
+            dots=[(gating.monocytes, 0.5, 5_000)],
+            cuts=["cd14_min"],
+        ),
     ]
 
     data = result.to_dict() if hasattr(result, "to_dict") else result
@@ -403,8 +440,13 @@ def _abc_histogram(ax: Any, abc_cells: np.ndarray, data: dict) -> None:
     ax.axvline(np.log10(data["abc"]), color="C3", label=f"median {data['abc']:,.0f}")
     ci = [v for v in data.get("abc_ci95") or [] if v and v > 0]
     if len(ci) == 2:
-        ax.axvspan(np.log10(ci[0]), np.log10(ci[1]), color="C3", alpha=0.2,
-                   label=f"95 % interval {ci[0]:,.0f}-{ci[1]:,.0f}")
+        ax.axvspan(
+            np.log10(ci[0]),
+            np.log10(ci[1]),
+            color="C3",
+            alpha=0.2,
+            label=f"95 % interval {ci[0]:,.0f}-{ci[1]:,.0f}",
+        )
     ax.set(title=f"Monocyte HLA-DR ({data['monocytes']:,} cells)", xlabel="log10 AB/C", ylabel="cells")
     ax.legend(fontsize=8)
 
@@ -426,8 +468,11 @@ def plot_course(course: Any, path: str | os.PathLike | None = None, ax: Any = No
         fig, ax = plt.subplots(figsize=(7.0, 3.6))
     points = [p for p in course.points if p.abc is not None and p.collected_at]
     times = [datetime.fromisoformat(p.collected_at) for p in points]
-    lines = ((THRESHOLD, "#c0392b", "5,000 immunoparalysis"), (SEVERE_MAX, "#e67e22", "8,000 severe"),
-             (NORMAL_MIN, "#27ae60", "15,000 normal"))
+    lines = (
+        (THRESHOLD, "#c0392b", "5,000 immunoparalysis"),
+        (SEVERE_MAX, "#e67e22", "8,000 severe"),
+        (NORMAL_MIN, "#27ae60", "15,000 normal"),
+    )
     for limit, colour, label in lines:
         ax.axhline(limit, color=colour, lw=1, ls="--", label=label)
     for reportable in (True, False):
@@ -438,23 +483,41 @@ def plot_course(course: Any, path: str | os.PathLike | None = None, ax: Any = No
         abc = np.array([c[1].abc for c in chosen], dtype=float)
         ci = np.array([[np.nan if v is None else v for v in c[1].abc_ci95[:2]] for c in chosen], dtype=float)
         colour = "#1f4e79" if reportable else "#999999"
-        ax.errorbar(t, abc, yerr=[np.nan_to_num(abc - ci[:, 0]), np.nan_to_num(ci[:, 1] - abc)], fmt="o",
-                    color=colour, mfc=colour if reportable else "white", capsize=3,
-                    label="reportable" if reportable else "not reportable")
+        ax.errorbar(
+            t,
+            abc,
+            yerr=[np.nan_to_num(abc - ci[:, 0]), np.nan_to_num(ci[:, 1] - abc)],
+            fmt="o",
+            color=colour,
+            mfc=colour if reportable else "white",
+            capsize=3,
+            label="reportable" if reportable else "not reportable",
+        )
     reportable_points = [(t, p) for t, p in zip(times, points) if p.reportable]
     if len(reportable_points) > 1:
         ax.plot(*zip(*[(t, p.abc) for t, p in reportable_points]), color="#1f4e79", lw=1)
     for t, p in zip(times, points):
         if p.rules:
-            short = {"immunoparalysis": "<5k", "low_two_days": "<8k x2", "recovery": "recovery",
-                     "significant_change": f"{p.change:+.0%}" if p.change is not None else "change"}
-            ax.annotate(", ".join(short.get(r, r) for r in p.rules), (t, p.abc), textcoords="offset points",
-                        xytext=(0, 8), ha="center", fontsize=7)
+            short = {
+                "immunoparalysis": "<5k",
+                "low_two_days": "<8k x2",
+                "recovery": "recovery",
+                "significant_change": f"{p.change:+.0%}" if p.change is not None else "change",
+            }
+            ax.annotate(
+                ", ".join(short.get(r, r) for r in p.rules),
+                (t, p.abc),
+                textcoords="offset points",
+                xytext=(0, 8),
+                ha="center",
+                fontsize=7,
+            )
     ax.set_yscale("log")
     ax.set_ylim(1_000, 60_000)
     ax.set_ylabel("mHLA-DR (AB/C)")
-    ax.set_title(f"patient {course.patient_id} ({len(points)} results, rules {course.rules_version})",
-                 fontsize=9)
+    ax.set_title(
+        f"patient {course.patient_id} ({len(points)} results, rules {course.rules_version})", fontsize=9
+    )
     ax.legend(fontsize=7, loc="lower right", ncol=2)
     if fig is not None:
         fig.autofmt_xdate()
@@ -497,11 +560,14 @@ def plot_levey_jennings(series: list, path: str | os.PathLike | None = None) -> 
 
     plt = _pyplot()
     quantities = list(dict.fromkeys(s.quantity for s in series))
-    fig, axes = plt.subplots(len(quantities), 1, figsize=(8.0, 1.7 * len(quantities) + 0.6), sharex=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(quantities), 1, figsize=(8.0, 1.7 * len(quantities) + 0.6), sharex=True, squeeze=False
+    )
     for ax, quantity in zip(axes[:, 0], quantities):
-        periods = sorted((s for s in series if s.quantity == quantity),
-                         key=lambda s: min((r.acquired or "" for r in s.runs), default=""))
+        periods = sorted(
+            (s for s in series if s.quantity == quantity),
+            key=lambda s: min((r.acquired or "" for r in s.runs), default=""),
+        )
         for k, s in enumerate(periods):
             runs = [r for r in s.runs if r.value is not None and r.acquired]
             if not runs:
@@ -510,13 +576,28 @@ def plot_levey_jennings(series: list, path: str | os.PathLike | None = None) -> 
             v = np.array([r.value for r in runs])
             if k:
                 ax.axvline(t[0], color="#7f3c8d", lw=1.2)
-                ax.annotate(f"lot {s.lot}", (t[0], 1.0), xycoords=("data", "axes fraction"), fontsize=7,
-                            va="top", ha="left", color="#7f3c8d", xytext=(3, -2), textcoords="offset points")
+                ax.annotate(
+                    f"lot {s.lot}",
+                    (t[0], 1.0),
+                    xycoords=("data", "axes fraction"),
+                    fontsize=7,
+                    va="top",
+                    ha="left",
+                    color="#7f3c8d",
+                    xytext=(3, -2),
+                    textcoords="offset points",
+                )
             if s.mean is not None:
                 for m, style in ((0, "-"), (1, ":"), (2, "--"), (3, "-")):
-                    for sign in ((1,) if m == 0 else (1, -1)):
-                        ax.hlines(s.mean + sign * m * s.sd, t[0], t[-1], linestyles=style, lw=0.7,
-                                  colors="#555555" if m != 3 else "#c0392b")
+                    for sign in (1,) if m == 0 else (1, -1):
+                        ax.hlines(
+                            s.mean + sign * m * s.sd,
+                            t[0],
+                            t[-1],
+                            linestyles=style,
+                            lw=0.7,
+                            colors="#555555" if m != 3 else "#c0392b",
+                        )
                 ref = [x for x, r in zip(t, runs) if r.reference]
                 if ref:
                     ax.axvspan(ref[0], ref[-1], color="#dfe8f1", lw=0)
@@ -526,13 +607,21 @@ def plot_levey_jennings(series: list, path: str | os.PathLike | None = None) -> 
             if bad.any():
                 ax.plot(np.array(t)[bad], v[bad], "o", ms=4, color="#c0392b")
                 first = int(np.argmax(bad))
-                ax.annotate(", ".join(runs[first].violations), (t[first], v[first]), xytext=(-4, 6),
-                            textcoords="offset points", ha="right", fontsize=7, color="#c0392b")
+                ax.annotate(
+                    ", ".join(runs[first].violations),
+                    (t[first], v[first]),
+                    xytext=(-4, 6),
+                    textcoords="offset points",
+                    ha="right",
+                    fontsize=7,
+                    color="#c0392b",
+                )
         ax.set_ylabel(quantity.replace("log10 MFI ", "log MFI\n"), fontsize=7)
         ax.tick_params(labelsize=7)
     cytometer = series[0].cytometer if series else ""
-    axes[0, 0].set_title(f"Levey-Jennings, {cytometer}: shaded = reference period, red = Westgard violation",
-                         fontsize=9)
+    axes[0, 0].set_title(
+        f"Levey-Jennings, {cytometer}: shaded = reference period, red = Westgard violation", fontsize=9
+    )
     fig.autofmt_xdate()
     if path is not None:
         save_figure(fig, path)

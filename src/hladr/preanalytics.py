@@ -145,8 +145,9 @@ class PreAnalytics:
         }
 
 
-def stability_window(pre: PreAnalytics, windows: tuple[StabilityWindow, ...] = STABILITY_WINDOWS
-                     ) -> StabilityWindow | None:
+def stability_window(
+    pre: PreAnalytics, windows: tuple[StabilityWindow, ...] = STABILITY_WINDOWS
+) -> StabilityWindow | None:
     """The window of the sample's tube type and storage (an exact storage before a wildcard)."""
     for window in sorted(windows, key=lambda w: w.storage is None):
         if window.tube == pre.tube and window.storage in (None, pre.storage):
@@ -185,11 +186,14 @@ def preanalytic_flags(
     if window is None:
         flags.append(f"no_stability_window:{where}")
     elif staining is not None and staining > window.hours:
-        flags.append(f"stained_beyond_stability:{staining:.1f} h after collection, "
-                     f"{where} window {window.hours:g} h")
+        flags.append(
+            f"stained_beyond_stability:{staining:.1f} h after collection, {where} window {window.hours:g} h"
+        )
     elif staining is None and acquisition is not None and acquisition > window.hours:
-        flags.append(f"stability_unverified:acquired {acquisition:.1f} h after collection, no staining time, "
-                     f"{where} window {window.hours:g} h")
+        flags.append(
+            f"stability_unverified:acquired {acquisition:.1f} h after collection, no staining time, "
+            f"{where} window {window.hours:g} h"
+        )
     return flags
 
 

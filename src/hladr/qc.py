@@ -42,61 +42,105 @@ class Rule:
 
 
 #: Every flag a patient tube's Result can carry (gating, calibration and analysis flags).
-RULES: tuple[Rule, ...] = tuple(Rule(code, severity, rule) for code, severity, rule in (
-    ("too_few_monocytes", "fail", "fewer than `min_monocytes_fail` monocytes"),
-    ("few_monocytes", "warn", "fewer than `min_monocytes` monocytes (the interval widens)"),
-    ("hladr_saturated", "fail", "more than `saturated_fail` of the monocytes at the HLA-DR maximum"),
-    ("hladr_some_saturated", "warn", "more than `saturated_warn` of the monocytes at the maximum"),
-    ("voltage_mismatch", "fail", "HLA-DR detector voltage ($PnV) differs from the bead tube's"),
-    ("gain_mismatch", "fail", "HLA-DR detector gain ($PnG) differs from the bead tube's"),
-    ("gating_settings_differ", "warn", "a gating channel's (CD14, CD45, FSC, SSC) voltage or gain differs"),
-    ("channel_missing", "fail", "the bead curve's channel is not in the patient tube"),
-    ("channel_mismatch", "fail", "HLA-DR read on another detector than the beads"),
-    ("cytometer_mismatch", "warn", "the bead tube's `$CYT` differs"),
-    ("serial_mismatch", "warn", "the bead tube's cytometer serial differs"),
-    ("calibration_failed", "fail", "the bead calibration failed its own QC (docs/calibration.md)"),
-    ("outside_bead_range", "warn", "monocyte MFI outside the fitted bead range (extrapolated)"),
-    ("outside_bead_range_far", "fail", "monocyte MFI over `bead_range_far_factor` x the brightest level's"),
-    ("wide_interval", "warn", "the 95 % interval is wider than `wide_interval_pct` % either side"),
-    ("fallback_gating", "warn", "the joint gate failed its checks: the density gate or clustering answered"),
-    ("gates_disagree", "warn", "an alternative gate's monocytes give a value outside the 95 % interval"),
-    ("nonfinite_events", "warn", "events with NaN or infinite values dropped (over `max_nonfinite_fraction` "
-     "refuse the file)"),
-    ("time_gate_removed", "warn", "more than `time_gate_warn` of events dropped by the time gate (a clog)"),
-    ("no_granulocytes", "warn", "no granulocyte population (PBMC rather than lysed whole blood?)"),
-    ("panel_from_naming", "warn", "a channel role came from instrument naming, not `$PnS` markers"),
-    ("no_scatter", "info", "mass cytometry: gated on DNA, CD45 and CD14 only"),
-    ("stained_beyond_stability", "fail", "stained later after collection than its tube type's stability "
-     "window (`stability_windows`; docs/reagents.md)"),
-    ("stability_unverified", "warn", "no staining time, and acquired later after collection than the "
-     "stability window"),
-    ("no_stability_window", "warn", "no stability window for the tube type and storage (docs/reagents.md)"),
-    ("protocol_differs", "warn", "staining protocol differs from the lab's reference (`reference_protocol`): "
-     "lyse-no-wash reads ~18 % higher"),
-    ("no_collection_time", "warn", "no collection time: the sample's age cannot be checked"),
-    ("preanalytic_times_inconsistent", "fail", "collection, staining and acquisition times out of order"),
-    ("bead_run_flagged", "fail", "the bead run broke a Westgard rule of its lot's Levey-Jennings series "
-     "(batch with a results store; docs/beadqc.md)"),
-))
+RULES: tuple[Rule, ...] = tuple(
+    Rule(code, severity, rule)
+    for code, severity, rule in (
+        ("too_few_monocytes", "fail", "fewer than `min_monocytes_fail` monocytes"),
+        ("few_monocytes", "warn", "fewer than `min_monocytes` monocytes (the interval widens)"),
+        ("hladr_saturated", "fail", "more than `saturated_fail` of the monocytes at the HLA-DR maximum"),
+        ("hladr_some_saturated", "warn", "more than `saturated_warn` of the monocytes at the maximum"),
+        ("voltage_mismatch", "fail", "HLA-DR detector voltage ($PnV) differs from the bead tube's"),
+        ("gain_mismatch", "fail", "HLA-DR detector gain ($PnG) differs from the bead tube's"),
+        (
+            "gating_settings_differ",
+            "warn",
+            "a gating channel's (CD14, CD45, FSC, SSC) voltage or gain differs",
+        ),
+        ("channel_missing", "fail", "the bead curve's channel is not in the patient tube"),
+        ("channel_mismatch", "fail", "HLA-DR read on another detector than the beads"),
+        ("cytometer_mismatch", "warn", "the bead tube's `$CYT` differs"),
+        ("serial_mismatch", "warn", "the bead tube's cytometer serial differs"),
+        ("calibration_failed", "fail", "the bead calibration failed its own QC (docs/calibration.md)"),
+        ("outside_bead_range", "warn", "monocyte MFI outside the fitted bead range (extrapolated)"),
+        (
+            "outside_bead_range_far",
+            "fail",
+            "monocyte MFI over `bead_range_far_factor` x the brightest level's",
+        ),
+        ("wide_interval", "warn", "the 95 % interval is wider than `wide_interval_pct` % either side"),
+        (
+            "fallback_gating",
+            "warn",
+            "the joint gate failed its checks: the density gate or clustering answered",
+        ),
+        ("gates_disagree", "warn", "an alternative gate's monocytes give a value outside the 95 % interval"),
+        (
+            "nonfinite_events",
+            "warn",
+            "events with NaN or infinite values dropped (over `max_nonfinite_fraction` refuse the file)",
+        ),
+        (
+            "time_gate_removed",
+            "warn",
+            "more than `time_gate_warn` of events dropped by the time gate (a clog)",
+        ),
+        ("no_granulocytes", "warn", "no granulocyte population (PBMC rather than lysed whole blood?)"),
+        ("panel_from_naming", "warn", "a channel role came from instrument naming, not `$PnS` markers"),
+        ("no_scatter", "info", "mass cytometry: gated on DNA, CD45 and CD14 only"),
+        (
+            "stained_beyond_stability",
+            "fail",
+            "stained later after collection than its tube type's stability "
+            "window (`stability_windows`; docs/reagents.md)",
+        ),
+        (
+            "stability_unverified",
+            "warn",
+            "no staining time, and acquired later after collection than the stability window",
+        ),
+        (
+            "no_stability_window",
+            "warn",
+            "no stability window for the tube type and storage (docs/reagents.md)",
+        ),
+        (
+            "protocol_differs",
+            "warn",
+            "staining protocol differs from the lab's reference (`reference_protocol`): "
+            "lyse-no-wash reads ~18 % higher",
+        ),
+        ("no_collection_time", "warn", "no collection time: the sample's age cannot be checked"),
+        ("preanalytic_times_inconsistent", "fail", "collection, staining and acquisition times out of order"),
+        (
+            "bead_run_flagged",
+            "fail",
+            "the bead run broke a Westgard rule of its lot's Levey-Jennings series "
+            "(batch with a results store; docs/beadqc.md)",
+        ),
+    )
+)
 
 
 #: Every flag a bead calibration can carry (``Calibration.qc``; thresholds in :mod:`hladr.calibration`,
 #: docs/calibration.md): a failing one fails the calibration, and a failed calibration fails every
 #: patient tube measured with it (``calibration_failed``).
-CALIBRATION_RULES: tuple[Rule, ...] = tuple(Rule(code, severity, rule) for code, severity, rule in (
-    ("too_few_peaks", "fail", "fewer than MIN_PEAKS levels fitted"),
-    ("low_r2", "fail", "r² of the log-log fit below MIN_R2"),
-    ("slope_out_of_range", "fail", "slope outside SLOPE_RANGE on a linear channel (log-log model)"),
-    ("too_few_bead_events", "fail", "fewer than MIN_BEAD_EVENTS singlet beads"),
-    ("missing_level", "fail", "a lit level without a population, neither saturated nor below the noise"),
-    ("unassigned_population", "fail", "a population of a level's size left without a level"),
-    ("ambiguous_assignment", "fail", "another assignment scores within AMBIGUITY_MARGIN of the best"),
-    ("lot_expired", "fail", "the lot's expiry is before the bead tube's acquisition date"),
-    ("level_saturated", "warn", "a level the curve puts above the channel's maximum"),
-    ("level_below_noise", "warn", "a level the curve puts below the noise floor"),
-    ("level_not_fitted", "warn", "a level found but not fitted (noise floor, or close to the blank)"),
-    ("wide_peak_cv", "warn", "a fitted level (not the dimmest) with a CV over MAX_PEAK_CV"),
-))
+CALIBRATION_RULES: tuple[Rule, ...] = tuple(
+    Rule(code, severity, rule)
+    for code, severity, rule in (
+        ("too_few_peaks", "fail", "fewer than MIN_PEAKS levels fitted"),
+        ("low_r2", "fail", "r² of the log-log fit below MIN_R2"),
+        ("slope_out_of_range", "fail", "slope outside SLOPE_RANGE on a linear channel (log-log model)"),
+        ("too_few_bead_events", "fail", "fewer than MIN_BEAD_EVENTS singlet beads"),
+        ("missing_level", "fail", "a lit level without a population, neither saturated nor below the noise"),
+        ("unassigned_population", "fail", "a population of a level's size left without a level"),
+        ("ambiguous_assignment", "fail", "another assignment scores within AMBIGUITY_MARGIN of the best"),
+        ("lot_expired", "fail", "the lot's expiry is before the bead tube's acquisition date"),
+        ("level_saturated", "warn", "a level the curve puts above the channel's maximum"),
+        ("level_below_noise", "warn", "a level the curve puts below the noise floor"),
+        ("level_not_fitted", "warn", "a level found but not fitted (noise floor, or close to the blank)"),
+        ("wide_peak_cv", "warn", "a fitted level (not the dimmest) with a CV over MAX_PEAK_CV"),
+    )
+)
 
 
 def _severity(rules: Iterable[Rule], flag: str) -> Severity:
@@ -284,8 +328,9 @@ class QCPolicy:
 def _shown(value: Any) -> str:
     """A threshold in a rule's words: fractions in %, windows as "tube storage: N h"."""
     if isinstance(value, tuple) and all(isinstance(w, StabilityWindow) for w in value):
-        return ", ".join(f"{w.tube}{' ' + STORAGE_WORDS[w.storage] if w.storage else ''} {w.hours:g} h"
-                         for w in value)
+        return ", ".join(
+            f"{w.tube}{' ' + STORAGE_WORDS[w.storage] if w.storage else ''} {w.hours:g} h" for w in value
+        )
     if isinstance(value, tuple):
         return "-".join(f"{v:,g}" for v in value)
     if isinstance(value, str):

@@ -119,17 +119,27 @@ def load_reagent(path_or_name: str | os.PathLike, reagent_dir: str | os.PathLike
     ratio = _optional_number(data, "fp_ratio", path)
     lo, hi = FP_RATIO_RANGE
     if ratio is None or not lo <= ratio <= hi:
-        raise ReagentFileError(f"fp_ratio must be between {lo:g} and {hi:g} fluorochromes per antibody, "
-                               f"got {data['fp_ratio']!r}", path)
+        raise ReagentFileError(
+            f"fp_ratio must be between {lo:g} and {hi:g} fluorochromes per antibody, "
+            f"got {data['fp_ratio']!r}",
+            path,
+        )
     spread = _optional_number(data, "fp_ratio_uncertainty_pct", path)
     if spread is not None and not 0 <= spread < 100:
         raise ReagentFileError(
-            f"fp_ratio_uncertainty_pct must be 0-100 (a 95 % half-width in %), got {spread:g}", path)
+            f"fp_ratio_uncertainty_pct must be 0-100 (a 95 % half-width in %), got {spread:g}", path
+        )
     optional = {k: None if data.get(k) is None else str(data[k]) for k in ("manufacturer", "catalog", "lot")}
     return Reagent(
-        name=str(data["name"]), antibody=str(data["antibody"]), clone=str(data["clone"]),
-        fluorochrome=str(data["fluorochrome"]), fp_ratio=ratio, fp_source=str(data["fp_source"]),
-        fp_ratio_uncertainty_pct=spread, path=str(path), **optional,
+        name=str(data["name"]),
+        antibody=str(data["antibody"]),
+        clone=str(data["clone"]),
+        fluorochrome=str(data["fluorochrome"]),
+        fp_ratio=ratio,
+        fp_source=str(data["fp_source"]),
+        fp_ratio_uncertainty_pct=spread,
+        path=str(path),
+        **optional,
     )
 
 

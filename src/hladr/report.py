@@ -163,9 +163,24 @@ def _lot_text(cal: Mapping[str, Any]) -> str:
 
 
 def _results_table(results: Sequence[Mapping[str, Any]]) -> str:
-    head = ("patient", "sample", "acquired", "AB/C", "95 % CI", "class", "< 5,000", "borderline",
-            "stratification", "monocytes", "reagent", "handling", "not reportable because", "warnings",
-            "file", "sign-out")
+    head = (
+        "patient",
+        "sample",
+        "acquired",
+        "AB/C",
+        "95 % CI",
+        "class",
+        "< 5,000",
+        "borderline",
+        "stratification",
+        "monocytes",
+        "reagent",
+        "handling",
+        "not reportable because",
+        "warnings",
+        "file",
+        "sign-out",
+    )
     rows = []
     for i, r in enumerate(results):
         reportable = bool(r.get("reportable", False))
@@ -204,49 +219,78 @@ def _signout(index: int, r: Mapping[str, Any], report_dir: Path) -> str:
     reportable = bool(r.get("reportable", False))
     why = "; ".join(map(str, r.get("reasons") or (r.get("qc") or {}).get("flags") or [])) or "QC failed"
     parts = r.get("uncertainty") or {}
-    names = (("sampling", "sampling_pct"), ("bead curve", "calibration_pct"), ("gate", "gating_pct"),
-             ("reagent F/P", "reagent_pct"))
-    spread = ", ".join(f"{name} ±{parts[key]:.1f} %" for name, key in names
-                       if isinstance(parts.get(key), (int, float)) and (parts[key] or key != "reagent_pct"))
+    names = (
+        ("sampling", "sampling_pct"),
+        ("bead curve", "calibration_pct"),
+        ("gate", "gating_pct"),
+        ("reagent F/P", "reagent_pct"),
+    )
+    spread = ", ".join(
+        f"{name} ±{parts[key]:.1f} %"
+        for name, key in names
+        if isinstance(parts.get(key), (int, float)) and (parts[key] or key != "reagent_pct")
+    )
     source = r.get("identity_source") or {}
     rows = [
-        ("Patient", f"{r.get('patient_id') or '–'}"
-                    + (f" (from {source['patient_id']})" if source.get("patient_id") else "")),
-        ("Sample", f"{r.get('sample_id') or '–'}"
-                   + (f" (from {source['sample_id']})" if source.get("sample_id") else "")),
+        (
+            "Patient",
+            f"{r.get('patient_id') or '–'}"
+            + (f" (from {source['patient_id']})" if source.get("patient_id") else ""),
+        ),
+        (
+            "Sample",
+            f"{r.get('sample_id') or '–'}"
+            + (f" (from {source['sample_id']})" if source.get("sample_id") else ""),
+        ),
         ("Acquired", str(r.get("acquired") or "–")),
         ("mHLA-DR", f"{_fmt(r.get('abc'))} AB/C"),
         ("95 % interval", _interval(r) + (f"; {spread}" if spread else "")),
         ("Reportable", "yes" if reportable else f"NO: {why}"),
         ("Class", _class(r) if reportable else "– (not reportable: no class is given)"),
         ("Warnings", "; ".join(map(str, (r.get("qc") or {}).get("warnings") or [])) or "none"),
-        ("Monocytes", f"{_fmt(r.get('monocytes'))} ({_fmt(r.get('monocyte_percent'), 1)} % of leukocytes), "
-                      f"gating {r.get('gate_method', '')}"),
+        (
+            "Monocytes",
+            f"{_fmt(r.get('monocytes'))} ({_fmt(r.get('monocyte_percent'), 1)} % of leukocytes), "
+            f"gating {r.get('gate_method', '')}",
+        ),
         ("Reagent", describe_reagent(r.get("reagent"))),
         ("Handling", describe_handling(r.get("preanalytics"))),
         ("Bead lot", _lot_text(cal)),
-        ("Bead tube", f"{r.get('bead_file') or cal.get('bead_file') or '–'} "
-                      f"(slope {_fmt(cal.get('slope'), 3)}, r² {_fmt(cal.get('r2'), 5)})"),
+        (
+            "Bead tube",
+            f"{r.get('bead_file') or cal.get('bead_file') or '–'} "
+            f"(slope {_fmt(cal.get('slope'), 3)}, r² {_fmt(cal.get('r2'), 5)})",
+        ),
         ("Cytometer", f"{inst.get('cytometer') or '–'} serial {inst.get('serial') or '–'}"),
         ("File", f"{r.get('file') or r.get('sample', '')} (SHA-256 {str(r.get('sha256', ''))[:16]}…)"),
     ]
-    body = "".join(f"<tr><th>{html.escape(k)}</th><td class='field-{html.escape(k.split()[0].lower())}'>"
-                   f"{html.escape(v)}</td></tr>" for k, v in rows)
+    body = "".join(
+        f"<tr><th>{html.escape(k)}</th><td class='field-{html.escape(k.split()[0].lower())}'>"
+        f"{html.escape(v)}</td></tr>"
+        for k, v in rows
+    )
     image = _embedded_png(report_dir, r.get("qc_png"))
-    figure = (f"<img alt='QC figure of {html.escape(str(r.get('file', '')))}' src='{image}'>" if image
-              else "<p>No QC figure (run without --no-plots to draw it).</p>")
-    return (f"<section class='signout' id='signout-{index}'><h2>Sign-out {index}: "
-            f"{html.escape(str(r.get('patient_id') or r.get('file') or ''))}</h2>"
-            f"<table>{body}</table>{figure}"
-            "<p class='sign'>Reviewed by: ______________________ &nbsp; Date: ____________</p></section>")
+    figure = (
+        f"<img alt='QC figure of {html.escape(str(r.get('file', '')))}' src='{image}'>"
+        if image
+        else "<p>No QC figure (run without --no-plots to draw it).</p>"
+    )
+    return (
+        f"<section class='signout' id='signout-{index}'><h2>Sign-out {index}: "
+        f"{html.escape(str(r.get('patient_id') or r.get('file') or ''))}</h2>"
+        f"<table>{body}</table>{figure}"
+        "<p class='sign'>Reviewed by: ______________________ &nbsp; Date: ____________</p></section>"
+    )
 
 
-def _plain_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
-                 digits: Mapping[str, int] | None = None) -> str:
+def _plain_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str], digits: Mapping[str, int] | None = None
+) -> str:
     digits = digits or {}
     header = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(row.get(c), digits.get(c, 0)))}</td>" for c in columns)
+        "<tr>"
+        + "".join(f"<td>{html.escape(_fmt(row.get(c), digits.get(c, 0)))}</td>" for c in columns)
         + "</tr>"
         for row in rows
     )
@@ -278,8 +322,11 @@ def render(summary: Any, report_dir: Path, figures: bool = True) -> str:
     parts.append("<h2>Samples</h2>")
     parts.append(_results_table(results) if results else "<p>No sample was analysed.</p>")
     parts.append("<h2>Failed files</h2>")
-    parts.append(_plain_table(errors, ("file", "role", "stage", "error_type", "reason", "bead_file"))
-                 if errors else "<p>None.</p>")
+    parts.append(
+        _plain_table(errors, ("file", "role", "stage", "error_type", "reason", "bead_file"))
+        if errors
+        else "<p>None.</p>"
+    )
     parts.append("<h2>Bead curves per run</h2>")
     if figures:
         for record in calibrations:
@@ -290,11 +337,21 @@ def render(summary: Any, report_dir: Path, figures: bool = True) -> str:
     for record in calibrations:
         cal = record.get("calibration") or {}
         qc = cal.get("qc") or {}
-        rows.append({"file": record.get("file"), "lot": _lot_text(cal) if cal else record.get("lot"),
-                     "status": record.get("status"), "slope": cal.get("slope"), "r²": cal.get("r2"),
-                     "QC flags": "; ".join(map(str, qc.get("flags") or [])) or record.get("reason")})
-    parts.append(_plain_table(rows, ("file", "lot", "status", "slope", "r²", "QC flags"),
-                              {"slope": 4, "r²": 5}) if rows else "<p>No bead tube.</p>")
+        rows.append(
+            {
+                "file": record.get("file"),
+                "lot": _lot_text(cal) if cal else record.get("lot"),
+                "status": record.get("status"),
+                "slope": cal.get("slope"),
+                "r²": cal.get("r2"),
+                "QC flags": "; ".join(map(str, qc.get("flags") or [])) or record.get("reason"),
+            }
+        )
+    parts.append(
+        _plain_table(rows, ("file", "lot", "status", "slope", "r²", "QC flags"), {"slope": 4, "r²": 5})
+        if rows
+        else "<p>No bead tube.</p>"
+    )
     parts.append(course_and_bead_sections(summary, figures))
     parts.append("</div>")
     parts.append("<h2 class='no-print'>Sign-out sheets (one printed page per patient)</h2>")
@@ -331,15 +388,31 @@ def course_and_bead_sections(summary: Any, figures: bool = True) -> str:
 
         for cytometer in dict.fromkeys(s.cytometer for s in series):
             figure = plot_levey_jennings([s for s in series if s.cytometer == cytometer])
-            parts.append(f"<figure><img alt='Levey-Jennings {html.escape(cytometer)}' "
-                         f"src='data:image/png;base64,{_png(figure)}'></figure>")
+            parts.append(
+                f"<figure><img alt='Levey-Jennings {html.escape(cytometer)}' "
+                f"src='data:image/png;base64,{_png(figure)}'></figure>"
+            )
             _pyplot().close(figure)
-    rows = [{"cytometer": s.cytometer, "lot": s.lot, "quantity": s.quantity, "acquired": r.acquired,
-             "bead tube": r.file, "z": f"{r.z:+.2f}", "rules": ", ".join(r.violations)}
-            for s in series for r in s.runs if r.violations]
+    rows = [
+        {
+            "cytometer": s.cytometer,
+            "lot": s.lot,
+            "quantity": s.quantity,
+            "acquired": r.acquired,
+            "bead tube": r.file,
+            "z": f"{r.z:+.2f}",
+            "rules": ", ".join(r.violations),
+        }
+        for s in series
+        for r in s.runs
+        if r.violations
+    ]
     notes = sorted({f"{s.cytometer} lot {s.lot}: {s.note}" for s in series if s.note})
-    parts.append(_plain_table(rows, ("cytometer", "lot", "quantity", "acquired", "bead tube", "z", "rules"))
-                 if rows else "<p>No Westgard violation.</p>")
+    parts.append(
+        _plain_table(rows, ("cytometer", "lot", "quantity", "acquired", "bead tube", "z", "rules"))
+        if rows
+        else "<p>No Westgard violation.</p>"
+    )
     parts += [f"<p>{html.escape(n)}</p>" for n in notes]
     return "\n".join(parts)
 
@@ -350,16 +423,24 @@ def _course_section(course: Any, figures: bool) -> str:
         from .plots import course_png
 
         image = base64.b64encode(course_png(course)).decode("ascii")
-        parts.append(f"<img alt='course of {html.escape(course.patient_id)}' "
-                     f"src='data:image/png;base64,{image}'>")
+        parts.append(
+            f"<img alt='course of {html.escape(course.patient_id)}' src='data:image/png;base64,{image}'>"
+        )
     rows = []
     for p in course.points:
         lo, hi = (list(p.abc_ci95) + [None, None])[:2]
         why = "; ".join(p.bead_flags) or "QC"
         interval = f"{_fmt(lo)} – {_fmt(hi)}"
-        rows.append({"collected": (p.collected_at or "")[:16], "AB/C": p.abc, "95 % CI": interval,
-                     "reportable": "yes" if p.reportable else f"NO ({why})",
-                     "rules": ", ".join(p.rules), "file": p.file})
+        rows.append(
+            {
+                "collected": (p.collected_at or "")[:16],
+                "AB/C": p.abc,
+                "95 % CI": interval,
+                "reportable": "yes" if p.reportable else f"NO ({why})",
+                "rules": ", ".join(p.rules),
+                "file": p.file,
+            }
+        )
     parts.append(_plain_table(rows, ("collected", "AB/C", "95 % CI", "reportable", "rules", "file")))
     return "\n".join(parts)
 

@@ -118,8 +118,12 @@ def upgrade(data: dict[str, Any]) -> dict[str, Any]:
     outcome = DEFAULT_POLICY.evaluate([*qc.get("flags", []), *qc.get("warnings", [])])
     reportable = bool(qc.get("passed", False)) and outcome.reportable
     flags = list(outcome.flags) or ([] if reportable else ["qc_failed_in_schema_1"])
-    out["qc"] = {"passed": reportable, "flags": flags, "warnings": list(outcome.warnings),
-                 "info": list(outcome.info)}
+    out["qc"] = {
+        "passed": reportable,
+        "flags": flags,
+        "warnings": list(outcome.warnings),
+        "info": list(outcome.info),
+    }
     out["reportable"] = reportable
     out["reasons"] = flags
     if not reportable:
@@ -234,8 +238,7 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(flatten(value, f"{name}."))
         elif isinstance(value, (list, tuple)):
             out[name] = ";".join(
-                json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
-                for v in value
+                json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v) for v in value
             )
         else:
             out[name] = value

@@ -696,8 +696,12 @@ def simulate_blood(
         g = sum(fractions[k] for k in granulocytes)
         rest = 1 - monocyte_fraction - g
         fractions = {
-            k: v * (granulocyte_fraction / g if k in granulocytes
-                    else (1 - monocyte_fraction - granulocyte_fraction) / rest)
+            k: v
+            * (
+                granulocyte_fraction / g
+                if k in granulocytes
+                else (1 - monocyte_fraction - granulocyte_fraction) / rest
+            )
             for k, v in fractions.items()
         }
     for name, share in zip(
@@ -991,8 +995,9 @@ BEAD_DAY_SD = 0.03
 DRIFT_PER_WEEK = (1 + BEAD_DAY_SD) ** (7 / 4) - 1
 
 
-def bead_gain_factors(reference_days: int, drift_days: int, drift_per_week: float,
-                      sd: float = BEAD_DAY_SD) -> list[float]:
+def bead_gain_factors(
+    reference_days: int, drift_days: int, drift_per_week: float, sd: float = BEAD_DAY_SD
+) -> list[float]:
     """The PE gain factor of each daily run on a drifting instrument.
 
     In log10, the reference period alternates +-``b`` with ``b = log10(1 + sd) * sqrt((n - 1) / n)``, so
@@ -1047,8 +1052,10 @@ def simulate_cohort(
     steady = bead_gain_factors(n_days, 0, 0.0)
     first_course_day = n_days - max((d0 + len(v) for _, _, d0, v in courses), default=0)
     if courses and first_course_day + min(d0 for _, _, d0, _ in courses) < 0:
-        raise SimulationError(f"{n_days} days are too few for the courses: they span "
-                              f"{n_days - first_course_day - min(d0 for _, _, d0, _ in courses)} days")
+        raise SimulationError(
+            f"{n_days} days are too few for the courses: they span "
+            f"{n_days - first_course_day - min(d0 for _, _, d0, _ in courses)} days"
+        )
     beads: list[dict] = []
     manifest = ["file,role,patient_id,lot,collected_at"]
     for day in range(n_days):
@@ -1059,12 +1066,24 @@ def simulate_cohort(
             path.parent.mkdir(parents=True, exist_ok=True)
             new_lot = lot_change is not None and name != drift_instrument and day >= lot_change[0]
             lot = tuple(lot_change[1]) if new_lot else QUANTIBRITE_96597
-            truth = simulate_beads(path, inst, lot, seed=seed * 100_000 + day * 10 + k, n_events=bead_events,
-                                   acquired_at=start + timedelta(days=day, minutes=5 * k))
+            truth = simulate_beads(
+                path,
+                inst,
+                lot,
+                seed=seed * 100_000 + day * 10 + k,
+                n_events=bead_events,
+                acquired_at=start + timedelta(days=day, minutes=5 * k),
+            )
             manifest.append(f"{path.relative_to(out).as_posix()},beads,,{';'.join(f'{v:g}' for v in lot)},")
-            truth.update(file=path.relative_to(out).as_posix(), day=day, instrument=name, gain_factor=factor,
-                         date=(start + timedelta(days=day)).date().isoformat(),
-                         reference=day < reference_days, drifting=name == drift_instrument)
+            truth.update(
+                file=path.relative_to(out).as_posix(),
+                day=day,
+                instrument=name,
+                gain_factor=factor,
+                date=(start + timedelta(days=day)).date().isoformat(),
+                reference=day < reference_days,
+                drifting=name == drift_instrument,
+            )
             beads.append(truth)
     patients: list[dict] = []
     for p, (pid, name, day0, values) in enumerate(courses):
@@ -1077,19 +1096,44 @@ def simulate_cohort(
             inst = get_instrument(name).scaled("PE", factor)
             path = out / f"day_{day:02d}" / name / f"{pid}.fcs"
             when = start + timedelta(days=day, hours=1, minutes=10 * p)
-            truth = simulate_blood(path, inst, abc, seed=seed * 100_000 + 5_000 + 100 * p + i,
-                                   n_events=n_events, monocyte_fraction=0.12, septic=abc < 8_000,
-                                   acquired_at=when)
-            truth.update(file=path.relative_to(out).as_posix(), day=day, date=when.date().isoformat(),
-                         design_abc=abc, patient_id=pid)
+            truth = simulate_blood(
+                path,
+                inst,
+                abc,
+                seed=seed * 100_000 + 5_000 + 100 * p + i,
+                n_events=n_events,
+                monocyte_fraction=0.12,
+                septic=abc < 8_000,
+                acquired_at=when,
+            )
+            truth.update(
+                file=path.relative_to(out).as_posix(),
+                day=day,
+                date=when.date().isoformat(),
+                design_abc=abc,
+                patient_id=pid,
+            )
             samples.append(truth)
             manifest.append(f"{truth['file']},patient,{pid},,{when.isoformat()}")
-        patients.append({"patient_id": pid, "instrument": name, "samples": samples,
-                         "expected_rules": _designed_rules(samples)})
-    cohort = {"seed": seed, "reference_days": reference_days, "drift_days": drift_days,
-              "drift_per_week": drift_per_week, "drift_instrument": drift_instrument,
-              "bead_day_sd": BEAD_DAY_SD,
-              "lot_values": list(QUANTIBRITE_96597), "beads": beads, "patients": patients}
+        patients.append(
+            {
+                "patient_id": pid,
+                "instrument": name,
+                "samples": samples,
+                "expected_rules": _designed_rules(samples),
+            }
+        )
+    cohort = {
+        "seed": seed,
+        "reference_days": reference_days,
+        "drift_days": drift_days,
+        "drift_per_week": drift_per_week,
+        "drift_instrument": drift_instrument,
+        "bead_day_sd": BEAD_DAY_SD,
+        "lot_values": list(QUANTIBRITE_96597),
+        "beads": beads,
+        "patients": patients,
+    }
     atomic_write(out / "manifest.csv", "\n".join(manifest) + "\n")
     atomic_write(out / "cohort.json", json.dumps(cohort, indent=1, default=str) + "\n")
     return cohort
@@ -1097,8 +1141,12 @@ def simulate_cohort(
 
 def _designed_rules(samples: list[dict]) -> dict[str, list[str]]:
     """Days each course rule must fire on, from the designed values (see :func:`simulate_cohort`)."""
-    fired: dict[str, list[str]] = {"immunoparalysis": [], "low_two_days": [], "recovery": [],
-                                   "significant_change": []}
+    fired: dict[str, list[str]] = {
+        "immunoparalysis": [],
+        "low_two_days": [],
+        "recovery": [],
+        "significant_change": [],
+    }
     for i, s in enumerate(samples):
         prev = samples[i - 1] if i else None
         if s["design_abc"] < 5_000:

@@ -315,21 +315,32 @@ class Store:
         keep = ("created", "run_id") + (("patient_id",) if row["patient_id"] is None else ())
         return self._upsert("results", ("sample_sha256", "calibration_id"), row, keep=keep)
 
-    def _upsert(self, table: str, key: tuple[str, ...], row: dict[str, Any], *, update: bool = True,
-                keep: tuple[str, ...] = ("created", "run_id")) -> int:
+    def _upsert(
+        self,
+        table: str,
+        key: tuple[str, ...],
+        row: dict[str, Any],
+        *,
+        update: bool = True,
+        keep: tuple[str, ...] = ("created", "run_id"),
+    ) -> int:
         """Insert ``row``, or update the row with the same ``key`` (all but ``keep``); its id."""
         with self.transaction() as db:
             where = " AND ".join(f"{k} = ?" for k in key)
             existing = db.execute(f"SELECT id FROM {table} WHERE {where}", [row[k] for k in key]).fetchone()
             if existing is None:
                 columns = ", ".join(row)
-                cur = db.execute(f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(row))})",
-                                 tuple(row.values()))
+                cur = db.execute(
+                    f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * len(row))})",
+                    tuple(row.values()),
+                )
                 return int(cur.lastrowid)
             if update:
                 changed = {k: v for k, v in row.items() if k not in keep}
-                db.execute(f"UPDATE {table} SET {', '.join(f'{k} = ?' for k in changed)} WHERE id = ?",
-                           (*changed.values(), existing["id"]))
+                db.execute(
+                    f"UPDATE {table} SET {', '.join(f'{k} = ?' for k in changed)} WHERE id = ?",
+                    (*changed.values(), existing["id"]),
+                )
             return int(existing["id"])
 
     def add_decision(self, result_id: int, decision: Any) -> int:
@@ -394,8 +405,10 @@ class Store:
     def flags_by_calibration_key(self) -> dict[tuple[str, str], list[str]]:
         """Every calibration's flags by its key (bead SHA-256, :func:`values_key`), in one query."""
         out: dict[tuple[str, str], list[str]] = {}
-        for r in self.query("SELECT c.bead_sha256, c.values_key, f.code, f.message FROM calibration_flags f "
-                            "JOIN calibrations c ON c.id = f.calibration_id ORDER BY f.id"):
+        for r in self.query(
+            "SELECT c.bead_sha256, c.values_key, f.code, f.message FROM calibration_flags f "
+            "JOIN calibrations c ON c.id = f.calibration_id ORDER BY f.id"
+        ):
             text = f"{r['code']}: {r['message']}" if r["message"] else r["code"]
             out.setdefault((r["bead_sha256"], r["values_key"]), []).append(text)
         return out

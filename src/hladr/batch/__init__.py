@@ -53,11 +53,35 @@ from .run import GatingOptions, _discover_and_pair, _Run, _run_tasks, _usable_in
 from .tasks import analyze_task, calibrate_task, init_worker, warm_up
 
 __all__ = [
-    "BATCH_COLUMNS", "DASK_CONNECT_TIMEOUT", "EVENT_FACTOR",
-    "JOURNAL", "STORE", "WORKER_BASE_BYTES", "BatchError", "BatchSummary", "GatingOptions", "Job", "Journal",
-    "LotSpec", "ManifestRow", "Tube", "analyze_task", "available_memory", "calibrate_task",
-    "calibrations_wanted", "classify_role", "discover", "init_worker", "is_reportable", "local_workers",
-    "pair", "read_manifest", "run_batch", "sha256_file", "warm_up", "write_tables",
+    "BATCH_COLUMNS",
+    "DASK_CONNECT_TIMEOUT",
+    "EVENT_FACTOR",
+    "JOURNAL",
+    "STORE",
+    "WORKER_BASE_BYTES",
+    "BatchError",
+    "BatchSummary",
+    "GatingOptions",
+    "Job",
+    "Journal",
+    "LotSpec",
+    "ManifestRow",
+    "Tube",
+    "analyze_task",
+    "available_memory",
+    "calibrate_task",
+    "calibrations_wanted",
+    "classify_role",
+    "discover",
+    "init_worker",
+    "is_reportable",
+    "local_workers",
+    "pair",
+    "read_manifest",
+    "run_batch",
+    "sha256_file",
+    "warm_up",
+    "write_tables",
 ]
 
 STORE = "hladr.sqlite"
@@ -138,7 +162,8 @@ def run_batch(
     try:
         tubes, jobs_list, summary = _discover_and_pair(inputs)
         executor, inflight_max, close, restart = _executor(
-            scheduler, jobs, tubes, summary.bead_tubes + len(jobs_list), summary, early)
+            scheduler, jobs, tubes, summary.bead_tubes + len(jobs_list), summary, early
+        )
     except BaseException:
         if early is not None:
             early.shutdown(wait=True, cancel_futures=True)
@@ -151,8 +176,18 @@ def run_batch(
         summary.store = results_store.path
         run_id = results_store.start_run("batch", str(inputs.export.resolve()), {"resume": resume})
         gating = GatingOptions(None if gates is None else str(gates), gate_name, gates_out)
-        run = _Run(inputs.out, plots, journal, tubes, jobs_list, inputs.default_lot,
-                   tasks or (calibrate_task, analyze_task), results_store, run_id, gating)
+        run = _Run(
+            inputs.out,
+            plots,
+            journal,
+            tubes,
+            jobs_list,
+            inputs.default_lot,
+            tasks or (calibrate_task, analyze_task),
+            results_store,
+            run_id,
+            gating,
+        )
         summary.computed = _run_tasks(run, executor, inflight_max, restart, progress)
     except BaseException:
         close()
@@ -172,5 +207,3 @@ def run_batch(
         results_store.close()
     summary.seconds = time.perf_counter() - started
     return summary
-
-

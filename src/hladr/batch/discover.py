@@ -25,15 +25,39 @@ FCS_SUFFIXES = {".fcs", ".lmd"}
 
 #: Files never sniffed for an FCS header.
 OTHER_SUFFIXES = {
-    ".csv", ".txt", ".md", ".json", ".jsonl", ".xml", ".wsp", ".png", ".pdf", ".html", ".xlsx", ".xls",
-    ".py", ".zip", ".gz", ".log", ".ini", ".cfg", ".yaml", ".yml",
+    ".csv",
+    ".txt",
+    ".md",
+    ".json",
+    ".jsonl",
+    ".xml",
+    ".wsp",
+    ".png",
+    ".pdf",
+    ".html",
+    ".xlsx",
+    ".xls",
+    ".py",
+    ".zip",
+    ".gz",
+    ".log",
+    ".ini",
+    ".cfg",
+    ".yaml",
+    ".yml",
 }
 
 
 MANIFEST_ROLES = {
-    "beads": "beads", "bead": "beads", "calibration": "beads",
-    "patient": "patient", "sample": "patient", "blood": "patient",
-    "ignore": "ignore", "skip": "ignore", "control": "ignore",
+    "beads": "beads",
+    "bead": "beads",
+    "calibration": "beads",
+    "patient": "patient",
+    "sample": "patient",
+    "blood": "patient",
+    "ignore": "ignore",
+    "skip": "ignore",
+    "control": "ignore",
 }
 
 
@@ -140,8 +164,10 @@ def _content_role(path: Path, role: str, reason: str) -> tuple[str, str]:
     except HladrError:
         return role, reason
     if evidence.is_beads:
-        found = (f"content: beads (scatter spread {evidence.scatter_iqr:.2f} decades, "
-                 f"{evidence.narrow_share:.0%} in narrow populations)")
+        found = (
+            f"content: beads (scatter spread {evidence.scatter_iqr:.2f} decades, "
+            f"{evidence.narrow_share:.0%} in narrow populations)"
+        )
         return "beads", found if role == "beads" else f"{found}; TEXT said patient ({reason})"
     found = f"content: cells ({evidence.summary()})"
     return "patient", found if role == "patient" else f"{found}; TEXT said beads ({reason})"
@@ -184,13 +210,20 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
                 if name in seen:
                     raise BatchError(f"line {line}: {name!r} already listed on line {seen[name]}", path)
                 seen[name] = line
-                rows.append(ManifestRow(
-                    line=line, file=name,
-                    **{k: cells.get(k) or None for k in
-                       ("role", "patient_id", "bead_file", "lot", "ferritin", "reagent")},
-                    **{k: next((cells[a] for a in aliases if cells.get(a)), None)
-                       for k, aliases in preanalytics.COLUMNS.items()},
-                ))
+                rows.append(
+                    ManifestRow(
+                        line=line,
+                        file=name,
+                        **{
+                            k: cells.get(k) or None
+                            for k in ("role", "patient_id", "bead_file", "lot", "ferritin", "reagent")
+                        },
+                        **{
+                            k: next((cells[a] for a in aliases if cells.get(a)), None)
+                            for k, aliases in preanalytics.COLUMNS.items()
+                        },
+                    )
+                )
     except OSError as exc:
         raise BatchError(f"cannot read manifest: {exc.strerror or exc}", path) from exc
     except (csv.Error, UnicodeDecodeError) as exc:
@@ -227,8 +260,9 @@ def discover(
     skip = {Path(p).resolve() for p in exclude}
     paths: list[Path] = []
     for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs
-                         if not d.startswith(".") and (Path(folder) / d).resolve() not in skip)
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith(".") and (Path(folder) / d).resolve() not in skip
+        )
         for name in sorted(files):
             path = Path(folder) / name
             if path.is_file() and _is_fcs_candidate(path):
@@ -288,8 +322,9 @@ def _apply_manifest(tubes: list[Tube], rows: list[ManifestRow], root: Path) -> N
         if row.role:
             role = MANIFEST_ROLES.get(row.role.lower())
             if role is None:
-                tube.error = (f"manifest line {row.line}: unknown role {row.role!r} "
-                              f"(use beads, patient or ignore)")
+                tube.error = (
+                    f"manifest line {row.line}: unknown role {row.role!r} (use beads, patient or ignore)"
+                )
                 tube.error_type = "ManifestError"
             else:
                 tube.role, tube.role_reason = role, f"manifest line {row.line}"

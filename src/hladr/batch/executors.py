@@ -64,8 +64,9 @@ def local_workers(jobs: int | None, largest_tube_bytes: int, n_tasks: int) -> in
     per_worker = WORKER_BASE_BYTES + EVENT_FACTOR * largest_tube_bytes
     fit = max(1, int(0.8 * available_memory() // per_worker))
     if fit < wanted:
-        log.warning("memory allows %d worker(s) of the %d asked (%.1f GB per worker)",
-                    fit, wanted, per_worker / 2**30)
+        log.warning(
+            "memory allows %d worker(s) of the %d asked (%.1f GB per worker)", fit, wanted, per_worker / 2**30
+        )
     return max(1, min(wanted, fit, max(n_tasks, 1)))
 
 
@@ -107,8 +108,14 @@ def _start_workers_early(scheduler: Any, jobs: int | None) -> cf.ProcessPoolExec
     return pool
 
 
-def _executor(scheduler: Any, jobs: int | None, tubes: list[Tube], n_tasks: int, summary: BatchSummary,
-              early: cf.ProcessPoolExecutor | None = None):
+def _executor(
+    scheduler: Any,
+    jobs: int | None,
+    tubes: list[Tube],
+    n_tasks: int,
+    summary: BatchSummary,
+    early: cf.ProcessPoolExecutor | None = None,
+):
     """(executor, tasks kept in flight, closer, factory of a fresh executor or None)."""
     if scheduler is not None:
         executor, threads, close = _dask_executor(scheduler)

@@ -50,27 +50,49 @@ class BatchSummary:
         return not (self.failed or self.not_reportable)
 
     def line(self) -> str:
-        return (f"{self.patient_tubes} patient tube(s), {self.bead_tubes} bead tube(s): {self.ok} analysed "
-                f"({self.ok - self.not_reportable} reportable, {self.not_reportable} not reportable, "
-                f"{self.warned} with warnings), {self.failed} failed; {self.computed} computed, "
-                f"{self.reused} reused in {self.seconds:.1f} s -> {self.out}")
+        return (
+            f"{self.patient_tubes} patient tube(s), {self.bead_tubes} bead tube(s): {self.ok} analysed "
+            f"({self.ok - self.not_reportable} reportable, {self.not_reportable} not reportable, "
+            f"{self.warned} with warnings), {self.failed} failed; {self.computed} computed, "
+            f"{self.reused} reused in {self.seconds:.1f} s -> {self.out}"
+        )
 
 
 def _now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def _error_row(file: str, role: str, stage: str, error_type: str, reason: str,
-               bead_file: str | None = None, patient_id: str | None = None) -> dict[str, Any]:
-    return {"file": file, "role": role, "stage": stage, "error_type": error_type, "reason": reason,
-            "bead_file": bead_file or "", "patient_id": patient_id or ""}
+def _error_row(
+    file: str,
+    role: str,
+    stage: str,
+    error_type: str,
+    reason: str,
+    bead_file: str | None = None,
+    patient_id: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "file": file,
+        "role": role,
+        "stage": stage,
+        "error_type": error_type,
+        "reason": reason,
+        "bead_file": bead_file or "",
+        "patient_id": patient_id or "",
+    }
 
 
 def _result_row(record: dict[str, Any], job: Job) -> dict[str, Any]:
     """The Result of a finished record plus the batch's own keys (and stratification with ferritin)."""
     row = upgrade(dict(record["result"]))  # a journal of an older run may hold hladr.result/1
-    row.update(file=job.tube.rel, role=job.tube.role_reason, bead_file=job.bead.rel,
-               collected_at=job.collected_at, lot_spec=job.lot.label, qc_png=record.get("qc_png"))
+    row.update(
+        file=job.tube.rel,
+        role=job.tube.role_reason,
+        bead_file=job.bead.rel,
+        collected_at=job.collected_at,
+        lot_spec=job.lot.label,
+        qc_png=record.get("qc_png"),
+    )
     if job.patient_id:  # the manifest's id wins over the file's keywords
         row["patient_id"] = job.patient_id
         row["identity_source"] = {**(row.get("identity_source") or {}), "patient_id": "manifest"}
@@ -83,8 +105,18 @@ def _result_row(record: dict[str, Any], job: Job) -> dict[str, Any]:
 
 
 #: Batch columns of results.csv around the Result's own (``hladr.result.CSV_COLUMNS``).
-BATCH_COLUMNS = ("file", "role", "bead_file", "lot_spec", "bead_flags", "ferritin", "stratification",
-                 "stratification_reason", "collected_at", "qc_png")
+BATCH_COLUMNS = (
+    "file",
+    "role",
+    "bead_file",
+    "lot_spec",
+    "bead_flags",
+    "ferritin",
+    "stratification",
+    "stratification_reason",
+    "collected_at",
+    "qc_png",
+)
 
 
 ERROR_COLUMNS = ("file", "role", "stage", "error_type", "reason", "bead_file", "patient_id")
@@ -92,14 +124,23 @@ ERROR_COLUMNS = ("file", "role", "stage", "error_type", "reason", "bead_file", "
 
 #: Columns of calibrations.csv: (column, key path in the record, digits); ``calibration.*`` is the fit.
 CALIBRATION_COLUMNS: tuple[tuple[str, str, int | None], ...] = (
-    ("file", "file", None), ("lot", "calibration.lot", None),
-    ("expiry", "calibration.lot_details.expiry", None), ("lot_spec", "lot", None),
-    ("status", "status", None), ("reason", "reason", None),
-    ("channel", "calibration.channel", None), ("statistic", "calibration.statistic", None),
-    ("slope", "calibration.slope", 4), ("intercept", "calibration.intercept", 4), ("r2", "calibration.r2", 5),
-    ("qc_passed", "calibration.qc.passed", None), ("qc_flags", "calibration.qc.flags", None),
-    ("levels_used", "calibration.peaks_used", None), ("values", "calibration.values", 0),
-    ("mfi", "calibration.mfi", 0), ("n_beads", "calibration.n_beads", 0),
+    ("file", "file", None),
+    ("lot", "calibration.lot", None),
+    ("expiry", "calibration.lot_details.expiry", None),
+    ("lot_spec", "lot", None),
+    ("status", "status", None),
+    ("reason", "reason", None),
+    ("channel", "calibration.channel", None),
+    ("statistic", "calibration.statistic", None),
+    ("slope", "calibration.slope", 4),
+    ("intercept", "calibration.intercept", 4),
+    ("r2", "calibration.r2", 5),
+    ("qc_passed", "calibration.qc.passed", None),
+    ("qc_flags", "calibration.qc.flags", None),
+    ("levels_used", "calibration.peaks_used", None),
+    ("values", "calibration.values", 0),
+    ("mfi", "calibration.mfi", 0),
+    ("n_beads", "calibration.n_beads", 0),
     ("bead_sha256", "calibration.bead_sha256", None),
 )
 
@@ -115,10 +156,16 @@ def _csv_text(rows: list[dict[str, Any]], columns: Iterable[str]) -> str:
 
 def _results_csv_row(result: dict[str, Any]) -> dict[str, Any]:
     strat = result.get("stratification") or {}
-    batch = {k: "; ".join(map(str, v)) if isinstance(v, list) else v
-             for k, v in ((k, result.get(k)) for k in BATCH_COLUMNS)}
-    return {**batch, **csv_row(result),
-            "stratification": strat.get("category"), "stratification_reason": strat.get("reason")}
+    batch = {
+        k: "; ".join(map(str, v)) if isinstance(v, list) else v
+        for k, v in ((k, result.get(k)) for k in BATCH_COLUMNS)
+    }
+    return {
+        **batch,
+        **csv_row(result),
+        "stratification": strat.get("category"),
+        "stratification_reason": strat.get("reason"),
+    }
 
 
 def _calibration_csv_row(record: dict[str, Any]) -> dict[str, Any]:
@@ -142,15 +189,20 @@ def _rounded(value: Any, digits: int | None) -> Any:
 def write_tables(out: Path, results: list[dict], errors: list[dict], calibrations: list[dict]) -> None:
     """results.jsonl (every detail), and the flat, rounded results.csv, errors.csv and calibrations.csv
     (no histogram, no nested JSON in a cell), each atomically."""
-    atomic_write(out / "results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in results),
-                 parents=True)
+    atomic_write(
+        out / "results.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in results), parents=True
+    )
     columns = [BATCH_COLUMNS[0], *(c for c, _, _ in CSV_COLUMNS), *BATCH_COLUMNS[1:], "stratification_reason"]
     columns = list(dict.fromkeys(columns))
-    atomic_write(out / "results.csv", _csv_text([_results_csv_row(r) for r in results], columns),
-                 parents=True)
+    atomic_write(
+        out / "results.csv", _csv_text([_results_csv_row(r) for r in results], columns), parents=True
+    )
     atomic_write(out / "errors.csv", _csv_text(errors, ERROR_COLUMNS), parents=True)
-    atomic_write(out / "calibrations.csv", _csv_text([_calibration_csv_row(r) for r in calibrations],
-                                                     [c for c, _, _ in CALIBRATION_COLUMNS]), parents=True)
+    atomic_write(
+        out / "calibrations.csv",
+        _csv_text([_calibration_csv_row(r) for r in calibrations], [c for c, _, _ in CALIBRATION_COLUMNS]),
+        parents=True,
+    )
 
 
 def _qc_png(

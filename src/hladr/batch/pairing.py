@@ -93,8 +93,9 @@ def pair(
             try:
                 job.preanalytics = preanalytics.PreAnalytics.from_fields(asdict(row))
                 if row.reagent:
-                    job.reagent = load_reagent(base / row.reagent if base and (base / row.reagent).is_file()
-                                               else row.reagent)
+                    job.reagent = load_reagent(
+                        base / row.reagent if base and (base / row.reagent).is_file() else row.reagent
+                    )
             except (PreAnalyticsError, ReagentFileError) as exc:
                 job.reason, job.stage = f"manifest line {row.line}: {exc}", "manifest"
                 jobs.append(job)
@@ -109,7 +110,8 @@ def pair(
                     continue
         if row is not None and row.bead_file:
             bead = by_rel.get(row.bead_file.replace("\\", "/")) or next(
-                (b for b in tubes if b.path.name == row.bead_file and b.role != "patient"), None)
+                (b for b in tubes if b.path.name == row.bead_file and b.role != "patient"), None
+            )
             if bead is None:
                 job.reason = f"manifest line {row.line}: bead_file {row.bead_file!r} not found in the export"
                 job.stage = "manifest"
@@ -145,19 +147,25 @@ def _closest_bead(patient: Tube, beads: list[Tube]) -> tuple[Tube | None, str | 
     same_day = [b for b in same_instrument if b.day == patient.day]
     if not same_day:
         days = sorted({b.day.isoformat() for b in same_instrument if b.day})
-        return None, (f"no bead tube acquired on {patient.day.isoformat()} on {patient.instrument_label} "
-                      f"(bead tubes of that instrument: {', '.join(days) or 'undated'})")
+        return None, (
+            f"no bead tube acquired on {patient.day.isoformat()} on {patient.instrument_label} "
+            f"(bead tubes of that instrument: {', '.join(days) or 'undated'})"
+        )
     if patient.acquired is None or any(b.acquired is None for b in same_day):
         if len(same_day) > 1:
-            return None, (f"{len(same_day)} bead tubes on {patient.day.isoformat()} and no acquisition "
-                          f"times ($BTIM) to choose between them; pair it in a manifest (bead_file)")
+            return None, (
+                f"{len(same_day)} bead tubes on {patient.day.isoformat()} and no acquisition "
+                f"times ($BTIM) to choose between them; pair it in a manifest (bead_file)"
+            )
         earlier = same_day
     else:
         earlier = [b for b in same_day if b.acquired <= patient.acquired]
         if not earlier:
             times = ", ".join(f"{b.rel} at {b.acquired:%H:%M:%S}" for b in same_day)
-            return None, (f"acquired at {patient.acquired:%H:%M:%S}, before every bead tube of that day "
-                          f"on {patient.instrument_label} ({times})")
+            return None, (
+                f"acquired at {patient.acquired:%H:%M:%S}, before every bead tube of that day "
+                f"on {patient.instrument_label} ({times})"
+            )
     # the closest with the same detector settings; else the closest, and the analysis's QC policy
     # judges the differences on the channels the measurement uses (HLA-DR fails, gating warns)
     fitting = [b for b in earlier if not settings_differences(patient.settings, b.settings)] or earlier

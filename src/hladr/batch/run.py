@@ -102,9 +102,19 @@ def _digest(path: str) -> str:
 class _Run:
     """One batch run: plan, execute, record, collect the outputs."""
 
-    def __init__(self, out: Path, plots: bool, journal: Journal, tubes: list[Tube], jobs: list[Job],
-                 default_lot: LotSpec, tasks: tuple[Callable[..., dict], Callable[..., dict]],
-                 store: Any = None, run_id: int | None = None, gating: GatingOptions | None = None):
+    def __init__(
+        self,
+        out: Path,
+        plots: bool,
+        journal: Journal,
+        tubes: list[Tube],
+        jobs: list[Job],
+        default_lot: LotSpec,
+        tasks: tuple[Callable[..., dict], Callable[..., dict]],
+        store: Any = None,
+        run_id: int | None = None,
+        gating: GatingOptions | None = None,
+    ):
         self.store, self.run_id = store, run_id
         self.gating = gating or GatingOptions()
         self.store_calibration_ids: dict[str, int] = {}
@@ -124,14 +134,22 @@ class _Run:
         return _key("calibration", bead.rel, bead.sha256, lot.lot, lot.values, self.version)
 
     def sample_key(self, job: Job) -> str:
-        return _key("sample", job.tube.rel, job.tube.sha256, self.cal_key(job.bead, job.lot),
-                    *self.gating.key(job.tube), *sorted(_handling_options(job).items()))
+        return _key(
+            "sample",
+            job.tube.rel,
+            job.tube.sha256,
+            self.cal_key(job.bead, job.lot),
+            *self.gating.key(job.tube),
+            *sorted(_handling_options(job).items()),
+        )
 
     # --- planning -------------------------------------------------------------------
     def plan(self) -> tuple[list[_Task], list[_Task]]:
         """Calibration and sample tasks still to compute; finished ones come from the journal."""
-        wanted = {self.cal_key(bead, lot): (bead, lot)
-                  for bead, lot in calibrations_wanted(self.tubes, self.jobs, self.default_lot)}
+        wanted = {
+            self.cal_key(bead, lot): (bead, lot)
+            for bead, lot in calibrations_wanted(self.tubes, self.jobs, self.default_lot)
+        }
         todo_cal: list[_Task] = []
         for key, (bead, lot) in sorted(wanted.items(), key=lambda kv: (kv[1][0].rel, kv[1][1].label)):
             record = self.journal.get(key)
@@ -163,12 +181,21 @@ class _Run:
     def _png_present(self, record: dict[str, Any]) -> bool:
         if not self.plots or record["status"] != "ok":
             return True
-        return bool(record.get("qc_png")) and (self.out / record["qc_png"]).exists() or bool(
-            record.get("plot_error"))
+        return (
+            bool(record.get("qc_png"))
+            and (self.out / record["qc_png"]).exists()
+            or bool(record.get("plot_error"))
+        )
 
     # --- execution ------------------------------------------------------------------
-    def execute(self, executor: cf.Executor, inflight_max: int, tasks: list[_Task], progress: Any,
-                make_executor: Callable[[], cf.Executor] | None) -> int:
+    def execute(
+        self,
+        executor: cf.Executor,
+        inflight_max: int,
+        tasks: list[_Task],
+        progress: Any,
+        make_executor: Callable[[], cf.Executor] | None,
+    ) -> int:
         """Run the tasks (a finished calibration releases its samples); returns how many ran."""
         ready: deque[_Task] = deque(tasks)
         inflight: dict[cf.Future, _Task] = {}
@@ -195,11 +222,17 @@ class _Run:
                         executor = self._restart(executor, make_executor, inflight, ready)
                         ready.appendleft(task)
                         continue
-                    outcome = {"status": "internal", "error_type": "WorkerDied", "reason":
-                               "the worker process died while working on this file (out of memory?)"}
+                    outcome = {
+                        "status": "internal",
+                        "error_type": "WorkerDied",
+                        "reason": "the worker process died while working on this file (out of memory?)",
+                    }
                 except Exception as exc:  # noqa: BLE001 - e.g. a lost Dask worker; recorded, retried on resume
-                    outcome = {"status": "internal", "error_type": type(exc).__name__,
-                               "reason": f"{type(exc).__name__}: {exc}"}
+                    outcome = {
+                        "status": "internal",
+                        "error_type": type(exc).__name__,
+                        "reason": f"{type(exc).__name__}: {exc}",
+                    }
                 dropped = self.dropped
                 ready.extend(self._record(task, outcome))
                 computed += 1
@@ -214,12 +247,23 @@ class _Run:
         if task.kind == "calibration":
             return executor.submit(self.calibrate_fn, *task.args)
         calibration = self.cal_records[task.cal_key]["calibration"]
-        return executor.submit(self.analyze_fn, task.args[0], calibration, self.plots, task.args[1],
-                               **self.gating.task_options(task.job.tube), **_handling_options(task.job))
+        return executor.submit(
+            self.analyze_fn,
+            task.args[0],
+            calibration,
+            self.plots,
+            task.args[1],
+            **self.gating.task_options(task.job.tube),
+            **_handling_options(task.job),
+        )
 
     @staticmethod
-    def _restart(executor: cf.Executor, make_executor: Callable[[], cf.Executor],
-                 inflight: dict[cf.Future, _Task], ready: deque[_Task]) -> cf.Executor:
+    def _restart(
+        executor: cf.Executor,
+        make_executor: Callable[[], cf.Executor],
+        inflight: dict[cf.Future, _Task],
+        ready: deque[_Task],
+    ) -> cf.Executor:
         """A broken process pool: start a new one and requeue what was in flight."""
         executor.shutdown(wait=False, cancel_futures=True)
         for future, other in list(inflight.items()):
@@ -230,8 +274,13 @@ class _Run:
 
     def _record(self, task: _Task, outcome: dict[str, Any]) -> list[_Task]:
         """Journal a finished task; returns the tasks it releases."""
-        record: dict[str, Any] = {"key": task.key, "kind": task.kind, "status": outcome["status"],
-                                  "seconds": outcome.get("seconds"), "finished": _now()}
+        record: dict[str, Any] = {
+            "key": task.key,
+            "kind": task.kind,
+            "status": outcome["status"],
+            "seconds": outcome.get("seconds"),
+            "finished": _now(),
+        }
         for name in ("error_type", "reason", "calibration", "result", "plot_error", "gatingml_agreement"):
             if outcome.get(name) is not None:
                 record[name] = outcome[name]
@@ -268,13 +317,23 @@ class _Run:
         tube = bead or job.tube
         if record["status"] != "ok":
             stage = "calibration" if bead is not None else "analysis"
-            self.store.add_failure(tube.sha256, stage, record.get("reason", ""), file=tube.rel,
-                                   error_type=record.get("error_type"), run_id=self.run_id)
+            self.store.add_failure(
+                tube.sha256,
+                stage,
+                record.get("reason", ""),
+                file=tube.rel,
+                error_type=record.get("error_type"),
+                run_id=self.run_id,
+            )
             return
         if bead is not None:
             self.store_calibration_ids[record["key"]] = self.store.add_calibration(
-                record["calibration"], run_id=self.run_id, file=bead.rel, lot=record.get("lot"),
-                bead_sha256=bead.sha256)
+                record["calibration"],
+                run_id=self.run_id,
+                file=bead.rel,
+                lot=record.get("lot"),
+                bead_sha256=bead.sha256,
+            )
             return
         cal_key = self.cal_key(job.bead, job.lot)
         if cal_key not in self.store_calibration_ids and cal_key in self.cal_records:
@@ -282,8 +341,13 @@ class _Run:
         collected = job.collected_at or (job.tube.acquired.isoformat() if job.tube.acquired else None)
         with self.store.transaction():
             result_id = self.store.add_result(
-                record["result"], calibration_id=self.store_calibration_ids.get(cal_key), file=job.tube.rel,
-                patient_id=job.patient_id, collected_at=collected, run_id=self.run_id)
+                record["result"],
+                calibration_id=self.store_calibration_ids.get(cal_key),
+                file=job.tube.rel,
+                patient_id=job.patient_id,
+                collected_at=collected,
+                run_id=self.run_id,
+            )
             if job.ferritin is not None:
                 self.store.add_decision(result_id, stratify(record["result"], job.ferritin))
 
@@ -292,8 +356,9 @@ class _Run:
         """Rewrite the tables from what is finished so far (atomically)."""
         self.last_flush = time.monotonic()
         write_tables(self.out, *self.collect())
-        atomic_write(self.out / "ignored.csv", _csv_text(self.ignored(), ("file", "role", "reason")),
-                     parents=True)
+        atomic_write(
+            self.out / "ignored.csv", _csv_text(self.ignored(), ("file", "role", "reason")), parents=True
+        )
 
     def collect(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
         """Results, errors and calibrations of this run's plan, from the finished records."""
@@ -302,33 +367,60 @@ class _Run:
         for tube in self.tubes:
             if tube.error is not None:
                 stage = "manifest" if tube.error_type == "ManifestError" else "discovery"
-                errors.append(_error_row(tube.rel, tube.role or "unknown", stage, tube.error_type or "Error",
-                                         tube.error))
+                errors.append(
+                    _error_row(
+                        tube.rel, tube.role or "unknown", stage, tube.error_type or "Error", tube.error
+                    )
+                )
         calibrations = sorted(self.cal_records.values(), key=lambda r: (r["file"], r.get("lot", "")))
         for record in calibrations:
             if record["status"] != "ok":
-                errors.append(_error_row(record["file"], "beads", "calibration", record.get("error_type", ""),
-                                         record.get("reason", "")))
+                errors.append(
+                    _error_row(
+                        record["file"],
+                        "beads",
+                        "calibration",
+                        record.get("error_type", ""),
+                        record.get("reason", ""),
+                    )
+                )
         for job in self.jobs:
             pid = job.patient_id
             if job.bead is None:
                 kind = "PairingError" if job.stage == "pairing" else "ManifestError"
-                errors.append(_error_row(job.tube.rel, "patient", job.stage, kind, job.reason or "",
-                                         None, pid))
+                errors.append(
+                    _error_row(job.tube.rel, "patient", job.stage, kind, job.reason or "", None, pid)
+                )
                 continue
             cal = self.cal_records.get(self.cal_key(job.bead, job.lot))
             if cal is not None and cal["status"] != "ok":
-                errors.append(_error_row(
-                    job.tube.rel, "patient", "calibration", cal.get("error_type", ""),
-                    f"its bead tube {job.bead.rel} failed calibration: {cal.get('reason', '')}",
-                    job.bead.rel, pid))
+                errors.append(
+                    _error_row(
+                        job.tube.rel,
+                        "patient",
+                        "calibration",
+                        cal.get("error_type", ""),
+                        f"its bead tube {job.bead.rel} failed calibration: {cal.get('reason', '')}",
+                        job.bead.rel,
+                        pid,
+                    )
+                )
                 continue
             record = self.sample_records.get(self.sample_key(job))
             if record is None:
                 continue
             if record["status"] != "ok":
-                errors.append(_error_row(job.tube.rel, "patient", "analysis", record.get("error_type", ""),
-                                         record.get("reason", ""), job.bead.rel, pid))
+                errors.append(
+                    _error_row(
+                        job.tube.rel,
+                        "patient",
+                        "analysis",
+                        record.get("error_type", ""),
+                        record.get("reason", ""),
+                        job.bead.rel,
+                        pid,
+                    )
+                )
                 continue
             results.append(_result_row(record, job))
         errors.sort(key=lambda e: e["file"])
@@ -336,8 +428,11 @@ class _Run:
 
     def ignored(self) -> list[dict[str, Any]]:
         """Every tube left out of the analysis (controls, files the manifest skips), with the reason."""
-        return [{"file": t.rel, "role": t.role, "reason": t.role_reason}
-                for t in self.tubes if t.role == "ignore" and t.error is None]
+        return [
+            {"file": t.rel, "role": t.role, "reason": t.role_reason}
+            for t in self.tubes
+            if t.role == "ignore" and t.error is None
+        ]
 
 
 # --- the steps of run_batch ------------------------------------------------------------
@@ -354,9 +449,14 @@ class _Inputs:
 
 
 def _usable_inputs(
-    export_dir: str | os.PathLike, out: str | os.PathLike, manifest: str | os.PathLike | None,
-    jobs: int | None, lot: str | None, bead_values: Iterable[float] | None,
-    gates: str | os.PathLike | None, reagent: str | os.PathLike | None,
+    export_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    manifest: str | os.PathLike | None,
+    jobs: int | None,
+    lot: str | None,
+    bead_values: Iterable[float] | None,
+    gates: str | os.PathLike | None,
+    reagent: str | os.PathLike | None,
 ) -> _Inputs:
     """The arguments of :func:`hladr.batch.run_batch`, checked before anything runs or is written.
 
@@ -385,8 +485,9 @@ def _usable_inputs(
     if lot is not None and Path(lot).exists():  # workers may run elsewhere: an absolute path
         lot = str(Path(lot).resolve())
     default_lot = LotSpec(lot=lot, values=tuple(float(v) for v in bead_values) if bead_values else None)
-    return _Inputs(export_path, out_path, rows, Path(manifest).parent if manifest else None, default_lot,
-                   default_reagent)
+    return _Inputs(
+        export_path, out_path, rows, Path(manifest).parent if manifest else None, default_lot, default_reagent
+    )
 
 
 def _discover_and_pair(inputs: _Inputs) -> tuple[list[Tube], list[Job], BatchSummary]:
@@ -404,30 +505,47 @@ def _discover_and_pair(inputs: _Inputs) -> tuple[list[Tube], list[Job], BatchSum
     wanted = calibrations_wanted(tubes, jobs, inputs.default_lot)
     unvalued = sorted({bead.rel for bead, spec in wanted if spec == LotSpec()})
     if unvalued:
-        raise BatchError(f"no bead values for {len(unvalued)} bead tube(s), e.g. {unvalued[0]}: give "
-                         f"--lot FILE, --bead-values V1,V2,... or a lot column in the manifest")
-    summary = BatchSummary(out=inputs.out, tubes=len(tubes),  # counted after pairing: a bead_file makes beads
-                           bead_tubes=sum(t.role == "beads" and t.error is None for t in tubes),
-                           patient_tubes=sum(t.role == "patient" for t in tubes))
+        raise BatchError(
+            f"no bead values for {len(unvalued)} bead tube(s), e.g. {unvalued[0]}: give "
+            f"--lot FILE, --bead-values V1,V2,... or a lot column in the manifest"
+        )
+    summary = BatchSummary(
+        out=inputs.out,
+        tubes=len(tubes),  # counted after pairing: a bead_file makes beads
+        bead_tubes=sum(t.role == "beads" and t.error is None for t in tubes),
+        patient_tubes=sum(t.role == "patient" for t in tubes),
+    )
     return tubes, jobs, summary
 
 
-def _run_tasks(run: _Run, executor: cf.Executor, inflight_max: int,
-               restart: Callable[[], cf.Executor] | None, progress: bool) -> int:
+def _run_tasks(
+    run: _Run,
+    executor: cf.Executor,
+    inflight_max: int,
+    restart: Callable[[], cf.Executor] | None,
+    progress: bool,
+) -> int:
     """Plan, then run what is left behind a progress bar (on stderr when ``progress``); returns how
     many tasks ran."""
     todo_cal, todo_samples = run.plan()
     n_tasks = len(todo_cal) + sum(len(v) for v in run.patients_of.values())
-    bar = tqdm(total=n_tasks, unit="tube", desc="hladr batch", file=sys.stderr, dynamic_ncols=True,
-               disable=not progress)
+    bar = tqdm(
+        total=n_tasks,
+        unit="tube",
+        desc="hladr batch",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=not progress,
+    )
     try:
         return run.execute(executor, inflight_max, todo_cal + todo_samples, bar, restart)
     finally:
         bar.close()
 
 
-def _write_outputs(run: _Run, summary: BatchSummary, store: Store, run_id: int, plots: bool,
-                   started: float) -> None:
+def _write_outputs(
+    run: _Run, summary: BatchSummary, store: Store, run_id: int, plots: bool, started: float
+) -> None:
     """The tables, the summary's counts, the run's record in the store and ``report.html``."""
     results, errors, calibrations = run.collect()
     summary.bead_qc = _bead_qc(store, results)
@@ -438,8 +556,22 @@ def _write_outputs(run: _Run, summary: BatchSummary, store: Store, run_id: int, 
     summary.warned = sum(bool((r.get("qc") or {}).get("warnings")) for r in results)
     summary.failed = len(errors)
     summary.reused = run.reused
-    store.finish_run(run_id, {k: getattr(summary, k) for k in (
-        "tubes", "bead_tubes", "patient_tubes", "ok", "not_reportable", "warned", "failed", "computed",
-        "reused")})
+    store.finish_run(
+        run_id,
+        {
+            k: getattr(summary, k)
+            for k in (
+                "tubes",
+                "bead_tubes",
+                "patient_tubes",
+                "ok",
+                "not_reportable",
+                "warned",
+                "failed",
+                "computed",
+                "reused",
+            )
+        },
+    )
     summary.seconds = time.perf_counter() - started  # the report states the run's time
     write_report(run.out / "report.html", summary, figures=plots)

@@ -73,16 +73,26 @@ def calibrate_task(path: str, lot: str | None, values: list[float] | None) -> di
 
         with _single_threaded():
             calibration = calibrate(read_fcs(path, lenient=True), lot=lot, values=values)
-        return {"status": "ok", "calibration": calibration.to_dict(),
-                "seconds": time.perf_counter() - started}
+        return {
+            "status": "ok",
+            "calibration": calibration.to_dict(),
+            "seconds": time.perf_counter() - started,
+        }
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, none stops the batch
         return _failure(exc, started)
 
 
 def analyze_task(
-    path: str, calibration: dict[str, Any], plot: bool, known: dict[str, Any] | None = None, *,
-    gates: str | None = None, gate_name: str | None = None, gates_out: bool = False,
-    reagent: Any = None, preanalytics: Any = None,
+    path: str,
+    calibration: dict[str, Any],
+    plot: bool,
+    known: dict[str, Any] | None = None,
+    *,
+    gates: str | None = None,
+    gate_name: str | None = None,
+    gates_out: bool = False,
+    reagent: Any = None,
+    preanalytics: Any = None,
 ) -> dict[str, Any]:
     """Analyse one patient tube (:func:`hladr.pipeline.run_analysis`); returns the Result dict (and QC
     PNG bytes) or the failure.
@@ -101,19 +111,22 @@ def analyze_task(
 
         unchanged = known and known.get("identity") and tuple(known["identity"]) == _identity(path)
         cal = Calibration.from_dict(calibration)
-        options = AnalysisOptions(gates=gates, gate_name=gate_name, reagent=reagent,
-                                  preanalytics=preanalytics)
+        options = AnalysisOptions(
+            gates=gates, gate_name=gate_name, reagent=reagent, preanalytics=preanalytics
+        )
         with _single_threaded():
             analysis = run_analysis(path, cal, options, sha256=known["sha256"] if unchanged else None)
         out: dict[str, Any] = {"status": "ok", "result": analysis.result.to_dict()}
         if gates_out:
             from ..gatingml import export_gates
 
-            out["gatingml"], out["gatingml_agreement"] = export_gates(analysis.sample, analysis.gating,
-                                                                      analysis.panel)
+            out["gatingml"], out["gatingml_agreement"] = export_gates(
+                analysis.sample, analysis.gating, analysis.panel
+            )
         if plot:
-            out["png"], out["plot_error"] = _qc_png(analysis.sample, analysis.result, cal, analysis.gating,
-                                                    analysis.panel)
+            out["png"], out["plot_error"] = _qc_png(
+                analysis.sample, analysis.result, cal, analysis.gating, analysis.panel
+            )
         out["seconds"] = time.perf_counter() - started
         return out
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, none stops the batch

@@ -19,9 +19,7 @@ from .exit_codes import EXIT_NOT_REPORTABLE, EXIT_OK, EXIT_USAGE
 def require_bead_values(args: argparse.Namespace) -> None:
     """Raise unless ``--lot`` or ``--bead-values`` is given (checked before any file is read)."""
     if args.lot is None and args.bead_values is None:
-        raise CalibrationError(
-            "give --lot FILE or --bead-values V1,V2,... (the values printed on your kit)"
-        )
+        raise CalibrationError("give --lot FILE or --bead-values V1,V2,... (the values printed on your kit)")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
