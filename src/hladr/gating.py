@@ -179,11 +179,12 @@ class Tube:
 
     @cached_property
     def _event_checks(self) -> tuple[np.ndarray, np.ndarray]:
-        """(finite rows, rows whose scatter is inside (0, 0.999 x range)), in one pass over the events."""
+        """(finite rows, rows whose scatter is inside (0, 0.999 x the channel's saturation)), in one pass
+        over the events; the saturation of a log-amplified channel is its top channel decoded."""
         events, panel = self.sample.events, self.panel
         roles = [role for role in ("FSC-A", "SSC-A") if panel[role]]
         columns = np.array([self.sample.index(panel[role]) for role in roles], dtype=np.int64)
-        tops = [0.999 * (self.sample.ranges.get(panel[role]) or np.inf) for role in roles]
+        tops = [0.999 * self.sample.saturation(panel[role]) for role in roles]
         # compared in the events' own float type, as numpy compares a float32 column with a number
         tops_typed = np.array(tops, dtype=events.dtype if events.dtype.kind == "f" else np.float64)
         return kernels.finite_and_inside(np.ascontiguousarray(events), columns, tops_typed)
