@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import csv
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -48,8 +50,25 @@ def _by_name(jobs):
     return {Path(j.tube.rel).name: j for j in jobs}
 
 
-def test_discovery_roles_and_corrupt_file(export: Path):
-    tubes = {Path(t.rel).name: t for t in discover(export)}
+class _BrokenPool(cf.Executor):
+    """A process pool whose workers have died: every task fails with BrokenProcessPool."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future: cf.Future = cf.Future()
+        future.set_exception(cf.process.BrokenProcessPool("a worker died"))
+        return future
+
+
+@pytest.mark.parametrize("workers", [0, 2, -1], ids=["threads", "worker-processes", "broken-pool"])
+def test_discovery_roles_and_corrupt_file(export: Path, workers: int):
+    """The same roles, reasons, metadata and hashes whether this process or the batch's worker
+    processes describe the tubes (and when the workers die, this process describes them)."""
+    if workers > 0:
+        with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            found = discover(export, executor=pool)
+    else:
+        found = discover(export, executor=_BrokenPool() if workers < 0 else None)
+    tubes = {Path(t.rel).name: t for t in found}
     assert "notes.txt" not in tubes
     assert tubes["QB beads 0800.fcs"].role == "beads"
     assert tubes["Quantibrite_1200.fcs"].role == "beads"  # content wins over the panel's markers

@@ -490,15 +490,18 @@ def _usable_inputs(
     )
 
 
-def _discover_and_pair(inputs: _Inputs) -> tuple[list[Tube], list[Job], BatchSummary]:
-    """The export's tubes, the patient tubes' jobs and the summary counting them.
+def _discover_and_pair(
+    inputs: _Inputs, executor: cf.Executor | None = None
+) -> tuple[list[Tube], list[Job], BatchSummary]:
+    """The export's tubes (described by ``executor``'s workers when given), the patient tubes' jobs
+    and the summary counting them.
 
     Raises
     ------
     BatchError
         No FCS file in the export, or a bead tube without bead values.
     """
-    tubes = discover(inputs.export, inputs.manifest_rows, exclude=[inputs.out])
+    tubes = discover(inputs.export, inputs.manifest_rows, exclude=[inputs.out], executor=executor)
     if not tubes:
         raise BatchError("no FCS file found in the export folder", inputs.export)
     jobs = pair(tubes, inputs.default_lot, inputs.manifest_dir, inputs.default_reagent)
