@@ -630,3 +630,29 @@ def test_the_packaged_warm_up_tubes_go_through_every_step_of_the_tasks():
     assert analysed["status"] == "ok" and analysed["png"][:8] == b"\x89PNG\r\n\x1a\n"
     low, high = analysed["result"]["abc_ci95"]
     assert low < 5000 < high
+
+
+def test_report_figures_drawn_by_the_workers_are_the_ones_drawn_here(tmp_path: Path):
+    """With --jobs 2 the batch's workers draw the report's figures (AB/C distribution, bead curve,
+    the patients' courses, Levey-Jennings) in parallel: the same images, in the same places, as
+    the report drawn figure after figure in this process from the same run."""
+    import re
+
+    from hladr.report import render
+
+    if not (SAMPLE_DIR / "beads.fcs").exists():
+        pytest.skip("sample_fcs/ not present")
+    out = tmp_path / "out"
+    summary = run_batch(SAMPLE_DIR, out, jobs=2, lot="96597", progress=False, plots=True)
+    assert summary.executor == "processes" and summary.ok == 4
+
+    def images(html: str) -> list[tuple[str, str]]:
+        found = re.findall(r"<img alt='([^']*)' src='data:image/png;base64,([^']*)'", html)
+        return [(alt, png) for alt, png in found if not alt.startswith("QC figure")]
+
+    drawn_by_workers = images((out / "report.html").read_text())
+    drawn_here = images(render(summary, out, figures=True))
+    alts = [alt for alt, _ in drawn_here]
+    assert alts[:2] == ["AB/C distribution", "bead curve"] and alts[-1].startswith("Levey-Jennings")
+    assert sum(alt.startswith("course of ") for alt in alts) == 4
+    assert drawn_by_workers == drawn_here
