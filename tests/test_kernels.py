@@ -30,13 +30,6 @@ def test_histogram_is_numpys_on_float64(values, lo, hi, bins):
     np.testing.assert_array_equal(kernels.histogram(values, lo, hi, bins, keep), expected)
 
 
-def test_log10_is_numpys_within_one_ulp(values):
-    x = np.abs(values[5:]) * np.float32(1e4)
-    np.testing.assert_array_max_ulp(
-        kernels.log10_at_least_1(x), np.log10(np.maximum(x, np.float32(1))), maxulp=1
-    )
-
-
 def test_nonfinite_count_and_inside_ranges_are_numpys():
     rng = np.random.default_rng(3)
     events = rng.uniform(-10, 300, (20_000, 5)).astype(np.float32)

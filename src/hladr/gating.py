@@ -363,8 +363,15 @@ def compensated_columns(sample: Sample, channels: Iterable[str]) -> tuple[dict[s
 
 
 def _log(x: np.ndarray) -> np.ndarray:
-    """log10 of ``max(x, 1)`` for gating, in float32 (plenty for gates; half the memory traffic)."""
-    return kernels.log10_at_least_1(x)
+    """log10 of ``max(x, 1)`` for gating, in float32 (plenty for gates; half the memory traffic).
+
+    numpy's vectorised float32 log10: 0.6 ms per 1M values on one core, where a numba loop over
+    libm's log10f took 6-8 ms. The two differ by at most one unit in the last place; on 82 tubes
+    (simulated, sample_fcs and real) no gate mask, AB/C, interval or flag moved, and the gates'
+    recorded thresholds moved in their 7th significant digit.
+    """
+    out = np.maximum(x, np.float32(1), dtype=np.float32)
+    return np.log10(out, out=out)
 
 
 class RoleLogs(dict):

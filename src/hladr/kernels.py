@@ -192,15 +192,6 @@ def outside_bins(t: np.ndarray, keep: np.ndarray, lo: float, hi: float, bad: np.
 
 
 @njit(cache=True, parallel=True)
-def log10_at_least_1(x: np.ndarray) -> np.ndarray:
-    """``log10(max(x, 1))`` in float32 (gating resolution), spread over the CPU cores."""
-    out = np.empty(x.size, dtype=np.float32)
-    for i in prange(x.size):
-        out[i] = np.log10(max(np.float32(x[i]), np.float32(1.0)))
-    return out
-
-
-@njit(cache=True, parallel=True)
 def histogram(values: np.ndarray, lo: float, hi: float, bins: int, keep: np.ndarray | None = None) -> np.ndarray:
     """Counts of ``values`` (those where ``keep``, when given) in ``bins`` equal bins over ``[lo, hi]``:
     ``np.histogram`` of the values in float64 (the last bin includes ``hi``; values outside and NaN
