@@ -65,7 +65,9 @@ def test_ratio_kernels_are_numpys_division(dtype):
     size = len(range(0, int(keep.sum()), 4))
     np.testing.assert_array_equal(kernels.kept_ratios(h, a, keep, 4, size, single), ratio[keep][::4])
     lo, hi = np.array([0.8, 1.1], dtype=ratio_dtype)
-    np.testing.assert_array_equal(kernels.ratio_between(h, a, keep, lo, hi, single), keep & (ratio > lo) & (ratio < hi))
+    np.testing.assert_array_equal(
+        kernels.ratio_between(h, a, keep, lo, hi, single), keep & (ratio > lo) & (ratio < hi)
+    )
 
 
 def test_time_bins_count_and_sum_as_numpy():

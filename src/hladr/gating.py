@@ -22,7 +22,6 @@ import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -177,19 +176,21 @@ class Tube:
         """The raw (uncompensated) values of a role's channel, as stored."""
         return self.sample.events[:, self.sample.index(self.panel[role])]
 
-    @cached_property
+    @property
     def finite(self) -> np.ndarray:
         """True for each event without a NaN or infinite value in any channel (a fast count of the
-        non-finite values first: rows are only checked when there is one)."""
+        non-finite values first: rows are only checked when there is one). Computed on each use,
+        not kept: one gate reads it."""
         events = np.ascontiguousarray(self.sample.events)
         if events.dtype.kind != "f" or kernels.count_nonfinite(events.reshape(-1)) == 0:
             return np.ones(len(events), dtype=bool)
         return np.isfinite(events).all(axis=1)
 
-    @cached_property
+    @property
     def inside_margins(self) -> np.ndarray:
         """True for each event whose FSC-A and SSC-A (those the tube has) are inside (0, 0.999 x the
-        channel's saturation); the saturation of a log-amplified channel is its top channel decoded."""
+        channel's saturation); the saturation of a log-amplified channel is its top channel decoded.
+        Computed on each use, not kept: one gate reads it."""
         events, panel = self.sample.events, self.panel
         roles = [role for role in ("FSC-A", "SSC-A") if panel[role]]
         columns = np.array([self.sample.index(panel[role]) for role in roles], dtype=np.int64)
@@ -376,20 +377,36 @@ def _log(x: np.ndarray) -> np.ndarray:
 
 class RoleLogs(dict):
     """``logs[role]``: log10 of a role's channel over all events (compensated for fluorescence),
-    computed on first use and kept: the gates of one tube (one leukocyte mask) share them."""
+    computed on first use and kept: the gates of one tube (one leukocyte mask) share them.
+
+    :meth:`at` and :meth:`kept_sample` give the same values for some events only, without computing
+    (and holding) the whole column's log when no gate has needed it yet.
+    """
 
     def __init__(self, comp: Mapping[str, np.ndarray], sample: Sample, panel: Panel) -> None:
         super().__init__()
         self.comp, self.sample, self.panel = comp, sample, panel
 
-    def __missing__(self, role: str) -> np.ndarray:
+    def linear(self, role: str) -> np.ndarray:
+        """A role's channel over all events, compensated for fluorescence, before the log."""
         channel = self.panel[role]
         if channel in self.comp and role not in ("FSC-A", "FSC-H", "SSC-A", "DNA"):
-            values = self.comp[channel]
-        else:
-            values = self.sample.events[:, self.sample.index(channel)]
-        self[role] = _log(values)
+            return self.comp[channel]
+        return self.sample.events[:, self.sample.index(channel)]
+
+    def __missing__(self, role: str) -> np.ndarray:
+        self[role] = _log(self.linear(role))
         return self[role]
+
+    def at(self, role: str, rows: np.ndarray) -> np.ndarray:
+        """``logs[role][rows]``."""
+        return self[role][rows] if role in self else _log(self.linear(role)[rows])
+
+    def kept_sample(self, role: str, keep: np.ndarray, limit: int = 200_000) -> np.ndarray:
+        """``_kept_sample(logs[role], keep, limit)``."""
+        if role in self:
+            return _kept_sample(self[role], keep, limit)
+        return _log(_kept_sample(self.linear(role), keep, limit))
 
 
 def _valley(
@@ -458,7 +475,8 @@ def nonfinite_gate(tube: Tube, keep: np.ndarray) -> GateOutcome:
     (:class:`GatingError`); fewer are dropped with the ``nonfinite_events:<count>`` flag.
     """
     n = tube.sample.n_events
-    bad = int(n - np.count_nonzero(tube.finite))
+    finite = tube.finite
+    bad = int(n - np.count_nonzero(finite))
     limit = tube.policy.max_nonfinite_fraction
     if bad > limit * n:
         raise GatingError(
@@ -466,7 +484,7 @@ def nonfinite_gate(tube: Tube, keep: np.ndarray) -> GateOutcome:
             f"(more than {limit:.0%}): the file is refused",
             tube.sample.path,
         )
-    return GateOutcome(keep & tube.finite, {"nonfinite": bad}, (f"nonfinite_events:{bad}",) if bad else ())
+    return GateOutcome(keep & finite, {"nonfinite": bad}, (f"nonfinite_events:{bad}",) if bad else ())
 
 
 def margin_gate(tube: Tube, keep: np.ndarray) -> GateOutcome:
@@ -492,7 +510,7 @@ def time_gate(tube: Tube, keep: np.ndarray, bins: int = 100) -> GateOutcome:
     first, last = kernels.kept_range(t, keep)
     lo, hi = float(first), float(last) + 1e-9
     signal_role = "FSC-A" if panel["FSC-A"] else "DNA" if panel["DNA"] else None
-    signal = tube.logs[signal_role] if signal_role else np.zeros(t.size, dtype=np.float32)
+    signal = _log(tube.column(signal_role)) if signal_role else np.zeros(t.size, dtype=np.float32)
     rate, sums = kernels.time_bins(t, signal, keep, lo, hi, n_bins)
     level = np.where(rate > 5, 10 ** (sums / np.maximum(rate, 1)), np.nan)  # geometric mean signal per bin
     med_rate, med_level = np.median(rate), np.nanmedian(level)
@@ -520,7 +538,8 @@ def singlet_gate(tube: Tube, keep: np.ndarray) -> GateOutcome:
     single = bool(dtype == np.float32)
     thinning = _thinning(int(np.count_nonzero(keep)))
     med, sd = _robust(kernels.kept_ratios(h, a, keep, *thinning, single).astype(dtype))
-    lo, hi = np.array([med - 4 * sd, med + 6 * sd], dtype=dtype)  # compared in the ratio's dtype, as numpy does
+    # compared in the ratio's dtype, as numpy compares an array with a number
+    lo, hi = np.array([med - 4 * sd, med + 6 * sd], dtype=dtype)
     return GateOutcome(kernels.ratio_between(h, a, keep, lo, hi, single))
 
 
@@ -536,7 +555,7 @@ def debris_gate(tube: Tube, keep: np.ndarray) -> GateOutcome:
     flags = () if panel["SSC-A"] else ("no_scatter",)  # mass cytometry: gated on DNA, CD45 and CD14 only
     if not panel[size_role]:
         return GateOutcome(keep, {key: float("nan")}, flags)
-    size = tube.logs[size_role]
+    size = _log(tube.column(size_role))  # not kept in tube.logs: no later gate reads it
     med = float(np.median(_kept_sample(size, keep)))
     pos, depth = _valley(size, med - 1.5, med - 0.15, keep=keep)
     cut = pos if depth < 0.6 else med + np.log10(0.35)
@@ -587,9 +606,11 @@ def monocyte_gate_density(tube: Tube, leuk: np.ndarray) -> GateOutcome:
         return GateOutcome(cd14_pos, info)
     mono = cd14_pos
     if panel["SSC-A"]:  # low-to-intermediate SSC: drop CD14+ events in the granulocytes' SSC range
-        ssc = logs["SSC-A"]
-        m_ssc, s_ssc = _robust(_kept_sample(ssc, cd14_pos))
-        mono = cd14_pos & (ssc < m_ssc + 3 * s_ssc) & (ssc > m_ssc - 4 * s_ssc)
+        rows = np.flatnonzero(cd14_pos)
+        ssc = logs.at("SSC-A", rows)
+        m_ssc, s_ssc = _robust(ssc)
+        mono = np.zeros_like(cd14_pos)
+        mono[rows[(ssc < m_ssc + 3 * s_ssc) & (ssc > m_ssc - 4 * s_ssc)]] = True
         info["ssc_max"] = float(10 ** (m_ssc + 3 * s_ssc))
     if panel["CD45"]:
         cd45 = logs["CD45"]
@@ -611,9 +632,10 @@ def no_granulocytes(log_ssc: np.ndarray, leuk: np.ndarray, gated: np.ndarray) ->
     return others_high < 0.1 * n_leuk and gated.sum() < 0.2 * n_leuk
 
 
-def granulocyte_ssc_limit(log_ssc: np.ndarray, leuk: np.ndarray) -> float:
-    """log10 SSC above which a population is granulocyte-like (80 % of the 90th percentile)."""
-    return float(np.percentile(_kept_sample(log_ssc, leuk), 90) + np.log10(0.8))
+def granulocyte_ssc_limit(log_ssc_sample: np.ndarray) -> float:
+    """log10 SSC above which a population is granulocyte-like: 80 % of the 90th percentile of the
+    leukocytes' log SSC (given as an evenly thinned sample of them, :func:`_kept_sample`)."""
+    return float(np.percentile(log_ssc_sample, 90) + np.log10(0.8))
 
 
 def _granulocyte_like(logs: RoleLogs, leuk: np.ndarray, rows: np.ndarray) -> bool:
@@ -621,8 +643,8 @@ def _granulocyte_like(logs: RoleLogs, leuk: np.ndarray, rows: np.ndarray) -> boo
     leukocytes is kept in ``logs``)."""
     key = ("ssc_limit", id(leuk))
     if key not in logs:
-        logs[key] = granulocyte_ssc_limit(logs["SSC-A"], leuk)
-    return bool(np.median(logs["SSC-A"][_thin(rows, 50_000)]) > logs[key])
+        logs[key] = granulocyte_ssc_limit(logs.kept_sample("SSC-A", leuk))
+    return bool(np.median(logs.at("SSC-A", _thin(rows, 50_000))) > logs[key])
 
 
 def monocyte_gate_gmm(tube: Tube, leuk: np.ndarray) -> GateOutcome:
@@ -645,7 +667,7 @@ def monocyte_gate_gmm(tube: Tube, leuk: np.ndarray) -> GateOutcome:
     gmm = GaussianMixture(n_components=6, covariance_type="full", random_state=seed, n_init=2).fit(x[fit_idx])
     labels = gmm.predict(x[idx])
     bulk = float(np.median(x[idx, 0]))
-    ssc_limit = granulocyte_ssc_limit(x[:, 1], leuk) if panel["SSC-A"] else np.inf
+    ssc_limit = granulocyte_ssc_limit(_kept_sample(x[:, 1], leuk)) if panel["SSC-A"] else np.inf
     mono_components = [
         k
         for k in range(gmm.n_components)
@@ -1055,7 +1077,8 @@ def gate_monocytes(
     flags: list[str] = []
     thresholds: dict[str, float] = {}
     alternatives: dict[str, np.ndarray] = {}
-    populations: dict[str, np.ndarray] = {}
+    populations: dict[str, np.ndarray] = {}  # those a later step or the result reads
+    needed = {"time", "singlets", "leukocytes"} | {step.parent for step in sequence if step.parent}
     method = None
     parent = np.ones(sample.n_events, dtype=bool)
     for step in sequence:
@@ -1070,7 +1093,9 @@ def gate_monocytes(
         alternatives.update(outcome.alternatives)
         thresholds.update((name, outcome.info[k]) for k, name in THRESHOLDS.items() if outcome.info.get(k))
         method = outcome.info.get("method", method)
-        populations[step.name] = parent = mask
+        parent = mask
+        if step.name in needed:
+            populations[step.name] = mask
     last = sequence.steps[-1]
     return GatingResult(
         monocytes=parent,

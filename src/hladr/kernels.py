@@ -114,7 +114,9 @@ def _ratio(h: float, a: float, single: bool) -> float:
 
 
 @njit(cache=True)
-def kept_ratios(h: np.ndarray, a: np.ndarray, keep: np.ndarray, k: int, size: int, single: bool) -> np.ndarray:
+def kept_ratios(
+    h: np.ndarray, a: np.ndarray, keep: np.ndarray, k: int, size: int, single: bool
+) -> np.ndarray:
     """The ratio ``h / a`` (see :func:`_ratio`) of every ``k``-th kept event (``size`` values)."""
     out = np.empty(size)
     rank, j = 0, 0
@@ -192,7 +194,9 @@ def outside_bins(t: np.ndarray, keep: np.ndarray, lo: float, hi: float, bad: np.
 
 
 @njit(cache=True, parallel=True)
-def histogram(values: np.ndarray, lo: float, hi: float, bins: int, keep: np.ndarray | None = None) -> np.ndarray:
+def histogram(
+    values: np.ndarray, lo: float, hi: float, bins: int, keep: np.ndarray | None = None
+) -> np.ndarray:
     """Counts of ``values`` (those where ``keep``, when given) in ``bins`` equal bins over ``[lo, hi]``:
     ``np.histogram`` of the values in float64 (the last bin includes ``hi``; values outside and NaN
     are left out).
