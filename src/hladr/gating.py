@@ -476,7 +476,7 @@ def nonfinite_gate(tube: Tube, keep: np.ndarray) -> GateOutcome:
     """
     n = tube.sample.n_events
     finite = tube.finite
-    bad = int(n - np.count_nonzero(finite))
+    bad = n - int(np.count_nonzero(finite))
     limit = tube.policy.max_nonfinite_fraction
     if bad > limit * n:
         raise GatingError(
@@ -523,7 +523,7 @@ def time_gate(tube: Tube, keep: np.ndarray, bins: int = 100) -> GateOutcome:
     else:
         bad[:] = False  # no stable baseline: do not gate on time
     timed = kernels.outside_bins(t, keep, lo, hi, bad) if bad.any() else keep
-    removed = (n_in - np.count_nonzero(timed)) / n_in
+    removed = (n_in - int(np.count_nonzero(timed))) / n_in
     flags = (f"time_gate_removed:{removed:.0%}",) if removed > tube.policy.time_gate_warn else ()
     return GateOutcome(timed, {"bins_removed": int(bad.sum()), "bins": n_bins}, flags)
 
@@ -601,7 +601,7 @@ def monocyte_gate_density(tube: Tube, leuk: np.ndarray) -> GateOutcome:
         info["failed"] = "no CD14 valley"
         return GateOutcome(np.zeros_like(leuk), info)
     cd14_pos = leuk & (cd14 > pos)
-    if cd14_pos.sum() < 20:
+    if np.count_nonzero(cd14_pos) < 20:
         info["failed"] = "almost no CD14+ events"
         return GateOutcome(cd14_pos, info)
     mono = cd14_pos
@@ -626,10 +626,10 @@ def no_granulocytes(log_ssc: np.ndarray, leuk: np.ndarray, gated: np.ndarray) ->
     leukocytes reach half the gated events' median SSC and the gated events are under 20 % of the
     leukocytes (so they are not the granulocytes themselves), the tube has no granulocytes.
     """
-    n_leuk = max(int(leuk.sum()), 1)
+    n_leuk = max(int(np.count_nonzero(leuk)), 1)
     floor = float(np.median(log_ssc[gated])) - np.log10(2)
-    others_high = int((leuk & ~gated & (log_ssc >= floor)).sum())
-    return others_high < 0.1 * n_leuk and gated.sum() < 0.2 * n_leuk
+    others_high = int(np.count_nonzero(leuk & ~gated & (log_ssc >= floor)))
+    return others_high < 0.1 * n_leuk and np.count_nonzero(gated) < 0.2 * n_leuk
 
 
 def granulocyte_ssc_limit(log_ssc_sample: np.ndarray) -> float:
@@ -947,10 +947,10 @@ def _problem(tube: Tube, outcome: GateOutcome, leuk: np.ndarray) -> str | None:
     mono, info, policy = outcome.mask, outcome.info, tube.policy
     if info.get("failed"):
         return str(info["failed"])
-    n = int(mono.sum())
+    n = int(np.count_nonzero(mono))
     if n < policy.min_monocytes_gate:
         return f"only {n} monocytes (at least {policy.min_monocytes_gate} are needed to measure their HLA-DR)"
-    percent = 100.0 * n / max(int(leuk.sum()), 1)
+    percent = 100.0 * n / max(int(np.count_nonzero(leuk)), 1)
     low, high = policy.monocyte_percent_range
     if not low <= percent <= high:
         return f"implausible monocyte fraction {percent:.2f} %"
@@ -1087,7 +1087,12 @@ def gate_monocytes(
         outcome = step.gate(tube, parent)
         mask = outcome.mask & parent
         gate_log.append(
-            {"gate": step.label or step.name, "in": int(parent.sum()), "out": int(mask.sum()), **outcome.info}
+            {
+                "gate": step.label or step.name,
+                "in": int(np.count_nonzero(parent)),
+                "out": int(np.count_nonzero(mask)),
+                **outcome.info,
+            }
         )
         flags += outcome.flags
         alternatives.update(outcome.alternatives)

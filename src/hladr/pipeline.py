@@ -174,11 +174,12 @@ def run_analysis(
     if not calibration.passed:
         flags.append("calibration_failed")
 
-    n_mono = int(gating.monocytes.sum())
+    n_mono = int(np.count_nonzero(gating.monocytes))
     if n_mono < 20:
         raise AnalysisError(f"only {n_mono} monocytes found: no HLA-DR value can be given", sample.path)
     pe_all = gating.compensated[panel["HLA-DR"]]
-    pe = pe_all[gating.monocytes]
+    monocyte_rows = np.flatnonzero(gating.monocytes)  # gathered by index: faster than by mask twice
+    pe = pe_all[monocyte_rows]
     mfi = monocyte_statistic(pe, statistic)
     if not np.isfinite(mfi) or mfi <= 0:
         raise AnalysisError(f"monocyte HLA-DR statistic is {mfi:g}: not measurable", sample.path)
@@ -188,7 +189,7 @@ def run_analysis(
     top = sample.saturation(panel["HLA-DR"])
     saturated = None
     if np.isfinite(top):
-        values = sample.events[gating.monocytes, sample.index(panel["HLA-DR"])]
+        values = sample.events[monocyte_rows, sample.index(panel["HLA-DR"])]
         saturated = float(np.mean(values >= 0.999 * top))
     flags += policy.monocyte_flags(n_mono, saturated)
     flags += policy.bead_range_flags(mfi, calibration.mfi_range)
@@ -204,7 +205,7 @@ def run_analysis(
         flags += policy.preanalytic_flags(preanalytics, sample.acquired)
     outcome = policy.evaluate(flags)
 
-    leuk = int(gating.leukocytes.sum())
+    leuk = int(np.count_nonzero(gating.leukocytes))
     from . import __version__
 
     hashing.join()
