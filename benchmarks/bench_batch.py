@@ -11,8 +11,9 @@ analysed three ways on the same machine, each with ``--jobs`` worker processes:
   ``$SPILLOVER``, logicle, three polygon gates in a ``GatingStrategy`` (cells, CD45+, CD14+
   monocytes), the median PE of the monocytes through the bead curve that hladr fitted.
 
-It prints samples per minute and the ratios, per round (``--repeat``: the three pipelines are run
-in turn, so each round's ratios share the machine's load of the moment), the load average, and
+It prints the worker pool's start-up (a fixed cost of every batch), samples per minute and the
+ratios, per round (``--repeat``: the three pipelines are run in turn, so each round's ratios share
+the machine's load of the moment), the load average, and
 the median worker time per patient tube with and without the QC figure (from the batch journal:
 their difference is the figure's worker time). The issue's reference size is ``--tubes 200``.
 """
@@ -152,6 +153,22 @@ def expert_gates(path: Path, instrument) -> dict:
 
 
 # --- main --------------------------------------------------------------------------------------
+def startup_seconds(jobs: int) -> float:
+    """The fixed cost of a batch's worker pool: spawn ``jobs`` processes and let each import hladr
+    and load numba's cached kernels (:func:`hladr.batch.warm_up`), as ``hladr batch`` does first."""
+    from hladr.batch.executors import _process_pool
+    from hladr.batch.tasks import warm_up
+
+    t0 = time.perf_counter()
+    pool = _process_pool(jobs)
+    try:
+        for future in [pool.submit(warm_up) for _ in range(jobs)]:
+            future.result()
+        return time.perf_counter() - t0
+    finally:
+        pool.shutdown()
+
+
 def worker_seconds(out: Path) -> float:
     """Median worker time of the patient tubes of a batch (analysis, and the QC figure if drawn)."""
     records = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines() if line.strip()]
@@ -180,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"export: {args.tubes} patient tubes x {args.events:,} events "
             f"({time.perf_counter() - t0:.1f} s to simulate); {args.jobs} worker processes"
+        )
+        print(
+            f"worker pool start-up (spawn, imports, numba's cached kernels, warm-up): "
+            f"{startup_seconds(args.jobs):.1f} s (load {os.getloadavg()[0]:.1f})"
         )
         print(f"\n{'round':<6}{'pipeline':<34}{'seconds':>9}{'samples/min':>13}{'x flowkit':>11}{'load':>7}")
         ratios: dict[str, list[float]] = {}

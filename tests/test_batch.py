@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import csv
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -48,8 +50,25 @@ def _by_name(jobs):
     return {Path(j.tube.rel).name: j for j in jobs}
 
 
-def test_discovery_roles_and_corrupt_file(export: Path):
-    tubes = {Path(t.rel).name: t for t in discover(export)}
+class _BrokenPool(cf.Executor):
+    """A process pool whose workers have died: every task fails with BrokenProcessPool."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future: cf.Future = cf.Future()
+        future.set_exception(cf.process.BrokenProcessPool("a worker died"))
+        return future
+
+
+@pytest.mark.parametrize("workers", [0, 2, -1], ids=["threads", "worker-processes", "broken-pool"])
+def test_discovery_roles_and_corrupt_file(export: Path, workers: int):
+    """The same roles, reasons, metadata and hashes whether this process or the batch's worker
+    processes describe the tubes (and when the workers die, this process describes them)."""
+    if workers > 0:
+        with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            found = discover(export, executor=pool)
+    else:
+        found = discover(export, executor=_BrokenPool() if workers < 0 else None)
+    tubes = {Path(t.rel).name: t for t in found}
     assert "notes.txt" not in tubes
     assert tubes["QB beads 0800.fcs"].role == "beads"
     assert tubes["Quantibrite_1200.fcs"].role == "beads"  # content wins over the panel's markers
@@ -611,3 +630,29 @@ def test_the_packaged_warm_up_tubes_go_through_every_step_of_the_tasks():
     assert analysed["status"] == "ok" and analysed["png"][:8] == b"\x89PNG\r\n\x1a\n"
     low, high = analysed["result"]["abc_ci95"]
     assert low < 5000 < high
+
+
+def test_report_figures_drawn_by_the_workers_are_the_ones_drawn_here(tmp_path: Path):
+    """With --jobs 2 the batch's workers draw the report's figures (AB/C distribution, bead curve,
+    the patients' courses, Levey-Jennings) in parallel: the same images, in the same places, as
+    the report drawn figure after figure in this process from the same run."""
+    import re
+
+    from hladr.report import render
+
+    if not (SAMPLE_DIR / "beads.fcs").exists():
+        pytest.skip("sample_fcs/ not present")
+    out = tmp_path / "out"
+    summary = run_batch(SAMPLE_DIR, out, jobs=2, lot="96597", progress=False, plots=True)
+    assert summary.executor == "processes" and summary.ok == 4
+
+    def images(html: str) -> list[tuple[str, str]]:
+        found = re.findall(r"<img alt='([^']*)' src='data:image/png;base64,([^']*)'", html)
+        return [(alt, png) for alt, png in found if not alt.startswith("QC figure")]
+
+    drawn_by_workers = images((out / "report.html").read_text())
+    drawn_here = images(render(summary, out, figures=True))
+    alts = [alt for alt, _ in drawn_here]
+    assert alts[:2] == ["AB/C distribution", "bead curve"] and alts[-1].startswith("Levey-Jennings")
+    assert sum(alt.startswith("course of ") for alt in alts) == 4
+    assert drawn_by_workers == drawn_here

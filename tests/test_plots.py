@@ -65,6 +65,50 @@ def test_reused_figure_draws_what_a_fresh_one_draws(two_tubes):
     assert not np.array_equal(_pixels(a), after_a)  # and a different tube is a different figure
 
 
+def test_the_next_tube_of_a_run_shows_none_of_the_last_ones_artists(tmp_path):
+    """Two tubes of one run (same panel, instrument and bead curve: the figure keeps its static
+    pixels): the second, drawn into the figure that held the first, must be the figure a fresh one
+    gives, without the first tube's density, gated events, gate cuts or point on the bead curve
+    (saving draws animated artists, so they must be hidden while the static pixels are taken)."""
+    simulate_beads(tmp_path / "beads.fcs", "canto", QUANTIBRITE_96597, seed=2, n_events=20_000)
+    cal = hladr.calibrate(hladr.read_fcs(tmp_path / "beads.fcs"), values=list(QUANTIBRITE_96597))
+    tubes = []
+    for name, abc, share in (("first", 2_500, 0.03), ("second", 20_000, 0.12)):
+        simulate_blood(
+            tmp_path / f"{name}.fcs",
+            "canto",
+            abc,
+            seed=len(tubes) + 11,
+            n_events=30_000,
+            monocyte_fraction=share,
+        )
+        sample = hladr.read_fcs(tmp_path / f"{name}.fcs")
+        panel = resolve_panel(sample)
+        gating = gate_monocytes(sample, panel)
+        tubes.append((sample, hladr.analyze(sample, cal, panel=panel, gating=gating), cal, gating, panel))
+
+    def layout(tube):
+        sample, result, cal, gating, panel = tube
+        return plot_analysis(sample, result, cal, gating=gating, panel=panel).layout
+
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(first=layout(tubes[0]), second=layout(tubes[1])))
+    worker.start()
+    worker.join()
+    assert out["first"] == out["second"]  # one layout: the second tube reuses the first's static pixels
+    first_then_second = None
+
+    def run():
+        nonlocal first_then_second
+        _pixels(tubes[0])
+        first_then_second = _pixels(tubes[1])
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    np.testing.assert_array_equal(first_then_second, _in_fresh_thread(tubes[1]))
+
+
 def test_png_is_the_figure(two_tubes):
     """The encoder writes the canvas as drawn: a decodable PNG of the figure's size with the red
     gate lines and the viridis density images in it."""

@@ -296,7 +296,18 @@ class _QCFigure(Figure):
         """The static pixels (drawn first when the layout or the canvas changed), then the tube's."""
         drawn_as = (self.layout, renderer.width, renderer.height, self.dpi)
         if self.background is None or self.drawn_as != drawn_as:
-            super().draw(renderer)  # every artist but the animated ones, the tube's
+            # every artist but the tube's: an axes draws its animated artists too while the figure
+            # is being saved, and the next tubes of the run would show this one's under theirs
+            tubes = [a for slot in self.slots if slot for a in (slot[0], *slot[1], *slot[2])]
+            tubes += [self.sample] if self.sample is not None else []
+            shown = [artist.get_visible() for artist in tubes]
+            for artist in tubes:
+                artist.set_visible(False)
+            try:
+                super().draw(renderer)
+            finally:
+                for artist, visible in zip(tubes, shown):
+                    artist.set_visible(visible)
             self.background, self.drawn_as = renderer.copy_from_bbox(self.bbox), drawn_as
         else:
             renderer.restore_region(self.background)

@@ -12,10 +12,11 @@ QC figure); a result that is not reportable shows no class.
 from __future__ import annotations
 
 import base64
+import concurrent.futures as cf
 import html
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,75 @@ def _fmt(value: Any, digits: int = 0) -> str:
     return str(value)
 
 
-def _png(figure: Any) -> str:
+Part = str | Callable[[], str]  # a piece of the HTML, or one whose figure is still being drawn
+
+
+class _Drawer:
+    """Draws the report's figures as base64 PNG. With an ``executor`` (the batch's worker processes)
+    every figure is submitted when the HTML asks for it and drawn in parallel while the rest is
+    assembled; without one (or should the pool break) it is drawn here when the HTML is joined."""
+
+    def __init__(self, executor: cf.Executor | None = None):
+        self.executor = executor
+
+    def __call__(self, draw: Callable[..., bytes], *args: Any) -> Callable[[], str]:
+        future = None
+        if self.executor is not None:
+            try:
+                future = self.executor.submit(draw, *args)
+            except (cf.process.BrokenProcessPool, RuntimeError):  # broken or shut down: drawn here
+                future = None
+
+        def png() -> str:
+            data = None
+            if future is not None:
+                try:
+                    data = future.result()
+                except cf.process.BrokenProcessPool:
+                    data = None
+            return base64.b64encode(draw(*args) if data is None else data).decode("ascii")
+
+        return png
+
+
+def _join(parts: Sequence[Part]) -> str:
+    """The HTML of ``parts``, waiting for the figures still being drawn."""
+    return "\n".join(part() if callable(part) else part for part in parts)
+
+
+def _img(alt: str, png: Callable[[], str], figure: bool = False) -> Callable[[], str]:
+    """An ``<img>`` (in a ``<figure>`` when asked) of a figure being drawn."""
+
+    def html_of() -> str:
+        img = f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{png()}'>"
+        return f"<figure>{img}</figure>" if figure else img
+
+    return html_of
+
+
+def abc_png(results: Sequence[Mapping[str, Any]]) -> bytes:
+    """:func:`abc_figure` as PNG (a task the batch's workers can run)."""
     from .plots import png_bytes
 
-    return base64.b64encode(png_bytes(figure, dpi=90)).decode("ascii")
+    return png_bytes(abc_figure(results), dpi=90)
+
+
+def bead_png(record: Mapping[str, Any]) -> bytes:
+    """:func:`bead_figure` as PNG (a task the batch's workers can run)."""
+    from .plots import png_bytes
+
+    return png_bytes(bead_figure(record), dpi=90)
+
+
+def levey_jennings_png(series: Sequence[Any]) -> bytes:
+    """The Levey-Jennings chart of one cytometer's series as PNG (a task the batch's workers can run)."""
+    from .plots import _pyplot, plot_levey_jennings, png_bytes
+
+    figure = plot_levey_jennings(list(series))
+    try:
+        return png_bytes(figure, dpi=90)
+    finally:
+        _pyplot().close(figure)
 
 
 def abc_figure(results: Sequence[Mapping[str, Any]]) -> Any:
@@ -297,13 +363,14 @@ def _plain_table(
     return f"<table><tr>{header}</tr>{body}</table>"
 
 
-def render(summary: Any, report_dir: Path, figures: bool = True) -> str:
+def render(summary: Any, report_dir: Path, figures: bool = True, executor: cf.Executor | None = None) -> str:
     """The report as one self-contained HTML string (see :func:`write_report`)."""
     from . import __version__
 
+    draw = _Drawer(executor)
     results, errors, calibrations = summary.results, summary.errors, summary.calibrations
     reportable = sum(bool(r.get("reportable")) for r in results)
-    parts = [
+    parts: list[Part] = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>hladr batch report</title>",
         f"<style>{_STYLE}</style></head><body>",
         "<div class='no-print'>",
@@ -318,7 +385,7 @@ def render(summary: Any, report_dir: Path, figures: bool = True) -> str:
     if figures:
         parts.append("<h2>AB/C distribution (reportable results)</h2>")
         shown = [r for r in results if r.get("reportable")]
-        parts.append(f"<img alt='AB/C distribution' src='data:image/png;base64,{_png(abc_figure(shown))}'>")
+        parts.append(_img("AB/C distribution", draw(abc_png, shown)))
     parts.append("<h2>Samples</h2>")
     parts.append(_results_table(results) if results else "<p>No sample was analysed.</p>")
     parts.append("<h2>Failed files</h2>")
@@ -331,8 +398,7 @@ def render(summary: Any, report_dir: Path, figures: bool = True) -> str:
     if figures:
         for record in calibrations:
             if record.get("status") == "ok":
-                img = _png(bead_figure(record))
-                parts.append(f"<figure><img alt='bead curve' src='data:image/png;base64,{img}'></figure>")
+                parts.append(_img("bead curve", draw(bead_png, record), figure=True))
     rows = []
     for record in calibrations:
         cal = record.get("calibration") or {}
@@ -352,23 +418,27 @@ def render(summary: Any, report_dir: Path, figures: bool = True) -> str:
         if rows
         else "<p>No bead tube.</p>"
     )
-    parts.append(course_and_bead_sections(summary, figures))
+    parts.extend(_course_and_bead_parts(summary, figures, draw))
     parts.append("</div>")
     parts.append("<h2 class='no-print'>Sign-out sheets (one printed page per patient)</h2>")
     parts.extend(_signout(i + 1, r, report_dir) for i, r in enumerate(results))
     parts.append("</body></html>")
-    return "\n".join(parts)
+    return _join(parts)
 
 
 # --- patients over days and beads over months (from the results store) ---------------------------------
-def course_and_bead_sections(summary: Any, figures: bool = True) -> str:
+def course_and_bead_sections(summary: Any, figures: bool = True, executor: cf.Executor | None = None) -> str:
     """One section per patient of this run (the whole course in the store, rules evaluated) and the
     Levey-Jennings charts with every Westgard violation (``summary.bead_qc``)."""
+    return _join(_course_and_bead_parts(summary, figures, _Drawer(executor)))
+
+
+def _course_and_bead_parts(summary: Any, figures: bool, draw: _Drawer) -> list[Part]:
     from .course import COURSE_RULES_VERSION
 
     store_path = getattr(summary, "store", None)
     patients = sorted({str(r["patient_id"]) for r in summary.results if r.get("patient_id")})
-    parts = [f"<h2>Patient courses ({html.escape(COURSE_RULES_VERSION)})</h2>"]
+    parts: list[Part] = [f"<h2>Patient courses ({html.escape(COURSE_RULES_VERSION)})</h2>"]
     if store_path is None or not patients:
         parts.append("<p>No patient ids in this run (give a manifest with a patient_id column).</p>")
     else:
@@ -377,22 +447,16 @@ def course_and_bead_sections(summary: Any, figures: bool = True) -> str:
         with Store(store_path) as store:
             courses = [store.patient(pid) for pid in patients]
         for course in courses:
-            parts.append(_course_section(course, figures))
+            parts.extend(_course_section(course, figures, draw))
     series = getattr(summary, "bead_qc", None) or []
     parts.append("<h2>Bead QC over time (Levey-Jennings, westgard/1)</h2>")
     if not series:
         parts.append("<p>No bead run in the store.</p>")
-        return "\n".join(parts)
+        return parts
     if figures:
-        from .plots import _pyplot, plot_levey_jennings
-
         for cytometer in dict.fromkeys(s.cytometer for s in series):
-            figure = plot_levey_jennings([s for s in series if s.cytometer == cytometer])
-            parts.append(
-                f"<figure><img alt='Levey-Jennings {html.escape(cytometer)}' "
-                f"src='data:image/png;base64,{_png(figure)}'></figure>"
-            )
-            _pyplot().close(figure)
+            chart = draw(levey_jennings_png, [s for s in series if s.cytometer == cytometer])
+            parts.append(_img(f"Levey-Jennings {cytometer}", chart, figure=True))
     rows = [
         {
             "cytometer": s.cytometer,
@@ -414,18 +478,15 @@ def course_and_bead_sections(summary: Any, figures: bool = True) -> str:
         else "<p>No Westgard violation.</p>"
     )
     parts += [f"<p>{html.escape(n)}</p>" for n in notes]
-    return "\n".join(parts)
+    return parts
 
 
-def _course_section(course: Any, figures: bool) -> str:
-    parts = [f"<h3>Patient {html.escape(course.patient_id)}</h3>"]
+def _course_section(course: Any, figures: bool, draw: _Drawer) -> list[Part]:
+    parts: list[Part] = [f"<h3>Patient {html.escape(course.patient_id)}</h3>"]
     if figures:
         from .plots import course_png
 
-        image = base64.b64encode(course_png(course)).decode("ascii")
-        parts.append(
-            f"<img alt='course of {html.escape(course.patient_id)}' src='data:image/png;base64,{image}'>"
-        )
+        parts.append(_img(f"course of {course.patient_id}", draw(course_png, course)))
     rows = []
     for p in course.points:
         lo, hi = (list(p.abc_ci95) + [None, None])[:2]
@@ -442,10 +503,12 @@ def _course_section(course: Any, figures: bool) -> str:
             }
         )
     parts.append(_plain_table(rows, ("collected", "AB/C", "95 % CI", "reportable", "rules", "file")))
-    return "\n".join(parts)
+    return parts
 
 
-def write_report(path: str | os.PathLike, summary: Any, figures: bool = True) -> Path:
+def write_report(
+    path: str | os.PathLike, summary: Any, figures: bool = True, executor: cf.Executor | None = None
+) -> Path:
     """Write ``report.html`` atomically.
 
     Parameters
@@ -455,7 +518,9 @@ def write_report(path: str | os.PathLike, summary: Any, figures: bool = True) ->
     summary
         A :class:`hladr.batch.BatchSummary` (results, errors, calibrations, counts).
     figures
-        Draw the AB/C distribution and the bead curves.
+        Draw the AB/C distribution, the bead curves, the patients' courses and the Levey-Jennings charts.
+    executor
+        Worker processes that draw the figures in parallel (the batch's pool); default: drawn here.
     """
     path = Path(path)
-    return atomic_write(path, render(summary, path.parent, figures), parents=True)
+    return atomic_write(path, render(summary, path.parent, figures, executor), parents=True)

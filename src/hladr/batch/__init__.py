@@ -2,9 +2,10 @@
 
 The work is done in four steps, each in its own module:
 
-1. **Discovery** (:mod:`~hladr.batch.discover`, :func:`discover`): walk the export folder, read only
+1. **Discovery** (:mod:`~hladr.batch.discover`, :func:`discover`): walk the export folder, read
    the HEADER and TEXT segments of each FCS file, hash it (SHA-256) and tell bead tubes from patient
-   tubes (manifest, then name patterns, then markers, then the tube's content).
+   tubes (manifest, then name patterns, then markers, then the tube's content); the batch's worker
+   processes describe the tubes, a few per task, as soon as they have started.
 2. **Pairing** (:mod:`~hladr.batch.pairing`, :func:`pair`): each patient tube gets the bead tube of
    the same cytometer (``$CYT`` and serial), the same day, acquired closest before it with the same
    detector settings (``$PnV`` / ``$PnG``). A manifest's ``bead_file`` overrides. A tube without a
@@ -158,9 +159,9 @@ def run_batch(
     """
     started = time.perf_counter()
     inputs = _usable_inputs(export_dir, out, manifest, jobs, lot, bead_values, gates, reagent)
-    early = _start_workers_early(scheduler, jobs)  # the workers start while discovery reads the export
+    early = _start_workers_early(scheduler, jobs)  # the workers start, then describe the export's tubes
     try:
-        tubes, jobs_list, summary = _discover_and_pair(inputs)
+        tubes, jobs_list, summary = _discover_and_pair(inputs, early)
         executor, inflight_max, close, restart = _executor(
             scheduler, jobs, tubes, summary.bead_tubes + len(jobs_list), summary, early
         )
@@ -197,12 +198,18 @@ def run_batch(
     finally:
         if journal is not None:
             journal.close()
-    # every task is done: the workers exit (a few tenths of a second) while the outputs are written
+    # every task is done. With figures, the local workers draw the report's figures (the patients'
+    # courses, the bead curves...) in parallel, then exit; without, they exit (a few tenths of a
+    # second) while the outputs are written
+    drawers = run.executor if plots and summary.executor == "processes" else None
     closing = threading.Thread(target=close, name="hladr-batch-close")
-    closing.start()
+    if drawers is None:
+        closing.start()
     try:
-        _write_outputs(run, summary, results_store, run_id, plots, started)
+        _write_outputs(run, summary, results_store, run_id, plots, started, drawers)
     finally:
+        if drawers is not None:
+            closing.start()
         closing.join()
         results_store.close()
     summary.seconds = time.perf_counter() - started

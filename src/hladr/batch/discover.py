@@ -157,7 +157,7 @@ def _content_role(path: Path, role: str, reason: str) -> tuple[str, str]:
     and a patient tube may be named anything. An unreadable file keeps the TEXT's role (the
     analysis reports what is wrong with it).
     """
-    from ..beads import tube_evidence  # scikit-learn loads here, after the batch's workers have started
+    from ..beads import tube_evidence  # scipy and scikit-learn load here (in the batch's workers)
 
     try:
         evidence = tube_evidence(read_fcs(path, lenient=True))
@@ -249,12 +249,16 @@ def discover(
     export_dir: str | os.PathLike,
     manifest: list[ManifestRow] | None = None,
     exclude: Iterable[str | os.PathLike] = (),
+    executor: cf.Executor | None = None,
 ) -> list[Tube]:
-    """Find every FCS file under ``export_dir`` and describe it from its TEXT segment.
+    """Find every FCS file under ``export_dir`` and describe it: its TEXT segment, its SHA-256 and
+    its role (the content decides between beads and cells, :func:`hladr.beads.tube_evidence`).
 
     Files named ``*.fcs`` / ``*.lmd`` (any case), and other files starting with
     an FCS header, are tubes; a file that cannot be read is returned with
     ``error`` set. Folders in ``exclude`` (e.g. the output folder) are skipped.
+    ``executor``: a process pool (the batch's workers) that describes the tubes, a few per task;
+    without one they are described on a few threads of this process.
     """
     root = Path(export_dir).resolve()
     skip = {Path(p).resolve() for p in exclude}
@@ -267,11 +271,39 @@ def discover(
             path = Path(folder) / name
             if path.is_file() and _is_fcs_candidate(path):
                 paths.append(path)
-    # hashing dominates and hashlib releases the GIL: describe the files on a few threads
-    with cf.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
-        tubes = list(pool.map(lambda p: _describe(p, root), paths))
+    tubes = _describe_all(paths, root, executor)
     tubes.sort(key=lambda t: t.rel)
     _apply_manifest(tubes, manifest or [], root)
+    return tubes
+
+
+#: Tubes a worker describes per task: a few, so that the round trips stay few and the last tasks short.
+DESCRIBE_CHUNK = 4
+
+
+def describe_tubes(paths: list[Path], root: Path) -> list[Tube]:
+    """Describe a few tubes (:func:`discover`'s work for each file): one task of the batch's workers."""
+    return [_describe(path, root) for path in paths]
+
+
+def _describe_all(paths: list[Path], root: Path, executor: cf.Executor | None) -> list[Tube]:
+    """Every tube described, in the worker processes of ``executor`` (each reads, hashes and judges
+    its files on its own core) or, without one, on a few threads of this process. Should the pool
+    break (a worker killed), the tubes of the failed tasks are described here."""
+    if executor is None:
+        with cf.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+            return list(pool.map(lambda p: _describe(p, root), paths))
+    chunks = [paths[i : i + DESCRIBE_CHUNK] for i in range(0, len(paths), DESCRIBE_CHUNK)]
+    try:
+        futures = [executor.submit(describe_tubes, chunk, root) for chunk in chunks]
+    except cf.process.BrokenProcessPool:
+        return describe_tubes(paths, root)
+    tubes: list[Tube] = []
+    for chunk, future in zip(chunks, futures):
+        try:
+            tubes.extend(future.result())
+        except cf.process.BrokenProcessPool:
+            tubes.extend(describe_tubes(chunk, root))
     return tubes
 
 

@@ -94,10 +94,11 @@ def _process_pool(workers: int) -> cf.ProcessPoolExecutor:
 
 
 def _start_workers_early(scheduler: Any, jobs: int | None) -> cf.ProcessPoolExecutor | None:
-    """A process pool already starting (and importing) while discovery reads the export.
-
-    Worker start-up is a fixed cost of about half a second; discovery is another third: they
-    overlap. :func:`_executor` keeps this pool when the worker count it decides is the same.
+    """A process pool already starting (importing, loading numba's cached kernels) while discovery
+    walks the export; its workers then describe the tubes (:func:`hladr.batch.discover`: hash, TEXT,
+    the role from the content), each on its own core, and this process never loads scipy's or
+    scikit-learn's modules. :func:`_executor` keeps this pool when the worker count it decides is
+    the same.
     """
     wanted = _wanted_workers(jobs)
     if scheduler is not None or wanted < 2:

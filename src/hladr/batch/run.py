@@ -129,6 +129,7 @@ class _Run:
         self.reused = 0
         self.dropped = 0
         self.last_flush = 0.0
+        self.executor: cf.Executor | None = None
 
     def cal_key(self, bead: Tube, lot: LotSpec) -> str:
         return _key("calibration", bead.rel, bead.sha256, lot.lot, lot.values, self.version)
@@ -241,6 +242,7 @@ class _Run:
                 progress.update(1)
                 if time.monotonic() - self.last_flush > 2.0:
                     self.flush()
+        self.executor = executor  # the pool now running (a restart replaces it): it draws the report
         return computed
 
     def _submit(self, executor: cf.Executor, task: _Task) -> cf.Future:
@@ -490,15 +492,18 @@ def _usable_inputs(
     )
 
 
-def _discover_and_pair(inputs: _Inputs) -> tuple[list[Tube], list[Job], BatchSummary]:
-    """The export's tubes, the patient tubes' jobs and the summary counting them.
+def _discover_and_pair(
+    inputs: _Inputs, executor: cf.Executor | None = None
+) -> tuple[list[Tube], list[Job], BatchSummary]:
+    """The export's tubes (described by ``executor``'s workers when given), the patient tubes' jobs
+    and the summary counting them.
 
     Raises
     ------
     BatchError
         No FCS file in the export, or a bead tube without bead values.
     """
-    tubes = discover(inputs.export, inputs.manifest_rows, exclude=[inputs.out])
+    tubes = discover(inputs.export, inputs.manifest_rows, exclude=[inputs.out], executor=executor)
     if not tubes:
         raise BatchError("no FCS file found in the export folder", inputs.export)
     jobs = pair(tubes, inputs.default_lot, inputs.manifest_dir, inputs.default_reagent)
@@ -544,9 +549,16 @@ def _run_tasks(
 
 
 def _write_outputs(
-    run: _Run, summary: BatchSummary, store: Store, run_id: int, plots: bool, started: float
+    run: _Run,
+    summary: BatchSummary,
+    store: Store,
+    run_id: int,
+    plots: bool,
+    started: float,
+    executor: cf.Executor | None = None,
 ) -> None:
-    """The tables, the summary's counts, the run's record in the store and ``report.html``."""
+    """The tables, the summary's counts, the run's record in the store and ``report.html`` (its
+    figures drawn by ``executor``'s workers when given)."""
     results, errors, calibrations = run.collect()
     summary.bead_qc = _bead_qc(store, results)
     write_tables(run.out, results, errors, calibrations)
@@ -574,4 +586,4 @@ def _write_outputs(
         },
     )
     summary.seconds = time.perf_counter() - started  # the report states the run's time
-    write_report(run.out / "report.html", summary, figures=plots)
+    write_report(run.out / "report.html", summary, figures=plots, executor=executor)
