@@ -25,27 +25,49 @@ def values() -> np.ndarray:
 def test_histogram_is_numpys_on_float64(values, lo, hi, bins):
     expected, _ = np.histogram(values.astype(np.float64), bins=bins, range=(lo, hi))
     np.testing.assert_array_equal(kernels.histogram(values, lo, hi, bins), expected)
+    keep = np.random.default_rng(bins).random(values.size) < 0.6
+    expected, _ = np.histogram(values[keep].astype(np.float64), bins=bins, range=(lo, hi))
+    np.testing.assert_array_equal(kernels.histogram(values, lo, hi, bins, keep), expected)
 
 
-def test_log10_is_numpys_within_one_ulp(values):
-    x = np.abs(values[5:]) * np.float32(1e4)
-    np.testing.assert_array_max_ulp(
-        kernels.log10_at_least_1(x), np.log10(np.maximum(x, np.float32(1))), maxulp=1
-    )
-
-
-def test_finite_and_inside_is_numpys():
+def test_nonfinite_count_and_inside_ranges_are_numpys():
     rng = np.random.default_rng(3)
     events = rng.uniform(-10, 300, (20_000, 5)).astype(np.float32)
     events[rng.integers(0, 20_000, 200), rng.integers(0, 5, 200)] = np.nan
     events[rng.integers(0, 20_000, 50), 4] = np.inf
+    assert kernels.count_nonfinite(events.reshape(-1)) == (~np.isfinite(events)).sum()
+    assert kernels.count_nonfinite(np.abs(np.nan_to_num(events)).reshape(-1)) == 0
     columns, tops = np.array([0, 2]), np.array([250.0, 280.0], dtype=np.float32)
-    finite, inside = kernels.finite_and_inside(events, columns, tops)
-    np.testing.assert_array_equal(finite, np.isfinite(events).all(axis=1))
     expected = np.ones(len(events), dtype=bool)
     for column, top in zip(columns, tops):
         expected &= (events[:, column] > 0) & (events[:, column] < top)
-    np.testing.assert_array_equal(inside, expected)
+    np.testing.assert_array_equal(kernels.inside_ranges(events, columns, tops), expected)
+
+
+def test_every_kth_kept_is_numpys_thinning(values):
+    keep = np.random.default_rng(6).random(values.size) < 0.7
+    for k in (1, 3, 7):
+        size = len(range(0, int(keep.sum()), k))
+        np.testing.assert_array_equal(kernels.every_kth_kept(values, keep, k, size), values[keep][::k])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.int32, np.float64])
+def test_ratio_kernels_are_numpys_division(dtype):
+    """FSC-H / FSC-A as numpy divides it in the ratio's dtype (0 where FSC-A <= 0)."""
+    rng = np.random.default_rng(7)
+    a = rng.uniform(-50, 60_000, 100_000).astype(dtype)
+    h = rng.uniform(0, 60_000, 100_000).astype(dtype)
+    a[:10] = 0
+    keep = rng.random(a.size) < 0.8
+    ratio_dtype = np.result_type(h, a, np.float32)
+    ratio = np.divide(h, a, out=np.zeros(a.shape, dtype=ratio_dtype), where=a > 0)
+    single = ratio_dtype == np.float32
+    size = len(range(0, int(keep.sum()), 4))
+    np.testing.assert_array_equal(kernels.kept_ratios(h, a, keep, 4, size, single), ratio[keep][::4])
+    lo, hi = np.array([0.8, 1.1], dtype=ratio_dtype)
+    np.testing.assert_array_equal(
+        kernels.ratio_between(h, a, keep, lo, hi, single), keep & (ratio > lo) & (ratio < hi)
+    )
 
 
 def test_time_bins_count_and_sum_as_numpy():
@@ -55,11 +77,11 @@ def test_time_bins_count_and_sum_as_numpy():
     keep = rng.random(50_000) < 0.9
     lo, hi = kernels.kept_range(t, keep)
     assert (lo, hi) == (t[keep].min(), t[keep].max())
-    counts, sums = kernels.time_bins(t, fsc, keep, 0.0, 1000.0, 40)
+    signal = np.log10(np.maximum(fsc, 1)).astype(np.float32)
+    counts, sums = kernels.time_bins(t, signal, keep, 0.0, 1000.0, 40)
     which = np.clip((t.astype(np.float64) * (40 / 1000.0)).astype(np.int64), 0, 39)
     np.testing.assert_array_equal(counts, np.bincount(which[keep], minlength=40))
-    logs = np.log10(np.maximum(fsc[keep].astype(np.float64), 1.0))
-    np.testing.assert_allclose(sums, np.bincount(which[keep], logs, minlength=40), rtol=1e-12)
+    np.testing.assert_allclose(sums, np.bincount(which[keep], signal[keep], minlength=40), rtol=1e-12)
     bad = np.zeros(40, dtype=bool)
     bad[[3, 4, 17]] = True
     np.testing.assert_array_equal(kernels.outside_bins(t, keep, 0.0, 1000.0, bad), keep & ~bad[which])
