@@ -507,7 +507,11 @@ def _course_section(course: Any, figures: bool, draw: _Drawer) -> list[Part]:
 
 
 def write_report(
-    path: str | os.PathLike, summary: Any, figures: bool = True, executor: cf.Executor | None = None
+    path: str | os.PathLike,
+    summary: Any,
+    figures: bool = True,
+    executor: cf.Executor | None = None,
+    drawn: Callable[[], None] | None = None,
 ) -> Path:
     """Write ``report.html`` atomically.
 
@@ -521,6 +525,12 @@ def write_report(
         Draw the AB/C distribution, the bead curves, the patients' courses and the Levey-Jennings charts.
     executor
         Worker processes that draw the figures in parallel (the batch's pool); default: drawn here.
+    drawn
+        Called once every figure is drawn, before the file is written (the batch's workers then exit
+        while it is written).
     """
     path = Path(path)
-    return atomic_write(path, render(summary, path.parent, figures, executor), parents=True)
+    html = render(summary, path.parent, figures, executor)
+    if drawn is not None:
+        drawn()
+    return atomic_write(path, html, parents=True)

@@ -198,18 +198,22 @@ def run_batch(
     finally:
         if journal is not None:
             journal.close()
-    # every task is done. With figures, the local workers draw the report's figures (the patients'
-    # courses, the bead curves...) in parallel, then exit; without, they exit (a few tenths of a
-    # second) while the outputs are written
+    # every task is done: the workers exit (half a second) while the outputs are written; with
+    # figures, the local workers first draw the report's figures (the patients' courses, the bead
+    # curves...) in parallel, then exit while the report is written
     drawers = run.executor if plots and summary.executor == "processes" else None
     closing = threading.Thread(target=close, name="hladr-batch-close")
-    if drawers is None:
-        closing.start()
-    try:
-        _write_outputs(run, summary, results_store, run_id, plots, started, drawers)
-    finally:
-        if drawers is not None:
+
+    def let_workers_exit() -> None:
+        if closing.ident is None:
             closing.start()
+
+    if drawers is None:
+        let_workers_exit()
+    try:
+        _write_outputs(run, summary, results_store, run_id, plots, started, drawers, let_workers_exit)
+    finally:
+        let_workers_exit()
         closing.join()
         results_store.close()
     summary.seconds = time.perf_counter() - started

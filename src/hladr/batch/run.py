@@ -556,9 +556,10 @@ def _write_outputs(
     plots: bool,
     started: float,
     executor: cf.Executor | None = None,
+    drawn: Callable[[], None] | None = None,
 ) -> None:
     """The tables, the summary's counts, the run's record in the store and ``report.html`` (its
-    figures drawn by ``executor``'s workers when given)."""
+    figures drawn by ``executor``'s workers when given; ``drawn`` is called once they all are)."""
     results, errors, calibrations = run.collect()
     summary.bead_qc = _bead_qc(store, results)
     write_tables(run.out, results, errors, calibrations)
@@ -586,4 +587,4 @@ def _write_outputs(
         },
     )
     summary.seconds = time.perf_counter() - started  # the report states the run's time
-    write_report(run.out / "report.html", summary, figures=plots, executor=executor)
+    write_report(run.out / "report.html", summary, figures=plots, executor=executor, drawn=drawn)
