@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 import hladr
+from hladr import pipeline
 from hladr.batch import run_batch
 from hladr.calibration import calibrate
 from hladr.cli import main as cli_main
@@ -163,3 +168,25 @@ def test_api_cli_and_batch_give_the_same_result(run, calibration, tmp_path, caps
         # and right, not merely the same: within 15 % of the simulator's truth
         assert want["abc"] == pytest.approx(truth[name]["abc_true"], rel=0.15)
     assert api["patient_01.fcs"]["immunoparalysis"] and not api["patient_02.fcs"]["immunoparalysis"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is Linux's")
+def test_sha256_thread_yields_the_cores_to_the_gating(run, calibration, monkeypatch):
+    """The file's SHA-256 is computed on a thread that lowers its own priority (so the gating's
+    parallel kernels are not slowed by it); the analysing thread keeps its priority, and the Result
+    carries the file's hash (hashlib's, computed here independently)."""
+    seen = []
+    hash_file = pipeline.Sample.sha256.fget
+
+    def watched(sample):
+        seen.append((threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        return hash_file(sample)
+
+    monkeypatch.setattr(pipeline.Sample, "sha256", property(watched, pipeline.Sample.sha256.fset))
+    tube = run[0] / "patient_01.fcs"
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    result = run_analysis(tube, calibration).result
+    assert result.sha256 == hashlib.sha256(tube.read_bytes()).hexdigest()
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+    hashing = [priority for thread, priority in seen if thread != threading.get_native_id()]
+    assert hashing and hashing[0] == 19

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import os
 import platform
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -388,8 +389,9 @@ def _hash_quietly(sample: Sample) -> None:
     the time the gating leaves a core idle instead of slowing the gating's parallel kernels, whose
     threads would otherwise wait for the one sharing a core with it (40 ms of a 1M-event analysis).
     """
-    with contextlib.suppress(AttributeError, OSError):  # no per-thread priority on this platform
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    if sys.platform.startswith("linux"):  # elsewhere the id given to setpriority is a process's
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     try:
         _ = sample.sha256
     except OSError:
