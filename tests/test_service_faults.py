@@ -47,7 +47,7 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def tubes(tmp_path_factory) -> dict[str, Path]:
-    """Distinct patient tubes: ``big``, ``b0``..``b2`` (600k events, about 0.5 s of analysis each)
+    """Distinct patient tubes: ``big``, ``b0``..``b2`` (600k events, 0.1-0.5 s of analysis each)
     and ``t0``, ``t1`` (60k events)."""
     folder = tmp_path_factory.mktemp("tubes")
     source = read_fcs(SAMPLE_DIR / "patient_01.fcs")
@@ -115,7 +115,12 @@ def test_sigterm_lets_the_running_job_finish_and_keeps_the_backlog_for_the_next_
     cal = calibrate(srv, SAMPLE_DIR / "beads.fcs")
     workers = srv.worker_pids()
     held = _stalled_upload(srv)  # uvicorn's shutdown waits for it before it reaches the app's lifespan
-    jobs = [submit(srv, tubes[name], cal).json()["id"] for name in ["big", "b0", "b1", "b2"]]
+    # a backlog at the signal, however fast the analyses are: submit until one job waits behind another
+    jobs = []
+    for name in ["big", "b0", "b1", "b2"]:
+        jobs.append(submit(srv, tubes[name], cal).json()["id"])
+        if len(jobs) >= 2 and _states(srv).get("queued", 0):
+            break
     running = _running(srv)
     signalled = time.time()
     srv.proc.send_signal(signal.SIGTERM)
