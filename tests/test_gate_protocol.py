@@ -14,7 +14,15 @@ import pytest
 import hladr
 from hladr.calibration import calibrate
 from hladr.errors import GatingError
-from hladr.gating import DEFAULT_SEQUENCE, GateOutcome, GateStep, GatingSequence, Tube, gate_monocytes
+from hladr.gating import (
+    DEFAULT_SEQUENCE,
+    GateOutcome,
+    GateStep,
+    GatingSequence,
+    Tube,
+    gate_monocytes,
+    monocyte_gate_density,
+)
 from hladr.panel import resolve_panel
 from hladr.qc import DEFAULT_POLICY
 from tests.conftest import SAMPLE_DIR
@@ -169,3 +177,32 @@ def test_the_gates_apply_the_policy_thresholds(tube04, default_gating):
     strict = dataclasses.replace(DEFAULT_POLICY, min_monocytes_gate=10 * n_mono)
     with pytest.raises(GatingError, match=f"at least {10 * n_mono} are needed"):
         gate_monocytes(sample, panel, policy=strict)
+
+
+def test_cached_gate_results_never_serve_another_population():
+    """Two density gates on different populations of one tube, with freed masks between them (a
+    custom sequence): the second computes its own CD14 valley, as a fresh tube does, instead of
+    finding the first's under a reused ``id`` (it did: 2,829 monocytes instead of 4)."""
+    sample = hladr.read_fcs(SAMPLE_DIR / "patient_02.fcs")
+    panel = resolve_panel(sample)
+    density = monocyte_gate_density
+
+    def cd45_bright(tube, keep):
+        cd45 = tube.logs["CD45"]
+        return GateOutcome(keep & (cd45 > np.median(cd45[keep]) - 0.5))
+
+    def copy(tube, keep):
+        return GateOutcome(keep.copy())
+
+    sequence = (
+        DEFAULT_SEQUENCE.insert_after("leukocytes", GateStep("cd45_bright", cd45_bright))
+        .replace("monocytes", GateStep("pre", density))
+        .insert_after("pre", GateStep("copy0", copy))
+        .insert_after("copy0", GateStep("copy1", copy))
+        .insert_after("copy1", GateStep("monocytes", density))
+    )
+    gating = gate_monocytes(sample, panel, sequence=sequence)
+    parent = gate_monocytes(sample, panel, sequence=GatingSequence(sequence.steps[:-1])).monocytes
+    fresh = density(Tube(sample, panel), parent)
+    np.testing.assert_array_equal(gating.monocytes, fresh.mask & parent)
+    assert gating.gates[-1]["cd14_valley"] == fresh.info["cd14_valley"]

@@ -398,6 +398,19 @@ class RoleLogs(dict):
         self[role] = _log(self.linear(role))
         return self[role]
 
+    def per_mask(self, name: str, mask: np.ndarray, compute: Callable[[], Any]) -> Any:
+        """``compute()``, computed once per mask (the CD14 valley of one leukocyte population...).
+
+        Kept with the mask itself: an entry keyed by ``id(mask)`` alone could be found again by
+        another mask allocated where a freed one was (a custom sequence's populations are freed
+        once no later step reads them).
+        """
+        key = (name, id(mask))
+        entry = self.get(key)
+        if entry is None or entry[0] is not mask:
+            entry = self[key] = (mask, compute())
+        return entry[1]
+
     def at(self, role: str, rows: np.ndarray) -> np.ndarray:
         """``logs[role][rows]``."""
         return self[role][rows] if role in self else _log(self.linear(role)[rows])
@@ -577,12 +590,13 @@ def leukocyte_gate(tube: Tube, keep: np.ndarray) -> GateOutcome:
 def cd14_valley(logs: RoleLogs, leuk: np.ndarray) -> tuple[float, float]:
     """(log10 position, depth) of the CD14 valley of the leukocytes, searched from their median
     + 0.2 decade to the 99.99th percentile (so a few hundred monocytes suffice); kept in ``logs``."""
-    key = ("cd14_valley", id(leuk))
-    if key not in logs:
+
+    def valley() -> tuple[float, float]:
         cd14 = logs["CD14"]
         bulk, top = (float(v) for v in np.percentile(_kept_sample(cd14, leuk), [50, 99.99]))
-        logs[key] = _valley(cd14, bulk + 0.2, top, keep=leuk)
-    return logs[key]
+        return _valley(cd14, bulk + 0.2, top, keep=leuk)
+
+    return logs.per_mask("cd14_valley", leuk, valley)
 
 
 def monocyte_gate_density(tube: Tube, leuk: np.ndarray) -> GateOutcome:
@@ -641,10 +655,8 @@ def granulocyte_ssc_limit(log_ssc_sample: np.ndarray) -> float:
 def _granulocyte_like(logs: RoleLogs, leuk: np.ndarray, rows: np.ndarray) -> bool:
     """True when the median SSC of the events ``rows`` is granulocyte-like (the limit for these
     leukocytes is kept in ``logs``)."""
-    key = ("ssc_limit", id(leuk))
-    if key not in logs:
-        logs[key] = granulocyte_ssc_limit(logs.kept_sample("SSC-A", leuk))
-    return bool(np.median(logs.at("SSC-A", _thin(rows, 50_000))) > logs[key])
+    limit = logs.per_mask("ssc_limit", leuk, lambda: granulocyte_ssc_limit(logs.kept_sample("SSC-A", leuk)))
+    return bool(np.median(logs.at("SSC-A", _thin(rows, 50_000))) > limit)
 
 
 def monocyte_gate_gmm(tube: Tube, leuk: np.ndarray) -> GateOutcome:
