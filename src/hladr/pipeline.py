@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import platform
 import sys
@@ -165,8 +166,7 @@ def run_analysis(
             sample.path,
         )
     panel = options.panel or resolve_panel(sample, **options.channels)
-    hashing = threading.Thread(target=_hash_quietly, args=(sample,), daemon=True)
-    hashing.start()  # hashlib releases the GIL: the file's SHA-256 is computed while gating runs
+    hashing = None if sha256 else _BackgroundHash(sample)  # the file's SHA-256, while the gating runs
     gating = gating or gate_monocytes(
         sample, panel, gates=options.gates, gate_name=options.gate_name, seed=seed, policy=policy
     )
@@ -209,7 +209,8 @@ def run_analysis(
     leuk = int(np.count_nonzero(gating.leukocytes))
     from . import __version__
 
-    hashing.join()
+    if hashing is not None:
+        hashing.finish()
     identity = sample.identity
     acquired = sample.acquired
     result = Result(
@@ -382,20 +383,48 @@ def _reason(flag: str, policy: QCPolicy) -> str:
     return f"{flag} ({rule})" if rule else flag
 
 
-def _hash_quietly(sample: Sample) -> None:
-    """Compute ``sample.sha256`` in the background; a failure is raised later, on the main thread.
+class _BackgroundHash:
+    """A tube file's SHA-256, computed on a thread while the gating runs (hashlib releases the GIL).
 
-    The thread lowers its own scheduling priority first (Linux: per thread), so that it hashes on
-    the time the gating leaves a core idle instead of slowing the gating's parallel kernels, whose
-    threads would otherwise wait for the one sharing a core with it (40 ms of a 1M-event analysis).
+    The thread lowers its own priority (Linux), so that it hashes on the time the gating leaves a
+    core idle instead of slowing the gating's parallel kernels, whose threads would all wait for the
+    one sharing a core with it (about 40 ms of a 1M-event analysis). :meth:`finish` hands the digest
+    to the Sample; when the thread has not finished by then (a busy machine gives it almost no time),
+    it is stopped after its current 64 KB and the calling thread hashes the file itself, at its own
+    priority, so that the analysis never waits for a starved thread.
     """
-    if sys.platform.startswith("linux"):  # elsewhere the id given to setpriority is a process's
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    try:
-        _ = sample.sha256
-    except OSError:
-        pass
+
+    def __init__(self, sample: Sample) -> None:
+        self.sample, self.digest = sample, None
+        self.caller = threading.get_native_id()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        # only a thread of its own: under green threads (gevent) this would be the caller's thread
+        if sys.platform.startswith("linux") and threading.get_native_id() != self.caller:
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        digest = hashlib.sha256()
+        try:
+            with open(self.sample.path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 16), b""):
+                    if self.stop.is_set():
+                        return
+                    digest.update(chunk)
+        except OSError:
+            return  # the calling thread meets the error again when it hashes the file itself
+        self.digest = digest.hexdigest()
+
+    def finish(self) -> None:
+        """Give the Sample its SHA-256: the thread's, or (stopped) the calling thread's own."""
+        if self.thread.is_alive():
+            self.stop.set()
+        self.thread.join()
+        if self.digest is not None:
+            self.sample.sha256 = self.digest
+        _ = self.sample.sha256  # hashed here when the thread did not finish (an error is raised here)
 
 
 @functools.cache
