@@ -366,13 +366,15 @@ def compensated_columns(sample: Sample, channels: Iterable[str]) -> tuple[dict[s
 def _log(x: np.ndarray) -> np.ndarray:
     """log10 of ``max(x, 1)`` for gating, in float32 (plenty for gates; half the memory traffic).
 
-    numpy's vectorised float32 log10: 0.6 ms per 1M values on one core, where a numba loop over
-    libm's log10f took 6-8 ms. The two differ by at most one unit in the last place; on 82 tubes
-    (simulated, sample_fcs and real) no gate mask, AB/C, interval or flag moved, and the gates'
-    recorded thresholds moved in their 7th significant digit.
+    Computed in float64 and rounded once to float32 (numpy's buffered casting: no float64 copy is
+    held), so the value is the correctly rounded float32 log on every CPU: numpy's float32 log10
+    takes a different SIMD path on AVX-512 machines (up to 3 ulp apart, recorded thresholds moving
+    in their 7th digit between machines), while the float64 one rounded to float32 gave the same
+    value on 4M of 4M values with and without AVX-512. 3.8 ms per 1M values on one core (numba's
+    loop over libm's ``log10f``: 6-8 ms).
     """
     out = np.maximum(x, np.float32(1), dtype=np.float32)
-    return np.log10(out, out=out)
+    return np.log10(out, out=out, dtype=np.float64, casting="same_kind")
 
 
 class RoleLogs(dict):
