@@ -44,11 +44,11 @@ def test_nonfinite_count_and_inside_ranges_are_numpys():
     np.testing.assert_array_equal(kernels.inside_ranges(events, columns, tops), expected)
 
 
-def test_every_kth_kept_is_numpys_thinning():
-    keep = np.random.default_rng(6).random(600_000) < 0.7
+def test_every_kth_kept_is_numpys_thinning(values):
+    keep = np.random.default_rng(6).random(values.size) < 0.7
     for k in (1, 3, 7):
         size = len(range(0, int(keep.sum()), k))
-        np.testing.assert_array_equal(kernels.every_kth_kept(keep, k, size), np.flatnonzero(keep)[::k])
+        np.testing.assert_array_equal(kernels.every_kth_kept(values, keep, k, size), values[keep][::k])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.int32, np.float64])
@@ -62,6 +62,8 @@ def test_ratio_kernels_are_numpys_division(dtype):
     ratio_dtype = np.result_type(h, a, np.float32)
     ratio = np.divide(h, a, out=np.zeros(a.shape, dtype=ratio_dtype), where=a > 0)
     single = ratio_dtype == np.float32
+    size = len(range(0, int(keep.sum()), 4))
+    np.testing.assert_array_equal(kernels.kept_ratios(h, a, keep, 4, size, single), ratio[keep][::4])
     lo, hi = np.array([0.8, 1.1], dtype=ratio_dtype)
     np.testing.assert_array_equal(
         kernels.ratio_between(h, a, keep, lo, hi, single), keep & (ratio > lo) & (ratio < hi)

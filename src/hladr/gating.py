@@ -381,8 +381,8 @@ class RoleLogs(dict):
     """``logs[role]``: log10 of a role's channel over all events (compensated for fluorescence),
     computed on first use and kept: the gates of one tube (one leukocyte mask) share them.
 
-    :meth:`at` gives the same values for some events only, without computing (and holding) the
-    whole column's log when no gate has needed it yet.
+    :meth:`at` and :meth:`kept_sample` give the same values for some events only, without computing
+    (and holding) the whole column's log when no gate has needed it yet.
     """
 
     def __init__(self, comp: Mapping[str, np.ndarray], sample: Sample, panel: Panel) -> None:
@@ -416,6 +416,12 @@ class RoleLogs(dict):
     def at(self, role: str, rows: np.ndarray) -> np.ndarray:
         """``logs[role][rows]``."""
         return self[role][rows] if role in self else _log(self.linear(role)[rows])
+
+    def kept_sample(self, role: str, keep: np.ndarray, limit: int = 200_000) -> np.ndarray:
+        """``_kept_sample(logs[role], keep, limit)``."""
+        if role in self:
+            return _kept_sample(self[role], keep, limit)
+        return _log(_kept_sample(self.linear(role), keep, limit))
 
 
 def _valley(
@@ -457,16 +463,15 @@ def _thin(x: np.ndarray, limit: int = 200_000) -> np.ndarray:
     return x[:: max(1, x.size // limit)]
 
 
-def _kept_rows(keep: np.ndarray, limit: int = 200_000) -> np.ndarray:
-    """``_thin(np.flatnonzero(keep), limit)``: the rows of every k-th kept event."""
-    n = int(np.count_nonzero(keep))
+def _thinning(n: int, limit: int = 200_000) -> tuple[int, int]:
+    """(k, how many values) of :func:`_thin` on ``n`` values."""
     k = max(1, n // limit)
-    return kernels.every_kth_kept(keep, k, len(range(0, n, k)))
+    return k, len(range(0, n, k))
 
 
 def _kept_sample(values: np.ndarray, keep: np.ndarray, limit: int = 200_000) -> np.ndarray:
     """``_thin(values[keep], limit)``, without copying the kept values first."""
-    return values[_kept_rows(keep, limit)]
+    return kernels.every_kth_kept(values, keep, *_thinning(int(np.count_nonzero(keep)), limit))
 
 
 def _robust(x: np.ndarray) -> tuple[float, float]:
@@ -543,15 +548,14 @@ def singlet_gate(tube: Tube, keep: np.ndarray) -> GateOutcome:
     if not tube.panel["FSC-H"]:
         return GateOutcome(keep)
     a, h = tube.column("FSC-A"), tube.column("FSC-H")
-    # the ratio FSC-H/FSC-A (0 where FSC-A <= 0), never held for every event: numpy's for the
-    # kept events' sample, the kernel's (the same division) for the cut
+    # the ratio FSC-H/FSC-A (0 where FSC-A <= 0) in numpy's dtype for it, never held for every event
     dtype = np.result_type(h, a, np.float32)
-    rows = _kept_rows(keep)
-    h_kept, a_kept = h[rows], a[rows]
-    med, sd = _robust(np.divide(h_kept, a_kept, out=np.zeros(rows.size, dtype=dtype), where=a_kept > 0))
+    single = bool(dtype == np.float32)
+    thinning = _thinning(int(np.count_nonzero(keep)))
+    med, sd = _robust(kernels.kept_ratios(h, a, keep, *thinning, single).astype(dtype))
     # compared in the ratio's dtype, as numpy compares an array with a number
     lo, hi = np.array([med - 4 * sd, med + 6 * sd], dtype=dtype)
-    return GateOutcome(kernels.ratio_between(h, a, keep, lo, hi, bool(dtype == np.float32)))
+    return GateOutcome(kernels.ratio_between(h, a, keep, lo, hi, single))
 
 
 def debris_gate(tube: Tube, keep: np.ndarray) -> GateOutcome:
@@ -653,9 +657,7 @@ def granulocyte_ssc_limit(log_ssc_sample: np.ndarray) -> float:
 def _granulocyte_like(logs: RoleLogs, leuk: np.ndarray, rows: np.ndarray) -> bool:
     """True when the median SSC of the events ``rows`` is granulocyte-like (the limit for these
     leukocytes is kept in ``logs``)."""
-    limit = logs.per_mask(
-        "ssc_limit", leuk, lambda: granulocyte_ssc_limit(logs.at("SSC-A", _kept_rows(leuk)))
-    )
+    limit = logs.per_mask("ssc_limit", leuk, lambda: granulocyte_ssc_limit(logs.kept_sample("SSC-A", leuk)))
     return bool(np.median(logs.at("SSC-A", _thin(rows, 50_000))) > limit)
 
 

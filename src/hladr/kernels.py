@@ -87,14 +87,14 @@ def inside_ranges(events: np.ndarray, columns: np.ndarray, tops: np.ndarray) -> 
 
 
 @njit(cache=True)
-def every_kth_kept(keep: np.ndarray, k: int, size: int) -> np.ndarray:
-    """``np.flatnonzero(keep)[::k]`` (``size`` rows), without listing every kept row first."""
-    out = np.empty(size, dtype=np.int64)
+def every_kth_kept(values: np.ndarray, keep: np.ndarray, k: int, size: int) -> np.ndarray:
+    """``values[keep][::k]`` (``size`` values) without copying the kept values first."""
+    out = np.empty(size, dtype=values.dtype)
     rank, j = 0, 0
     for i in range(keep.size):
         if keep[i]:
             if rank == 0 and j < size:  # (never past the end, whatever the caller's size)
-                out[j] = i
+                out[j] = values[i]
                 j += 1
             rank = rank + 1 if rank + 1 < k else 0
     return out
@@ -111,6 +111,22 @@ def _ratio(h: float, a: float, single: bool) -> float:
         return 0.0
     r = np.float64(h) / np.float64(a)
     return np.float64(np.float32(r)) if single else r
+
+
+@njit(cache=True)
+def kept_ratios(
+    h: np.ndarray, a: np.ndarray, keep: np.ndarray, k: int, size: int, single: bool
+) -> np.ndarray:
+    """The ratio ``h / a`` (see :func:`_ratio`) of every ``k``-th kept event (``size`` values)."""
+    out = np.empty(size)
+    rank, j = 0, 0
+    for i in range(keep.size):
+        if keep[i]:
+            if rank == 0 and j < size:  # (never past the end, whatever the caller's size)
+                out[j] = _ratio(h[i], a[i], single)
+                j += 1
+            rank = rank + 1 if rank + 1 < k else 0
+    return out
 
 
 @njit(cache=True, parallel=True)
