@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+
+from hladr.fcs import read_fcs, write_fcs
 
 TOKEN = "test-token-0123456789"  # tenant lab1
 OTHER = "other-token-0123456789"  # tenant lab2
@@ -171,3 +174,13 @@ def wait_status(
             return rows[0]
         time.sleep(0.005)
     raise AssertionError(f"analysis {analysis_id} never {status}")
+
+
+def tiled_tube(source: Path, path: Path, copies: int, drop: int, rng: np.random.Generator) -> Path:
+    """A larger patient tube: ``source``'s events ``copies`` times over, less ``drop`` random events
+    (so tubes made from one source differ, and the service does not deduplicate them)."""
+    tube = read_fcs(source)
+    ranges = {f"$P{i}R": str(int(tube.ranges[c])) for i, c in enumerate(tube.channels, 1)}
+    events = np.tile(tube.events, (copies, 1))
+    events = events[np.sort(rng.choice(len(events), len(events) - drop, replace=False))]
+    return write_fcs(path, events, tube.channels, tube.markers, ranges, spillover=tube.spillover)

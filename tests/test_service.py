@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 httpx = pytest.importorskip("httpx")
@@ -31,8 +32,10 @@ from tests.service_server import (  # noqa: E402
     calibrate,
     descendants,
     submit,
+    tiled_tube,
     wait_finished,
     wait_gone,
+    wait_status,
 )
 
 
@@ -294,18 +297,25 @@ def test_analysis_happy_path_restart_and_concurrency(tmp_path, serve):
     ).json()["decision"]
     assert decision["inputs"]["abc"] == done["result"]["abc"]
 
+    # capacity, 1 worker + 1 queued: while a 1.8M-event tube keeps the worker busy (0.5 s or more,
+    # however fast the analysis), four concurrent uploads find one queue place
+    big = tiled_tube(SAMPLE_DIR / "patient_03.fcs", tmp_path / "big.fcs", 60, 1, np.random.default_rng(3))
+    busy = submit(srv, big, cal)
+    assert busy.status_code == 202, busy.text
+    wait_status(srv, busy.json()["id"], "running")
     with ThreadPoolExecutor(4) as ex:
         names = ["patient_01.fcs", "patient_02.fcs", "patient_04.fcs", "beads.fcs"]
         responses = list(ex.map(lambda n: submit(srv, SAMPLE_DIR / n, cal), names))
     codes = sorted(r.status_code for r in responses)
-    assert set(codes) <= {202, 503} and 202 in codes and 503 in codes  # capacity: 1 worker + 1 queued
+    assert set(codes) <= {202, 503} and 202 in codes and 503 in codes, codes
     assert all(r.headers["Retry-After"] for r in responses if r.status_code == 503)
     workers = srv.worker_pids()
     assert workers
     files = [db.parent, db.with_suffix(".files")]
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o700 for p in files[1:])
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in db.parent.glob("hladr.sqlite*"))
-    outcomes = [wait_finished(srv, r.json()["id"]) for r in responses if r.status_code == 202]
+    outcomes = [wait_finished(srv, r.json()["id"]) for r in [busy, *responses] if r.status_code == 202]
+    assert outcomes[0]["status"] == "done", outcomes[0]
     kept = {p.stem for p in db.with_suffix(".files").iterdir()}
     assert kept == {o["sample_sha256"] for o in outcomes if o["status"] == "failed"}  # only for a retry
     beads_as_sample = submit(srv, SAMPLE_DIR / "beads.fcs", cal)  # fails: no monocytes in a bead tube

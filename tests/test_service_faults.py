@@ -26,7 +26,6 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from hladr.fcs import read_fcs, write_fcs  # noqa: E402
 from tests.conftest import SAMPLE_DIR  # noqa: E402
 from tests.service_server import (  # noqa: E402
     AUTH,
@@ -35,6 +34,7 @@ from tests.service_server import (  # noqa: E402
     calibrate,
     descendants,
     submit,
+    tiled_tube,
     wait_finished,
     wait_gone,
     wait_status,
@@ -50,15 +50,10 @@ def tubes(tmp_path_factory) -> dict[str, Path]:
     """Distinct patient tubes: ``big``, ``b0``..``b2`` (600k events, 0.1-0.5 s of analysis each)
     and ``t0``, ``t1`` (60k events)."""
     folder = tmp_path_factory.mktemp("tubes")
-    source = read_fcs(SAMPLE_DIR / "patient_01.fcs")
-    ranges = {f"$P{i}R": str(int(source.ranges[c])) for i, c in enumerate(source.channels, 1)}
     rng = np.random.default_rng(7)
-    out = {}
+    source, out = SAMPLE_DIR / "patient_01.fcs", {}
     for name, copies in [("big", 20)] + [(f"b{i}", 20) for i in range(3)] + [(f"t{i}", 2) for i in range(2)]:
-        events = np.tile(source.events, (copies, 1))
-        events = events[np.sort(rng.choice(len(events), len(events) - 1 - len(out), replace=False))]
-        out[name] = write_fcs(folder / f"{name}.fcs", events, source.channels, source.markers, ranges,
-                              spillover=source.spillover)  # fmt: skip
+        out[name] = tiled_tube(source, folder / f"{name}.fcs", copies, 1 + len(out), rng)
     return out
 
 
