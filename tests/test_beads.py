@@ -174,6 +174,21 @@ def test_two_hundred_patient_tubes_are_refused_as_beads(tmp_path):
     assert refused == 200, accepted
 
 
+def test_judging_a_tube_does_not_hash_its_file(monkeypatch):
+    """tube_evidence on the first 20,000 events of a file-backed tube: no SHA-256 of the file (the
+    batch's discovery has hashed it already; a second hash cost 2 ms a tube)."""
+    from hladr import fcs
+    from hladr.beads import tube_evidence
+    from tests.conftest import SAMPLE_DIR
+
+    hashed = []
+    monkeypatch.setattr(fcs, "sha256_file", lambda path: hashed.append(path) or "0" * 64)
+    patient = fcs.read_fcs(SAMPLE_DIR / "patient_01.fcs")
+    assert patient.n_events > 20_000
+    assert not tube_evidence(patient).is_beads and not hashed
+    assert patient.sha256 == "0" * 64 and len(hashed) == 1  # the property still hashes when asked
+
+
 def test_ambiguous_assignment_fails_and_names_both(tmp_path):
     """Four populations 3x apart against five values 3x apart, the brightest near the top of the
     scale and the dimmest near the blank: the level left over may be off the top or under the

@@ -322,7 +322,8 @@ def tube_evidence(sample: Sample, channel: str | None = None, max_events: int = 
     populations of its PE channel (``channel``, else the first channel naming PE, else the first
     fluorescence channel)."""
     if sample.n_events > max_events:
-        sample = replace(sample, events=sample.events[:max_events])
+        # the hash passed as it is: replace() would read the lazy property and hash the file
+        sample = replace(sample, events=sample.events[:max_events], sha256=sample._sha256)
     gate, _ = bead_gate(sample)
     idx = sample.index(channel) if channel else _evidence_channel(sample)
     pops, _ = find_populations(sample.events[gate, idx], sample.saturation(sample.channels[idx]))
