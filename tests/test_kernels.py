@@ -87,6 +87,20 @@ def test_time_bins_count_and_sum_as_numpy():
     np.testing.assert_array_equal(kernels.outside_bins(t, keep, 0.0, 1000.0, bad), keep & ~bad[which])
 
 
+def test_gate_log_is_the_correctly_rounded_float32_of_libms_log10():
+    """log10_float32 against Python's math.log10 (libm, float64) rounded to float32, on 200,000
+    float32 values spanning 0-2**18, below 1 (clipped to 1: log 0), NaN; and as a float32 array."""
+    import math
+
+    rng = np.random.default_rng(8)
+    x = (10 ** rng.uniform(-1, 5.4, 200_000)).astype(np.float32)
+    x[:4] = [0.0, -3.0, 1.0, np.nan]
+    expected = np.array([math.log10(max(float(v), 1.0)) for v in x], dtype=np.float32)
+    got = kernels.log10_float32(x)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_valley_of_two_equal_populations_is_halfway(values):
     """Two equal normal populations at 2 and 4 decades (SD 0.3): the density's minimum is at 3,
     where it is 2 * N(1; 0, 0.3) / (N(0) + N(2)) ~= 0.0077 of the peaks'."""

@@ -159,3 +159,82 @@ def test_pinned_cohort_is_not_trivial():
     assert len(pinned["tubes"]) == N_TUBES and len(tubes) >= N_TUBES - 4
     assert any(t["abc"] < 5000 for t in tubes) and any(t["abc"] >= 5000 for t in tubes)
     assert sum(t["reportable"] for t in tubes) >= N_TUBES // 2
+
+
+#: numpy's SIMD targets for AVX-512 machines (its float32 log10, among others, takes another path there)
+AVX512_TARGETS = [t for t in np._core._multiarray_umath.__cpu_dispatch__ if "512" in t or t == "X86_V4"]
+#: tubes (of 16 drawn as below) whose monocyte gate or bead gate once moved with numpy's AVX-512 paths
+CPU_SENSITIVE = (5, 7, 8, 15)
+
+
+def _cpu_sensitive_cohort(folder: Path) -> dict:
+    """Unrounded bead levels, curve and result of each :data:`CPU_SENSITIVE` tube (30k-250k events,
+    severe sepsis, clogs), calibrated with its own simulated bead tube."""
+    rng = np.random.default_rng(77)
+    names = sorted(INSTRUMENTS)
+    measured = {}
+    for i in range(max(CPU_SENSITIVE) + 1):
+        name = names[i % len(names)]
+        abc = float(np.exp(rng.uniform(np.log(800), np.log(40_000))))
+        case = dict(abc_median=abc, seed=500 + i, n_events=int(rng.integers(30_000, 250_000)))
+        if i % 3 == 2:
+            case["severe"] = draw_severe_sepsis(rng, name)
+        else:
+            case.update(septic=bool(i % 2), clog=i % 5 == 0)
+        if i not in CPU_SENSITIVE:
+            continue
+        simulate_blood(folder / f"tube{i}.fcs", name, **case)
+        simulate_beads(folder / f"beads{i}.fcs", name, seed=600 + i, n_events=20_000)
+        cal = calibrate(hladr.read_fcs(folder / f"beads{i}.fcs"), lot="96597")
+        result = hladr.analyze(hladr.read_fcs(folder / f"tube{i}.fcs"), cal)
+        measured[f"{i}-{name}"] = {
+            "bead levels": cal.mfi, "slope": cal.slope, "intercept": cal.intercept,
+            "abc": result.abc, "abc_ci95": list(result.abc_ci95), "monocytes": int(result.monocytes),
+            "flags": sorted(result.qc["flags"]),
+        }  # fmt: skip
+    return measured
+
+
+MEASURE_WITHOUT_AVX512 = f"""
+import json, sys, tempfile
+from pathlib import Path
+from numpy._core._multiarray_umath import __cpu_features__
+assert not any(__cpu_features__.get(t) for t in {AVX512_TARGETS!r}), "AVX-512 paths still on"
+from tests.test_pinned_results import _cpu_sensitive_cohort
+with tempfile.TemporaryDirectory() as folder:
+    json.dump(_cpu_sensitive_cohort(Path(folder)), sys.stdout)
+"""
+
+
+def test_the_same_gates_and_numbers_without_numpys_avx512_paths(tmp_path):
+    """A lab's results do not depend on its CPU: tubes measured again with numpy's AVX-512 code paths
+    switched off (``NPY_DISABLE_CPU_FEATURES``, as on a CPU without AVX-512) give the same monocyte
+    counts, flags and bead levels, and AB/C to 1e-9. The gates' float32 log10 once took numpy's
+    AVX-512 path: up to 3 ulp apart, it moved the monocyte gate or the bead gate on these 4 tubes
+    (4 of 82 checked; AB/C 5205.48 vs 5205.39 on one near the 5,000 cut)."""
+    if not AVX512_TARGETS or not np._core._multiarray_umath.__cpu_features__.get(AVX512_TARGETS[0]):
+        pytest.skip("this CPU has no AVX-512: no other numpy path to compare with")
+    env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": " ".join(AVX512_TARGETS)}
+    run = subprocess.run(
+        [sys.executable, "-c", MEASURE_WITHOUT_AVX512], env=env, cwd=Path(__file__).parents[1],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    with_avx512 = json.loads(json.dumps(_cpu_sensitive_cohort(tmp_path)))  # as JSON: lists, not tuples
+    _assert_same(with_avx512, json.loads(run.stdout))
+
+
+def _assert_same(a, b, where: str = "") -> None:
+    """Counts, flags and texts equal, floats within 1e-9; fails naming the first that differs."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-9, nan_ok=True), f"{where}: {a} with AVX-512, {b} without"
+    else:
+        assert a == b, f"{where}: {a} with AVX-512, {b} without"

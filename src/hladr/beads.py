@@ -24,6 +24,7 @@ from scipy import ndimage, signal
 from sklearn.mixture import GaussianMixture
 
 from .fcs import Sample
+from .kernels import log10_float32
 from .panel import BEAD_SCATTER_NAMES, CELL_MARKER, NOT_FLUORESCENCE, channel_dye
 
 __all__ = [
@@ -72,6 +73,14 @@ def scatter_indices(sample: Sample) -> tuple[int | None, int | None]:
     return find(BEAD_SCATTER_NAMES["FSC"]), find(BEAD_SCATTER_NAMES["SSC"])
 
 
+def _log_scatter(values: np.ndarray) -> np.ndarray:
+    """log10 of ``max(values, 1)`` at the data's precision, the same on every CPU: float32 data
+    correctly rounded (:func:`hladr.kernels.log10_float32`), integer and float64 data in float64."""
+    if values.dtype == np.float32:
+        return log10_float32(values)
+    return np.log10(np.maximum(values, 1.0))
+
+
 def bead_gate(sample: Sample, gate_fraction: float = 0.85) -> tuple[np.ndarray, list[str]]:
     """Mask of singlet beads: finite, inside the scatter margins, in the densest FSC/SSC region.
 
@@ -91,7 +100,7 @@ def bead_gate(sample: Sample, gate_fraction: float = 0.85) -> tuple[np.ndarray, 
         return keep, notes
     if keep.sum() < 50:
         return keep, notes
-    x, y = np.log10(np.maximum(ev[:, fsc], 1.0)), np.log10(np.maximum(ev[:, ssc], 1.0))
+    x, y = _log_scatter(ev[:, fsc]), _log_scatter(ev[:, ssc])
     bounds = [np.percentile(x[keep], [0.5, 99.5]), np.percentile(y[keep], [0.5, 99.5])]
     bins = 64
     hist, xe, ye = np.histogram2d(x[keep], y[keep], bins=bins, range=bounds)
@@ -297,7 +306,7 @@ def bead_evidence(sample: Sample, gate: np.ndarray, populations: list[Population
     iqrs = []
     for idx in (fsc, ssc):
         if idx is not None and gate.sum() > 50:
-            col = np.log10(np.maximum(sample.events[gate, idx], 1.0))
+            col = _log_scatter(sample.events[gate, idx])
             q1, q3 = np.percentile(col, [25, 75])
             iqrs.append(float(q3 - q1))
     scatter_iqr = max(iqrs) if iqrs else float("nan")

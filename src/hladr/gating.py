@@ -363,20 +363,6 @@ def compensated_columns(sample: Sample, channels: Iterable[str]) -> tuple[dict[s
     return out, notes
 
 
-def _log(x: np.ndarray) -> np.ndarray:
-    """log10 of ``max(x, 1)`` for gating, in float32 (plenty for gates; half the memory traffic).
-
-    Computed in float64 and rounded once to float32 (numpy's buffered casting: no float64 copy is
-    held), so the value is the correctly rounded float32 log on every CPU: numpy's float32 log10
-    takes a different SIMD path on AVX-512 machines (up to 3 ulp apart, recorded thresholds moving
-    in their 7th digit between machines), while the float64 one rounded to float32 gave the same
-    value on 4M of 4M values with and without AVX-512. 3.8 ms per 1M values on one core (numba's
-    loop over libm's ``log10f``: 6-8 ms).
-    """
-    out = np.maximum(x, np.float32(1), dtype=np.float32)
-    return np.log10(out, out=out, dtype=np.float64, casting="same_kind")
-
-
 class RoleLogs(dict):
     """``logs[role]``: log10 of a role's channel over all events (compensated for fluorescence),
     computed on first use and kept: the gates of one tube (one leukocyte mask) share them.
@@ -397,7 +383,7 @@ class RoleLogs(dict):
         return self.sample.events[:, self.sample.index(channel)]
 
     def __missing__(self, role: str) -> np.ndarray:
-        self[role] = _log(self.linear(role))
+        self[role] = kernels.log10_float32(self.linear(role))
         return self[role]
 
     def per_mask(self, name: str, mask: np.ndarray, compute: Callable[[], Any]) -> Any:
@@ -415,13 +401,13 @@ class RoleLogs(dict):
 
     def at(self, role: str, rows: np.ndarray) -> np.ndarray:
         """``logs[role][rows]``."""
-        return self[role][rows] if role in self else _log(self.linear(role)[rows])
+        return self[role][rows] if role in self else kernels.log10_float32(self.linear(role)[rows])
 
     def kept_sample(self, role: str, keep: np.ndarray, limit: int = 200_000) -> np.ndarray:
         """``_kept_sample(logs[role], keep, limit)``."""
         if role in self:
             return _kept_sample(self[role], keep, limit)
-        return _log(_kept_sample(self.linear(role), keep, limit))
+        return kernels.log10_float32(_kept_sample(self.linear(role), keep, limit))
 
 
 def _valley(
@@ -525,7 +511,10 @@ def time_gate(tube: Tube, keep: np.ndarray, bins: int = 100) -> GateOutcome:
     first, last = kernels.kept_range(t, keep)
     lo, hi = float(first), float(last) + 1e-9
     signal_role = "FSC-A" if panel["FSC-A"] else "DNA" if panel["DNA"] else None
-    signal = _log(tube.column(signal_role)) if signal_role else np.zeros(t.size, dtype=np.float32)
+    if signal_role:
+        signal = kernels.log10_float32(tube.column(signal_role))
+    else:
+        signal = np.zeros(t.size, dtype=np.float32)
     rate, sums = kernels.time_bins(t, signal, keep, lo, hi, n_bins)
     level = np.where(rate > 5, 10 ** (sums / np.maximum(rate, 1)), np.nan)  # geometric mean signal per bin
     med_rate, med_level = np.median(rate), np.nanmedian(level)
@@ -570,7 +559,7 @@ def debris_gate(tube: Tube, keep: np.ndarray) -> GateOutcome:
     flags = () if panel["SSC-A"] else ("no_scatter",)  # mass cytometry: gated on DNA, CD45 and CD14 only
     if not panel[size_role]:
         return GateOutcome(keep, {key: float("nan")}, flags)
-    size = _log(tube.column(size_role))  # not kept in tube.logs: no later gate reads it
+    size = kernels.log10_float32(tube.column(size_role))  # not kept in tube.logs: no later gate reads it
     med = float(np.median(_kept_sample(size, keep)))
     pos, depth = _valley(size, med - 1.5, med - 0.15, keep=keep)
     cut = pos if depth < 0.6 else med + np.log10(0.35)
@@ -783,7 +772,7 @@ def monocyte_gate_joint(tube: Tube, leuk: np.ndarray, bounds: JointGate | None =
     cofactors = [_cofactor(column[leuk_sample]) for column in fluor]
 
     def features(rows: np.ndarray) -> np.ndarray:
-        columns = [np.log10(np.maximum(column[rows], 1), dtype=np.float32) for column in shape]
+        columns = [kernels.log10_float32(column[rows]) for column in shape]
         columns += [_asinh_decades(column[rows], c) for column, c in zip(fluor, cofactors)]
         return np.column_stack(columns)
 
