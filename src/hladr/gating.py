@@ -1087,7 +1087,14 @@ def gate_monocytes(
     for step in sequence:
         if step.parent is not None:
             parent = populations[step.parent]
-        outcome = step.gate(tube, parent)
+        try:
+            outcome = step.gate(tube, parent)
+        except (ValueError, IndexError, ArithmeticError) as exc:  # numerics on data a gate cannot take
+            raise GatingError(
+                f"the {step.name!r} gate failed on {np.count_nonzero(parent):,} events "
+                f"({type(exc).__name__}: {exc})",
+                sample.path,
+            ) from exc
         mask = outcome.mask & parent
         gate_log.append(
             {
