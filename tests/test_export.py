@@ -144,6 +144,35 @@ def test_flowkit_applies_the_exported_gates_and_finds_the_same_monocytes(
     assert agreement(user_gate(sample, tmp_path / "g.xml").mask & gating.singlets, gating.monocytes) >= 0.99
 
 
+def test_exported_gates_hold_on_a_tube_with_gains_and_a_timestep(tmp_path):
+    """$PnG: gating software reads linear channels divided by their gain, and time in $TIMESTEP
+    units (FCS 3.1 scale values, as flowio reads them under FlowKit; BD writes Time $PnG 0.01, which
+    flowio ignores). A clogged tube with unequal scatter and fluorescence gains, as an Astrios or a
+    Stratedigm writes them: FlowKit finds the same monocytes in the export (it found none of them
+    when the export ignored the gains), and so does the export read back as a user's gate."""
+    simulate_blood(tmp_path / "sim.fcs", "canto", 4_000, seed=43, n_events=30_000, septic=True, clog=True)
+    sim = hladr.read_fcs(tmp_path / "sim.fcs")
+    gains = {"FSC-A": 2.0, "FSC-H": 2.0, "SSC-A": 4.0, "PE-A": 1.5, "PerCP-Cy5-5-A": 3.0, "V500-C-A": 0.5}
+    gains["Time"] = 0.01
+    keywords = {f"$P{i}R": str(int(sim.ranges[c])) for i, c in enumerate(sim.channels, 1)}
+    keywords |= {f"$P{sim.channels.index(c) + 1}G": str(g) for c, g in gains.items() if c in sim.channels}
+    keywords["$TIMESTEP"] = "0.01"
+    assert len([c for c in gains if c in sim.channels]) == len(gains), sim.channels
+    fcs = write_fcs(
+        tmp_path / "p.fcs", sim.events, sim.channels, sim.markers, keywords, spillover=sim.spillover
+    )
+    sample = hladr.read_fcs(fcs)
+    assert sample.gains["SSC-A"] == 4.0 and sample.gains["Time"] == 0.01
+    gating = gate_monocytes(sample, resolve_panel(sample))
+    assert gating.clean.sum() < sample.n_events * 0.98  # the time gate cut the clog out
+    ours = write_gatingml(tmp_path / "g.xml", sample, gating, resolve_panel(sample))
+    assert "time_cut" in (tmp_path / "g.xml").read_text()
+    flowkit = _flowkit_monocytes(tmp_path / "g.xml", fcs)
+    assert agreement(flowkit, gating.monocytes) >= 0.99
+    assert agreement(flowkit, gating.monocytes) == pytest.approx(ours, abs=1e-3)
+    assert agreement(user_gate(sample, tmp_path / "g.xml").mask & gating.singlets, gating.monocytes) >= 0.99
+
+
 def test_real_a2004_exported_gates_reproduce_its_monocytes_in_flowkit(tmp_path):
     require_real()
     fcs = REAL_DIR / "flowWorkspaceData" / "a2004_O1T2pb05i_A2_A02.fcs"

@@ -223,6 +223,12 @@ class Sample:
         """``$PnR`` ranges by channel (None where absent)."""
         return {c: _float_or_none(v) for c, v in zip(self.channels, self._per_channel("R"))}
 
+    @property
+    def timestep(self) -> float:
+        """``$TIMESTEP``, seconds per unit of the time channel (1 where absent or not a positive number)."""
+        step = _float_or_none(self.keywords.get("$TIMESTEP"))
+        return step if step is not None and math.isfinite(step) and step > 0 else 1.0
+
     def log_amplifier(self, channel: str) -> tuple[float, float] | None:
         """``(decades, floor)`` of a channel recorded through a log amplifier (``$PnE f1,f2`` with
         f1 > 0 on integer data, decoded by :func:`read_fcs` to ``f2 * 10**(f1 * x / $PnR)``; ``floor``

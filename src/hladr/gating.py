@@ -1128,14 +1128,18 @@ def gate_monocytes(
 
 
 def scale_values(sample: Sample) -> np.ndarray:
-    """The events on the scale gating software draws gates on (FCS 3.1 scale values, as flowkit and
-    FlowJo read a file): each linear channel divided by its ``$PnG`` gain; log-amplified channels are
-    already decoded by :func:`~hladr.fcs.read_fcs` and take no gain."""
+    """The events as gating software reads the file (FCS 3.1 scale values, as FlowKit through flowio,
+    and FlowJo, read it): each linear channel divided by its ``$PnG`` gain, the time channel in
+    ``$TIMESTEP`` units and without gain (BD writes Time ``$PnG`` 0.01: no amplifier, flowio ignores
+    it); log-amplified channels are already decoded by :func:`~hladr.fcs.read_fcs` and take no gain.
+    GatingML coordinates (a user's gates, :mod:`hladr.gatingml`'s export) live on this scale."""
     events = np.array(sample.events, dtype=np.float64)
     gains = sample.gains
     for i, channel in enumerate(sample.channels):
         gain = gains.get(channel)
-        if gain and gain > 0 and gain != 1.0 and not sample.is_log(channel):
+        if channel.strip().lower() == "time":
+            events[:, i] *= sample.timestep
+        elif gain and gain > 0 and gain != 1.0 and not sample.is_log(channel):
             events[:, i] /= gain
     return events
 

@@ -13,7 +13,9 @@ monocytes in time that hold at least :data:`TIME_CUT_MIN` events the polygons wo
 become ``time_cut_N`` rectangle gates on the time channel, and the outermost gate is ``time``, the
 Boolean ``not`` of their union; the polygons nest inside it.
 
-Coordinates are in GatingML's ``fasinh`` transform (T = the channel's ``$PnR``, M = 4.5, A = 0: log-like
+Coordinates are on the scale gating software reads a file (FCS 3.1 scale values, :class:`GateValues`:
+linear channels over their ``$PnG`` gain, time in ``$TIMESTEP`` units), in GatingML's ``fasinh``
+transform (T = the channel's ``$PnR``, M = 4.5, A = 0: log-like
 above ~T/16,000, linear through zero so compensated negatives stay finite); fluorescence dimensions are
 compensated with the tube's spillover, written into the file as a ``spectrumMatrix`` (``hladr_spillover``)
 so that the gates carry their compensation with them. A region the hulls cannot carry (a concave or
@@ -24,6 +26,7 @@ test (FlowKit's agreement is tested separately, in ``tests/test_export.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -35,7 +38,7 @@ import numpy as np
 from .atomic import atomic_write
 from .errors import GatingError
 from .fcs import Sample
-from .gating import GatingResult, spillover_matrix
+from .gating import GatingResult, compensated_columns, scale_values, spillover_matrix
 from .panel import Panel
 
 FASINH_M = 4.5
@@ -65,15 +68,36 @@ class PolygonRegion:
 
 @dataclass
 class TimeCuts:
-    """Acquisition-time intervals excluded from the monocytes (a clog cut by the time gate).
-
-    ``intervals`` are in the time channel's stored units; the GatingML file holds them times
-    ``timestep`` (``$TIMESTEP``: seconds), as FlowKit and FlowJo read the time channel.
-    """
+    """Acquisition-time intervals excluded from the monocytes (a clog cut by the time gate), on the
+    scale gating software reads the time channel (:class:`GateValues`)."""
 
     channel: str
     intervals: list[tuple[float, float]]
-    timestep: float = 1.0
+
+
+class GateValues:
+    """A tube's events where GatingML coordinates live: FCS 3.1 scale values, as FlowKit and FlowJo
+    read the file (:func:`hladr.gating.scale_values`: linear channels over their ``$PnG`` gain, time
+    in ``$TIMESTEP`` units), compensated with the tube's spillover for a compensated dimension.
+
+    ``values(channel, compensated)``; computed once per tube (hladr's gates work on the stored values,
+    which equal these only where every gain is 1).
+    """
+
+    def __init__(self, sample: Sample):
+        self.sample = sample
+        self._scaled: Sample | None = None
+        self._compensated: dict[str, np.ndarray] = {}
+
+    def __call__(self, channel: str, compensated: bool = False) -> np.ndarray:
+        if self._scaled is None:  # the hash passed as it is: replace() would read the lazy property
+            scaled = scale_values(self.sample)
+            self._scaled = dataclasses.replace(self.sample, events=scaled, sha256=self.sample._sha256)
+        if not compensated:
+            return self._scaled.events[:, self.sample.index(channel)]
+        if not self._compensated:
+            self._compensated, _ = compensated_columns(self._scaled, spillover_matrix(self.sample)[0])
+        return self._compensated[channel]
 
 
 def fasinh(x: np.ndarray, top: float, m: float = FASINH_M, a: float = FASINH_A) -> np.ndarray:
@@ -120,23 +144,26 @@ def _hull(points: np.ndarray) -> np.ndarray:
     return hull + WIDEN * direction / np.where(norm > 0, norm, 1.0)
 
 
-def monocyte_regions(sample: Sample, gating: GatingResult, panel: Panel) -> list[PolygonRegion]:
+def monocyte_regions(
+    sample: Sample, gating: GatingResult, panel: Panel, values: GateValues | None = None
+) -> list[PolygonRegion]:
     """The nested polygon gates that carry the gating's monocytes (see the module docstring)."""
+    values = values or GateValues(sample)
     mono = np.asarray(gating.monocytes, dtype=bool)
     if mono.sum() < 3:
         raise GatingError(f"only {int(mono.sum())} monocytes: no gate to export", sample.path)
+    spill = spillover_matrix(sample)
     regions: list[PolygonRegion] = []
     parent = None
     for gate_id, x_role, y_role in _planes(panel):
         columns, compensated, tops = [], [], []
         for role in (x_role, y_role):
             channel = panel[role]
-            fluorescent = channel in gating.compensated and role not in ("FSC-A", "FSC-H", "SSC-A")
-            values = gating.compensated[channel] if fluorescent else sample.events[:, sample.index(channel)]
-            top = sample.ranges.get(channel) or float(np.max(values)) or 1.0
-            columns.append(fasinh(values[mono], top))
-            spill = spillover_matrix(sample)
-            compensated.append(fluorescent and spill is not None and channel in spill[0])
+            scatter = role in ("FSC-A", "FSC-H", "SSC-A")
+            compensated.append(not scatter and spill is not None and channel in spill[0])
+            column = values(channel, compensated[-1])
+            top = sample.ranges.get(channel) or float(np.max(column)) or 1.0
+            columns.append(fasinh(column[mono], top))
             tops.append(float(top))
         vertices = _hull(np.column_stack(columns))
         regions.append(
@@ -157,33 +184,39 @@ def monocyte_regions(sample: Sample, gating: GatingResult, panel: Panel) -> list
 
 
 def apply_regions(
-    sample: Sample, gating: GatingResult, regions: list[PolygonRegion], cuts: TimeCuts | None = None
+    sample: Sample,
+    regions: list[PolygonRegion],
+    cuts: TimeCuts | None = None,
+    values: GateValues | None = None,
 ) -> np.ndarray:
     """Membership of the innermost region (every nested polygon, outside the time cuts), computed by hladr."""
     from matplotlib.path import Path as PolygonPath
 
+    values = values or GateValues(sample)
     inside = np.ones(sample.n_events, dtype=bool)
     if cuts is not None:
-        t = sample.events[:, sample.index(cuts.channel)]
+        t = values(cuts.channel)
         for lo, hi in cuts.intervals:
             inside &= ~((t >= lo) & (t <= hi))
     for region in regions:
-        coords = []
-        for channel, compensated, top in (
-            (region.x, region.x_compensated, region.x_top),
-            (region.y, region.y_compensated, region.y_top),
-        ):
-            values = gating.compensated[channel] if compensated else sample.events[:, sample.index(channel)]
-            coords.append(fasinh(values, top))
+        coords = [
+            fasinh(values(channel, compensated), top)
+            for channel, compensated, top in (
+                (region.x, region.x_compensated, region.x_top),
+                (region.y, region.y_compensated, region.y_top),
+            )
+        ]
         inside &= PolygonPath(region.vertices).contains_points(np.column_stack(coords))
     return inside
 
 
-def time_cuts(sample: Sample, gating: GatingResult, panel: Panel, admitted: np.ndarray) -> TimeCuts | None:
+def time_cuts(
+    sample: Sample, gating: GatingResult, panel: Panel, admitted: np.ndarray, values: GateValues | None = None
+) -> TimeCuts | None:
     """Time intervals between monocytes holding >= :data:`TIME_CUT_MIN` ``admitted`` non-monocytes."""
     if not panel.time:
         return None
-    t = np.asarray(sample.events[:, sample.index(panel.time)], dtype=np.float64)
+    t = (values or GateValues(sample))(panel.time)
     mono = np.asarray(gating.monocytes, dtype=bool)
     mono_t = np.unique(t[mono])
     extra_t = np.sort(t[admitted & ~mono])
@@ -197,17 +230,9 @@ def time_cuts(sample: Sample, gating: GatingResult, panel: Panel, admitted: np.n
     intervals = []
     for k in np.flatnonzero(counts >= TIME_CUT_MIN):
         lo, hi = mono_t[k - 1], mono_t[k]
-        margin = 1e-6 * max(hi - lo, 1.0)
+        margin = 1e-6 * (hi - lo)
         intervals.append((float(lo + margin), float(hi - margin)))
-    return TimeCuts(panel.time, intervals, _timestep(sample)) if intervals else None
-
-
-def _timestep(sample: Sample) -> float:
-    try:
-        step = float(sample.keywords.get("$TIMESTEP", "1"))
-    except ValueError:
-        return 1.0
-    return step if math.isfinite(step) and step > 0 else 1.0
+    return TimeCuts(panel.time, intervals) if intervals else None
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -238,7 +263,6 @@ def _spectrum_matrix(channels: list[str], matrix: np.ndarray) -> list[str]:
 def _time_gates(cuts: TimeCuts) -> list[str]:
     lines = []
     for k, (lo, hi) in enumerate(cuts.intervals, start=1):
-        lo, hi = lo * cuts.timestep, hi * cuts.timestep
         lines += [
             f'  <gating:RectangleGate gating:id="time_cut_{k}">',
             f'    <gating:dimension gating:compensation-ref="uncompensated" gating:min="{lo!r}" '
@@ -322,10 +346,11 @@ def to_xml(
 
 def export_gates(sample: Sample, gating: GatingResult, panel: Panel) -> tuple[str, float]:
     """The GatingML 2.0 text of one analysed tube's monocyte gates, and its Jaccard agreement with them."""
-    regions = monocyte_regions(sample, gating, panel)
-    cuts = time_cuts(sample, gating, panel, apply_regions(sample, gating, regions))
+    values = GateValues(sample)
+    regions = monocyte_regions(sample, gating, panel, values)
+    cuts = time_cuts(sample, gating, panel, apply_regions(sample, regions, values=values), values)
     text = to_xml(regions, spillover_matrix(sample), cuts)
-    exported = apply_regions(sample, gating, regions, cuts)
+    exported = apply_regions(sample, regions, cuts, values)
     return text, agreement(exported, np.asarray(gating.monocytes, dtype=bool))
 
 
