@@ -169,7 +169,7 @@ CPU_SENSITIVE = (5, 7, 8, 15)
 
 def _cpu_sensitive_cohort(folder: Path) -> dict:
     """Unrounded bead levels, curve and result of each :data:`CPU_SENSITIVE` tube (30k-250k events,
-    severe sepsis, clogs), calibrated with its own simulated bead tube."""
+    severe sepsis, clogs), calibrated with its own simulated bead tube; and its geometric-mean AB/C."""
     rng = np.random.default_rng(77)
     names = sorted(INSTRUMENTS)
     measured = {}
@@ -187,10 +187,13 @@ def _cpu_sensitive_cohort(folder: Path) -> dict:
         simulate_beads(folder / f"beads{i}.fcs", name, seed=600 + i, n_events=20_000)
         cal = calibrate(hladr.read_fcs(folder / f"beads{i}.fcs"), lot="96597")
         result = hladr.analyze(hladr.read_fcs(folder / f"tube{i}.fcs"), cal)
+        geomean_cal = calibrate(hladr.read_fcs(folder / f"beads{i}.fcs"), lot="96597", statistic="geomean")
+        geomean = hladr.analyze(hladr.read_fcs(folder / f"tube{i}.fcs"), geomean_cal, statistic="geomean")
         measured[f"{i}-{name}"] = {
             "bead levels": cal.mfi, "slope": cal.slope, "intercept": cal.intercept,
             "abc": result.abc, "abc_ci95": list(result.abc_ci95), "monocytes": int(result.monocytes),
-            "flags": sorted(result.qc["flags"]),
+            "flags": sorted(result.qc["flags"]), "geomean abc": geomean.abc,
+            "geomean abc_ci95": list(geomean.abc_ci95),
         }  # fmt: skip
     return measured
 
@@ -209,9 +212,10 @@ with tempfile.TemporaryDirectory() as folder:
 def test_the_same_gates_and_numbers_without_numpys_avx512_paths(tmp_path):
     """A lab's results do not depend on its CPU: tubes measured again with numpy's AVX-512 code paths
     switched off (``NPY_DISABLE_CPU_FEATURES``, as on a CPU without AVX-512) give the same monocyte
-    counts, flags and bead levels, and AB/C to 1e-9. The gates' float32 log10 once took numpy's
-    AVX-512 path: up to 3 ulp apart, it moved the monocyte gate or the bead gate on these 4 tubes
-    (4 of 82 checked; AB/C 5205.48 vs 5205.39 on one near the 5,000 cut)."""
+    counts, flags and bead levels, and AB/C to 1e-9, with the median and the geometric mean. The
+    gates' float32 log10 once took numpy's AVX-512 path: up to 3 ulp apart, it moved the monocyte
+    gate or the bead gate on these 4 tubes (4 of 82 checked; AB/C 5205.48 vs 5205.39 on one near the
+    5,000 cut), and the geometric mean's float32 log moved its AB/C (850.3660 vs 850.3655)."""
     if not AVX512_TARGETS or not np._core._multiarray_umath.__cpu_features__.get(AVX512_TARGETS[0]):
         pytest.skip("this CPU has no AVX-512: no other numpy path to compare with")
     env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": " ".join(AVX512_TARGETS)}

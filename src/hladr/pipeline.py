@@ -275,8 +275,8 @@ def monocyte_statistic(values: np.ndarray, statistic: str) -> float:
     """The median, or the geometric mean of the positive values (NaN when there are none)."""
     if statistic == "median":
         return float(np.median(values))
-    positive = values[values > 0]
-    return float(10 ** np.mean(np.log10(positive))) if positive.size else float("nan")
+    positive = values[values > 0]  # float64 logs: numpy's float32 log10 differs between CPUs
+    return float(10 ** np.mean(np.log10(positive, dtype=np.float64))) if positive.size else float("nan")
 
 
 def statistic_ci95(values: np.ndarray, statistic: str) -> tuple[float, float]:
@@ -303,7 +303,7 @@ def statistic_ci95(values: np.ndarray, statistic: str) -> tuple[float, float]:
         hi = min(first - 1 + int(np.searchsorted(cdf, 0.975)), n - 1)
         x = np.partition(values, [lo, hi])
         return float(x[lo]), float(x[hi])
-    logs = np.log10(values[values > 0])
+    logs = np.log10(values[values > 0], dtype=np.float64)
     half = 1.96 * logs.std(ddof=1) / np.sqrt(logs.size)
     return float(10 ** (logs.mean() - half)), float(10 ** (logs.mean() + half))
 

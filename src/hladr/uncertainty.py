@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .kernels import log10_float32
+
 #: The gate's boundary moves by this much standardised distance (robust SDs) out and in.
 GATE_STEP = 0.5
 #: At most this share of the gated events joins or leaves with the move.
@@ -96,7 +98,8 @@ def gate_halfwidth(
     ----------
     columns
         The gating axes over all events, linear (CD14 first, then SSC and CD45 where present);
-        distances are measured on ``log10(max(x, 1))``.
+        distances are measured on ``log10(max(x, 1))`` (:func:`hladr.kernels.log10_float32`: the same on
+        every CPU).
     pe
         The HLA-DR values over all events.
     monocytes
@@ -114,7 +117,7 @@ def gate_halfwidth(
     inside = np.flatnonzero(monocytes[::k]) * k
     if inside.size < 20 or not columns:
         return math.nan
-    x_in = np.column_stack([np.log10(np.maximum(column[inside], 1.0)) for column in columns])
+    x_in = np.column_stack([log10_float32(column[inside]) for column in columns])
     centre = np.median(x_in, axis=0)
     scale = np.maximum(1.4826 * np.median(np.abs(x_in - centre), axis=0), 1e-3)
     d_in = np.sqrt((((x_in - centre) / scale) ** 2).sum(axis=1))
@@ -126,7 +129,7 @@ def gate_halfwidth(
     lo, hi = 10 ** (centre[0] - reach * scale[0]), 10 ** (centre[0] + reach * scale[0])
     window = (first >= lo) & (first <= hi) & candidates[::k] & ~monocytes[::k]
     outside = np.flatnonzero(window) * k
-    x_out = np.column_stack([np.log10(np.maximum(column[outside], 1.0)) for column in columns])
+    x_out = np.column_stack([log10_float32(column[outside]) for column in columns])
     d_out = np.sqrt((((x_out - centre) / scale) ** 2).sum(axis=1))
     near = outside[d_out <= reach]
     if near.size > cap:  # the nearest first
