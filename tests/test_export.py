@@ -82,7 +82,7 @@ def test_exported_fcs_reads_the_same_in_flowio_flowkit_and_flowcal(run, tmp_path
 
 
 def test_export_cli_writes_fcs_csv_and_gates(run, tmp_path, capsys):
-    folder, _ = run
+    folder, calibration = run
     code = cli.main(
         [
             "export",
@@ -101,7 +101,9 @@ def test_export_cli_writes_fcs_csv_and_gates(run, tmp_path, capsys):
     )
     assert code == 0, capsys.readouterr().err
     line = capsys.readouterr().out
-    assert "monocytes, median HLA-DR" in line
+    result = analyze(hladr.read_fcs(folder / "p.fcs"), calibration)  # one pipeline: hladr analyze's numbers
+    status = "reportable" if result.reportable else "not reportable: "
+    assert f"{result.monocytes:,} monocytes, median HLA-DR {result.abc:,.0f} AB/C ({status}" in line, line
     assert float(line.split("g.xml (agreement with the monocytes ")[1].split("%")[0]) >= 99.0
     header = (tmp_path / "e.csv").read_text().splitlines()[0]
     assert header == "event,clean,singlets,leukocytes,monocytes,HLA-DR AB/C"

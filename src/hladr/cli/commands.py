@@ -146,23 +146,23 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """``hladr export SAMPLE --beads BEADS (--lot|--bead-values) [--fcs] [--csv] [--gates-out]``."""
-    import numpy as np
-
+    """``hladr export SAMPLE --beads BEADS (--lot|--bead-values) [--fcs] [--csv] [--gates-out]``: the
+    tube analysed as ``hladr analyze`` does (:func:`hladr.pipeline.run_analysis`), its events written."""
     from ..calibration import calibrate
     from ..events import calibrated_events, export_fcs
     from ..fcs import read_fcs
-    from ..gating import gate_monocytes
-    from ..panel import resolve_panel
+    from ..pipeline import AnalysisOptions, run_analysis
 
     if not (args.fcs or args.csv or args.gates_out):
         raise HladrError("nothing to export: give --fcs OUT.fcs, --csv OUT.csv and/or --gates-out OUT.xml")
     require_bead_values(args)
     calibration = calibrate(read_fcs(args.beads, lenient=True), lot=args.lot, values=args.bead_values)
-    sample = read_fcs(args.sample, lenient=True)
-    panel = resolve_panel(sample, hladr=args.hladr, cd14=args.cd14, cd45=args.cd45)
-    gating = gate_monocytes(sample, panel, gates=args.gates, gate_name=args.gate_name)
-    events, gating, panel = calibrated_events(sample, calibration, panel=panel, gating=gating)
+    options = AnalysisOptions(
+        hladr=args.hladr, cd14=args.cd14, cd45=args.cd45, gates=args.gates, gate_name=args.gate_name
+    )
+    analysis = run_analysis(args.sample, calibration, options)
+    sample, result, panel = analysis.sample, analysis.result, analysis.panel
+    events, gating, panel = calibrated_events(sample, calibration, panel=panel, gating=analysis.gating)
     written = []
     if args.fcs:
         written.append(str(export_fcs(sample, events, args.fcs)))
@@ -177,11 +177,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         agreement = write_gatingml(args.gates_out, sample, gating, panel)
         written.append(f"{args.gates_out} (agreement with the monocytes {agreement:.2%})")
-    monocytes = events.monocytes
-    median = float(np.nanmedian(events.abc[monocytes])) if monocytes.any() else float("nan")
+    status = "reportable" if result.reportable else f"not reportable: {', '.join(result.reasons)}"
     print(
-        f"{args.sample}: {len(events):,} events, {int(monocytes.sum()):,} monocytes, median HLA-DR "
-        f"{median:,.0f} AB/C -> {', '.join(written)}"
+        f"{args.sample}: {len(events):,} events, {result.monocytes:,} monocytes, median HLA-DR "
+        f"{result.abc:,.0f} AB/C ({status}) -> {', '.join(written)}"
     )
     return EXIT_OK
 
