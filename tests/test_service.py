@@ -297,8 +297,8 @@ def test_analysis_happy_path_restart_and_concurrency(tmp_path, serve):
     ).json()["decision"]
     assert decision["inputs"]["abc"] == done["result"]["abc"]
 
-    # capacity, 1 worker + 1 queued: while a 1.8M-event tube keeps the worker busy (0.5 s or more,
-    # however fast the analysis), four concurrent uploads find one queue place
+    # capacity, 1 worker + 1 queued: while a 1.8M-event tube keeps the worker busy (0.4-0.8 s here,
+    # 3-8 times the 0.1 s the 4 uploads take), four concurrent uploads find one queue place
     big = tiled_tube(SAMPLE_DIR / "patient_03.fcs", tmp_path / "big.fcs", 60, 1, np.random.default_rng(3))
     busy = submit(srv, big, cal)
     assert busy.status_code == 202, busy.text

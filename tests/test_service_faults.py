@@ -47,12 +47,13 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def tubes(tmp_path_factory) -> dict[str, Path]:
-    """Distinct patient tubes: ``big``, ``b0``..``b2`` (600k events, 0.1-0.5 s of analysis each)
-    and ``t0``, ``t1`` (60k events)."""
+    """Distinct patient tubes: ``big``, ``b0``..``b2`` (600k events, 0.1-0.5 s of analysis each),
+    ``t0``, ``t1`` (60k events) and ``huge`` (1.8M events, 0.4-0.8 s)."""
     folder = tmp_path_factory.mktemp("tubes")
     rng = np.random.default_rng(7)
     source, out = SAMPLE_DIR / "patient_01.fcs", {}
-    for name, copies in [("big", 20)] + [(f"b{i}", 20) for i in range(3)] + [(f"t{i}", 2) for i in range(2)]:
+    sizes = [("big", 20), ("b0", 20), ("b1", 20), ("b2", 20), ("t0", 2), ("t1", 2), ("huge", 60)]
+    for name, copies in sizes:
         out[name] = tiled_tube(source, folder / f"{name}.fcs", copies, 1 + len(out), rng)
     return out
 
@@ -110,13 +111,11 @@ def test_sigterm_lets_the_running_job_finish_and_keeps_the_backlog_for_the_next_
     cal = calibrate(srv, SAMPLE_DIR / "beads.fcs")
     workers = srv.worker_pids()
     held = _stalled_upload(srv)  # uvicorn's shutdown waits for it before it reaches the app's lifespan
-    # a backlog at the signal, however fast the analyses are: submit until one job waits behind another
-    jobs = []
-    for name in ["big", "b0", "b1", "b2"]:
-        jobs.append(submit(srv, tubes[name], cal).json()["id"])
-        if len(jobs) >= 2 and _states(srv).get("queued", 0):
-            break
-    running = _running(srv)
+    # a backlog at the signal, however fast the analyses are: two 60k-event tubes (a few ms to
+    # upload) queue behind the 1.8M-event one the worker is busy with (0.4-0.8 s)
+    jobs = [submit(srv, tubes["huge"], cal).json()["id"]]
+    running = wait_status(srv, jobs[0], "running")["id"]
+    jobs += [submit(srv, tubes[name], cal).json()["id"] for name in ("t0", "t1")]
     signalled = time.time()
     srv.proc.send_signal(signal.SIGTERM)
     wait_status(srv, running, "done")  # the running job finishes within the grace period...
