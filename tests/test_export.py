@@ -172,7 +172,36 @@ def test_exported_gates_hold_on_a_tube_with_gains_and_a_timestep(tmp_path):
     flowkit = _flowkit_monocytes(tmp_path / "g.xml", fcs)
     assert agreement(flowkit, gating.monocytes) >= 0.99
     assert agreement(flowkit, gating.monocytes) == pytest.approx(ours, abs=1e-3)
-    assert agreement(user_gate(sample, tmp_path / "g.xml").mask & gating.singlets, gating.monocytes) >= 0.99
+    imported = user_gate(sample, tmp_path / "g.xml").mask  # through FlowKit's float32 copy of the events
+    assert agreement(imported & gating.singlets, gating.monocytes) >= 0.99
+    assert not np.any(gating.monocytes & flowkit & ~imported)  # no monocyte lost at a time cut's edge
+
+
+def test_time_cuts_leave_every_monocyte_outside_at_float32_precision():
+    """FlowKit holds an array it is given (hladr's user_gate) as float32: a cut's edge must stay
+    clear of the monocytes at their float32 times. 10,000 events 13 ms apart from t = 1,000 s (a
+    float32 step there is 61 us), every 10th a monocyte, all admitted: each gap is cut, and no
+    monocyte's float32 time falls inside a cut (960/1,000 did with a margin of 1e-6 of the gap)."""
+    from types import SimpleNamespace
+
+    from hladr.gatingml import time_cuts
+
+    t = 1_000 + 0.013 * np.arange(10_000)
+    monocytes = np.arange(t.size) % 10 == 0
+    cuts = time_cuts(
+        None, SimpleNamespace(monocytes=monocytes), SimpleNamespace(time="Time"), np.ones(t.size, bool),
+        lambda channel: t,
+    )  # fmt: skip
+    assert len(cuts.intervals) == monocytes.sum() - 1
+    mono32 = t[monocytes].astype(np.float32).astype(np.float64)
+    lo, hi = np.array(cuts.intervals).T
+    inside = np.searchsorted(lo, mono32, side="right") - 1  # the cut starting last at or before each
+    caught = (inside >= 0) & (mono32 <= hi[np.clip(inside, 0, None)])
+    assert not caught.any(), f"{caught.sum()} monocytes inside a cut at float32 precision"
+    between = ~monocytes & (t < t[monocytes].max())  # events after the last monocyte are in no gap
+    others32 = t[between].astype(np.float32).astype(np.float64)
+    inside = np.searchsorted(lo, others32, side="right") - 1
+    assert np.all((inside >= 0) & (others32 <= hi[np.clip(inside, 0, None)]))  # the others are all cut
 
 
 def test_real_a2004_exported_gates_reproduce_its_monocytes_in_flowkit(tmp_path):

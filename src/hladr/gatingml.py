@@ -230,7 +230,9 @@ def time_cuts(
     intervals = []
     for k in np.flatnonzero(counts >= TIME_CUT_MIN):
         lo, hi = mono_t[k - 1], mono_t[k]
-        margin = 1e-6 * (hi - lo)
+        # clear of the monocytes at float32 precision (FlowKit holds an array it is given as float32:
+        # 1e-6 of the time is 8 float32 steps), within a quarter of the gap
+        margin = min(max(1e-6 * (hi - lo), 1e-6 * abs(hi)), 0.25 * (hi - lo))
         intervals.append((float(lo + margin), float(hi - margin)))
     return TimeCuts(panel.time, intervals) if intervals else None
 
