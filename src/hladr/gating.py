@@ -445,7 +445,8 @@ def _valley(
 
 
 def _thin(x: np.ndarray, limit: int = 200_000) -> np.ndarray:
-    """Every k-th value, k = ``max(1, x.size // limit)``: enough for a median, deterministic."""
+    """Every k-th value (row, of a 2-D array), k = ``max(1, x.size // limit)``: about ``limit`` numbers
+    in all, so a 2-D array keeps about ``limit / columns`` rows; enough for a median, deterministic."""
     return x[:: max(1, x.size // limit)]
 
 
