@@ -103,7 +103,7 @@ def test_export_cli_writes_fcs_csv_and_gates(run, tmp_path, capsys):
     line = capsys.readouterr().out
     result = analyze(hladr.read_fcs(folder / "p.fcs"), calibration)  # one pipeline: hladr analyze's numbers
     status = "reportable" if result.reportable else "not reportable: "
-    assert f"{result.monocytes:,} monocytes, median HLA-DR {result.abc:,.0f} AB/C ({status}" in line, line
+    assert f"{result.monocytes:,} monocytes, HLA-DR {result.abc:,.0f} AB/C (median; {status}" in line, line
     assert float(line.split("g.xml (agreement with the monocytes ")[1].split("%")[0]) >= 99.0
     header = (tmp_path / "e.csv").read_text().splitlines()[0]
     assert header == "event,clean,singlets,leukocytes,monocytes,HLA-DR AB/C"
@@ -111,6 +111,33 @@ def test_export_cli_writes_fcs_csv_and_gates(run, tmp_path, capsys):
         cli.main(["export", str(folder / "p.fcs"), "--beads", str(folder / "beads.fcs"), "--lot", LOT]) == 1
     )
     assert "nothing to export" in capsys.readouterr().err
+
+
+def test_export_takes_analyzes_options_a_reagent_divides_every_events_abc(run, tmp_path, capsys):
+    """A conjugate of 1.4 PE per antibody (--reagent): the printed AB/C and the CSV's per-event AB/C
+    are the 1:1 values divided by 1.4, as in ``hladr analyze`` (export had no --reagent: its AB/C
+    stayed PE molecules while it said 'reportable')."""
+    import csv
+    import json
+
+    folder, calibration = run
+    reagent = tmp_path / "fp14.json"
+    reagent.write_text(
+        json.dumps({"name": "anti-HLA-DR PE, F/P 1.4", "antibody": "anti-HLA-DR", "clone": "G46-6",
+                    "fluorochrome": "PE", "fp_ratio": 1.4, "fp_source": "certificate of analysis"})
+    )  # fmt: skip
+    args = ["export", str(folder / "p.fcs"), "--beads", str(folder / "beads.fcs"), "--lot", LOT]
+    assert cli.main([*args, "--reagent", str(reagent), "--csv", str(tmp_path / "e.csv")]) == 0
+    one_to_one = analyze(hladr.read_fcs(folder / "p.fcs"), calibration)
+    assert f"HLA-DR {one_to_one.abc / 1.4:,.0f} AB/C (median; " in capsys.readouterr().out
+    with open(tmp_path / "e.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["monocytes"] == "True"]
+    per_event = np.median([float(r["HLA-DR AB/C"]) for r in rows])
+    assert len(rows) == one_to_one.monocytes and per_event == pytest.approx(one_to_one.abc / 1.4, rel=1e-4)
+    assert cli.main([*args, "--statistic", "geomean", "--csv", str(tmp_path / "g.csv")]) == 0
+    geomean = analyze(hladr.read_fcs(folder / "p.fcs"), calibrate(hladr.read_fcs(folder / "beads.fcs"),
+                      lot=LOT, statistic="geomean"), statistic="geomean")  # fmt: skip
+    assert f"HLA-DR {geomean.abc:,.0f} AB/C (geomean; " in capsys.readouterr().out
 
 
 def _flowkit_monocytes(gml: Path, fcs: Path, gate: str = "Monocytes") -> np.ndarray:

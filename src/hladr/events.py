@@ -21,6 +21,7 @@ from .calibration import Calibration
 from .fcs import Sample, write_fcs
 from .gating import GatingResult, gate_monocytes
 from .panel import Panel, resolve_panel
+from .reagent import Reagent
 
 ABC_CHANNEL = "HLA-DR AB/C"
 #: Gate-membership channel -> the GatingResult mask it holds.
@@ -90,6 +91,7 @@ def calibrated_events(
     panel: Panel | None = None,
     gating: GatingResult | None = None,
     gates: str | os.PathLike | None = None,
+    reagent: Reagent | None = None,
 ) -> tuple[Events, GatingResult, Panel]:
     """Gate memberships and HLA-DR PE molecules per event of a patient tube.
 
@@ -101,6 +103,8 @@ def calibrated_events(
         Reuse a resolved panel and gating (e.g. those of the analysis); computed otherwise.
     gates
         A GatingML 2.0 file or FlowJo workspace whose monocyte gate replaces the automatic one.
+    reagent
+        The anti-HLA-DR conjugate: AB/C = PE molecules / its F/P ratio (None: 1:1, BD Quantibrite).
 
     Returns
     -------
@@ -112,7 +116,8 @@ def calibrated_events(
     columns: dict[str, np.ndarray] = {
         name: np.asarray(getattr(gating, name), dtype=bool) for name in GATE_CHANNELS.values()
     }
-    columns[ABC_CHANNEL] = np.asarray(calibration.molecules(pe), dtype=np.float64)
+    molecules = np.asarray(calibration.molecules(pe), dtype=np.float64)
+    columns[ABC_CHANNEL] = reagent.abc(molecules) if reagent is not None else molecules
     return Events(columns), gating, panel
 
 

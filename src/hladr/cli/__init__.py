@@ -85,13 +85,26 @@ def _add_bead_values(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_patient_tube(parser: argparse.ArgumentParser) -> None:
-    """SAMPLE, its bead tube and the bead values, and the channel roles (``analyze``, ``export``)."""
+    """SAMPLE, its bead tube and the bead values, and every analysis option (``analyze``, ``export``:
+    one analysis, :func:`hladr.cli.commands.analysis_options`)."""
     parser.add_argument("sample")
     parser.add_argument("--beads", required=True, help="bead tube of the same run")
     _add_bead_values(parser)
     parser.add_argument("--hladr", metavar="CH", help="HLA-DR (PE) channel")
     parser.add_argument("--cd14", metavar="CH", help="CD14 channel")
     parser.add_argument("--cd45", metavar="CH", help="CD45 channel")
+    parser.add_argument("--statistic", choices=["median", "geomean"], default="median")
+    parser.add_argument("--gates", metavar="FILE", help="GatingML 2.0 file or FlowJo workspace to gate with")
+    parser.add_argument("--gate-name", metavar="NAME", help="the monocyte gate's name in --gates")
+    _add_reagent(parser)
+    for name, what in (
+        ("--collected-at", "blood drawn (ISO 8601)"),
+        ("--stained-at", "stained (ISO 8601)"),
+        ("--tube", "EDTA, heparin, citrate or stabiliser (Cyto-Chex)"),
+        ("--storage", "ice or room temperature"),
+        ("--protocol", "lyse-wash or lyse-no-wash"),
+    ):
+        parser.add_argument(name, metavar="VALUE", help=f"pre-analytics: {what} (docs/reagents.md)")
 
 
 def _add_reagent(parser: argparse.ArgumentParser) -> None:
@@ -144,20 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="mHLA-DR AB/C of a patient tube")
     _add_patient_tube(p)
-    p.add_argument("--statistic", choices=["median", "geomean"], default="median")
-    p.add_argument("--gates", metavar="FILE", help="GatingML 2.0 file or FlowJo workspace")
-    p.add_argument("--gate-name", metavar="NAME", help="the monocyte gate's name in --gates")
     p.add_argument("--json", action="store_true", help="print the Result as one JSON object")
     p.add_argument("--plot", metavar="PNG", help="write the QC figure")
-    _add_reagent(p)
-    for name, what in (
-        ("--collected-at", "blood drawn (ISO 8601)"),
-        ("--stained-at", "stained (ISO 8601)"),
-        ("--tube", "EDTA, heparin, citrate or stabiliser (Cyto-Chex)"),
-        ("--storage", "ice or room temperature"),
-        ("--protocol", "lyse-wash or lyse-no-wash"),
-    ):
-        p.add_argument(name, metavar="VALUE", help=f"pre-analytics: {what} (docs/reagents.md)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("batch", help="analyse an instrument export folder")
@@ -186,8 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fcs", metavar="OUT.fcs", help="FCS 3.1: channels + 'HLA-DR AB/C' + gates")
     p.add_argument("--csv", metavar="OUT.csv", help="the per-event table (gates, HLA-DR AB/C)")
     p.add_argument("--gates-out", metavar="OUT.xml", help="the automatic gates as GatingML 2.0")
-    p.add_argument("--gates", metavar="FILE", help="GatingML 2.0 or FlowJo workspace to gate with")
-    p.add_argument("--gate-name", metavar="NAME", help="the monocyte gate's name in --gates")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("patient", help="a patient's mHLA-DR course from the results database")

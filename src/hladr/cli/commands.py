@@ -10,10 +10,15 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from ..errors import CalibrationError, HladrError
 from . import render
 from .exit_codes import EXIT_NOT_REPORTABLE, EXIT_OK, EXIT_USAGE
+
+if TYPE_CHECKING:
+    from ..calibration import Calibration
+    from ..pipeline import AnalysisOptions
 
 
 def require_bead_values(args: argparse.Namespace) -> None:
@@ -80,11 +85,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_analyze(args: argparse.Namespace) -> int:
-    """``hladr analyze SAMPLE --beads BEADS (--lot|--bead-values) ...``: 0 when reportable, 3 when not."""
+def analysis_inputs(args: argparse.Namespace) -> tuple[Calibration, AnalysisOptions]:
+    """The bead calibration and :class:`~hladr.pipeline.AnalysisOptions` of ``analyze``'s and
+    ``export``'s options (one set of options, one analysis)."""
     from ..calibration import calibrate
     from ..fcs import read_fcs
-    from ..pipeline import AnalysisOptions, run_analysis
+    from ..pipeline import AnalysisOptions
     from ..preanalytics import PreAnalytics
     from ..reagent import load_reagent
 
@@ -103,6 +109,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         reagent=load_reagent(args.reagent) if args.reagent else None,
         preanalytics=PreAnalytics.from_fields(handling) if any(handling.values()) else None,
     )
+    return cal, options
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """``hladr analyze SAMPLE --beads BEADS (--lot|--bead-values) ...``: 0 when reportable, 3 when not."""
+    from ..pipeline import run_analysis
+
+    cal, options = analysis_inputs(args)
     analysis = run_analysis(args.sample, cal, options)
     result = analysis.result
     print(json.dumps(result.to_dict()) if args.json else render.describe_result(result), flush=True)
@@ -147,22 +161,19 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``hladr export SAMPLE --beads BEADS (--lot|--bead-values) [--fcs] [--csv] [--gates-out]``: the
-    tube analysed as ``hladr analyze`` does (:func:`hladr.pipeline.run_analysis`), its events written."""
-    from ..calibration import calibrate
+    tube analysed as ``hladr analyze`` does, with the same options (:func:`analysis_inputs`,
+    :func:`hladr.pipeline.run_analysis`), its events written."""
     from ..events import calibrated_events, export_fcs
-    from ..fcs import read_fcs
-    from ..pipeline import AnalysisOptions, run_analysis
+    from ..pipeline import run_analysis
 
     if not (args.fcs or args.csv or args.gates_out):
         raise HladrError("nothing to export: give --fcs OUT.fcs, --csv OUT.csv and/or --gates-out OUT.xml")
-    require_bead_values(args)
-    calibration = calibrate(read_fcs(args.beads, lenient=True), lot=args.lot, values=args.bead_values)
-    options = AnalysisOptions(
-        hladr=args.hladr, cd14=args.cd14, cd45=args.cd45, gates=args.gates, gate_name=args.gate_name
-    )
+    calibration, options = analysis_inputs(args)
     analysis = run_analysis(args.sample, calibration, options)
-    sample, result, panel = analysis.sample, analysis.result, analysis.panel
-    events, gating, panel = calibrated_events(sample, calibration, panel=panel, gating=analysis.gating)
+    sample, result = analysis.sample, analysis.result
+    events, gating, panel = calibrated_events(
+        sample, calibration, panel=analysis.panel, gating=analysis.gating, reagent=options.reagent
+    )
     written = []
     if args.fcs:
         written.append(str(export_fcs(sample, events, args.fcs)))
@@ -179,8 +190,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         written.append(f"{args.gates_out} (agreement with the monocytes {agreement:.2%})")
     status = "reportable" if result.reportable else f"not reportable: {', '.join(result.reasons)}"
     print(
-        f"{args.sample}: {len(events):,} events, {result.monocytes:,} monocytes, median HLA-DR "
-        f"{result.abc:,.0f} AB/C ({status}) -> {', '.join(written)}"
+        f"{args.sample}: {len(events):,} events, {result.monocytes:,} monocytes, HLA-DR "
+        f"{result.abc:,.0f} AB/C ({options.statistic}; {status}) -> {', '.join(written)}"
     )
     return EXIT_OK
 
