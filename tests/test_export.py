@@ -204,21 +204,29 @@ def test_exported_gates_hold_on_a_tube_with_gains_and_a_timestep(tmp_path):
     assert not np.any(gating.monocytes & flowkit & ~imported)  # no monocyte lost at a time cut's edge
 
 
-def test_time_cuts_leave_every_monocyte_outside_at_float32_precision():
+@pytest.mark.parametrize("start, step, every", [(1_000, 0.013, 10), (1074.56868, 0.000025, 4)])
+def test_time_cuts_leave_every_monocyte_outside_at_float32_precision(start, step, every):
     """FlowKit holds an array it is given (hladr's user_gate) as float32: a cut's edge must stay
     clear of the monocytes at their float32 times. 10,000 events 13 ms apart from t = 1,000 s (a
     float32 step there is 61 us), every 10th a monocyte, all admitted: each gap is cut, and no
-    monocyte's float32 time falls inside a cut (960/1,000 did with a margin of 1e-6 of the gap)."""
+    monocyte's float32 time falls inside a cut (960/1,000 did with a margin of 1e-6 of the gap).
+    Events 25 us apart from t = 1,074.6 s, every 4th a monocyte (review: monocytes 100 us apart both
+    fell inside the cut between them, a float32 step there being 122 us): gaps too narrow to cut
+    safely are not cut (1,476 of 2,500 monocytes fell inside cuts before)."""
     from types import SimpleNamespace
 
     from hladr.gatingml import time_cuts
 
-    t = 1_000 + 0.013 * np.arange(10_000)
-    monocytes = np.arange(t.size) % 10 == 0
+    t = start + step * np.arange(10_000)
+    monocytes = np.arange(t.size) % every == 0
     cuts = time_cuts(
         None, SimpleNamespace(monocytes=monocytes), SimpleNamespace(time="Time"), np.ones(t.size, bool),
         lambda channel: t,
     )  # fmt: skip
+    wide = step > 1e-3  # gaps of 130 ms: every one is cut; of 100 us: none can be, at float32
+    if not wide:
+        assert cuts is None
+        return
     assert len(cuts.intervals) == monocytes.sum() - 1
     mono32 = t[monocytes].astype(np.float32).astype(np.float64)
     lo, hi = np.array(cuts.intervals).T

@@ -231,9 +231,12 @@ def time_cuts(
     for k in np.flatnonzero(counts >= TIME_CUT_MIN):
         lo, hi = mono_t[k - 1], mono_t[k]
         # clear of the monocytes at float32 precision (FlowKit holds an array it is given as float32:
-        # 1e-6 of the time is 8 float32 steps), within a quarter of the gap
+        # 1e-6 of the time is 8 float32 steps), within a quarter of the gap; a gap too narrow for
+        # that (monocytes a few float32 steps apart) is not cut
         margin = min(max(1e-6 * (hi - lo), 1e-6 * abs(hi)), 0.25 * (hi - lo))
-        intervals.append((float(lo + margin), float(hi - margin)))
+        start, end = float(lo + margin), float(hi - margin)
+        if np.float32(lo) < start and np.float32(hi) > end:
+            intervals.append((start, end))
     return TimeCuts(panel.time, intervals) if intervals else None
 
 
