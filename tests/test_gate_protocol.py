@@ -208,19 +208,25 @@ def test_cached_gate_results_never_serve_another_population():
     assert gating.gates[-1]["cd14_valley"] == fresh.info["cd14_valley"]
 
 
-def test_a_sequence_without_the_finite_step_refuses_non_finite_values_by_name():
-    """A custom sequence without the ``finite`` and ``margins`` steps on a tube with NaN values: a
-    GatingError naming the file and the count (the monocyte gate's percentile of no event raised a
-    bare IndexError). A user's step that raises keeps its own exception: a bug is not a data error
-    (the CLI reports it as internal, and a resumed batch computes the tube again)."""
+def test_a_step_given_non_finite_values_is_refused_by_name():
+    """A custom sequence without the ``finite`` and ``margins`` steps, or with ``finite`` replaced by
+    a gate that keeps every event, on a tube with NaN values: a GatingError naming the file, the count
+    and the step they reach (the monocyte gate's percentile of no event raised a bare IndexError). A
+    user's step that raises keeps its own exception: a bug is not a data error (the CLI reports it as
+    internal, and a resumed batch computes the tube again)."""
     sample = hladr.read_fcs(SAMPLE_DIR / "patient_01.fcs")
     events = sample.events.copy()
     events[::50, sample.index("FITC-A")] = np.nan
     broken = dataclasses.replace(sample, events=events, sha256="0" * 64)
     no_finite = GatingSequence(tuple(s for s in DEFAULT_SEQUENCE if s.name not in ("finite", "margins")))
-    expected = f"patient_01.fcs: {int(np.isnan(events).any(axis=1).sum()):,} events hold NaN"
-    with pytest.raises(GatingError, match=expected):
-        gate_monocytes(broken, resolve_panel(broken), sequence=no_finite)
+    keep_all = DEFAULT_SEQUENCE.replace("finite", GateStep("finite", lambda tube, keep: GateOutcome(keep)))
+    nan_rows = int(np.isnan(events).any(axis=1).sum())
+    for sequence, first in ((no_finite, "time"), (keep_all, "margins")):
+        expected = (
+            f"patient_01.fcs: {nan_rows:,} events holding NaN or infinite values reach the '{first}' gate"
+        )
+        with pytest.raises(GatingError, match=expected):
+            gate_monocytes(broken, resolve_panel(broken), sequence=sequence)
     assert gate_monocytes(sample, resolve_panel(sample), sequence=no_finite).monocytes.any()  # finite data
 
     def picky(tube, keep):

@@ -19,6 +19,7 @@ Gaussian-mixture clustering over CD14/SSC/CD45 (scikit-learn) take over. User ga
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -176,15 +177,20 @@ class Tube:
         """The raw (uncompensated) values of a role's channel, as stored."""
         return self.sample.events[:, self.sample.index(self.panel[role])]
 
+    @functools.cached_property
+    def has_nonfinite(self) -> bool:
+        """True when any event holds a NaN or infinite value (a fast count, no row scan; kept)."""
+        events = np.ascontiguousarray(self.sample.events)
+        return events.dtype.kind == "f" and kernels.count_nonfinite(events.reshape(-1)) > 0
+
     @property
     def finite(self) -> np.ndarray:
         """True for each event without a NaN or infinite value in any channel (a fast count of the
         non-finite values first: rows are only checked when there is one). Computed on each use,
         not kept: one gate reads it."""
-        events = np.ascontiguousarray(self.sample.events)
-        if events.dtype.kind != "f" or kernels.count_nonfinite(events.reshape(-1)) == 0:
-            return np.ones(len(events), dtype=bool)
-        return np.isfinite(events).all(axis=1)
+        if not self.has_nonfinite:
+            return np.ones(self.sample.n_events, dtype=bool)
+        return np.isfinite(self.sample.events).all(axis=1)
 
     @property
     def inside_margins(self) -> np.ndarray:
@@ -1081,13 +1087,9 @@ def gate_monocytes(
     if missing:
         raise ValueError(f"a gating sequence needs the steps {sorted(missing)} (replace one, do not drop it)")
     tube = Tube(sample, panel, policy=policy, seed=seed, bounds=bounds)
-    if "finite" not in sequence.names:  # the gates' numerics assume finite values
-        bad = sample.n_events - int(np.count_nonzero(tube.finite))
-        if bad:
-            raise GatingError(
-                f"{bad:,} events hold NaN or infinite values and the gating sequence has no 'finite' step",
-                sample.path,
-            )
+    # the gates' numerics assume finite values: a step (after the 'finite' one) given non-finite
+    # events is refused by name, whatever the sequence (a custom one may drop or replace 'finite')
+    finite = tube.finite if tube.has_nonfinite else None
     gate_log: list[dict[str, Any]] = [{"gate": "compensation", "notes": tube.notes}]
     flags: list[str] = []
     thresholds: dict[str, float] = {}
@@ -1099,6 +1101,14 @@ def gate_monocytes(
     for step in sequence:
         if step.parent is not None:
             parent = populations[step.parent]
+        if finite is not None and step.name != "finite":
+            bad = int(np.count_nonzero(parent & ~finite))
+            if bad:
+                raise GatingError(
+                    f"{bad:,} events holding NaN or infinite values reach the {step.name!r} gate "
+                    "(the gating sequence's 'finite' step drops them)",
+                    sample.path,
+                )
         outcome = step.gate(tube, parent)
         mask = outcome.mask & parent
         gate_log.append(
