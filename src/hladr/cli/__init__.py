@@ -86,7 +86,7 @@ def _add_bead_values(parser: argparse.ArgumentParser) -> None:
 
 def _add_patient_tube(parser: argparse.ArgumentParser) -> None:
     """SAMPLE, its bead tube and the bead values, and every analysis option (``analyze``, ``export``:
-    one analysis, :func:`hladr.cli.commands.analysis_options`)."""
+    one analysis, :func:`hladr.cli.commands.analysis_inputs`)."""
     parser.add_argument("sample")
     parser.add_argument("--beads", required=True, help="bead tube of the same run")
     _add_bead_values(parser)
