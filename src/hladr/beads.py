@@ -16,7 +16,7 @@ Steps (see ``docs/calibration.md``):
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -331,8 +331,7 @@ def tube_evidence(sample: Sample, channel: str | None = None, max_events: int = 
     populations of its PE channel (``channel``, else the first channel naming PE, else the first
     fluorescence channel)."""
     if sample.n_events > max_events:
-        # the hash passed as it is: replace() would read the lazy property and hash the file
-        sample = replace(sample, events=sample.events[:max_events], sha256=sample._sha256)
+        sample = sample.with_events(sample.events[:max_events])
     gate, _ = bead_gate(sample)
     idx = sample.index(channel) if channel else _evidence_channel(sample)
     pops, _ = find_populations(sample.events[gate, idx], sample.saturation(sample.channels[idx]))

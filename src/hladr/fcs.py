@@ -11,7 +11,7 @@ import mmap
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from pathlib import Path
 
@@ -165,6 +165,11 @@ class Sample:
     sha256: str = ""
     n_datasets: int = 1
     raw: np.ndarray | None = None
+
+    def with_events(self, events: np.ndarray) -> Sample:
+        """This tube holding other ``events`` (a part of them, or rescaled), everything else as it is;
+        the file is not hashed for the copy (``dataclasses.replace`` would read the lazy ``sha256``)."""
+        return replace(self, events=events, sha256=self._sha256)
 
     # --- columns --------------------------------------------------------------
     def index(self, channel: str) -> int:

@@ -32,7 +32,7 @@ from scipy import ndimage, stats
 from . import kernels
 from .errors import GatingError, PanelError
 from .fcs import Sample
-from .panel import Panel
+from .panel import Panel, time_channel
 from .qc import DEFAULT_POLICY, QCPolicy
 
 __all__ = [
@@ -1149,10 +1149,10 @@ def scale_values(sample: Sample) -> np.ndarray:
     it); log-amplified channels are already decoded by :func:`~hladr.fcs.read_fcs` and take no gain.
     GatingML coordinates (a user's gates, :mod:`hladr.gatingml`'s export) live on this scale."""
     events = np.array(sample.events, dtype=np.float64)
-    gains = sample.gains
+    gains, time = sample.gains, time_channel(sample.channels)
     for i, channel in enumerate(sample.channels):
         gain = gains.get(channel)
-        if channel.strip().lower() == "time":
+        if channel == time:
             events[:, i] *= sample.timestep
         elif gain and gain > 0 and gain != 1.0 and not sample.is_log(channel):
             events[:, i] /= gain

@@ -26,7 +26,6 @@ test (FlowKit's agreement is tested separately, in ``tests/test_export.py``).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -90,9 +89,8 @@ class GateValues:
         self._compensated: dict[str, np.ndarray] = {}
 
     def __call__(self, channel: str, compensated: bool = False) -> np.ndarray:
-        if self._scaled is None:  # the hash passed as it is: replace() would read the lazy property
-            scaled = scale_values(self.sample)
-            self._scaled = dataclasses.replace(self.sample, events=scaled, sha256=self.sample._sha256)
+        if self._scaled is None:
+            self._scaled = self.sample.with_events(scale_values(self.sample))
         if not compensated:
             return self._scaled.events[:, self.sample.index(channel)]
         if not self._compensated:

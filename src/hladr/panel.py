@@ -115,6 +115,12 @@ def channel_dye(name: str, marker: str | None = None) -> str | None:
 
 _TIME = re.compile(r"time", re.IGNORECASE)
 
+
+def time_channel(channels: Iterable[str]) -> str | None:
+    """The time channel among ``channels`` (``$PnN`` "Time", any case, as flowio names it), or None."""
+    return next((c for c in channels if _TIME.fullmatch(c.strip())), None)
+
+
 # --- tube names: how the batch tells bead tubes, patient tubes and controls apart ----------------
 #: Tube names that mean a PE bead tube.
 BEAD_TUBE_NAME = re.compile(r"bead|quanti[\s_-]*brite|(?<![a-z])qb(?![a-z])|calibrat|rainbow|sphero", re.I)
@@ -242,5 +248,4 @@ def resolve_panel(
     used = [c for c in channels.values() if c]
     if len(set(used)) != len(used):
         raise PanelError(f"one channel given two roles: {channels}", sample.path)
-    time = next((c for c in sample.channels if _TIME.fullmatch(c.strip())), None)
-    return Panel(channels, sources, warnings, time, mass)
+    return Panel(channels, sources, warnings, time_channel(sample.channels), mass)
