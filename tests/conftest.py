@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -134,6 +135,27 @@ def engine_export(tmp_path) -> Path:
     from tests.batch_fakes import write_engine_export
 
     return write_engine_export(tmp_path / "engine")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(name, size)``: a folder of ``tmp_path`` that is a tmpfs of ``size`` (e.g. ``"2m"``), to
+    fill a disk for real (needs root to mount; the test is skipped elsewhere). Unmounted after the test."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)],
+                              capture_output=True)  # fmt: skip
+        if done.returncode != 0:
+            pytest.skip("cannot mount a small tmpfs here (not root)")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 # --- hladr serve on loopback (tests/service_server.py) -----------------------------------------------

@@ -14,7 +14,6 @@ import os
 import select
 import signal
 import socket
-import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -187,16 +186,9 @@ def test_kill_9_of_the_server_leaves_no_process_and_a_restart_serves_at_once_and
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(tmpfs):
     """A 2 MiB tmpfs as the upload folder (needs root; skipped elsewhere)."""
-    folder = tmp_path / "uploads"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(folder)],
-                             capture_output=True)  # fmt: skip
-    if mounted.returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (not root)")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=False)
+    return tmpfs("uploads", "2m")
 
 
 def test_a_full_upload_disk_is_refused_with_507_and_nothing_is_lost(tmp_path, tubes, small_disk, serve):

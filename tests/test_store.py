@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import time
@@ -14,8 +15,12 @@ import pytest
 import hladr
 from hladr import batch
 from hladr.batch import run_batch
+from hladr.cli import EXIT_ERROR
+from hladr.cli import main as cli_main
+from hladr.fcs import sha256_file
 from hladr.store import SCHEMA_VERSION, Store, StoreError
 from tests.batch_fakes import FAKE_LOT, FAKES, expected_abc, start_fake_batch
+from tests.conftest import SAMPLE_DIR
 
 
 def _result(sha: str, abc: float, passed: bool = True, bead_sha: str = "b" * 64) -> dict:
@@ -96,6 +101,41 @@ def test_an_unopenable_store_is_a_store_error(tmp_path: Path):
     (tmp_path / "not-a-db").write_bytes(b"this is not SQLite at all" * 100)
     with pytest.raises(StoreError, match="not-a-db"):
         Store(tmp_path / "not-a-db")
+
+
+def test_a_database_that_cannot_be_written_is_a_store_error_and_keeps_its_rows(tmp_path: Path):
+    path = tmp_path / "r.sqlite"
+    with Store(path) as store:
+        store.add_result(_result("a" * 64, 4200.0), patient_id="P1")
+        store.query("PRAGMA query_only = ON")  # SQLite now refuses every write, as on a full disk
+        with pytest.raises(StoreError, match=r"r\.sqlite.*cannot write the results database"):
+            store.add_result(_result("c" * 64, 9100.0), patient_id="P1")
+    with Store(path) as store:
+        assert [r["abc"] for r in store.results("P1")] == [4200.0]
+
+
+def test_a_disk_that_fills_mid_batch_is_one_line_naming_the_path(tmpfs, tmp_path: Path, capsys):
+    export = tmp_path / "export"
+    export.mkdir()
+    for name in ("beads.fcs", "patient_01.fcs", "patient_02.fcs", "patient_03.fcs"):
+        shutil.copy(SAMPLE_DIR / name, export / name)
+    before = {p.name: sha256_file(p) for p in export.iterdir()}
+    out = tmpfs("disk", "300k") / "out"  # room for the database and the first tubes' outputs only
+    code = cli_main(["batch", str(export), "--out", str(out), "--lot", "96597", "--jobs", "1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_ERROR
+    assert "\n" not in err and str(out) in err and "internal" not in err
+    assert "full" in err or "No space left" in err
+    assert (out / "journal.jsonl").read_text().count("\n") >= 1  # it stopped mid-run, after finished tubes
+    assert {p.name: sha256_file(p) for p in export.iterdir()} == before
+
+
+def test_a_store_that_cannot_be_created_leaves_no_empty_database(tmpfs):
+    disk = tmpfs("disk", "64k")
+    (disk / "filler").write_bytes(b"\0" * 60_000)
+    with pytest.raises(StoreError, match="results database"):
+        Store(disk / "r.sqlite")
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
 
 
 def _no_duplicates(path: Path) -> None:

@@ -147,14 +147,24 @@ class Store:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._lock = threading.RLock()
+        created, db = not self.path.exists(), None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = connect(self.path)
+            self._db = db = connect(self.path)
             self._migrate()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StoreError, OSError) as exc:
+            if db is not None:
+                db.close()
+            if created:  # no empty database is left behind (e.g. on a full disk)
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    with contextlib.suppress(OSError):
+                        Path(f"{self.path}{suffix}").unlink()
+            if isinstance(exc, StoreError):
+                raise
+            if isinstance(exc, OSError):
+                reason = exc.strerror or exc
+                raise StoreError(f"cannot create the results database: {reason}", self.path) from exc
             raise StoreError(f"cannot open the results database: {exc}", self.path) from exc
-        except OSError as exc:
-            raise StoreError(f"cannot create the results database: {exc.strerror or exc}", self.path) from exc
 
     # --- plumbing -----------------------------------------------------------------------
     def close(self) -> None:
@@ -169,7 +179,14 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any exception); nests as one transaction."""
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any exception); nests as one transaction.
+
+        Raises
+        ------
+        StoreError
+            The database cannot be written (a full disk, a read-only or corrupt file, a lock held
+            too long); nothing of the transaction is kept.
+        """
         with self._lock:
             if self._db.in_transaction:
                 yield self._db
@@ -178,20 +195,25 @@ class Store:
                 self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
                 self._db.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"cannot write the results database: {exc}", self.path) from exc
                 raise
 
     def query(self, sql: str, args: tuple | Mapping[str, Any] = ()) -> list[sqlite3.Row]:
-        """Rows of a read-only statement."""
+        """Rows of a read-only statement (:class:`StoreError` when the database cannot be read)."""
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read the results database: {exc}", self.path) from exc
 
     @property
     def version(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0)
+        return int(self.query("SELECT MAX(version) FROM schema_version")[0][0] or 0)
 
     def _migrate(self) -> None:
         with self.transaction() as db:
