@@ -102,14 +102,16 @@ def expected_abc(patient: Path, beads: Path) -> float:
     return patient_pe / float(np.median(read_fcs(beads).column("PE-A"))) * 5000.0
 
 
-def start_fake_batch(export: Path, out: Path, delay: float) -> subprocess.Popen:
-    """A batch of the stand-in tasks (each sample taking ``delay`` s) in its own process group, to kill."""
+def start_fake_batch(export: Path, out: Path, delay: float, jobs: int = 1) -> subprocess.Popen:
+    """A batch of the stand-in tasks (each sample taking ``delay`` s) in its own process group, to kill;
+    ``jobs`` > 1 runs them in a pool of worker processes."""
     script = (
         "import sys; sys.path.insert(0, sys.argv[3]); from tests import batch_fakes; "
         "from hladr.batch import run_batch; "
-        "run_batch(sys.argv[1], sys.argv[2], jobs=1, progress=False, plots=False, tasks=batch_fakes.FAKES, "
-        "**batch_fakes.FAKE_LOT)"
+        "run_batch(sys.argv[1], sys.argv[2], jobs=int(sys.argv[4]), progress=False, plots=False, "
+        "tasks=batch_fakes.FAKES, **batch_fakes.FAKE_LOT)"
     )
     env = dict(os.environ, HLADR_TEST_FAKE_DELAY=str(delay))
-    argv = [sys.executable, "-c", script, str(export), str(out), str(Path(__file__).resolve().parents[1])]
+    root = str(Path(__file__).resolve().parents[1])
+    argv = [sys.executable, "-c", script, str(export), str(out), root, str(jobs)]
     return subprocess.Popen(argv, env=env, start_new_session=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import csv
 import json
 import multiprocessing
@@ -307,6 +308,45 @@ def test_workers_that_die_at_start_are_recorded_not_raised(engine_export: Path, 
     with open(tmp_path / "out" / "errors.csv") as fh:
         errors = list(csv.DictReader(fh))
     assert errors and all(e["error_type"] == "WorkerDied" for e in errors if e["stage"] != "pairing")
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux /proc)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (Linux /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads child processes from Linux /proc")
+def test_a_batch_killed_with_kill_9_leaves_no_worker_running(engine_export: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    proc = start_fake_batch(engine_export, out, 0.5, jobs=2)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if (out / batch.JOURNAL).exists() and any(r["kind"] == "sample" for r in _journal(out)):
+                break
+            time.sleep(0.05)
+        children = _children(proc.pid)  # the pool's 2 workers and multiprocessing's resource tracker
+        assert len(children) >= 2
+        os.kill(proc.pid, signal.SIGKILL)  # the batch process only, as `kill -9 PID` does
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_running(p) for p in children):
+            time.sleep(0.1)
+        assert [p for p in children if _running(p)] == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_kill_9_then_resume_loses_and_redoes_nothing(engine_export: Path, tmp_path: Path):

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -39,11 +42,31 @@ def _single_threaded() -> Any:
     return threadpool_limits(1)
 
 
+#: prctl option: the signal this process gets when the thread that started it exits (Linux)
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this worker process when the process that started it dies, even by
+    ``kill -9`` (Linux; elsewhere nothing is set); exit at once if that has already happened. A batch
+    or server killed mid-run then leaves no worker waiting on its pipe for ever."""
+    parent = multiprocessing.parent_process()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(0)
+
+
 def init_worker(workers: int) -> None:
     """Process-pool initializer (numba is imported in the workers only, not in the main process):
-    numba's share of the cores, one BLAS/OpenMP thread for the process's life."""
+    the worker dies with the batch (:func:`die_with_parent`), numba's share of the cores, one
+    BLAS/OpenMP thread for the process's life."""
     global _PROCESS_LIMITS
     from ..kernels import share_cores
+
+    die_with_parent()
 
     share_cores(workers)
     _PROCESS_LIMITS = threadpool_limits(1)

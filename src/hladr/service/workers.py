@@ -39,7 +39,6 @@ log = logging.getLogger("hladr.service")
 MAX_ATTEMPTS = 3
 JOB_TIMEOUT_S = 600.0
 STARTUP_PATIENCE_S = 120.0  # a pool with no worker ready after this long is unhealthy
-PR_SET_PDEATHSIG = 1
 
 
 class WorkerDied(Exception):
@@ -51,16 +50,6 @@ class ShuttingDown(Exception):
 
 
 # --- inside a worker process ---------------------------------------------------------------------
-def _die_with(parent: int) -> None:
-    """Have the kernel kill this process when the server dies (Linux); exit if it already has."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
-        os._exit(0)
-
-
 def analyze(path: str, calibration: dict[str, Any]) -> dict[str, Any]:
     """The pipeline on one uploaded tube: ``{"status": "ok", "result": {...}}``, or the failure
     (:meth:`hladr.errors.Failure.to_dict`)."""
@@ -78,9 +67,11 @@ def analyze(path: str, calibration: dict[str, Any]) -> dict[str, Any]:
     return {"status": "ok", "result": outcome.result.to_dict()}
 
 
-def _worker_main(conn: Connection, parent: int, workers: int) -> None:
+def _worker_main(conn: Connection, workers: int) -> None:
     """A worker's life: warm up, then run tasks until the pipe closes or ``None`` arrives."""
-    _die_with(parent)
+    from ..batch.tasks import die_with_parent
+
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when a running job stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.umask(0o077)
@@ -262,7 +253,7 @@ class WorkerPool:
             return
         parent_end, child_end = self._context.Pipe()
         process = self._context.Process(
-            target=_worker_main, args=(child_end, os.getpid(), self.size), name="hladr-worker", daemon=True
+            target=_worker_main, args=(child_end, self.size), name="hladr-worker", daemon=True
         )
         try:
             process.start()
