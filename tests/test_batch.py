@@ -307,7 +307,9 @@ def test_workers_that_die_at_start_are_recorded_not_raised(engine_export: Path, 
     assert summary.ok == 0 and not summary.all_reportable
     with open(tmp_path / "out" / "errors.csv") as fh:
         errors = list(csv.DictReader(fh))
-    assert errors and all(e["error_type"] == "WorkerDied" for e in errors if e["stage"] != "pairing")
+    died = [e for e in errors if e["stage"] != "pairing"]
+    assert died and all(e["error_type"] == "WorkerDied" for e in died)
+    assert all("died before finishing any task" in e["reason"] and "__main__" in e["reason"] for e in died)
 
 
 def _children(pid: int) -> list[int]:

@@ -99,6 +99,16 @@ def _digest(path: str) -> str:
     return sha256_file(path) if Path(path).is_file() else "missing"
 
 
+def _died(a_worker_finished: bool) -> str:
+    """Why a task's worker process died, as the batch can tell."""
+    if a_worker_finished:
+        return "the worker process died while working on this file (out of memory?)"
+    return (
+        "the worker processes died before finishing any task (out of memory, killed, or a script "
+        'calling run_batch without `if __name__ == "__main__":`, which spawned workers need)'
+    )
+
+
 class _Run:
     """One batch run: plan, execute, record, collect the outputs."""
 
@@ -200,7 +210,7 @@ class _Run:
         """Run the tasks (a finished calibration releases its samples); returns how many ran."""
         ready: deque[_Task] = deque(tasks)
         inflight: dict[cf.Future, _Task] = {}
-        computed = 0
+        computed, a_worker_finished = 0, False
         while ready or inflight:
             while ready and len(inflight) < inflight_max:
                 task = ready.popleft()
@@ -217,6 +227,7 @@ class _Run:
                 task = inflight.pop(future)
                 try:
                     outcome = future.result()
+                    a_worker_finished = True
                 except cf.process.BrokenProcessPool:
                     task.crashes += 1
                     if make_executor is not None and task.crashes < 3:
@@ -226,7 +237,7 @@ class _Run:
                     outcome = {
                         "status": "internal",
                         "error_type": "WorkerDied",
-                        "reason": "the worker process died while working on this file (out of memory?)",
+                        "reason": _died(a_worker_finished),
                     }
                 except Exception as exc:  # noqa: BLE001 - e.g. a lost Dask worker; recorded, retried on resume
                     outcome = {
