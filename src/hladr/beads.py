@@ -16,11 +16,13 @@ Steps (see ``docs/calibration.md``):
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from scipy import ndimage, signal
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
 from .fcs import Sample
@@ -193,9 +195,11 @@ def _split(
     """
     x = logs.reshape(-1, 1)
     means = np.quantile(logs, (np.arange(k) + 0.5) / k).reshape(-1, 1)
-    gmm = GaussianMixture(k, means_init=means, random_state=seed, tol=1e-7, max_iter=500).fit(x)
-    if gmm.bic(x) >= GaussianMixture(1, random_state=seed).fit(x).bic(x):
-        return None
+    with warnings.catch_warnings():  # the split is judged below (BIC, separation, counts), not by
+        warnings.simplefilter("ignore", ConvergenceWarning)  # convergence; no warning reaches stderr
+        gmm = GaussianMixture(k, means_init=means, random_state=seed, tol=1e-7, max_iter=500).fit(x)
+        if gmm.bic(x) >= GaussianMixture(1, random_state=seed).fit(x).bic(x):
+            return None
     order = np.argsort(gmm.means_.ravel())
     centres, sds = gmm.means_.ravel()[order], np.sqrt(gmm.covariances_.ravel()[order])
     if np.any(np.diff(centres) < np.maximum(sds[:-1], sds[1:])):  # overlapping: not separate levels

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -660,6 +661,7 @@ def _granulocyte_like(logs: RoleLogs, leuk: np.ndarray, rows: np.ndarray) -> boo
 def monocyte_gate_gmm(tube: Tube, leuk: np.ndarray) -> GateOutcome:
     """Gaussian-mixture fallback over log CD14, log SSC (and log CD45): the CD14-bright components
     (without SSC in mass cytometry); seeded with ``tube.seed``."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture
 
     logs, panel, sample, seed = tube.logs, tube.panel, tube.sample, tube.seed
@@ -674,7 +676,10 @@ def monocyte_gate_gmm(tube: Tube, leuk: np.ndarray) -> GateOutcome:
         raise GatingError(f"only {idx.size} leukocytes: cannot find monocytes", sample.path)
     rng = np.random.default_rng(seed)
     fit_idx = rng.choice(idx, size=min(idx.size, 30_000), replace=False)
-    gmm = GaussianMixture(n_components=6, covariance_type="full", random_state=seed, n_init=2).fit(x[fit_idx])
+    with warnings.catch_warnings():  # the gate is judged by its QC (_problem), not by convergence
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gmm = GaussianMixture(n_components=6, covariance_type="full", random_state=seed, n_init=2)
+        gmm.fit(x[fit_idx])
     labels = gmm.predict(x[idx])
     bulk = float(np.median(x[idx, 0]))
     ssc_limit = granulocyte_ssc_limit(_kept_sample(x[:, 1], leuk)) if panel["SSC-A"] else np.inf
