@@ -87,13 +87,18 @@ def _add_bead_values(parser: argparse.ArgumentParser) -> None:
 def _add_patient_tube(parser: argparse.ArgumentParser) -> None:
     """SAMPLE, its bead tube and the bead values, and every analysis option (``analyze``, ``export``:
     one analysis, :func:`hladr.cli.commands.analysis_inputs`)."""
-    parser.add_argument("sample")
+    parser.add_argument("sample", help="the patient tube (FCS file)")
     parser.add_argument("--beads", required=True, help="bead tube of the same run")
     _add_bead_values(parser)
     parser.add_argument("--hladr", metavar="CH", help="HLA-DR (PE) channel")
     parser.add_argument("--cd14", metavar="CH", help="CD14 channel")
     parser.add_argument("--cd45", metavar="CH", help="CD45 channel")
-    parser.add_argument("--statistic", choices=["median", "geomean"], default="median")
+    parser.add_argument(
+        "--statistic",
+        choices=["median", "geomean"],
+        default="median",
+        help="PE statistic of the beads and the monocytes (default: median)",
+    )
     parser.add_argument("--gates", metavar="FILE", help="GatingML 2.0 file or FlowJo workspace to gate with")
     parser.add_argument("--gate-name", metavar="NAME", help="the monocyte gate's name in --gates")
     _add_reagent(parser)
@@ -127,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="describe an FCS file")
-    p.add_argument("file")
+    p.add_argument("file", help="FCS file")
     p.add_argument("--dataset", type=_count(0), default=None, help="data set index (default: best)")
     p.add_argument("--strict", action="store_true", help="refuse non-compliant files")
     p.set_defaults(func=cmd_inspect)
@@ -146,10 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("calibrate", help="fit a bead standard curve (PE molecules vs MFI)")
-    p.add_argument("beads", nargs="?")
+    p.add_argument("beads", nargs="?", help="bead tube (FCS file); not needed with --list-lots")
     _add_bead_values(p)
     p.add_argument("--channel", help="PE channel (default: resolved from the file)")
-    p.add_argument("--statistic", choices=["median", "geomean"], default="median")
+    p.add_argument(
+        "--statistic",
+        choices=["median", "geomean"],
+        default="median",
+        help="PE statistic of each bead population (default: median)",
+    )
     p.add_argument("--list-lots", action="store_true", help="list the bead lots shipped")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="PNG", help="write the bead QC figure")
@@ -162,12 +172,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("batch", help="analyse an instrument export folder")
-    p.add_argument("export_dir")
-    p.add_argument("--out", required=True)
-    p.add_argument("--manifest", metavar="CSV")
-    p.add_argument("--jobs", type=_count(1), default=None, help="local worker processes")
+    p.add_argument("export_dir", help="folder of FCS files, nested in any way")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder (created): results.csv/.jsonl, errors.csv, ignored.csv, report.html, ...",
+    )
+    p.add_argument(
+        "--manifest",
+        metavar="CSV",
+        help="columns file (required), role, patient_id, bead_file, lot, ferritin, collected_at, ... "
+        "(docs/batch.md); a role given here overrides the tube's content",
+    )
+    p.add_argument(
+        "--jobs",
+        type=_count(1),
+        default=None,
+        help="local worker processes (default: the CPU count, capped by memory; 1: no worker processes)",
+    )
     p.add_argument("--scheduler", metavar="ADDRESS", help="Dask distributed scheduler")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run recorded in OUT/journal.jsonl: finished tubes whose file and bead "
+        "tube are unchanged (SHA-256) are not redone",
+    )
     _add_bead_values(p)
     p.add_argument("--no-plots", action="store_true", help="skip the QC PNGs and report figures")
     p.add_argument("--store", metavar="PATH", help="results database (default: OUT/hladr.sqlite)")
@@ -190,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("patient", help="a patient's mHLA-DR course from the results database")
-    p.add_argument("patient_id")
+    p.add_argument("patient_id", help="the patient id as stored (e.g. P02-recovers in the simulated cohort)")
     p.add_argument(
         "--store", required=True, metavar="PATH", help="results database (a batch's OUT/hladr.sqlite)"
     )
@@ -214,12 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_beads_qc)
 
     p = sub.add_parser("serve", help="HTTP service (needs hladr[service])")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_count(0), default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=_count(0), default=8000, help="TCP port (default: 8000)")
     p.add_argument("--db", default="hladr.sqlite", help="SQLite database path")
     p.add_argument("--tokens", metavar="FILE", help="tokens file (see hladr token)")
     p.add_argument("--data-dir", metavar="DIR", help="folder of uploads (default: next to --db)")
-    p.add_argument("--workers", type=_count(1), default=2)
+    p.add_argument("--workers", type=_count(1), default=2, help="analysis worker processes (default: 2)")
     p.add_argument(
         "--queue", type=_count(0), default=8, help="analyses waiting beyond the workers before 503"
     )
@@ -240,8 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("token", help="add a bearer token for a tenant to a tokens file (prints it once)")
-    p.add_argument("tenant")
-    p.add_argument("--tokens", metavar="FILE", required=True)
+    p.add_argument("tenant", help="the tenant the token belongs to")
+    p.add_argument(
+        "--tokens", metavar="FILE", required=True, help="tokens file to add to (created if missing)"
+    )
     p.add_argument("--admin", action="store_true", help="the token may see every tenant")
     p.set_defaults(func=cmd_token)
     return parser
