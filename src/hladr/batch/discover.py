@@ -1,8 +1,9 @@
 """Discovery: the FCS files of an export, their TEXT metadata, their role, and the manifest.
 
-:func:`discover` walks the export folder, reads only the HEADER and TEXT segments of each FCS file,
-hashes it (SHA-256) and tells bead tubes from patient tubes (manifest, then name patterns, then
-markers, then the tube's content).
+:func:`discover` walks the export folder, reads the HEADER and TEXT of each FCS file, hashes it
+(SHA-256) and tells bead tubes from patient tubes: a control name (FMO, unstained...) is ignored,
+otherwise the tube's content decides (:func:`hladr.beads.tube_evidence` on its first events), with
+the TEXT's names and markers kept as evidence; a manifest's role overrides.
 """
 
 from __future__ import annotations
