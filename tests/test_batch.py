@@ -702,3 +702,10 @@ def test_report_figures_drawn_by_the_workers_are_the_ones_drawn_here(tmp_path: P
     assert alts[:2] == ["AB/C distribution", "bead curve"] and alts[-1].startswith("Levey-Jennings")
     assert sum(alt.startswith("course of ") for alt in alts) == 4
     assert drawn_by_workers == drawn_here
+
+
+def test_pairing_reads_one_cytometer_however_its_software_spells_it(tmp_path: Path):
+    a, b, c = (batch.Tube(path=tmp_path / n, rel=n) for n in ("a.fcs", "b.fcs", "c.fcs"))
+    a.cytometer, b.cytometer, c.cytometer = "FACSCanto II", "FACSCantoII", "FACSLyric"
+    a.serial = b.serial = c.serial = "V96300 123"
+    assert a.instrument_key == b.instrument_key != c.instrument_key

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from hladr.errors import Failure, FCSError, OptionsError
 from hladr.gating import gate_monocytes
 from hladr.panel import resolve_panel
 from hladr.pipeline import AnalysisOptions, run_analysis, try_analysis
+from hladr.qc import DEFAULT_POLICY
 from hladr.simulate import simulate_run
 
 LOT = "96597"
@@ -42,6 +44,26 @@ def run(tmp_path_factory) -> tuple[Path, list[dict]]:
 @pytest.fixture(scope="module")
 def calibration(run):
     return calibrate(hladr.read_fcs(run[0] / "beads.fcs"), lot=LOT)
+
+
+@pytest.mark.parametrize(
+    ("cytometer", "serial", "flags"),
+    [
+        ("FACSCantoII", None, []),  # FACSDiva and other software spell the same model with or without spaces
+        ("facscanto  ii", None, []),
+        ("LSRFortessa", None, ["cytometer_mismatch:FACSCanto II beads vs LSRFortessa sample"]),
+        ("FACSCanto II", "V9999", ["serial_mismatch:V1234 beads vs V9999 sample"]),
+    ],
+)
+def test_the_instrument_check_ignores_spelling_not_a_different_cytometer(
+    run, calibration, cytometer, serial, flags
+):
+    sample = hladr.read_fcs(run[0] / "patient_01.fcs")
+    assert sample.keywords["$CYT"] == calibration.instrument["cytometer"] == "FACSCanto II"  # the simulator's
+    calibration = dataclasses.replace(calibration, instrument={**calibration.instrument, "serial": "V1234"})
+    sample.keywords.update({"$CYT": cytometer, "$CYTSN": serial or "V1234"})
+    found = pipeline.compatibility_flags(sample, calibration, resolve_panel(sample), DEFAULT_POLICY)
+    assert [f for f in found if f.startswith(("cytometer_", "serial_"))] == flags
 
 
 # --- conflicting options --------------------------------------------------------------------------

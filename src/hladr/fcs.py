@@ -36,6 +36,7 @@ __all__ = [
     "SettingDifference",
     "Spillover",
     "acquisition",
+    "instrument_key",
     "read_fcs",
     "read_metadata",
     "settings_differences",
@@ -408,6 +409,12 @@ def _log_scale(kw: Mapping[str, str], n: int) -> tuple[float, float] | None:
     if not f1 > 0 or kw.get(f"$P{n}DATATYPE", kw.get("$DATATYPE", "I")).strip().upper() != "I":
         return None
     return f1, f2 or 1.0
+
+
+def instrument_key(text: str | None) -> str:
+    """A cytometer name (``$CYT``) or serial (``$CYTSN``) for comparison: case and spaces ignored,
+    as acquisition software spells the same model differently ("FACSCanto II", "FACSCantoII")."""
+    return "".join((text or "").split()).casefold()
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 from . import uncertainty
 from .calibration import Calibration
 from .errors import AnalysisError, Failure, OptionsError
-from .fcs import Sample, read_fcs
+from .fcs import Sample, instrument_key, read_fcs
 from .gating import GatingResult, gate_monocytes
 from .panel import Panel, resolve_panel
 from .preanalytics import PreAnalytics
@@ -337,7 +337,7 @@ def compatibility_flags(
     )
     for key in ("cytometer", "serial"):
         a, b = calibration.instrument.get(key), sample.instrument.get(key)
-        if a and b and a != b:
+        if a and b and instrument_key(a) != instrument_key(b):
             flags.append(f"{key}_mismatch:{a} beads vs {b} sample")
     return flags
 

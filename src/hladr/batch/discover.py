@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import preanalytics
 from ..errors import BatchError, HladrError
-from ..fcs import ChannelSettings, Sample, read_fcs, read_metadata, sha256_file
+from ..fcs import ChannelSettings, Sample, instrument_key, read_fcs, read_metadata, sha256_file
 from ..panel import BEAD_TUBE_NAME, CONTROL_TUBE_NAME, TUBE_NAME_KEYWORDS, panel_markers
 
 FCS_SUFFIXES = {".fcs", ".lmd"}
@@ -104,7 +104,7 @@ class Tube:
 
     @property
     def instrument_key(self) -> tuple[str, str]:
-        return (_norm(self.cytometer), _norm(self.serial))
+        return (instrument_key(self.cytometer), instrument_key(self.serial))
 
     @property
     def instrument_label(self) -> str:
@@ -113,10 +113,6 @@ class Tube:
     @property
     def event_bytes(self) -> int:
         return self.n_events * self.n_channels * 8
-
-
-def _norm(text: str | None) -> str:
-    return " ".join((text or "").split()).lower()
 
 
 def _read_text(path: Path) -> Sample:
