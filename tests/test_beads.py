@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 import hladr
-from hladr.calibration import calibrate, load_lot
+from hladr.calibration import calibrate
 from hladr.errors import CalibrationError, LotFileError
+from hladr.lot import load_lot
 from hladr.simulate import (
     INSTRUMENTS,
     QUANTIBRITE_96597,

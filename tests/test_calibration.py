@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 import hladr
-from hladr.calibration import Calibration, calibrate, list_lots, load_lot
+from hladr.calibration import Calibration, calibrate
 from hladr.cli import main as cli_main
 from hladr.cli.render import describe_calibration
 from hladr.errors import CalibrationError, HladrError, LotFileError
 from hladr.fcs import Sample
+from hladr.lot import list_lots, load_lot
 from hladr.simulate import INSTRUMENTS, MONOCYTE_CODES, QUANTIBRITE_96597, simulate_beads, simulate_blood
 from tests.conftest import REAL_DIR, ROOT, require_real
 

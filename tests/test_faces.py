@@ -83,11 +83,45 @@ def test_python_dash_m_runs_the_command(module):
     ],
 )
 def test_bead_values_are_asked_for_before_any_file_is_read(argv, capsys):
-    assert main(argv) == EXIT_ERROR
+    assert main(argv) == EXIT_USAGE  # a usage error (exit_codes: 2), not a file's
     err = capsys.readouterr().err
-    assert (
-        err == "hladr: error: give --lot FILE or --bead-values V1,V2,... (the values printed on your kit)\n"
-    )
+    assert err == "hladr: error: give --lot LOT or --bead-values V1,V2,... (the values printed on your kit)\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["calibrate", "b.fcs", "--bead-values", "1,2"],
+            "--bead-values: need at least 3 non-blank bead values, got 2",
+        ),
+        (["calibrate", "b.fcs", "--bead-values", "900,500,100"], "--bead-values: bead values must increase"),
+        (
+            ["analyze", "p.fcs", "--beads", "b.fcs", "--bead-values=-1,500,900"],
+            "--bead-values: negative bead value",
+        ),
+        (["export", "p.fcs", "--beads", "b.fcs", "--lot", "96597"], "nothing to export"),
+        (["calibrate"], "give a bead tube (or --list-lots)"),
+        (["batch", "export", "--out", "out", "--lot", "12345"], "--lot: 12345: no such lot"),
+        (
+            ["batch", "export", "--out", "out", "--lot", "no/such/lot.json"],
+            "--lot: no/such/lot.json: no such lot file",
+        ),
+        (
+            ["batch", "export", "--out", "out", "--bead-values", "100,50,600"],
+            "--bead-values: bead values must increase",
+        ),
+    ],
+)
+def test_unusable_options_are_usage_errors_before_any_file_is_read(
+    argv, message, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)  # none of the files named exists
+    (tmp_path / "export").mkdir()
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(f"hladr: error: {message}") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # nothing was written
 
 
 def test_errors_are_one_line_without_traceback(tmp_path):

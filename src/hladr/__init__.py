@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "calibrate": "calibration",
     "Calibration": "calibration",
-    "load_lot": "calibration",
+    "load_lot": "lot",
     "analyze": "analysis",
     "AnalysisOptions": "pipeline",
     "run_analysis": "pipeline",

@@ -29,9 +29,9 @@ import numpy as np
 from . import kernels
 from .atomic import atomic_write
 from .beads import NARROW_LOG_SD, Population, bead_evidence, bead_gate, find_populations
-from .datafiles import find_named, json_files, read_json_object, search_dirs
-from .errors import CalibrationError, LotFileError
+from .errors import CalibrationError
 from .fcs import ChannelSettings, Sample
+from .lot import MIN_PEAKS, Lot, load_lot, validate_values
 from .panel import PE_CHANNEL_NAME, PE_MARKER, PE_TANDEM_MARKER, channel_dye
 from .qc import evaluate_calibration
 
@@ -40,7 +40,6 @@ MIN_R2 = 0.99
 SLOPE_RANGE = (0.85, 1.15)
 MAX_PEAK_CV = 0.35
 MIN_BEAD_EVENTS = 1000
-MIN_PEAKS = 3
 #: A level's population with a robust CV above this spans the noise floor: reported, not fitted.
 NOISE_CV = 0.5
 #: A level closer than this factor to the blank bead is compressed by bead autofluorescence.
@@ -50,96 +49,7 @@ AMBIGUITY_MARGIN = 0.01
 MAX_ASSIGNMENT_RMS = 0.04
 
 
-# --- lot files -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Lot:
-    """A bead lot: molecules per bead for each level, as printed on the kit."""
-
-    kit: str
-    lot: str
-    fluorochrome: str
-    values: tuple[float, ...]
-    unit: str = "PE molecules per bead"
-    expiry: str | None = None
-    source: str = ""
-    catalog: str | None = None
-    path: str | None = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.kit} lot {self.lot}"
-
-
-def validate_values(values: Any, where: str | None = None) -> tuple[float, ...]:
-    """Check bead values: numbers, a leading 0 for a blank allowed, the rest positive and increasing."""
-    try:
-        vals = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        raise LotFileError(f"bead values must be numbers, got {values!r}", where) from None
-    if any(not math.isfinite(v) for v in vals):
-        raise LotFileError("bead values must be finite", where)
-    if any(v < 0 for v in vals):
-        raise LotFileError(f"negative bead value in {list(vals)}", where)
-    lit = [v for v in vals if v > 0]
-    if any(v == 0 for v in vals[len(vals) - len(lit) :]):
-        raise LotFileError("a 0 (blank) level is only allowed before the lit levels", where)
-    if any(b <= a for a, b in zip(lit, lit[1:])):
-        raise LotFileError(f"bead values must increase level by level, got {list(vals)}", where)
-    if len(lit) < MIN_PEAKS:
-        raise LotFileError(f"need at least {MIN_PEAKS} non-blank bead values, got {len(lit)}", where)
-    return vals
-
-
-def lot_dirs(extra: str | os.PathLike | None = None) -> list[Path]:
-    """Folders searched for lot files by name: ``extra``, then ``$HLADR_LOT_DIR`` (``os.pathsep``
-    separated), then the lots shipped inside the package."""
-    return search_dirs("HLADR_LOT_DIR", "lots", extra)
-
-
-def _lot_files(extra: str | os.PathLike | None = None) -> list[Path]:
-    return json_files(lot_dirs(extra))
-
-
-def load_lot(path_or_name: str | os.PathLike, lot_dir: str | os.PathLike | None = None) -> Lot:
-    """Load and validate a lot file: a path, or a lot number / file stem found in :func:`lot_dirs`."""
-    path = Path(path_or_name)
-    if not path.is_file():
-        name = str(path_or_name)
-        files = _lot_files(lot_dir)
-        candidates = find_named(name, files)
-        if len(candidates) != 1:
-            shipped = ", ".join(sorted({p.stem for p in files})) or "none"
-            what = "no such lot" if not candidates else "more than one lot matches"
-            raise LotFileError(f"{what}; lots available: {shipped}", name)
-        path = candidates[0]
-    data = read_json_object(path, LotFileError, "lot")
-    missing = [k for k in ("kit", "lot", "fluorochrome", "values") if k not in data]
-    if missing:
-        raise LotFileError(f"missing key(s) {', '.join(missing)}", path)
-    expiry = data.get("expiry")
-    if expiry is not None:
-        try:
-            date.fromisoformat(str(expiry))
-        except ValueError:
-            raise LotFileError(f"expiry must be a date YYYY-MM-DD, got {expiry!r}", path) from None
-    return Lot(
-        kit=str(data["kit"]),
-        lot=str(data["lot"]),
-        fluorochrome=str(data["fluorochrome"]),
-        values=validate_values(data["values"], path),
-        unit=str(data.get("unit", "PE molecules per bead")),
-        expiry=None if expiry is None else str(expiry),
-        source=str(data.get("source", "")),
-        catalog=None if data.get("catalog") is None else str(data["catalog"]),
-        path=str(path),
-    )
-
-
-def list_lots(lot_dir: str | os.PathLike | None = None) -> list[Lot]:
-    """The lots found in :func:`lot_dirs`."""
-    return [load_lot(p) for p in _lot_files(lot_dir)]
-
-
+# --- lot files (hladr.lot) ------------------------------------------------------------
 def check_lot(lot: Lot, beads: Sample, channel: str) -> list[str]:
     """Check a lot against the bead tube: the dye must match the channel's, and the lot must not
     have expired by the acquisition date (a ``lot_expired`` flag, which fails QC)."""

@@ -83,7 +83,7 @@ class AnalysisError(HladrError):
 
 
 class OptionsError(HladrError):
-    """Analysis options contradict each other or hold an invalid value."""
+    """Options are missing, contradict each other or hold an invalid value (the CLI exits 2)."""
 
 
 class SimulationError(HladrError):

@@ -495,12 +495,28 @@ def _usable_inputs(
         raise BatchError("--gates: no such file or folder", gates)
     rows = read_manifest(manifest) if manifest is not None else None
     default_reagent = load_reagent(reagent) if reagent is not None else None
+    _check_bead_values(lot, bead_values)
     if lot is not None and Path(lot).exists():  # workers may run elsewhere: an absolute path
         lot = str(Path(lot).resolve())
     default_lot = LotSpec(lot=lot, values=tuple(float(v) for v in bead_values) if bead_values else None)
     return _Inputs(
         export_path, out_path, rows, Path(manifest).parent if manifest else None, default_lot, default_reagent
     )
+
+
+def _check_bead_values(lot: str | None, bead_values: Iterable[float] | None) -> None:
+    """:class:`BatchError` when the default lot cannot be loaded or the bead values are unusable: every
+    calibration would fail, so the batch does not start."""
+    from ..errors import LotFileError
+    from ..lot import load_lot, validate_values
+
+    try:
+        if lot is not None:
+            load_lot(lot)
+        if bead_values is not None:
+            validate_values(bead_values)
+    except LotFileError as exc:
+        raise BatchError(f"{'--lot' if lot is not None else '--bead-values'}: {exc}") from None
 
 
 def _discover_and_pair(

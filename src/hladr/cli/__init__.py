@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ..errors import HladrError
+from ..errors import HladrError, OptionsError
 from .commands import (
     cmd_analyze,
     cmd_batch,
@@ -287,6 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
     try:
         return int(args.func(args) or 0)
+    except OptionsError as exc:  # missing, invalid or conflicting options: a usage error
+        print(f"hladr: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except HladrError as exc:
         print(f"hladr: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from ..errors import CalibrationError, HladrError
+from ..errors import CalibrationError, LotFileError, OptionsError
 from . import render
 from .exit_codes import EXIT_NOT_REPORTABLE, EXIT_OK, EXIT_USAGE
 
@@ -22,9 +22,17 @@ if TYPE_CHECKING:
 
 
 def require_bead_values(args: argparse.Namespace) -> None:
-    """Raise unless ``--lot`` or ``--bead-values`` is given (checked before any file is read)."""
+    """Raise :class:`OptionsError` unless ``--lot`` or usable ``--bead-values`` are given (checked
+    before any file is read)."""
     if args.lot is None and args.bead_values is None:
-        raise CalibrationError("give --lot FILE or --bead-values V1,V2,... (the values printed on your kit)")
+        raise OptionsError("give --lot LOT or --bead-values V1,V2,... (the values printed on your kit)")
+    if args.bead_values is not None:
+        from ..lot import validate_values
+
+        try:
+            validate_values(args.bead_values)
+        except LotFileError as exc:
+            raise OptionsError(f"--bead-values: {exc.message}") from None
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -55,8 +63,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """``hladr calibrate BEADS (--lot|--bead-values) [--channel] [--json] [--plot]``: 0, or 1 when
     the curve fails its QC (printed first)."""
-    from ..calibration import calibrate, list_lots
+    from ..calibration import calibrate
     from ..fcs import read_fcs
+    from ..lot import list_lots
 
     if args.list_lots:
         lots = list_lots()
@@ -64,7 +73,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             print(render.describe_lots(lots))
         return EXIT_OK
     if not args.beads:
-        raise CalibrationError("give a bead tube (or --list-lots)")
+        raise OptionsError("give a bead tube (or --list-lots)")
     require_bead_values(args)
     beads = read_fcs(args.beads, lenient=True)
     cal = calibrate(
@@ -167,7 +176,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..pipeline import run_analysis
 
     if not (args.fcs or args.csv or args.gates_out):
-        raise HladrError("nothing to export: give --fcs OUT.fcs, --csv OUT.csv and/or --gates-out OUT.xml")
+        raise OptionsError("nothing to export: give --fcs OUT.fcs, --csv OUT.csv and/or --gates-out OUT.xml")
     calibration, options = analysis_inputs(args)
     analysis = run_analysis(args.sample, calibration, options)
     sample, result = analysis.sample, analysis.result
@@ -222,7 +231,7 @@ def cmd_beads_qc(args: argparse.Namespace) -> int:
         try:
             first, last = (date.fromisoformat(d.strip()) for d in args.reference_dates.split(","))
         except ValueError:
-            raise HladrError(
+            raise OptionsError(
                 f"--reference-dates must be FIRST,LAST as ISO dates, not {args.reference_dates!r}"
             ) from None
         dates = (first, last)

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the modules are imported by the command that prints: `hladr --help` stays fast
-    from ..calibration import Calibration, Lot
+    from ..calibration import Calibration
     from ..fcs import Sample
+    from ..lot import Lot
     from ..result import Result
 
 

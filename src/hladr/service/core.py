@@ -45,8 +45,8 @@ def busy(detail: str) -> HTTPException:
 
 def shipped_lot(name: str) -> Any:
     """The shipped bead lot called ``name`` (its number, file name or file stem); never a path."""
-    from ..calibration import list_lots
     from ..errors import LotFileError
+    from ..lot import list_lots
 
     lots = list_lots()
     if "/" not in name and "\\" not in name and not name.startswith("."):
@@ -290,7 +290,7 @@ class Service:
     async def calibration_from_upload(self, caller: Caller, form: Form) -> str:
         """The id of the calibration of the form's ``beads`` with its ``lot`` or ``bead_values``:
         one the caller has already, or a new one calibrated by a worker."""
-        from ..calibration import validate_values
+        from ..lot import validate_values
 
         beads = form.files.get("beads")
         if beads is None:

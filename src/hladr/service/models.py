@@ -92,7 +92,7 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 def multipart(*alternatives: list[str]) -> dict[str, Any]:
     """The ``openapi_extra`` of a multipart body that is exactly one of ``alternatives`` (the fields
     each needs). The body itself is read by :mod:`.uploads`, not by FastAPI."""
-    from ..calibration import list_lots
+    from ..lot import list_lots
 
     fields = {
         "sample": {"type": "string", "format": "binary", "description": "the patient tube (FCS)"},
