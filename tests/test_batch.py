@@ -22,6 +22,7 @@ import pytest
 from hladr import batch
 from hladr.batch import BatchError, Journal, discover, pair, read_manifest, run_batch
 from hladr.cli import EXIT_NOT_REPORTABLE, EXIT_USAGE
+from hladr.store import Store
 from tests.batch_fakes import FAKE_LOT, FAKES, expected_abc, start_fake_batch, write_tube
 from tests.conftest import SAMPLE_DIR
 
@@ -283,6 +284,71 @@ def test_a_clean_run_exits_0_and_a_flag_exits_3(engine_export: Path, tmp_path: P
     assert not batch.is_reportable({"qc": {"passed": False, "flags": []}})
     v1_warning_only = {"schema": "hladr.result/1", "qc": {"passed": True, "flags": ["few_monocytes:1201"]}}
     assert batch.is_reportable(v1_warning_only)
+
+
+def test_the_same_file_under_two_patients_is_refused_for_both(tmp_path: Path):
+    """Two tubes with the same bytes (one tube copied, listed for two patients): neither is analysed,
+    each error names the other file, the run fails and the store holds no result of either."""
+    root = tmp_path / "export"
+    write_tube(root, "beads.fcs", btim="08:00:00", seed=100, beads=True)
+    original = write_tube(root, "p3.fcs", btim="09:00:00", seed=3)
+    (root / "p3a.fcs").write_bytes(original.read_bytes())
+    original.rename(root / "p3b.fcs")
+    write_tube(root, "p4.fcs", btim="09:10:00", seed=4)  # another tube (no manifest row): analysed
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("file,patient_id\np3a.fcs,ALICE\np3b.fcs,BOB\n")
+    out = tmp_path / "out"
+    summary = run_batch(root, out, manifest, jobs=1, progress=False, plots=False, tasks=FAKES, **FAKE_LOT)
+    assert (summary.patient_tubes, summary.ok, summary.failed, summary.all_reportable) == (3, 1, 2, False)
+    sha = batch.sha256_file(root / "p3a.fcs")
+    errors = {e["file"]: e for e in _read_csv(out / "errors.csv")}
+    assert set(errors) == {"p3a.fcs", "p3b.fcs"}
+    for name, other, patient in (("p3a.fcs", "p3b.fcs", "ALICE"), ("p3b.fcs", "p3a.fcs", "BOB")):
+        assert errors[name]["reason"] == (
+            f"the same file (SHA-256 {sha[:8]}…) is also in the export as {other}: "
+            "a sample mix-up or a double export; remove one"
+        )
+        assert (errors[name]["stage"], errors[name]["patient_id"]) == ("discovery", patient)
+    assert [r["file"] for r in _read_csv(out / "results.csv")] == ["p4.fcs"]
+    with Store(out / batch.STORE) as store:
+        assert [r["store"]["file"] for r in store.results()] == ["p4.fcs"]
+        failures = store.query("SELECT sha256, file, stage FROM failures ORDER BY file")
+        assert [tuple(f) for f in failures] == [(sha, "p3a.fcs", "discovery"), (sha, "p3b.fcs", "discovery")]
+
+
+def test_cli_batch_of_one_sample_fcs_tube_copied_for_two_patients_exits_3(tmp_path: Path, capsys):
+    """The new-user trial: sample_fcs/patient_03.fcs copied as p3a and p3b for ALICE and BOB."""
+    from hladr.cli import main
+
+    if not (SAMPLE_DIR / "beads.fcs").exists():
+        pytest.skip("sample_fcs/ not present")
+    root = tmp_path / "export"
+    root.mkdir()
+    (root / "beads.fcs").write_bytes((SAMPLE_DIR / "beads.fcs").read_bytes())
+    for name in ("p3a.fcs", "p3b.fcs"):
+        (root / name).write_bytes((SAMPLE_DIR / "patient_03.fcs").read_bytes())
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("file,patient_id\np3a.fcs,ALICE\np3b.fcs,BOB\n")
+    out = tmp_path / "out"
+    args = ["batch", str(root), "--out", str(out), "--manifest", str(manifest), "--lot", "96597"]
+    assert main([*args, "--jobs", "1", "--quiet", "--no-plots"]) == EXIT_NOT_REPORTABLE
+    assert "0 analysed" in capsys.readouterr().err
+    assert _read_csv(out / "results.csv") == []
+    assert [e["file"] for e in _read_csv(out / "errors.csv")] == ["p3a.fcs", "p3b.fcs"]
+    with Store(out / batch.STORE) as store:
+        assert store.counts()["results"] == 0 and store.counts()["failures"] == 2
+    assert main(["patient", "ALICE", "--store", str(out / batch.STORE)]) == 1
+    assert "no result of patient 'ALICE'" in capsys.readouterr().err
+
+
+def test_duplicate_bead_tubes_stay_one_calibration(tmp_path: Path):
+    root = tmp_path / "export"
+    beads = write_tube(root, "beads.fcs", btim="08:00:00", seed=100, beads=True)
+    (root / "beads copy.fcs").write_bytes(beads.read_bytes())
+    write_tube(root, "p1.fcs", btim="09:00:00", seed=1)
+    tubes = {t.rel: t for t in discover(root)}
+    assert [rel for rel, t in tubes.items() if t.error] == []
+    assert [rel for rel, t in tubes.items() if t.role == "beads"] == ["beads copy.fcs", "beads.fcs"]
 
 
 def _journal(out: Path) -> list[dict]:

@@ -82,6 +82,48 @@ def test_the_same_files_stored_twice_give_the_same_rows(tmp_path: Path):
         assert store.counts()["decisions"] == 1
 
 
+def test_the_same_file_for_another_patient_is_refused_and_the_stored_result_kept(tmp_path: Path):
+    with Store(tmp_path / "r.sqlite") as store:
+        first = store.add_result(_result("a" * 64, 4200.0), patient_id="ALICE", file="p3a.fcs")
+        with pytest.raises(StoreError) as raised:
+            store.add_result(_result("a" * 64, 4300.0), patient_id="BOB", file="p3b.fcs")
+        message = str(raised.value)
+        assert "'ALICE'" in message and "'BOB'" in message and "p3a.fcs" in message
+        assert message.startswith(str(tmp_path / "r.sqlite")) and "\n" not in message
+        rows = store.results()
+        assert [(r["store"]["id"], r["store"]["patient_id"], r["abc"]) for r in rows] == [
+            (first, "ALICE", 4200.0)
+        ]
+        assert store.counts()["results"] == 1
+        # the patient named in the FCS file counts as the patient too
+        with pytest.raises(StoreError, match="'ALICE'.*'CAROL'"):
+            store.add_result({**_result("a" * 64, 4300.0), "patient_id": "CAROL"})
+        # the same file for the same patient (or for no patient named) still updates the row
+        assert store.add_result(_result("a" * 64, 4300.0), patient_id="ALICE") == first
+        assert store.add_result(_result("a" * 64, 4400.0), patient_id="") == first
+        assert [(r["store"]["patient_id"], r["abc"]) for r in store.results()] == [("ALICE", 4400.0)]
+        # a result stored without a patient may be given one
+        unnamed = store.add_result(_result("c" * 64, 9100.0))
+        assert store.add_result(_result("c" * 64, 9100.0), patient_id="BOB") == unnamed
+        assert [r["abc"] for r in store.results("BOB")] == [9100.0]
+
+
+def test_the_service_logs_a_refused_patient_in_one_line_and_keeps_the_analysis(tmp_path: Path, caplog):
+    core = pytest.importorskip("hladr.service.core")
+    shared = core.SharedResults(tmp_path / "r.sqlite", source="test")
+    alice = {**_result("a" * 64, 4200.0), "patient_id": "ALICE"}
+    shared.add(alice, alice["calibration"], "p3a.fcs")
+    bob = {**_result("a" * 64, 4300.0), "patient_id": "BOB"}
+    with caplog.at_level("ERROR", logger="hladr.service"):
+        shared.add(bob, bob["calibration"], "p3b.fcs")  # logged, not raised
+    shared.close()
+    [record] = caplog.records
+    assert "'ALICE'" in record.getMessage() and "'BOB'" in record.getMessage()
+    assert "\n" not in record.getMessage()
+    with Store(tmp_path / "r.sqlite") as store:
+        assert [(r["store"]["patient_id"], r["abc"]) for r in store.results()] == [("ALICE", 4200.0)]
+
+
 def test_a_failed_transaction_leaves_nothing(tmp_path: Path):
     with Store(tmp_path / "r.sqlite") as store:
         with pytest.raises(RuntimeError), store.transaction():

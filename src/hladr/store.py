@@ -312,8 +312,27 @@ class Store:
         patient_id, collected_at
             Whose blood and when it was drawn (ISO date-time); default: the Result's own
             ``patient_id`` (from the FCS keywords) and ``acquired`` time, else ``$DATE``/``$BTIM``.
+
+        Raises
+        ------
+        StoreError
+            The same file with the same calibration is already stored for another patient (a sample
+            mix-up or a double export): the stored result is left as it is.
         """
         res = _plain(result)
+        with self.transaction():  # the check and the write are one transaction
+            return self._add_result(res, calibration_id, patient_id, collected_at, run_id, file)
+
+    def _add_result(
+        self,
+        res: dict[str, Any],
+        calibration_id: int | None,
+        patient_id: str | None,
+        collected_at: str | datetime | None,
+        run_id: int | None,
+        file: str | None,
+    ) -> int:
+        """:meth:`add_result` within its transaction: refuses another patient, else upserts."""
         if calibration_id is None:
             calibration_id = self.add_calibration(res.get("calibration") or {}, run_id=run_id)
         if isinstance(collected_at, datetime):
@@ -323,7 +342,7 @@ class Store:
             "sample_sha256": res.get("sha256") or "",
             "calibration_id": calibration_id,
             "file": file or res.get("sample"),
-            "patient_id": patient_id or res.get("patient_id"),
+            "patient_id": patient_id or res.get("patient_id") or None,  # "" is no patient
             "collected_at": collected_at or res.get("acquired") or acquisition_time(res.get("instrument")),
             "abc": res.get("abc"),
             "abc_lo": ci[0],
@@ -333,6 +352,22 @@ class Store:
             "run_id": run_id,
             "created": _now(),
         }
+        stored = self._db.execute(
+            "SELECT patient_id, file FROM results WHERE sample_sha256 = ? AND calibration_id = ?",
+            (row["sample_sha256"], calibration_id),
+        ).fetchone()
+        if (
+            stored is not None
+            and stored["patient_id"]
+            and row["patient_id"] not in (None, stored["patient_id"])
+        ):
+            raise StoreError(
+                f"{row['file'] or 'the file'} (SHA-256 {row['sample_sha256'][:8]}…) is already stored as "
+                f"{stored['file'] or 'a file'} of patient {stored['patient_id']!r} with the same bead "
+                f"calibration; not filed under patient {row['patient_id']!r}: a sample mix-up or a "
+                f"double export",
+                self.path,
+            )
         # a re-run without a manifest keeps the patient the result had
         keep = ("created", "run_id") + (("patient_id",) if row["patient_id"] is None else ())
         return self._upsert("results", ("sample_sha256", "calibration_id"), row, keep=keep)

@@ -251,9 +251,10 @@ def discover(
     """Find every FCS file under ``export_dir`` and describe it: its TEXT segment, its SHA-256 and
     its role (the content decides between beads and cells, :func:`hladr.beads.tube_evidence`).
 
-    Files named ``*.fcs`` / ``*.lmd`` (any case), and other files starting with
-    an FCS header, are tubes; a file that cannot be read is returned with
-    ``error`` set. Folders in ``exclude`` (e.g. the output folder) are skipped.
+    Files named ``*.fcs`` / ``*.lmd`` (any case), and other files starting with an FCS header, are
+    tubes; a file that cannot be read, and a patient tube with the same SHA-256 as another patient
+    tube (a sample mix-up or a double export), is returned with ``error`` set. Folders in
+    ``exclude`` (e.g. the output folder) are skipped.
     ``executor``: a process pool (the batch's workers) that describes the tubes, a few per task;
     without one they are described on a few threads of this process.
     """
@@ -271,6 +272,7 @@ def discover(
     tubes = _describe_all(paths, root, executor)
     tubes.sort(key=lambda t: t.rel)
     _apply_manifest(tubes, manifest or [], root)
+    _refuse_duplicates(tubes)
     return tubes
 
 
@@ -358,6 +360,26 @@ def _apply_manifest(tubes: list[Tube], rows: list[ManifestRow], root: Path) -> N
             else:
                 tube.role, tube.role_reason = role, f"manifest line {row.line}"
     tubes.sort(key=lambda t: t.rel)
+
+
+def _refuse_duplicates(tubes: list[Tube]) -> None:
+    """Patient tubes with the same bytes (SHA-256) as another patient tube get an error naming the
+    other(s): a sample mix-up or a double export, so neither is analysed. Bead tubes are left as they
+    are (the same calibration twice)."""
+    by_sha: dict[str, list[Tube]] = {}
+    for tube in tubes:
+        if tube.role == "patient" and tube.error is None and tube.sha256:
+            by_sha.setdefault(tube.sha256, []).append(tube)
+    for same in by_sha.values():
+        if len(same) < 2:
+            continue
+        for tube in same:
+            others = ", ".join(t.rel for t in same if t is not tube)
+            tube.error = (
+                f"the same file (SHA-256 {tube.sha256[:8]}…) is also in the export as {others}: "
+                f"a sample mix-up or a double export; remove one"
+            )
+            tube.error_type = "DuplicateFileError"
 
 
 def _find(name: str, by_rel: dict[str, Tube], by_name: dict[str, list[Tube]], root: Path) -> Tube | str:

@@ -93,6 +93,11 @@ class GatingOptions:
         return ("gates", path, _digest(path), self.gate_name)
 
 
+def _tube_stage(tube: Tube) -> str:
+    """The stage a tube's own error belongs to (errors.csv, the store's failures)."""
+    return "manifest" if tube.error_type == "ManifestError" else "discovery"
+
+
 @functools.lru_cache(maxsize=4096)
 def _digest(path: str) -> str:
     """SHA-256 of a gates file ("missing" when absent), once per batch process."""
@@ -156,11 +161,23 @@ class _Run:
 
     # --- planning -------------------------------------------------------------------
     def plan(self) -> tuple[list[_Task], list[_Task]]:
-        """Calibration and sample tasks still to compute; finished ones come from the journal."""
+        """Calibration and sample tasks still to compute; finished ones come from the journal.
+
+        The tubes' own errors (unreadable, duplicate, mis-listed) are filed as the store's failures."""
         wanted = {
             self.cal_key(bead, lot): (bead, lot)
             for bead, lot in calibrations_wanted(self.tubes, self.jobs, self.default_lot)
         }
+        for tube in self.tubes:  # unreadable, duplicate or mis-listed tubes: failures in the store
+            if tube.error is not None and self.store is not None:
+                self.store.add_failure(
+                    tube.sha256,
+                    _tube_stage(tube),
+                    tube.error,
+                    file=tube.rel,
+                    error_type=tube.error_type,
+                    run_id=self.run_id,
+                )
         todo_cal: list[_Task] = []
         for key, (bead, lot) in sorted(wanted.items(), key=lambda kv: (kv[1][0].rel, kv[1][1].label)):
             record = self.journal.get(key)
@@ -379,10 +396,14 @@ class _Run:
         errors: list[dict[str, Any]] = []
         for tube in self.tubes:
             if tube.error is not None:
-                stage = "manifest" if tube.error_type == "ManifestError" else "discovery"
                 errors.append(
                     _error_row(
-                        tube.rel, tube.role or "unknown", stage, tube.error_type or "Error", tube.error
+                        tube.rel,
+                        tube.role or "unknown",
+                        _tube_stage(tube),
+                        tube.error_type or "Error",
+                        tube.error,
+                        patient_id=tube.manifest.patient_id if tube.manifest else None,
                     )
                 )
         calibrations = sorted(self.cal_records.values(), key=lambda r: (r["file"], r.get("lot", "")))
