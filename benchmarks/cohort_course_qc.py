@@ -68,7 +68,7 @@ def main() -> int:
     figures.mkdir(parents=True, exist_ok=True)
     try:
         started = time.perf_counter()
-        truth = simulate_cohort(work / "export")
+        truth = simulate_cohort(work / "export", overwrite=True)  # --out may hold an earlier run
         simulated = time.perf_counter() - started
         summary = run_batch(
             work / "export",

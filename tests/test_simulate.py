@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import shutil
 from dataclasses import replace
 
 import flowio
@@ -20,6 +22,7 @@ from hladr.simulate import (
     draw_severe_sepsis,
     simulate_beads,
     simulate_blood,
+    simulate_cohort,
     simulate_run,
     spillover_matrix,
 )
@@ -81,6 +84,94 @@ def test_a_run_is_one_day_with_the_beads_acquired_first(tmp_path):
     assert {t.keywords["$DATE"] for t in tubes} == {"06-MAR-2026"}  # day 1 + seed % 28
     starts = [t.keywords["$BTIM"] for t in tubes]
     assert starts == sorted(starts) and len(set(starts)) == 3
+
+
+def _hashes(folder) -> dict[str, str]:
+    """SHA-256 of every file under ``folder``, by relative path."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_run_refuses_to_overwrite_existing_files_and_regenerates_with_overwrite(tmp_path):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "patient_01.fcs").write_bytes(b"a real tube of the export")
+    (folder / "truth.csv").write_text("file\nnot ours\n")
+    (folder / "notes.txt").write_text("kept")
+    before = _hashes(folder)
+    with pytest.raises(SimulationError) as raised:
+        simulate_run(folder, n=2, seed=5, n_events=3000, bead_events=3000)
+    assert str(raised.value) == (
+        f"{folder}: refusing to overwrite 2 existing file(s) (patient_01.fcs, truth.csv): choose a new "
+        "folder, or give --overwrite (overwrite=True) to regenerate"
+    )
+    assert _hashes(folder) == before  # nothing written, nothing replaced
+    simulate_run(folder, n=2, seed=5, n_events=3000, bead_events=3000, overwrite=True)
+    assert hladr.read_fcs(folder / "patient_01.fcs").keywords["$DATE"] == "06-MAR-2026"  # day 1 + 5
+    assert [r["file"] for r in csv.DictReader((folder / "truth.csv").open())] == [
+        "beads.fcs",
+        "patient_01.fcs",
+        "patient_02.fcs",
+    ]
+    assert (folder / "notes.txt").read_text() == "kept"
+
+
+def test_cli_simulate_over_an_export_exits_1_and_changes_nothing(tmp_path, capsys):
+    """The new-user trial: ``hladr simulate simover --n 2`` over a copy of sample_fcs."""
+    from hladr.cli import main
+
+    if not (SAMPLE_DIR / "beads.fcs").exists():
+        pytest.skip("sample_fcs/ not present")
+    folder = tmp_path / "simover"
+    shutil.copytree(SAMPLE_DIR, folder)
+    before = _hashes(folder)
+    assert main(["simulate", str(folder), "--n", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"hladr: error: {folder}: refusing to overwrite 8 existing file(s) (beads.fcs, "
+        "beads.labels.npy, patient_01.fcs and 5 more): choose a new folder, or give --overwrite "
+        "(overwrite=True) to regenerate\n"
+    )
+    assert _hashes(folder) == before
+    assert main(["simulate", str(folder), "--n", "2", "--overwrite"]) == 0
+    after = _hashes(folder)
+    written = ["beads.fcs", "patient_01.fcs", "patient_02.fcs", "truth.csv", "truth.json"]
+    assert all(after[name] != before[name] for name in written)  # seed 0, not sample_fcs's seed 7
+    assert after["patient_03.fcs"] == before["patient_03.fcs"]  # not the simulator's to remove
+
+
+def test_a_cohort_refuses_to_overwrite_existing_files_and_regenerates_with_overwrite(tmp_path):
+    small = dict(
+        reference_days=2,
+        drift_days=1,
+        courses=(("P1", "canto", 0, (4000.0,)),),
+        n_events=3000,
+        bead_events=3000,
+    )
+    folder = tmp_path / "cohort"
+    (folder / "day_01" / "lyric").mkdir(parents=True)
+    (folder / "day_01" / "lyric" / "beads.fcs").write_bytes(b"a real bead tube")
+    before = _hashes(folder)
+    with pytest.raises(
+        SimulationError,
+        match=r"cohort: refusing to overwrite 1 existing file\(s\) \(day_01/lyric/beads.fcs\)",
+    ):
+        simulate_cohort(folder, **small)
+    assert _hashes(folder) == before and not (folder / "day_00").exists()
+    truth = simulate_cohort(folder, **small, overwrite=True)
+    assert [b["file"] for b in truth["beads"]][:3] == [
+        "day_00/canto/beads.fcs",
+        "day_00/lyric/beads.fcs",
+        "day_01/canto/beads.fcs",
+    ]
+    assert (
+        hladr.read_fcs(folder / "day_01" / "lyric" / "beads.fcs").keywords["$CYT"]
+        == INSTRUMENTS["lyric"].cytometer
+    )
+    assert (folder / "day_02" / "canto" / "P1.fcs").is_file()  # the one course sample, on the last day
 
 
 def _perfect_knowledge_abc(tmp_path, instrument, abc, seed):

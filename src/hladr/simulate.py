@@ -922,6 +922,7 @@ def simulate_run(
     *,
     n_events: int = 30_000,
     bead_events: int = 10_000,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Write one run: ``beads.fcs`` and ``patient_01.fcs`` ... sharing instrument settings.
 
@@ -929,10 +930,14 @@ def simulate_run(
 
     ``truth.csv`` and ``truth.json`` (every parameter) are written beside them.
     Cases beyond the four canonical ones draw AB/C log-uniform in 1,000-40,000.
+
+    Raises
+    ------
+    SimulationError
+        A file the run would write exists already (nothing is written), unless ``overwrite``.
     """
     inst = get_instrument(instrument)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     if cases is None:
         cases = [dict(c) for c in DEFAULT_CASES[:n]]
@@ -944,14 +949,36 @@ def simulate_run(
                     "septic": bool(rng.random() < 0.5),
                 }
             )
+    tubes = [out / "beads.fcs", *(out / f"patient_{i:02d}.fcs" for i in range(1, len(cases) + 1))]
+    _refuse_to_overwrite(out, [*_tube_files(tubes), out / "truth.json", out / "truth.csv"], overwrite)
+    out.mkdir(parents=True, exist_ok=True)
     start = datetime(2026, 3, 1 + seed % 28, 8)  # one day per run: beads first, then each patient tube
-    truths = [simulate_beads(out / "beads.fcs", inst, seed=seed, n_events=bead_events, acquired_at=start)]
+    truths = [simulate_beads(tubes[0], inst, seed=seed, n_events=bead_events, acquired_at=start)]
     for i, case in enumerate(cases, start=1):
         params = {"n_events": n_events, "acquired_at": start + timedelta(minutes=10 * i), **case}
-        truth = simulate_blood(out / f"patient_{i:02d}.fcs", inst, seed=seed * 1000 + i, **params)
+        truth = simulate_blood(tubes[i], inst, seed=seed * 1000 + i, **params)
         truths.append(truth)
     _write_truth(out, truths, {"seed": seed, "instrument": inst.name, "instrument_settings": asdict(inst)})
     return truths
+
+
+def _tube_files(tubes: list[Path]) -> list[Path]:
+    """Each FCS file with the labels file :func:`_write` writes beside it."""
+    return [f for tube in tubes for f in (tube, tube.with_suffix(".labels.npy"))]
+
+
+def _refuse_to_overwrite(out: Path, files: list[Path], overwrite: bool) -> None:
+    """Raise :class:`SimulationError` (naming the folder and the first files) when any of ``files``
+    exists, unless ``overwrite``: a folder of real data must never be replaced by mistake."""
+    existing = [] if overwrite else [f for f in files if f.exists()]
+    if existing:
+        shown = ", ".join(f.relative_to(out).as_posix() for f in existing[:3])
+        more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        raise SimulationError(
+            f"refusing to overwrite {len(existing)} existing file(s) ({shown}{more}): choose a new "
+            f"folder, or give --overwrite (overwrite=True) to regenerate",
+            out,
+        )
 
 
 def _write_truth(out: Path, truths: list[dict], run: dict) -> None:
@@ -1026,6 +1053,7 @@ def simulate_cohort(
     bead_events: int = 100_000,
     start: datetime = datetime(2026, 1, 5, 7, 30),
     lot_change: tuple[int, tuple[float, ...]] | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Write a multi-day cohort: one bead tube per instrument per day, patients sampled over days.
 
@@ -1044,9 +1072,14 @@ def simulate_cohort(
     must fire on, derived from the designed values: a value < 5,000; < 8,000 on two consecutive
     calendar days; > 15,000 after a value at or below it; any designed change (designs change by
     >= 40 % or not at all).
+
+    Raises
+    ------
+    SimulationError
+        Too few days for the courses, or a file the cohort would write exists already (nothing is
+        written), unless ``overwrite``.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     n_days = reference_days + drift_days
     drifting = bead_gain_factors(reference_days, drift_days, drift_per_week)
     steady = bead_gain_factors(n_days, 0, 0.0)
@@ -1056,13 +1089,22 @@ def simulate_cohort(
             f"{n_days} days are too few for the courses: they span "
             f"{n_days - first_course_day - min(d0 for _, _, d0, _ in courses)} days"
         )
+    tubes = [_cohort_tube(out, day, name, "beads") for day in range(n_days) for name in ("canto", "lyric")]
+    tubes += [
+        _cohort_tube(out, first_course_day + day0 + i, name, pid)
+        for pid, name, day0, values in courses
+        for i, abc in enumerate(values)
+        if abc is not None
+    ]
+    _refuse_to_overwrite(out, [*_tube_files(tubes), out / "manifest.csv", out / "cohort.json"], overwrite)
+    out.mkdir(parents=True, exist_ok=True)
     beads: list[dict] = []
     manifest = ["file,role,patient_id,lot,collected_at"]
     for day in range(n_days):
         for k, name in enumerate(("canto", "lyric")):
             factor = (drifting if name == drift_instrument else steady)[day]
             inst = get_instrument(name).scaled("PE", factor)
-            path = out / f"day_{day:02d}" / name / "beads.fcs"
+            path = _cohort_tube(out, day, name, "beads")
             path.parent.mkdir(parents=True, exist_ok=True)
             new_lot = lot_change is not None and name != drift_instrument and day >= lot_change[0]
             lot = tuple(lot_change[1]) if new_lot else QUANTIBRITE_96597
@@ -1094,7 +1136,7 @@ def simulate_cohort(
             day = first_course_day + day0 + i
             factor = (drifting if name == drift_instrument else steady)[day]
             inst = get_instrument(name).scaled("PE", factor)
-            path = out / f"day_{day:02d}" / name / f"{pid}.fcs"
+            path = _cohort_tube(out, day, name, pid)
             when = start + timedelta(days=day, hours=1, minutes=10 * p)
             truth = simulate_blood(
                 path,
@@ -1137,6 +1179,11 @@ def simulate_cohort(
     atomic_write(out / "manifest.csv", "\n".join(manifest) + "\n")
     atomic_write(out / "cohort.json", json.dumps(cohort, indent=1, default=str) + "\n")
     return cohort
+
+
+def _cohort_tube(out: Path, day: int, instrument: str, stem: str) -> Path:
+    """Where :func:`simulate_cohort` writes a tube: ``day_NN/<instrument>/<stem>.fcs``."""
+    return out / f"day_{day:02d}" / instrument / f"{stem}.fcs"
 
 
 def _designed_rules(samples: list[dict]) -> dict[str, list[str]]:

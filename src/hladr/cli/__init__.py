@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a multi-day cohort instead: 2 instruments x 34 days of bead tubes (one drifting), "
         "5 patient courses, manifest.csv",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the files a previous simulation wrote in OUT_DIR (without it, any file it would "
+        "write that exists already is refused)",
+    )
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("calibrate", help="fit a bead standard curve (PE molecules vs MFI)")

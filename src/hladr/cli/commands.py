@@ -47,15 +47,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    """``hladr simulate OUT_DIR [--n N] [--seed S] [--instrument NAME] [--cohort]``."""
+    """``hladr simulate OUT_DIR [--n N] [--seed S] [--instrument NAME] [--cohort] [--overwrite]``: an
+    existing file it would write is refused (exit 1) unless ``--overwrite``."""
     if args.cohort:
         from ..simulate import simulate_cohort
 
-        print(render.describe_cohort(simulate_cohort(args.out_dir, seed=args.seed), args.out_dir))
+        cohort = simulate_cohort(args.out_dir, seed=args.seed, overwrite=args.overwrite)
+        print(render.describe_cohort(cohort, args.out_dir))
         return EXIT_OK
     from ..simulate import simulate_run
 
-    truths = simulate_run(args.out_dir, n=args.n, seed=args.seed, instrument=args.instrument)
+    truths = simulate_run(
+        args.out_dir, n=args.n, seed=args.seed, instrument=args.instrument, overwrite=args.overwrite
+    )
     print(render.describe_run(truths, args.out_dir, args.instrument, args.seed))
     return EXIT_OK
 
