@@ -83,7 +83,7 @@ def fake_calibrate(path, lot, values):
     }
 
 
-def fake_analyze(path, calibration, plot, known=None):
+def fake_analyze(path, calibration, plot, known=None, **handling):  # reagent, pre-analytics: unused
     time.sleep(FAKE_DELAY)
     sample = read_fcs(path)
     abc = float(np.median(sample.column("PE-A"))) / calibration["scale"] * 5000.0

@@ -8,6 +8,7 @@ import csv
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -284,6 +285,31 @@ def test_a_clean_run_exits_0_and_a_flag_exits_3(engine_export: Path, tmp_path: P
     assert not batch.is_reportable({"qc": {"passed": False, "flags": []}})
     v1_warning_only = {"schema": "hladr.result/1", "qc": {"passed": True, "flags": ["few_monocytes:1201"]}}
     assert batch.is_reportable(v1_warning_only)
+
+
+def test_a_file_stored_for_another_patient_in_an_earlier_run_fails_that_tube_only(tmp_path: Path):
+    """Run 1 files p3.fcs for ALICE; run 2 (same store) has the same bytes listed for BOB: that tube
+    is a failure naming both patients, the other tube is analysed, the batch goes on."""
+    first, second, store = tmp_path / "run1", tmp_path / "run2", tmp_path / "hladr.sqlite"
+    write_tube(first, "beads.fcs", btim="08:00:00", seed=100, beads=True)
+    write_tube(first, "p3.fcs", btim="09:00:00", seed=3)
+    shutil.copytree(first, second)
+    write_tube(second, "p4.fcs", btim="09:10:00", seed=4)
+    for export, patient in ((first, "ALICE"), (second, "BOB")):
+        (tmp_path / f"{patient}.csv").write_text(f"file,patient_id\np3.fcs,{patient}\n")
+        summary = run_batch(
+            export, tmp_path / f"out-{patient}", tmp_path / f"{patient}.csv", jobs=1, progress=False,
+            plots=False, tasks=FAKES, store=store, **FAKE_LOT,
+        )  # fmt: skip
+    assert (summary.patient_tubes, summary.ok, summary.failed) == (2, 1, 1)
+    (error,) = _read_csv(tmp_path / "out-BOB" / "errors.csv")
+    assert (error["file"], error["error_type"]) == ("p3.fcs", "PatientConflictError")
+    assert "patient 'ALICE'" in error["reason"] and "patient 'BOB'" in error["reason"]
+    with Store(store) as db:
+        assert [(r["store"]["patient_id"], r["store"]["file"]) for r in db.results()] == [
+            ("ALICE", "p3.fcs"),
+            (None, "p4.fcs"),
+        ]
 
 
 def test_the_same_file_under_two_patients_is_refused_for_both(tmp_path: Path):

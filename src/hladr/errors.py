@@ -98,6 +98,11 @@ class StoreError(HladrError):
     """The results database cannot be opened, migrated or written, or holds no such record."""
 
 
+class PatientConflictError(StoreError):
+    """The same file, through the same bead calibration, is already stored for another patient (a
+    sample mix-up or a double export): the stored result is kept, the new one is refused."""
+
+
 class ReagentFileError(HladrError):
     """A reagent (antibody conjugate) file is missing, malformed or holds an invalid F/P ratio."""
 

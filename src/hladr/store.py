@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import StoreError
+from .errors import PatientConflictError, StoreError
 
 #: SQL taking the schema from version i to i + 1 (MIGRATIONS[0] creates version 1). Append, never edit.
 MIGRATIONS: tuple[str, ...] = (
@@ -315,7 +315,7 @@ class Store:
 
         Raises
         ------
-        StoreError
+        PatientConflictError
             The same file with the same calibration is already stored for another patient (a sample
             mix-up or a double export): the stored result is left as it is.
         """
@@ -361,7 +361,7 @@ class Store:
             and stored["patient_id"]
             and row["patient_id"] not in (None, stored["patient_id"])
         ):
-            raise StoreError(
+            raise PatientConflictError(
                 f"{row['file'] or 'the file'} (SHA-256 {row['sample_sha256'][:8]}…) is already stored as "
                 f"{stored['file'] or 'a file'} of patient {stored['patient_id']!r} with the same bead "
                 f"calibration; not filed under patient {row['patient_id']!r}: a sample mix-up or a "

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..atomic import atomic_write
-from ..errors import BatchError
+from ..errors import BatchError, PatientConflictError
 from ..fcs import sha256_file
 from ..immunosep import stratify
 from ..reagent import Reagent, load_reagent
@@ -329,8 +329,13 @@ class _Run:
             record["qc_png"] = self._write_output("qc", task.job.tube, ".png", outcome["png"])
         if outcome.get("gatingml"):
             record["gates_xml"] = self._write_output("gates", task.job.tube, ".xml", outcome["gatingml"])
+        try:
+            self._store(record, job=task.job)
+        except PatientConflictError as exc:  # the store holds this file for another patient: a failure
+            record.update(status="error", error_type=type(exc).__name__, reason=exc.message)
+            record.pop("result", None)
+            self._store(record, job=task.job)
         self.journal.add(record)
-        self._store(record, job=task.job)
         self.sample_records[task.key] = record
         return []
 
