@@ -200,7 +200,7 @@ def test_unusable_arguments_exit_2(export: Path, tmp_path: Path, capsys, monkeyp
     with pytest.raises(BatchError, match="no bead values for 2 bead tube"):
         run_batch(export, tmp_path / "o2", progress=False)
     with pytest.raises(BatchError, match="cannot reach the Dask scheduler"):
-        run_batch(export, tmp_path / "o2", scheduler="tcp://127.0.0.1:9", progress=False, lot="any")
+        run_batch(export, tmp_path / "o2", scheduler="tcp://127.0.0.1:9", progress=False, lot="96597")
     assert not (tmp_path / "o2").exists()  # nothing written before the arguments proved usable
 
 
@@ -801,3 +801,21 @@ def test_pairing_reads_one_cytometer_however_its_software_spells_it(tmp_path: Pa
     a.cytometer, b.cytometer, c.cytometer = "FACSCanto II", "FACSCantoII", "FACSLyric"
     a.serial = b.serial = c.serial = "V96300 123"
     assert a.instrument_key == b.instrument_key != c.instrument_key
+
+
+def test_a_journal_that_cannot_be_written_names_itself_and_still_closes(tmp_path: Path, monkeypatch):
+    import errno
+
+    journal = Journal(tmp_path / "journal.jsonl", resume=False)
+    journal.add({"key": "a", "status": "ok"})
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(batch.journal.os, "fsync", full)
+    with pytest.raises(OSError) as raised:
+        journal.add({"key": "b", "status": "ok"})
+    assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, str(tmp_path / "journal.jsonl"))
+    journal.close()  # the fault was raised once, where it happened
+    monkeypatch.undo()
+    assert list(Journal(tmp_path / "journal.jsonl", resume=True).records) == ["a", "b"]  # b was written

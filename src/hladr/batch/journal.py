@@ -25,6 +25,7 @@ class Journal:
     def __init__(self, path: Path, resume: bool):
         self.path = path
         self.records: dict[str, dict[str, Any]] = {}
+        self._broken = False
         if resume and path.exists():
             with open(path, "rb") as fh:
                 for raw in fh:
@@ -47,13 +48,24 @@ class Journal:
         return self.records.get(key)
 
     def add(self, record: dict[str, Any]) -> None:
+        """Append ``record``; a filesystem fault (a full disk) is raised naming the journal."""
         self.records[record["key"]] = record
-        self._fh.write(json.dumps(record, sort_keys=True).encode("utf-8") + b"\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        try:
+            self._fh.write(json.dumps(record, sort_keys=True).encode("utf-8") + b"\n")
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as exc:
+            self._broken = True
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
 
     def close(self) -> None:
-        self._fh.close()
+        """Close the file (after a failed :meth:`add` the line it could not write is dropped: the
+        fault was raised there, and a torn line is ignored on reading)."""
+        try:
+            self._fh.close()
+        except OSError:
+            if not self._broken:
+                raise
 
 
 def _key(*parts: Any) -> str:
