@@ -102,6 +102,7 @@ def test_bead_values_are_asked_for_before_any_file_is_read(argv, capsys):
         ),
         (["export", "p.fcs", "--beads", "b.fcs", "--lot", "96597"], "nothing to export"),
         (["calibrate"], "give a bead tube (or --list-lots)"),
+        (["simulate", "sim", "--instrument", "foo"], "--instrument: unknown preset 'foo'; presets: "),
         (["batch", "export", "--out", "out", "--lot", "12345"], "--lot: 12345: no such lot"),
         (
             ["batch", "export", "--out", "out", "--lot", "no/such/lot.json"],

@@ -354,3 +354,14 @@ def test_the_report_is_one_self_contained_file_with_timings_lot_and_sign_out(rea
     assert 0 < longest <= seconds + 0.05 and seconds < 600  # the run holds its longest task (1 decimal shown)
     assert "BD Quantibrite PE, lot 96597, expires 2027-01-31" in text
     assert "2026-03-07T08:10:00" in text  # patient_01's acquisition time, ISO 8601
+
+
+def test_a_lot_without_expiry_reads_as_such_on_the_sign_out_sheet():
+    from hladr.report import _lot_text
+
+    assert _lot_text({"lot_details": {"kit": "Quantibrite", "lot": "7"}}) == (
+        "Quantibrite, lot 7, expiry not given in the lot file"  # it read "expires expiry not given..."
+    )
+    assert _lot_text({"lot_details": {"kit": "Quantibrite", "lot": "7", "expiry": "2027-01-31"}}) == (
+        "Quantibrite, lot 7, expires 2027-01-31"
+    )

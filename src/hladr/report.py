@@ -223,8 +223,9 @@ def _embedded_png(report_dir: Path, relative: str | None) -> str | None:
 def _lot_text(cal: Mapping[str, Any]) -> str:
     details = cal.get("lot_details") or {}
     if details:
-        expiry = details.get("expiry") or "expiry not given in the lot file"
-        return f"{details.get('kit')}, lot {details.get('lot')}, expires {expiry}"
+        expiry = details.get("expiry")
+        expires = f"expires {expiry}" if expiry else "expiry not given in the lot file"
+        return f"{details.get('kit')}, lot {details.get('lot')}, {expires}"
     return str(cal.get("lot") or "bead values given on the command line (no lot file)")
 
 

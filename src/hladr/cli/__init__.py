@@ -138,10 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("simulate", help="write simulated bead and blood tubes with ground truth")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="folder to write the tubes and their truth into (created)")
     p.add_argument("--n", type=_count(1), default=4, help="number of patient tubes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--instrument", default="canto", help="instrument preset")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same tubes")
+    p.add_argument(
+        "--instrument", default="canto", help="instrument preset (default canto; see docs/simulator.md)"
+    )
     p.add_argument(
         "--cohort",
         action="store_true",

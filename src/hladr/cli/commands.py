@@ -55,8 +55,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         cohort = simulate_cohort(args.out_dir, seed=args.seed, overwrite=args.overwrite)
         print(render.describe_cohort(cohort, args.out_dir))
         return EXIT_OK
-    from ..simulate import simulate_run
+    from ..simulate import INSTRUMENTS, simulate_run
 
+    if args.instrument not in INSTRUMENTS:
+        raise OptionsError(
+            f"--instrument: unknown preset {args.instrument!r}; presets: {', '.join(INSTRUMENTS)}"
+        )
     truths = simulate_run(
         args.out_dir, n=args.n, seed=args.seed, instrument=args.instrument, overwrite=args.overwrite
     )
