@@ -378,7 +378,7 @@ def render(summary: Any, report_dir: Path, figures: bool = True, executor: cf.Ex
         "<h1>mHLA-DR batch report</h1>",
         f"<p>{html.escape(summary.line())}<br>hladr {html.escape(__version__)} · "
         f"{datetime.now().astimezone():%Y-%m-%d %H:%M %Z} · immunoparalysis threshold "
-        f"{THRESHOLD:,.0f} AB/C · run time {summary.seconds:.1f} s</p>",
+        f"{THRESHOLD:,.0f} AB/C · run time to this report {summary.seconds:.1f} s</p>",
         f"<p id='verdict' class='{'ok' if summary.all_reportable else 'bad'}'>"
         f"{summary.ok} result(s): {reportable} reportable, {summary.ok - reportable} not reportable "
         f"(no class given); {summary.failed} failed file(s).</p>",
