@@ -150,7 +150,10 @@ def test_beads_qc_with_a_reference_date_range(cohort, capsys):
         == 3
     )
     assert "mean" in capsys.readouterr().out
-    assert cli.main(["beads-qc", "--store", str(summary.store), "--reference-dates", "yesterday"]) == 1
+    assert (
+        cli.main(["beads-qc", "--store", str(summary.store), "--reference-dates", "yesterday"])
+        == cli.EXIT_USAGE
+    )
     assert "--reference-dates must be FIRST,LAST" in capsys.readouterr().err
     assert cli.main(["beads-qc", "--store", str(summary.store), "--reference-runs", "4"]) == 3  # as before
 

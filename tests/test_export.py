@@ -108,7 +108,8 @@ def test_export_cli_writes_fcs_csv_and_gates(run, tmp_path, capsys):
     header = (tmp_path / "e.csv").read_text().splitlines()[0]
     assert header == "event,clean,singlets,leukocytes,monocytes,HLA-DR AB/C"
     assert (
-        cli.main(["export", str(folder / "p.fcs"), "--beads", str(folder / "beads.fcs"), "--lot", LOT]) == 1
+        cli.main(["export", str(folder / "p.fcs"), "--beads", str(folder / "beads.fcs"), "--lot", LOT])
+        == cli.EXIT_USAGE
     )
     assert "nothing to export" in capsys.readouterr().err
 
