@@ -312,6 +312,43 @@ def test_a_file_stored_for_another_patient_in_an_earlier_run_fails_that_tube_onl
         ]
 
 
+def test_resume_with_a_manifest_that_refiles_a_tube_fails_that_tube_and_recovers_when_corrected(
+    tmp_path: Path,
+):
+    root, out, manifest = tmp_path / "export", tmp_path / "out", tmp_path / "m.csv"
+    write_tube(root, "beads.fcs", btim="08:00:00", seed=100, beads=True)
+    write_tube(root, "p3.fcs", btim="09:00:00", seed=3)
+    write_tube(root, "p4.fcs", btim="09:10:00", seed=4)
+
+    def resume_as(patient: str, resume: bool = True) -> batch.BatchSummary:
+        manifest.write_text(f"file,patient_id\np3.fcs,{patient}\np4.fcs,DAVE\n")
+        return run_batch(
+            root, out, manifest, jobs=1, resume=resume, progress=False, plots=False, tasks=FAKES, **FAKE_LOT
+        )
+
+    assert resume_as("ALICE", resume=False).ok == 2
+    refiled = resume_as("BOB")  # the journal's p3 result is now for another patient than the store's
+    assert (refiled.ok, refiled.failed) == (1, 1)
+    assert [(e["file"], e["error_type"]) for e in _read_csv(out / "errors.csv")] == [
+        ("p3.fcs", "PatientConflictError")
+    ]
+    corrected = resume_as("ALICE")  # the refusal is not reused once the manifest is right again
+    assert (corrected.ok, corrected.failed) == (2, 0) and _read_csv(out / "errors.csv") == []
+    with Store(out / batch.STORE) as store:
+        assert store.patients() == ["ALICE", "DAVE"]
+
+
+def test_a_copy_of_a_tube_with_a_manifest_error_is_still_refused_as_a_duplicate(tmp_path: Path):
+    root = tmp_path / "export"
+    write_tube(root, "beads.fcs", btim="08:00:00", seed=100, beads=True)
+    original = write_tube(root, "p3a.fcs", btim="09:00:00", seed=3)
+    (root / "p3b.fcs").write_bytes(original.read_bytes())
+    (tmp_path / "m.csv").write_text("file,role,patient_id\np3a.fcs,bogus,ALICE\np3b.fcs,patient,BOB\n")
+    tubes = {t.rel: t for t in discover(root, read_manifest(tmp_path / "m.csv"))}
+    assert tubes["p3a.fcs"].error_type == "ManifestError"  # keeps its own reason
+    assert tubes["p3b.fcs"].error_type == "DuplicateFileError" and "p3a.fcs" in tubes["p3b.fcs"].error
+
+
 def test_the_same_file_under_two_patients_is_refused_for_both(tmp_path: Path):
     """Two tubes with the same bytes (one tube copied, listed for two patients): neither is analysed,
     each error names the other file, the run fails and the store holds no result of either."""

@@ -17,6 +17,7 @@ from hladr import batch
 from hladr.batch import run_batch
 from hladr.cli import EXIT_ERROR
 from hladr.cli import main as cli_main
+from hladr.errors import PatientConflictError
 from hladr.fcs import sha256_file
 from hladr.store import SCHEMA_VERSION, Store, StoreError
 from tests.batch_fakes import FAKE_LOT, FAKES, expected_abc, start_fake_batch
@@ -95,9 +96,8 @@ def test_the_same_file_for_another_patient_is_refused_and_the_stored_result_kept
             (first, "ALICE", 4200.0)
         ]
         assert store.counts()["results"] == 1
-        # the patient named in the FCS file counts as the patient too
-        with pytest.raises(StoreError, match="'ALICE'.*'CAROL'"):
-            store.add_result({**_result("a" * 64, 4300.0), "patient_id": "CAROL"})
+        # a re-run naming no patient keeps the given one, whatever the tube's keywords say
+        assert store.add_result({**_result("a" * 64, 4300.0), "patient_id": "CAROL"}) == first
         # the same file for the same patient (or for no patient named) still updates the row
         assert store.add_result(_result("a" * 64, 4300.0), patient_id="ALICE") == first
         assert store.add_result(_result("a" * 64, 4400.0), patient_id="") == first
@@ -108,20 +108,18 @@ def test_the_same_file_for_another_patient_is_refused_and_the_stored_result_kept
         assert [r["abc"] for r in store.results("BOB")] == [9100.0]
 
 
-def test_the_service_logs_a_refused_patient_in_one_line_and_keeps_the_analysis(tmp_path: Path, caplog):
-    core = pytest.importorskip("hladr.service.core")
-    shared = core.SharedResults(tmp_path / "r.sqlite", source="test")
-    alice = {**_result("a" * 64, 4200.0), "patient_id": "ALICE"}
-    shared.add(alice, alice["calibration"], "p3a.fcs")
-    bob = {**_result("a" * 64, 4300.0), "patient_id": "BOB"}
-    with caplog.at_level("ERROR", logger="hladr.service"):
-        shared.add(bob, bob["calibration"], "p3b.fcs")  # logged, not raised
-    shared.close()
-    [record] = caplog.records
-    assert "'ALICE'" in record.getMessage() and "'BOB'" in record.getMessage()
-    assert "\n" not in record.getMessage()
+def test_a_given_patient_replaces_the_tubes_own_id_and_is_then_kept(tmp_path: Path):
+    """A run without a manifest files the tube under its keyword id; a manifest then assigns the
+    patient (no conflict); a later run without a manifest keeps it; another given patient is refused."""
+    tube = {**_result("a" * 64, 4200.0), "patient_id": "SIM-007001"}  # $SRC / PATIENT ID of the file
     with Store(tmp_path / "r.sqlite") as store:
-        assert [(r["store"]["patient_id"], r["abc"]) for r in store.results()] == [("ALICE", 4200.0)]
+        first = store.add_result(tube)
+        assert store.add_result(tube, patient_id="ALICE") == first
+        assert store.add_result(tube) == first
+        assert [r["store"]["patient_id"] for r in store.results()] == ["ALICE"]
+        with pytest.raises(PatientConflictError, match="patient 'ALICE'.*patient 'BOB'"):
+            store.add_result(tube, patient_id="BOB")
+        assert store.patients() == ["ALICE"]
 
 
 def test_a_failed_transaction_leaves_nothing(tmp_path: Path):
@@ -172,12 +170,14 @@ def test_a_disk_that_fills_mid_batch_is_one_line_naming_the_path(tmpfs, tmp_path
     assert {p.name: sha256_file(p) for p in export.iterdir()} == before
 
 
-def test_a_store_that_cannot_be_created_leaves_no_empty_database(tmpfs):
-    disk = tmpfs("disk", "64k")
-    (disk / "filler").write_bytes(b"\0" * 60_000)
-    with pytest.raises(StoreError, match="results database"):
+def test_a_store_that_cannot_be_created_is_a_store_error_and_opens_once_there_is_room(tmpfs):
+    disk = tmpfs("disk", "1m")
+    (disk / "filler").write_bytes(b"\0" * 1_020_000)
+    with pytest.raises(StoreError, match=r"r\.sqlite: cannot .* the results database"):
         Store(disk / "r.sqlite")
-    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+    (disk / "filler").unlink()
+    with Store(disk / "r.sqlite") as store:  # what the failed attempt left is an empty database
+        assert store.version == SCHEMA_VERSION and store.counts()["results"] == 0
 
 
 def _no_duplicates(path: Path) -> None:

@@ -31,7 +31,7 @@ from .atomic import atomic_write
 from .beads import NARROW_LOG_SD, Population, bead_evidence, bead_gate, find_populations
 from .errors import CalibrationError
 from .fcs import ChannelSettings, Sample
-from .lot import MIN_PEAKS, Lot, load_lot, validate_values
+from .lot import MIN_PEAKS, Lot, list_lots, load_lot, lot_dirs, validate_values  # noqa: F401 - where they were before hladr.lot
 from .panel import PE_CHANNEL_NAME, PE_MARKER, PE_TANDEM_MARKER, channel_dye
 from .qc import evaluate_calibration
 

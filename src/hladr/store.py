@@ -66,6 +66,8 @@ MIGRATIONS: tuple[str, ...] = (
         source TEXT NOT NULL, code TEXT NOT NULL, message TEXT, created TEXT NOT NULL,
         UNIQUE (calibration_id, source, code));
     """,
+    # 2: whether a result's patient id was given (manifest, API) or read from the tube's keywords
+    "ALTER TABLE results ADD COLUMN patient_given INTEGER NOT NULL DEFAULT 0;",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_S = 30.0
@@ -147,23 +149,15 @@ class Store:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._lock = threading.RLock()
-        created, db = not self.path.exists(), None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = db = connect(self.path)
+            self._db = connect(self.path)
             self._migrate()
-        except (sqlite3.Error, StoreError, OSError) as exc:
-            if db is not None:
-                db.close()
-            if created:  # no empty database is left behind (e.g. on a full disk)
-                for suffix in ("", "-wal", "-shm", "-journal"):
-                    with contextlib.suppress(OSError):
-                        Path(f"{self.path}{suffix}").unlink()
-            if isinstance(exc, StoreError):
-                raise
-            if isinstance(exc, OSError):
-                reason = exc.strerror or exc
-                raise StoreError(f"cannot create the results database: {reason}", self.path) from exc
+        except StoreError:
+            raise
+        except OSError as exc:
+            raise StoreError(f"cannot create the results database: {exc.strerror or exc}", self.path) from exc
+        except sqlite3.Error as exc:
             raise StoreError(f"cannot open the results database: {exc}", self.path) from exc
 
     # --- plumbing -----------------------------------------------------------------------
@@ -343,6 +337,7 @@ class Store:
             "calibration_id": calibration_id,
             "file": file or res.get("sample"),
             "patient_id": patient_id or res.get("patient_id") or None,  # "" is no patient
+            "patient_given": int(bool(patient_id)),
             "collected_at": collected_at or res.get("acquired") or acquisition_time(res.get("instrument")),
             "abc": res.get("abc"),
             "abc_lo": ci[0],
@@ -353,14 +348,14 @@ class Store:
             "created": _now(),
         }
         stored = self._db.execute(
-            "SELECT patient_id, file FROM results WHERE sample_sha256 = ? AND calibration_id = ?",
+            "SELECT patient_id, patient_given, file FROM results "
+            "WHERE sample_sha256 = ? AND calibration_id = ?",
             (row["sample_sha256"], calibration_id),
         ).fetchone()
-        if (
-            stored is not None
-            and stored["patient_id"]
-            and row["patient_id"] not in (None, stored["patient_id"])
-        ):
+        keep: tuple[str, ...] = ("created", "run_id")
+        if stored is not None and stored["patient_id"] and not patient_id:
+            keep += ("patient_id", "patient_given")  # a re-run naming no patient keeps the stored one
+        elif stored is not None and stored["patient_given"] and patient_id != stored["patient_id"]:
             raise PatientConflictError(
                 f"{row['file'] or 'the file'} (SHA-256 {row['sample_sha256'][:8]}…) is already stored as "
                 f"{stored['file'] or 'a file'} of patient {stored['patient_id']!r} with the same bead "
@@ -368,8 +363,6 @@ class Store:
                 f"double export",
                 self.path,
             )
-        # a re-run without a manifest keeps the patient the result had
-        keep = ("created", "run_id") + (("patient_id",) if row["patient_id"] is None else ())
         return self._upsert("results", ("sample_sha256", "calibration_id"), row, keep=keep)
 
     def _upsert(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import csv
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -290,7 +291,11 @@ def _describe_all(paths: list[Path], root: Path, executor: cf.Executor | None) -
     its files on its own core) or, without one, on a few threads of this process. Should the pool
     break (a worker killed), the tubes of the failed tasks are described here."""
     if executor is None:
-        with cf.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        from sklearn.exceptions import ConvergenceWarning  # the content checks load scikit-learn here
+
+        # one filter for all the threads: the fits' own catch_warnings swap a process-wide list
+        with warnings.catch_warnings(), cf.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+            warnings.simplefilter("ignore", ConvergenceWarning)
             return list(pool.map(lambda p: _describe(p, root), paths))
     chunks = [paths[i : i + DESCRIBE_CHUNK] for i in range(0, len(paths), DESCRIBE_CHUNK)]
     try:
@@ -368,12 +373,14 @@ def _refuse_duplicates(tubes: list[Tube]) -> None:
     are (the same calibration twice)."""
     by_sha: dict[str, list[Tube]] = {}
     for tube in tubes:
-        if tube.role == "patient" and tube.error is None and tube.sha256:
+        if tube.role == "patient" and tube.sha256:
             by_sha.setdefault(tube.sha256, []).append(tube)
     for same in by_sha.values():
         if len(same) < 2:
             continue
         for tube in same:
+            if tube.error is not None:  # already refused (e.g. a manifest error): keeps its own reason
+                continue
             others = ", ".join(t.rel for t in same if t is not tube)
             tube.error = (
                 f"the same file (SHA-256 {tube.sha256[:8]}…) is also in the export as {others}: "

@@ -194,10 +194,9 @@ class _Run:
                 continue
             key, cal_key = self.sample_key(job), self.cal_key(job.bead, job.lot)
             record = self.journal.get(key)
-            if record is not None and record["status"] != "internal" and self._png_present(record):
-                self.sample_records[key] = record
+            if self._reusable(record):
+                self.sample_records[key] = self._store_sample(record, job)
                 self.reused += 1
-                self._store(record, job=job)
                 continue
             known = {"sha256": job.tube.sha256, "identity": job.tube.identity}
             task = _Task("sample", key, (str(job.tube.path), known), job=job, cal_key=cal_key)
@@ -205,6 +204,14 @@ class _Run:
             if cal_key in self.cal_records and self.cal_records[cal_key]["status"] == "ok":
                 todo_samples.append(task)
         return todo_cal, todo_samples
+
+    def _reusable(self, record: dict[str, Any] | None) -> bool:
+        """A patient tube's journal record that a resumed run keeps: finished (not an internal fault,
+        nor a patient conflict, which depends on the manifest and the store, not on the file), with its
+        QC figure when figures are drawn."""
+        if record is None or record["status"] == "internal":
+            return False
+        return record.get("error_type") != "PatientConflictError" and self._png_present(record)
 
     def _png_present(self, record: dict[str, Any]) -> bool:
         if not self.plots or record["status"] != "ok":
@@ -329,12 +336,7 @@ class _Run:
             record["qc_png"] = self._write_output("qc", task.job.tube, ".png", outcome["png"])
         if outcome.get("gatingml"):
             record["gates_xml"] = self._write_output("gates", task.job.tube, ".xml", outcome["gatingml"])
-        try:
-            self._store(record, job=task.job)
-        except PatientConflictError as exc:  # the store holds this file for another patient: a failure
-            record.update(status="error", error_type=type(exc).__name__, reason=exc.message)
-            record.pop("result", None)
-            self._store(record, job=task.job)
+        record = self._store_sample(record, task.job)
         self.journal.add(record)
         self.sample_records[task.key] = record
         return []
@@ -344,6 +346,18 @@ class _Run:
         name = folder + "/" + re.sub(r"[^\w.-]+", "_", tube.rel.replace("/", "__")) + suffix
         atomic_write(self.out / name, data, parents=True)
         return name
+
+    def _store_sample(self, record: dict[str, Any], job: Job) -> dict[str, Any]:
+        """Store a patient tube's record; when the store holds its file for another patient
+        (:class:`~hladr.errors.PatientConflictError`) the tube's failure is stored and returned instead."""
+        try:
+            self._store(record, job=job)
+            return record
+        except PatientConflictError as exc:
+            failed = {k: v for k, v in record.items() if k != "result"}
+            failed.update(status="error", error_type=type(exc).__name__, reason=exc.message)
+            self._store(failed, job=job)
+            return failed
 
     def _store(self, record: dict[str, Any], bead: Tube | None = None, job: Job | None = None) -> None:
         """Write a finished record to the results store (idempotent: keyed by the files' SHA-256)."""
