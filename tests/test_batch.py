@@ -856,3 +856,18 @@ def test_a_journal_that_cannot_be_written_names_itself_and_still_closes(tmp_path
     journal.close()  # the fault was raised once, where it happened
     monkeypatch.undo()
     assert list(Journal(tmp_path / "journal.jsonl", resume=True).records) == ["a", "b"]  # b was written
+
+
+def test_the_report_shows_the_courses_the_store_files_this_runs_tubes_under(tmp_path: Path):
+    """Run 1 files p3 for ALICE (manifest); run 2 of the same tube names no patient: the store keeps
+    ALICE, and run 2's report shows ALICE's course (it asked the store for the tube's own id)."""
+    root, store = tmp_path / "export", tmp_path / "hladr.sqlite"
+    write_tube(root, "beads.fcs", btim="08:00:00", seed=100, beads=True)
+    write_tube(root, "p3.fcs", btim="09:00:00", seed=3)
+    (tmp_path / "m.csv").write_text("file,patient_id\np3.fcs,ALICE\n")
+    options = dict(jobs=1, progress=False, plots=False, tasks=FAKES, store=store, **FAKE_LOT)
+    run_batch(root, tmp_path / "out1", tmp_path / "m.csv", **options)
+    summary = run_batch(root, tmp_path / "out2", **options)
+    assert summary.ok == 1
+    report = (tmp_path / "out2" / "report.html").read_text()
+    assert "Patient ALICE" in report

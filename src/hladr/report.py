@@ -438,17 +438,18 @@ def _course_and_bead_parts(summary: Any, figures: bool, draw: _Drawer) -> list[P
     from .course import COURSE_RULES_VERSION
 
     store_path = getattr(summary, "store", None)
-    patients = sorted({str(r["patient_id"]) for r in summary.results if r.get("patient_id")})
     parts: list[Part] = [f"<h2>Patient courses ({html.escape(COURSE_RULES_VERSION)})</h2>"]
-    if store_path is None or not patients:
-        parts.append("<p>No patient ids in this run (give a manifest with a patient_id column).</p>")
-    else:
+    courses = []
+    if store_path is not None and summary.results:
         from .store import Store
 
-        with Store(store_path) as store:
+        with Store(store_path) as store:  # the patients the store files this run's tubes under
+            patients = store.patients(r["sha256"] for r in summary.results if r.get("sha256"))
             courses = [store.patient(pid) for pid in patients]
-        for course in courses:
-            parts.extend(_course_section(course, figures, draw))
+    if not courses:
+        parts.append("<p>No patient ids in this run (give a manifest with a patient_id column).</p>")
+    for course in courses:
+        parts.extend(_course_section(course, figures, draw))
     series = getattr(summary, "bead_qc", None) or []
     parts.append("<h2>Bead QC over time (Levey-Jennings, westgard/1)</h2>")
     if not series:

@@ -26,7 +26,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -503,11 +503,14 @@ class Store:
             out.append(body)
         return out
 
-    def patients(self) -> list[str]:
-        """Every patient id with a stored result."""
-        rows = self.query(
-            "SELECT DISTINCT patient_id FROM results WHERE patient_id IS NOT NULL ORDER BY patient_id"
-        )
+    def patients(self, sha256s: Iterable[str] | None = None) -> list[str]:
+        """Every patient id with a stored result, or only those the tubes ``sha256s`` are filed under."""
+        where, args = "", ()
+        if sha256s is not None:
+            args = tuple(dict.fromkeys(sha256s))
+            where = f"AND sample_sha256 IN ({', '.join('?' * len(args))})"
+        sql = f"SELECT DISTINCT patient_id FROM results WHERE patient_id IS NOT NULL {where} ORDER BY 1"
+        rows = self.query(sql, args)
         return [r[0] for r in rows]
 
     def patient(self, patient_id: str) -> Any:
