@@ -829,7 +829,7 @@ def test_report_figures_drawn_by_the_workers_are_the_ones_drawn_here(tmp_path: P
     drawn_here = images(render(summary, out, figures=True))
     alts = [alt for alt, _ in drawn_here]
     assert alts[:2] == ["AB/C distribution", "bead curve"] and alts[-1].startswith("Levey-Jennings")
-    assert sum(alt.startswith("course of ") for alt in alts) == 4
+    assert not [alt for alt in alts if alt.startswith("course of ")]  # one result each: a table row
     assert drawn_by_workers == drawn_here
 
 

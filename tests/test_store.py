@@ -308,3 +308,15 @@ def test_service_and_batch_share_one_store(tmp_path: Path):
             ("unclassified", results["new.fcs"]["store"]["id"])
         ]
     _no_duplicates(shared)
+
+
+def test_the_report_draws_a_course_from_two_results_on(tmp_path: Path):
+    from hladr.report import _course_section, _Drawer, _join
+
+    with Store(tmp_path / "r.sqlite") as store:
+        store.add_result(_result("a" * 64, 4200.0), patient_id="P1", collected_at="2026-03-12T09:00:00")
+        store.add_result(_result("c" * 64, 6100.0), patient_id="P1", collected_at="2026-03-13T09:00:00")
+        store.add_result(_result("e" * 64, 9100.0), patient_id="P2", collected_at="2026-03-12T09:00:00")
+        sections = {pid: _join(_course_section(store.patient(pid), True, _Drawer())) for pid in ("P1", "P2")}
+    assert sections["P1"].count("<img alt='course of P1'") == 1 and "4,200" in sections["P1"]
+    assert "<img" not in sections["P2"] and "9,100" in sections["P2"]  # its row says it all

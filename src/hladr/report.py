@@ -485,7 +485,7 @@ def _course_and_bead_parts(summary: Any, figures: bool, draw: _Drawer) -> list[P
 
 def _course_section(course: Any, figures: bool, draw: _Drawer) -> list[Part]:
     parts: list[Part] = [f"<h3>Patient {html.escape(course.patient_id)}</h3>"]
-    if figures:
+    if figures and len(course.points) > 1:  # a course is drawn from two results on: one is its table row
         from .plots import course_png
 
         parts.append(_img(f"course of {course.patient_id}", draw(course_png, course)))
