@@ -153,8 +153,6 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = connect(self.path)
             self._migrate()
-        except StoreError:
-            raise
         except OSError as exc:
             raise StoreError(f"cannot create the results database: {exc.strerror or exc}", self.path) from exc
         except sqlite3.Error as exc:
