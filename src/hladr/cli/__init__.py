@@ -84,6 +84,17 @@ def _add_bead_values(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_statistic(parser: argparse.ArgumentParser, of: str) -> None:
+    """``--statistic``: the PE statistic (``hladr.pipeline.STATISTICS``; not imported, so that
+    ``hladr --help`` stays fast)."""
+    parser.add_argument(
+        "--statistic",
+        choices=["median", "geomean"],
+        default="median",
+        help=f"PE statistic of {of} (default: median)",
+    )
+
+
 def _add_patient_tube(parser: argparse.ArgumentParser) -> None:
     """SAMPLE, its bead tube and the bead values, and every analysis option (``analyze``, ``export``:
     one analysis, :func:`hladr.cli.commands.analysis_inputs`)."""
@@ -93,12 +104,7 @@ def _add_patient_tube(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hladr", metavar="CH", help="HLA-DR (PE) channel")
     parser.add_argument("--cd14", metavar="CH", help="CD14 channel")
     parser.add_argument("--cd45", metavar="CH", help="CD45 channel")
-    parser.add_argument(
-        "--statistic",
-        choices=["median", "geomean"],
-        default="median",
-        help="PE statistic of the beads and the monocytes (default: median)",
-    )
+    _add_statistic(parser, "the beads and the monocytes")
     parser.add_argument("--gates", metavar="FILE", help="GatingML 2.0 file or FlowJo workspace to gate with")
     parser.add_argument("--gate-name", metavar="NAME", help="the monocyte gate's name in --gates")
     _add_reagent(parser)
@@ -162,12 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("beads", nargs="?", help="bead tube (FCS file); not needed with --list-lots")
     _add_bead_values(p)
     p.add_argument("--channel", help="PE channel (default: resolved from the file)")
-    p.add_argument(
-        "--statistic",
-        choices=["median", "geomean"],
-        default="median",
-        help="PE statistic of each bead population (default: median)",
-    )
+    _add_statistic(p, "each bead population")
     p.add_argument("--list-lots", action="store_true", help="list the bead lots shipped")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="PNG", help="write the bead QC figure")

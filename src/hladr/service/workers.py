@@ -68,10 +68,8 @@ def analyze(path: str, calibration: dict[str, Any]) -> dict[str, Any]:
 
 
 def _worker_main(conn: Connection, workers: int) -> None:
-    """A worker's life: warm up, then run tasks until the pipe closes or ``None`` arrives."""
-    from ..batch.tasks import die_with_parent
-
-    die_with_parent()
+    """A worker's life: warm up, then run tasks until the pipe closes or ``None`` arrives (it dies
+    with the server: :func:`hladr.batch.init_worker`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when a running job stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.umask(0o077)
