@@ -15,8 +15,10 @@ Steps (see ``docs/calibration.md``):
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -183,6 +185,17 @@ def _segments(logs: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, list[
     return counts, cuts, histogram
 
 
+@contextlib.contextmanager
+def quiet_mixture_fits() -> Iterator[None]:
+    """scikit-learn's ``ConvergenceWarning`` silenced: hladr judges a mixture by what it finds (BIC,
+    separation, counts, the gate's QC), not by convergence, and no warning line reaches stderr. The
+    filter is process-wide (``warnings.catch_warnings``): threads fitting side by side share one
+    entered around them all."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        yield
+
+
 def _split(
     values: np.ndarray, logs: np.ndarray, k: int, typical: float, seed: int = 0
 ) -> tuple[list[np.ndarray], np.ndarray] | None:
@@ -195,8 +208,7 @@ def _split(
     """
     x = logs.reshape(-1, 1)
     means = np.quantile(logs, (np.arange(k) + 0.5) / k).reshape(-1, 1)
-    with warnings.catch_warnings():  # the split is judged below (BIC, separation, counts), not by
-        warnings.simplefilter("ignore", ConvergenceWarning)  # convergence; no warning reaches stderr
+    with quiet_mixture_fits():  # the split is judged below (BIC, separation, counts)
         gmm = GaussianMixture(k, means_init=means, random_state=seed, tol=1e-7, max_iter=500).fit(x)
         if gmm.bic(x) >= GaussianMixture(1, random_state=seed).fit(x).bic(x):
             return None

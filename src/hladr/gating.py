@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -661,8 +660,9 @@ def _granulocyte_like(logs: RoleLogs, leuk: np.ndarray, rows: np.ndarray) -> boo
 def monocyte_gate_gmm(tube: Tube, leuk: np.ndarray) -> GateOutcome:
     """Gaussian-mixture fallback over log CD14, log SSC (and log CD45): the CD14-bright components
     (without SSC in mass cytometry); seeded with ``tube.seed``."""
-    from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture
+
+    from .beads import quiet_mixture_fits
 
     logs, panel, sample, seed = tube.logs, tube.panel, tube.sample, tube.seed
     cols = [logs["CD14"]]
@@ -676,8 +676,7 @@ def monocyte_gate_gmm(tube: Tube, leuk: np.ndarray) -> GateOutcome:
         raise GatingError(f"only {idx.size} leukocytes: cannot find monocytes", sample.path)
     rng = np.random.default_rng(seed)
     fit_idx = rng.choice(idx, size=min(idx.size, 30_000), replace=False)
-    with warnings.catch_warnings():  # the gate is judged by its QC (_problem), not by convergence
-        warnings.simplefilter("ignore", ConvergenceWarning)
+    with quiet_mixture_fits():  # the gate is judged by its QC (_problem), not by convergence
         gmm = GaussianMixture(n_components=6, covariance_type="full", random_state=seed, n_init=2)
         gmm.fit(x[fit_idx])
     labels = gmm.predict(x[idx])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import csv
 import os
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -291,11 +290,10 @@ def _describe_all(paths: list[Path], root: Path, executor: cf.Executor | None) -
     its files on its own core) or, without one, on a few threads of this process. Should the pool
     break (a worker killed), the tubes of the failed tasks are described here."""
     if executor is None:
-        from sklearn.exceptions import ConvergenceWarning  # the content checks load scikit-learn here
+        from ..beads import quiet_mixture_fits  # the content checks load scikit-learn here
 
-        # one filter for all the threads: the fits' own catch_warnings swap a process-wide list
-        with warnings.catch_warnings(), cf.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        # one filter entered around all the threads (see quiet_mixture_fits)
+        with quiet_mixture_fits(), cf.ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
             return list(pool.map(lambda p: _describe(p, root), paths))
     chunks = [paths[i : i + DESCRIBE_CHUNK] for i in range(0, len(paths), DESCRIBE_CHUNK)]
     try:
